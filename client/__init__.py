@@ -1,0 +1,1 @@
+"""Client daemon: connect, register, train locally on cached embeddings, upload."""

@@ -1,0 +1,1 @@
+"""What server and clients both need: model, wire format, crypto, privacy, config, data."""

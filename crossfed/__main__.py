@@ -1,0 +1,5 @@
+"""`python -m crossfed` is the `crossfed` command."""
+
+from crossfed.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""The `crossfed` command: one entry point, one sub-command group per purpose.
+
+Each group lives beside the code it drives (server/cli.py, client/cli.py, ...) and is
+imported here; groups keep heavy imports (torch, grpc) inside their commands so that
+`crossfed --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from crossfed import __version__
+
+app = typer.Typer(
+    name="crossfed",
+    help="Federated multimodal learning that keeps working when clients miss a modality.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"crossfed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """crossfed: server, client daemons, admin CLI and demo."""
+
+
+def _register_groups() -> None:
+    """Attach the sub-command groups; one line per group (keep alphabetical)."""
+    # -- sub-command groups (add yours here) --
+
+
+_register_groups()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

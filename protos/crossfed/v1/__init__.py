@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code for the crossfed.v1 wire contract (see *.proto here)."""

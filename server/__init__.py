@@ -1,0 +1,1 @@
+"""Coordination server: gRPC servicers (thin), round engine, aggregation, state, admin."""
