@@ -1,0 +1,42 @@
+"""Hyper-parameters of the paper's network (eq. 1-14): one pydantic model shared by
+server (which builds the initial global model) and clients (which train it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LossWeights(BaseModel):
+    """lambda_1..lambda_4 of eq. 14."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    orth: float = Field(0.1, ge=0, description="lambda_1, L_orth (eq. 3)")
+    align: float = Field(1.0, ge=0, description="lambda_2, L_align (eq. 5)")
+    diff: float = Field(1.0, ge=0, description="lambda_3, L_diff (eq. 7)")
+    mem: float = Field(0.1, ge=0, description="lambda_4, L_mem (eq. 11)")
+
+
+class ModelConfig(BaseModel):
+    """Shape and behaviour of the client network; every client and the server must agree."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_dim: int = Field(384, gt=0, description="d, size of f_t (all-MiniLM-L6-v2: 384)")
+    image_dim: int = Field(256, gt=0, description="d', size of f_i")
+    hidden_dim: int = Field(256, gt=0, description="width of disentangler/mapper/fusion MLPs")
+    num_classes: int = Field(12, ge=2)
+    recovery: Literal["feature", "stable-diffusion"] = Field(
+        "feature", description="text->image recovery (eq. 6-7): feature-space diffusion or SD"
+    )
+    missing_fill: Literal["recover", "zero"] = Field(
+        "recover", description="'zero' is the zero-fill baseline, never the default"
+    )
+    diffusion_train_steps: int = Field(100, gt=0, description="DDPM timesteps")
+    diffusion_sample_steps: int = Field(10, gt=0, description="DDIM steps at inference")
+    memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
+    memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")
+    memory_top_k: int = Field(8, gt=0, description="K of eq. 10")
+    loss_weights: LossWeights = Field(default_factory=LossWeights)
