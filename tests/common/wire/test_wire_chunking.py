@@ -1,0 +1,225 @@
+"""chunking: split/reassemble round trips (in order and within a reorder window), rejections."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+from crossfed.common.wire.chunking import Chunk, ChunkAssembler, split_payload
+from crossfed.common.wire.errors import (
+    DigestMismatchError,
+    DuplicateChunkError,
+    MalformedPayloadError,
+    MissingChunkError,
+    OutOfOrderChunkError,
+    PayloadTooLargeError,
+)
+from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors_with_digest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wire_strategies import metadata_maps, same_bytes, tensor_sets
+
+
+@st.composite
+def arrival_orders(draw: st.DrawFn, total: int, window: int) -> list[int]:
+    """A delivery order a sender with at most `window` chunks of reordering could produce."""
+    sent: set[int] = set()
+    order: list[int] = []
+    lowest = 0
+    while len(order) < total:
+        allowed = [i for i in range(lowest, min(total, lowest + window + 1)) if i not in sent]
+        pick = draw(st.sampled_from(allowed))
+        sent.add(pick)
+        order.append(pick)
+        while lowest in sent:
+            lowest += 1
+    return order
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tensors=tensor_sets(),
+    metadata=metadata_maps,
+    chunk_size=st.integers(1, 700),
+    window=st.integers(0, 4),
+    data=st.data(),
+)
+def test_tensors_survive_encode_split_reorder_reassemble_decode(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None,
+    chunk_size: int,
+    window: int,
+    data: st.DataObject,
+) -> None:
+    encoded = encode_tensors_with_digest(tensors, metadata)
+    chunks = list(split_payload(encoded.data, chunk_size, payload_sha256=encoded.sha256))
+    assert all(len(c.data) <= chunk_size for c in chunks)
+    assembler = ChunkAssembler(max_payload_bytes=len(encoded.data), reorder_window=window)
+    for index in data.draw(arrival_orders(len(chunks), window)):
+        assert not assembler.complete
+        assembler.add(chunks[index])
+    assert assembler.complete
+    assert assembler.result() == encoded.data
+    decoded = decode_tensors(assembler.result_view())
+    assert all(same_bytes(decoded[k], t) for k, t in tensors.items())
+
+
+@settings(max_examples=100, deadline=None)
+@given(payload=st.binary(max_size=2000), chunk_size=st.integers(1, 3000))
+def test_split_covers_payload_in_equal_chunks_with_a_shorter_last(
+    payload: bytes, chunk_size: int
+) -> None:
+    chunks = list(split_payload(payload, chunk_size))
+    assert b"".join(c.data for c in chunks) == payload
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert all(c.total == len(chunks) and c.payload_size == len(payload) for c in chunks)
+    assert all(c.payload_sha256 == hashlib.sha256(payload).digest() for c in chunks)
+    assert all(len(c.data) == chunk_size for c in chunks[:-1])
+    assert 0 < len(chunks[-1].data) <= chunk_size or payload == b""
+
+
+def test_empty_payload_is_one_empty_chunk_and_reassembles() -> None:
+    (chunk,) = split_payload(b"", 1024)
+    assert (chunk.index, chunk.total, chunk.data, chunk.payload_size) == (0, 1, b"", 0)
+    assembler = ChunkAssembler(max_payload_bytes=0)
+    assembler.add(chunk)
+    assert assembler.result() == b""
+
+
+def test_single_chunk_payload_is_not_copied() -> None:
+    payload = b"x" * 100
+    (chunk,) = split_payload(payload, 100)
+    assert chunk.data is payload
+
+
+def test_split_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        list(split_payload(b"abc", 0))
+    with pytest.raises(ValueError, match="32 bytes"):
+        list(split_payload(b"abc", 1, payload_sha256=b"short"))
+
+
+PAYLOAD = bytes(range(256)) * 4  # 1024 bytes
+CHUNKS = list(split_payload(PAYLOAD, 100))  # 11 chunks, last holds 24 bytes
+
+
+def _fed(*indices: int, window: int = 0, limit: int = 10_000) -> ChunkAssembler:
+    assembler = ChunkAssembler(max_payload_bytes=limit, reorder_window=window)
+    for i in indices:
+        assembler.add(CHUNKS[i])
+    return assembler
+
+
+def test_result_before_completion_names_the_missing_chunks() -> None:
+    with pytest.raises(MissingChunkError, match="no chunk"):
+        ChunkAssembler(10_000).result()
+    assembler = _fed(0, 1, 3, window=2)
+    with pytest.raises(MissingChunkError, match=r"8 of 11 chunks missing \(2, 4, 5"):
+        assembler.result()
+
+
+def test_duplicates_are_rejected_before_and_after_completion() -> None:
+    with pytest.raises(DuplicateChunkError, match="chunk 1 of 11 arrived twice"):
+        _fed(0, 1, 1)
+    with pytest.raises(DuplicateChunkError, match="chunk 3 of 11 arrived twice"):
+        _fed(0, 3, 3, window=3)
+    done = _fed(*range(11))
+    done.result()
+    with pytest.raises(DuplicateChunkError):
+        done.add(CHUNKS[0])
+
+
+def test_chunks_beyond_the_reorder_window_are_rejected() -> None:
+    with pytest.raises(OutOfOrderChunkError, match="chunk 1 of 11 arrived while chunk 0"):
+        _fed(1)
+    with pytest.raises(OutOfOrderChunkError, match="window 2 allows at most chunk 3"):
+        _fed(0, 4, window=2)
+    _fed(0, 3, 2, 1, 4, window=2)  # within the window: fine
+
+
+def test_declared_size_over_limit_is_rejected_before_any_buffer_exists() -> None:
+    huge = Chunk(0, 2, b"x", b"\0" * 32, 10**15)  # a 1 PB buffer would fail loudly
+    with pytest.raises(PayloadTooLargeError, match="1000000000000000-byte payload; the limit"):
+        ChunkAssembler(max_payload_bytes=10**6).add(huge)
+    with pytest.raises(PayloadTooLargeError, match="alone holds 1024 bytes"):
+        ChunkAssembler(max_payload_bytes=1000).add(dataclasses.replace(CHUNKS[0], data=PAYLOAD))
+
+
+def test_rejected_first_chunk_leaves_the_assembler_usable() -> None:
+    assembler = ChunkAssembler(max_payload_bytes=10_000)
+    with pytest.raises(OutOfOrderChunkError):
+        assembler.add(CHUNKS[5])
+    for chunk in CHUNKS:
+        assembler.add(chunk)
+    assert assembler.result() == PAYLOAD
+
+
+def test_corrupted_data_fails_the_digest_check() -> None:
+    assembler = ChunkAssembler(10_000)
+    for chunk in CHUNKS:
+        if chunk.index == 4:
+            flipped = bytes([chunk.data[0] ^ 1]) + chunk.data[1:]
+            chunk = dataclasses.replace(chunk, data=flipped)
+        assembler.add(chunk)
+    assert assembler.complete
+    with pytest.raises(DigestMismatchError, match="1024 bytes hashes to sha256"):
+        assembler.result()
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"total": 12}, "total is 12, but earlier chunks said 11"),
+        ({"payload_size": 1023}, "payload_size is 1023, but earlier chunks said 1024"),
+        ({"payload_sha256": b"\1" * 32}, "payload_sha256 is 0101"),
+        ({"index": 11}, "outside 0..10"),
+        ({"index": -1}, "outside 0..10"),
+        ({"data": b"x" * 99}, "holds 99 bytes, expected 100"),
+    ],
+)
+def test_chunks_that_disagree_with_the_stream_are_malformed(
+    changes: dict[str, object], fragment: str
+) -> None:
+    assembler = _fed(0)
+    bad = dataclasses.replace(CHUNKS[1], **changes)  # type: ignore[arg-type]
+    with pytest.raises(MalformedPayloadError, match=fragment):
+        assembler.add(bad)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "fragment"),
+    [
+        (Chunk(0, 1, b"abc", b"\0" * 31, 3), "32 bytes"),
+        (Chunk(0, 5, b"abc", b"\0" * 32, 3), "total 5 chunks is impossible"),
+        (Chunk(0, 0, b"", b"\0" * 32, 0), "total 0 chunks is impossible"),
+        (Chunk(0, 1, b"ab", b"\0" * 32, 3), "holds 2 bytes, expected 3"),
+        (Chunk(0, 3, b"a", b"\0" * 32, 9), "cannot make a 9-byte payload in 3 chunks"),
+        (Chunk(0, 1, b"", b"\0" * 32, -1), "payload_size -1"),
+    ],
+)
+def test_first_chunk_inconsistent_with_itself_is_malformed(chunk: Chunk, fragment: str) -> None:
+    with pytest.raises(MalformedPayloadError, match=fragment):
+        ChunkAssembler(1000).add(chunk)
+
+
+def test_last_chunk_first_fixes_the_chunk_length() -> None:
+    assembler = ChunkAssembler(10_000, reorder_window=10)
+    assembler.add(CHUNKS[10])
+    with pytest.raises(MalformedPayloadError, match="expected 100"):
+        assembler.add(dataclasses.replace(CHUNKS[0], data=CHUNKS[0].data[:50]))
+    with pytest.raises(MalformedPayloadError, match="cannot hold the remaining"):
+        ChunkAssembler(10_000, reorder_window=10).add(
+            dataclasses.replace(CHUNKS[10], data=b"x" * 7)
+        )
+    for chunk in CHUNKS[:10]:
+        assembler.add(chunk)
+    assert assembler.result() == PAYLOAD
+
+
+def test_assembler_rejects_bad_construction_arguments() -> None:
+    with pytest.raises(ValueError, match="max_payload_bytes"):
+        ChunkAssembler(-1)
+    with pytest.raises(ValueError, match="reorder_window"):
+        ChunkAssembler(10, reorder_window=-2)
