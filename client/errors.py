@@ -18,6 +18,15 @@ class RoundAbandonedError(ClientError):
     drop the round's state and ask the server what to do next."""
 
 
+class NotRegisteredError(ClientError):
+    """The server does not know this client (NOT_FOUND, e.g. after losing its state):
+    register again."""
+
+
+class AlreadyUploadedError(ClientError):
+    """The server already counted an update of ours for this round (ALREADY_EXISTS)."""
+
+
 class FatalServerError(ClientError):
     """The server refused us in a way retrying cannot fix (bad credentials, incompatible model
     configuration, malformed request)."""

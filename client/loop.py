@@ -17,6 +17,8 @@ from typing import Protocol
 
 from crossfed.client.backoff import Backoff, RetryPolicy
 from crossfed.client.errors import (
+    AlreadyUploadedError,
+    NotRegisteredError,
     PayloadIntegrityError,
     RoundAbandonedError,
     ServerUnreachableError,
@@ -226,6 +228,12 @@ class ClientLoop:
         except RoundAbandonedError as exc:
             log.warning("round abandoned: %s", exc)
             self._abandon_round()
+            self._sleep(self._poll_s)  # never spin on a server that keeps refusing
+        except NotRegisteredError as exc:
+            log.warning("server does not know this client (%s); registering again", exc)
+            self._round = None
+            self.phase = Phase.REGISTER
+            self._sleep(self._poll_s)
 
     def _dispatch(self) -> None:
         handlers: dict[Phase, Callable[[], None]] = {
@@ -404,7 +412,12 @@ class ClientLoop:
                 encryptor_factory=self.encryptor_factory,
             )
         self.stats.upload_attempts.append((state.round_id, state.upload_id))
-        response = self.transport.upload(iter(state.prepared.messages))
+        try:
+            response = self.transport.upload(iter(state.prepared.messages))
+        except AlreadyUploadedError as exc:
+            # Counted already under an earlier upload_id (e.g. before a client restart).
+            log.info("round %d: %s", state.round_id, exc)
+            response = coordinator_pb2.UploadResponse(accepted=True, duplicate=True)
         state.bytes_up += state.prepared.wire_bytes
         if not response.accepted and not response.duplicate:
             # Ask the server what it wants: a rotated key means re-encrypt and resend; the

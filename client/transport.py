@@ -12,8 +12,10 @@ from typing import NoReturn, Protocol
 import grpc
 from crossfed.client.call_identity import identity_metadata
 from crossfed.client.errors import (
+    AlreadyUploadedError,
     ClientConfigError,
     FatalServerError,
+    NotRegisteredError,
     RoundAbandonedError,
     TransientTransportError,
 )
@@ -27,16 +29,11 @@ TRANSIENT_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DATA_LOSS,  # the server received a damaged stream: send it again
     }
 )
-# The server moved on (round closed, model version gone): the round's work is void.
-ROUND_ABANDON_CODES = frozenset(
-    {
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.OUT_OF_RANGE,
-    }
-)
+# The server moved on (round closed, not selected, run paused): the round's work is void.
+ROUND_ABANDON_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
 # Substrings of INTERNAL/UNKNOWN details that are really a dropped connection.
 _RESET_MARKERS = ("rst_stream", "connection reset", "socket closed", "broken pipe", "goaway")
 
@@ -44,8 +41,8 @@ _RESET_MARKERS = ("rst_stream", "connection reset", "socket closed", "broken pip
 class CoordinatorTransport(Protocol):
     """What the client loop needs from the server; a fake implements it in unit tests.
 
-    Every method raises :class:`TransientTransportError`, :class:`RoundAbandonedError` or
-    :class:`FatalServerError` instead of transport-specific exceptions.
+    Every method raises a :mod:`crossfed.client.errors` class (transient, round abandoned,
+    not registered, already uploaded, fatal) instead of transport-specific exceptions.
     """
 
     def set_client_id(self, client_id: str) -> None:
@@ -176,6 +173,10 @@ def classify_rpc_error(error: grpc.RpcError, call: str) -> NoReturn:
         raise TransientTransportError(message) from error
     if code in ROUND_ABANDON_CODES:
         raise RoundAbandonedError(message) from error
+    if code == grpc.StatusCode.NOT_FOUND:
+        raise NotRegisteredError(message) from error
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        raise AlreadyUploadedError(message) from error
     raise FatalServerError(message) from error
 
 
@@ -257,7 +258,10 @@ class GrpcTransport:
                 metadata=self._metadata(),
                 credentials=self._call_credentials,
             )
-            yield from stream
+            try:
+                yield from stream
+            finally:
+                stream.cancel()  # no-op when finished; frees the call if the reader stopped
         except grpc.RpcError as exc:
             classify_rpc_error(exc, "DownloadGlobalModel")
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from crossfed.common.wire.chunking import split_payload
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class LocalUpdate:
     num_samples: int
     module_samples: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    payload_sha256: bytes = b""  # when already known from encode_tensors_with_digest
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,6 @@ class PreparedUpload:
     wire_bytes: int
 
 
-def split_payload(payload: bytes, chunk_size: int) -> list[bytes]:
-    """Slices of at most ``chunk_size`` bytes (one empty slice for an empty payload)."""
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    if not payload:
-        return [b""]
-    return [payload[i : i + chunk_size] for i in range(0, len(payload), chunk_size)]
-
-
 def prepare_upload(
     update: LocalUpdate,
     round_id: int,
@@ -80,8 +73,8 @@ def prepare_upload(
 ) -> PreparedUpload:
     """Header + chunk messages for ``update``; encrypted iff the server announced a key and an
     encryptor is available."""
-    digest = hashlib.sha256(update.payload).digest()
-    parts = split_payload(update.payload, chunk_size)
+    digest = update.payload_sha256 or hashlib.sha256(update.payload).digest()
+    parts = list(split_payload(update.payload, chunk_size, payload_sha256=digest))
     total = len(parts)
     encryptor: ChunkEncryptor | None = None
     if server_public_key and encryptor_factory is not None:
@@ -102,15 +95,15 @@ def prepare_upload(
     )
     messages = [coordinator_pb2.UploadMessage(header=header)]
     wire_bytes = 0
-    for index, part in enumerate(parts):
-        data = encryptor.encrypt_chunk(index, total, part) if encryptor else part
+    for part in parts:
+        data = encryptor.encrypt_chunk(part.index, total, part.data) if encryptor else part.data
         wire_bytes += len(data)
         chunk = common_pb2.TensorChunk(
-            index=index,
+            index=part.index,
             total=total,
             data=data,
             payload_sha256=digest,
-            payload_size=len(update.payload),
+            payload_size=part.payload_size,
             round=round_id,
         )
         messages.append(coordinator_pb2.UploadMessage(chunk=chunk))

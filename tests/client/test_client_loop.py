@@ -13,6 +13,7 @@ import pytest
 from crossfed.client.backoff import Backoff, RetryPolicy
 from crossfed.client.errors import (
     FatalServerError,
+    NotRegisteredError,
     RoundAbandonedError,
     ServerUnreachableError,
     TransientTransportError,
@@ -469,3 +470,20 @@ def test_stop_event_ends_the_loop_between_steps() -> None:
     stats = loop.run()
     assert stats.rounds_completed == []
     assert len(clock.sleeps) == 3
+
+
+def test_unknown_client_error_leads_to_registration_again() -> None:
+    server = FakeServer(rounds=[1], heartbeat_script=[NotRegisteredError("NOT_FOUND: who?")])
+    loop, _, clock, _ = _loop(server)
+    stats = loop.run()
+    assert server.registered == 2
+    assert stats.rounds_completed == [1]
+    assert clock.sleeps  # waited before registering again
+
+
+def test_refusals_do_not_spin_without_waiting() -> None:
+    refusals: list[object] = [RoundAbandonedError("FAILED_PRECONDITION: run paused")] * 5
+    server = FakeServer(rounds=[1], heartbeat_script=refusals)
+    loop, _, clock, _ = _loop(server)
+    loop.run()
+    assert len(clock.sleeps) >= 5
