@@ -39,4 +39,4 @@ class ModelConfig(BaseModel):
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
     memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")
     memory_top_k: int = Field(8, gt=0, description="K of eq. 10")
-    loss_weights: LossWeights = Field(default_factory=LossWeights)
+    loss_weights: LossWeights = Field(default_factory=lambda: LossWeights.model_validate({}))

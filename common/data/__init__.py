@@ -1,0 +1,1 @@
+"""Datasets, missing-modality simulation, label partitioning and cached embeddings."""
