@@ -19,6 +19,8 @@ from crossfed.client.errors import (
     RoundAbandonedError,
     TransientTransportError,
 )
+from crossfed.common.crypto.identity import ClientCredential
+from crossfed.common.crypto.rpc_auth import authenticated_channel
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 # Network trouble and overload: the same call may succeed later.
@@ -188,13 +190,17 @@ class GrpcTransport:
         channel: grpc.Channel,
         deadlines: CallDeadlines | None = None,
         client_id: str | None = None,
-        call_credentials: grpc.CallCredentials | None = None,
+        credential: ClientCredential | None = None,
     ) -> None:
         self._channel = channel
-        self._stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        # With a credential every call is HMAC-signed by the crypto interceptor (which also
+        # sends the client id); without one, the bare client-id header is all we have.
+        calls = authenticated_channel(channel, credential) if credential else channel
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(calls)
         self._deadlines = deadlines or CallDeadlines()
-        self._client_id = client_id
-        self._call_credentials = call_credentials
+        self._credential = credential
+        self._client_id = credential.client_id if credential else client_id
+        self._call_credentials: grpc.CallCredentials | None = None
 
     @classmethod
     def connect(
@@ -204,16 +210,23 @@ class GrpcTransport:
         deadlines: CallDeadlines | None = None,
         client_id: str | None = None,
         options: ChannelOptions | None = None,
-        call_credentials: grpc.CallCredentials | None = None,
+        credential: ClientCredential | None = None,
     ) -> GrpcTransport:
         """Create the channel and the transport over it (connection happens lazily)."""
         channel = create_channel(target, security, options)
-        return cls(channel, deadlines, client_id, call_credentials)
+        return cls(channel, deadlines, client_id, credential)
 
     def set_client_id(self, client_id: str) -> None:
+        if self._credential is not None and client_id != self._credential.client_id:
+            raise FatalServerError(
+                f"server calls this client {client_id!r} but its credential is for "
+                f"{self._credential.client_id!r}"
+            )
         self._client_id = client_id
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._credential is not None:
+            return ()  # the signing interceptor adds identity + signature
         return identity_metadata(self._client_id)
 
     def enroll(self, request: coordinator_pb2.EnrollRequest) -> coordinator_pb2.EnrollResponse:
