@@ -1,0 +1,104 @@
+"""Global-model checkpoints, one safetensors file per committed round, written atomically
+(tmp file, fsync, rename, fsync dir) so a kill at any instant leaves either the old or the
+new file, never a torn one. Only the last N are kept."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from crossfed.server.errors import CheckpointError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+_NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` durably: temp file in the same dir, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CheckpointStore:
+    """Directory of ``global-<round>.safetensors`` files (round 0 = the initial model)."""
+
+    def __init__(self, directory: Path, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(".global-*.tmp-*"):  # leftovers of a killed write
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+
+    def path_of(self, round_no: int) -> Path:
+        """Where the checkpoint of ``round_no`` lives."""
+        return self.directory / f"global-{round_no:06d}.safetensors"
+
+    def rounds(self) -> list[int]:
+        """Rounds that have a checkpoint on disk, ascending."""
+        found = []
+        for path in self.directory.iterdir():
+            match = _NAME.match(path.name)
+            if match:
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def save(self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "") -> Path:
+        """Write the global model of ``round_no`` atomically, then prune old checkpoints."""
+        payload = st_save(
+            {k: v.contiguous() for k, v in state.items()},
+            metadata={"round": str(round_no), "run_id": run_id},
+        )
+        path = self.path_of(round_no)
+        write_bytes_atomic(path, payload)
+        self.prune(protect=round_no)
+        return path
+
+    def prune(self, protect: int) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints (never ``protect``)."""
+        rounds = [r for r in self.rounds() if r <= protect]
+        for old in rounds[: max(len(rounds) - self.keep_last, 0)]:
+            if old != protect:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path_of(old).unlink()
+
+    def load_bytes(self, round_no: int) -> bytes:
+        """The raw safetensors bytes of a checkpoint (served as-is to downloaders)."""
+        path = self.path_of(round_no)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as exc:
+            raise CheckpointError(
+                f"checkpoint for round {round_no} not found at {path}; on disk: {self.rounds()}"
+            ) from exc
+
+    def load(self, round_no: int) -> dict[str, torch.Tensor]:
+        """Decode a checkpoint (safetensors: no pickle)."""
+        data = self.load_bytes(round_no)
+        try:
+            return dict(st_load(data))
+        except SafetensorError as exc:
+            raise CheckpointError(f"checkpoint {self.path_of(round_no)} is corrupt: {exc}") from exc

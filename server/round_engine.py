@@ -1,0 +1,891 @@
+"""The round engine: registration, heartbeats / next action, selection, deadlines, straggler
+cut-off, failure + retry, streaming aggregation (eq. 15), projection exchange (eq. 16),
+checkpoints and resume. Plain Python, no network: the gRPC servicer is a thin shell on top.
+
+Round r trains from the global model of round r-1 (round 0 = the initial model). A failed or
+interrupted attempt of round r is retried as a new attempt of the same round, from the same
+input model, so no round is ever counted twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from crossfed.server.aggregation import ModuleOf, StreamingFedAvg, module_weights_of
+from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
+from crossfed.server.errors import (
+    AlreadyUploadedError,
+    CheckpointError,
+    InvalidUpdateError,
+    ModelMismatchError,
+    NotSelectedError,
+    PrivacyBudgetExceededError,
+    RunNotActiveError,
+    UnknownClientError,
+    WrongRoundError,
+)
+from crossfed.server.projection_exchange import (
+    ProjectionAggregator,
+    ProjectionNoiseHook,
+    ProjectionSpec,
+    decode_projections,
+    prototypes_payload,
+)
+from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.state.base import StateStore
+from crossfed.server.state.records import (
+    CLIENT_REGISTERED,
+    CLIENT_REMOVED,
+    CLIENT_SELECTED,
+    CLIENT_UPLOADED,
+    ROUND_COMMITTED,
+    ROUND_FAILED,
+    ROUND_OPEN,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_IDLE,
+    RUN_PAUSED,
+    RUN_RUNNING,
+    RUN_STOPPED,
+    TERMINAL_RUN_STATES,
+    ClientRecord,
+    EventRecord,
+    RoundRecord,
+    RunRecord,
+    UploadRecord,
+)
+from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+Clock = Callable[[], float]
+
+# Actions (values match crossfed.v1.Action so the servicer can pass them through).
+ACTION_WAIT = 1
+ACTION_TRAIN = 2
+ACTION_DONE = 3
+ACTION_REGISTER = 4
+
+# Modalities (crossfed.v1.ModalityConfig).
+MODALITY_UNSPECIFIED = 0
+_VALID_MODALITIES = {1, 2, 3}
+
+_LAST_SEEN_PERSIST_S = 5.0
+_PROTOTYPES_NAME = "prototypes-{:06d}.safetensors"
+
+
+@dataclass(frozen=True)
+class NextAction:
+    """What a heartbeating client should do now (HeartbeatResponse without crypto fields)."""
+
+    action: int
+    round: int = 0
+    attempt: int = 0
+    poll_after_ms: int = 1000
+    deadline_unix_s: float = 0.0
+    local_epochs: int = 0
+    run_state: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What Register returns (RegisterResponse without transport fields)."""
+
+    client_id: str
+    run_id: str
+    current_round: int
+    heartbeat_interval_ms: int
+
+
+@dataclass(frozen=True)
+class UploadTicket:
+    """Permission to stream an update into one round attempt (issued before the payload)."""
+
+    client_id: str
+    upload_id: str
+    round: int
+    attempt: int
+    num_samples: int
+    module_samples: dict[str, int]
+    weights: dict[str, float]
+    spec: Mapping[str, TensorSlot]
+
+
+@dataclass(frozen=True)
+class UploadOutcome:
+    """Result of an upload: accepted (counted once), or a duplicate of an earlier one."""
+
+    accepted: bool
+    duplicate: bool
+    message: str
+    round_closed: bool = False
+
+
+@dataclass
+class _OpenRound:
+    record: RoundRecord
+    fedavg: StreamingFedAvg
+    projections: ProjectionAggregator | None
+    uploaders: dict[str, str] = field(default_factory=dict)  # client_id -> upload_id
+    min_reached_at: float | None = None
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
+
+
+class RoundEngine:
+    """Network-free federated-run state machine over a `StateStore` and `CheckpointStore`.
+
+    Thread-safe: every public method takes one lock; heavy per-upload work (validation) runs
+    outside it. Call `tick()` periodically (the server does, every ~0.5 s) so deadlines fire.
+    """
+
+    def __init__(
+        self,
+        store: StateStore,
+        checkpoints: CheckpointStore,
+        initial_state: Mapping[str, torch.Tensor],
+        module_of: ModuleOf,
+        policy: RoundPolicy,
+        *,
+        projection_spec: ProjectionSpec | None = None,
+        model_config_digest: str = "",
+        epsilon_budget: float = 0.0,
+        noise_hook: ProjectionNoiseHook | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.store = store
+        self.checkpoints = checkpoints
+        self.module_of = module_of
+        self.policy = policy
+        self.projection_spec = projection_spec
+        self.model_config_digest = model_config_digest
+        self.epsilon_budget = epsilon_budget
+        self.noise_hook = noise_hook
+        self.clock = clock
+        self._lock = threading.RLock()
+        self.events_changed = threading.Condition(self._lock)
+        self._spec = spec_of_state(initial_state)
+        self._open: _OpenRound | None = None
+        self._waiting_since: float | None = None
+        self._global_bytes: bytes | None = None
+        self._prototypes: tuple[int, bytes] | None = None
+        self._persisted_seen: dict[str, float] = {}
+        # only clients heard from since this engine started are selectable (after a restart,
+        # stored last_seen times describe connections that died with the old process)
+        self._seen_since_start: set[str] = set()
+        self._run = self._load_or_create_run(initial_state)
+        self._global = self._load_global()
+        self._clients = {c.client_id: c for c in store.list_clients()}
+        self._prototypes = self._load_prototypes()
+        self._reopen_interrupted_rounds()
+
+    # ------------------------------------------------------------------ startup / resume
+    def _load_or_create_run(self, initial_state: Mapping[str, torch.Tensor]) -> RunRecord:
+        run = self.store.get_run()
+        now = self.clock()
+        if run is None:
+            run = RunRecord(
+                run_id=uuid.uuid4().hex[:12],
+                state=RUN_RUNNING if self.policy.auto_start else RUN_IDLE,
+                total_rounds=self.policy.total_rounds,
+                created_unix_s=now,
+            )
+            self.checkpoints.save(0, dict(initial_state), run.run_id)
+            self.store.put_run(run)
+            self._event("run_created", message=f"run {run.run_id}, {run.total_rounds} rounds")
+            if run.state == RUN_RUNNING:
+                self._event("run_started")
+        else:
+            self._event(
+                "run_resumed",
+                round_no=run.last_committed_round,
+                message=f"resumed at last committed round {run.last_committed_round}",
+            )
+        return run
+
+    def _load_global(self) -> dict[str, torch.Tensor]:
+        version = self._run.last_committed_round
+        state = self.checkpoints.load(version)
+        try:
+            validate_update(state, self._spec, what=f"checkpoint of round {version}")
+        except InvalidUpdateError as exc:
+            raise CheckpointError(
+                f"{exc}; the state directory belongs to a different model configuration"
+            ) from exc
+        return state
+
+    def _load_prototypes(self) -> tuple[int, bytes] | None:
+        last = self._run.last_committed_round
+        for round_no in range(last, 0, -1):
+            path = self.checkpoints.directory / _PROTOTYPES_NAME.format(round_no)
+            if path.exists():
+                return round_no, path.read_bytes()
+        return None
+
+    def _reopen_interrupted_rounds(self) -> None:
+        """A round open when the server died is failed (not counted) and re-run as a new
+        attempt; its uploads lived only in the lost running sum, so clients train again."""
+        now = self.clock()
+        for rec in self.store.list_rounds():
+            if rec.state in (ROUND_COMMITTED, ROUND_FAILED):
+                continue
+            rec.state = ROUND_FAILED
+            rec.ended_unix_s = now
+            rec.counts_as_retry = False
+            rec.message = "server restarted while the round was open; the round is re-run"
+            self.store.put_round(rec)
+            self._event("round_interrupted", round_no=rec.round, message=rec.message)
+        for client in self._clients.values():
+            if client.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
+                client.state = CLIENT_REGISTERED
+                self.store.put_client(client)
+
+    # ------------------------------------------------------------------ helpers
+    def _event(
+        self,
+        kind: str,
+        round_no: int = 0,
+        client_id: str = "",
+        message: str = "",
+        values: dict[str, float] | None = None,
+    ) -> EventRecord:
+        with self._lock:
+            event = self.store.append_event(
+                kind, self.clock(), round_no, client_id, message, values
+            )
+            self.events_changed.notify_all()
+            return event
+
+    def _online(self, client: ClientRecord, now: float) -> bool:
+        return (
+            client.state != CLIENT_REMOVED
+            and client.client_id in self._seen_since_start
+            and now - client.last_seen_unix_s <= self.policy.client_timeout_s
+        )
+
+    def _save_client(self, client: ClientRecord) -> None:
+        self._clients[client.client_id] = client
+        self._persisted_seen[client.client_id] = client.last_seen_unix_s
+        self.store.put_client(client)
+
+    def _touch(self, client: ClientRecord, now: float) -> None:
+        client.last_seen_unix_s = now
+        self._seen_since_start.add(client.client_id)
+        if now - self._persisted_seen.get(client.client_id, 0.0) >= _LAST_SEEN_PERSIST_S:
+            self._save_client(client)
+
+    def _known_client(self, client_id: str) -> ClientRecord:
+        client = self._clients.get(client_id)
+        if client is None or client.state == CLIENT_REMOVED:
+            raise UnknownClientError(
+                f"client {client_id!r} is not registered with this server; call Register first"
+            )
+        return client
+
+    def _next_round(self) -> int:
+        return self._run.last_committed_round + 1
+
+    def _attempts_of(self, round_no: int) -> list[RoundRecord]:
+        return [r for r in self.store.list_rounds() if r.round == round_no]
+
+    # ------------------------------------------------------------------ public: queries
+    @property
+    def run(self) -> RunRecord:
+        """A copy of the run record."""
+        with self._lock:
+            return RunRecord(**vars(self._run))
+
+    @property
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The current global model (version = last committed round)."""
+        with self._lock:
+            return dict(self._global)
+
+    @property
+    def open_round(self) -> RoundRecord | None:
+        """The open round attempt, if any (a copy)."""
+        with self._lock:
+            if self._open is None:
+                return None
+            return RoundRecord(
+                **{**vars(self._open.record), "selected": list(self._open.record.selected)}
+            )
+
+    def clients(self) -> list[ClientRecord]:
+        """All clients with state 'offline' substituted for silent ones."""
+        with self._lock:
+            now = self.clock()
+            out = []
+            for c in sorted(self._clients.values(), key=lambda c: c.client_id):
+                copy = ClientRecord(**vars(c))
+                if c.state != CLIENT_REMOVED and not self._online(c, now):
+                    copy.state = "offline"
+                out.append(copy)
+            return out
+
+    # ------------------------------------------------------------------ public: clients
+    def register(
+        self,
+        client_id: str,
+        modality: int,
+        num_samples: int,
+        num_paired: int = 0,
+        num_text_only: int = 0,
+        num_image_only: int = 0,
+        model_config_digest: str = "",
+        daemon_version: str = "",
+    ) -> Registration:
+        """Register (or re-register after a reconnect) a client; idempotent."""
+        if not client_id:
+            raise UnknownClientError("no client id on the request; authenticate first")
+        if modality not in _VALID_MODALITIES:
+            raise InvalidUpdateError(
+                f"modality {modality} is not one of BOTH(1), TEXT_ONLY(2), IMAGE_ONLY(3)"
+            )
+        if num_samples <= 0:
+            raise InvalidUpdateError(f"num_samples must be > 0, got {num_samples}")
+        parts = num_paired + num_text_only + num_image_only
+        if parts and parts != num_samples:
+            raise InvalidUpdateError(
+                f"num_paired+num_text_only+num_image_only = {parts} but num_samples = "
+                f"{num_samples}; they must agree"
+            )
+        if (
+            model_config_digest
+            and self.model_config_digest
+            and model_config_digest != self.model_config_digest
+        ):
+            raise ModelMismatchError(
+                f"client model config digest {model_config_digest[:16]}... does not match the "
+                f"server's {self.model_config_digest[:16]}...; use the server's ModelConfig"
+            )
+        with self._lock:
+            now = self.clock()
+            existing = self._clients.get(client_id)
+            state = CLIENT_REGISTERED
+            if existing is not None and existing.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
+                state = existing.state  # reconnect while selected: keep its place
+            client = ClientRecord(
+                client_id=client_id,
+                modality=modality,
+                num_samples=num_samples,
+                num_paired=num_paired,
+                num_text_only=num_text_only,
+                num_image_only=num_image_only,
+                state=state,
+                registered_unix_s=existing.registered_unix_s if existing else now,
+                last_seen_unix_s=now,
+                last_round=existing.last_round if existing else 0,
+                rounds_completed=existing.rounds_completed if existing else 0,
+                daemon_version=daemon_version,
+            )
+            self._save_client(client)
+            self._seen_since_start.add(client_id)
+            if existing is None or existing.state == CLIENT_REMOVED:
+                self._event(
+                    "client_registered",
+                    client_id=client_id,
+                    values={"num_samples": float(num_samples), "modality": float(modality)},
+                )
+            current = self._open.record.round if self._open else self._next_round()
+            return Registration(
+                client_id, self._run.run_id, current, self.policy.heartbeat_interval_ms
+            )
+
+    def heartbeat(self, client_id: str) -> NextAction:
+        """Liveness + what to do now: TRAIN a round, WAIT, DONE, or REGISTER again."""
+        with self._lock:
+            client = self._clients.get(client_id)
+            poll = self.policy.poll_after_ms
+            if client is None or client.state == CLIENT_REMOVED:
+                return NextAction(
+                    ACTION_REGISTER,
+                    poll_after_ms=poll,
+                    run_state=self._run.state,
+                    message="this server does not know you; register again",
+                )
+            self._touch(client, self.clock())
+            self._tick_locked()
+            run = self._run
+            if run.state in TERMINAL_RUN_STATES:
+                return NextAction(
+                    ACTION_DONE,
+                    poll_after_ms=poll,
+                    run_state=run.state,
+                    message=f"run {run.state}: {run.message}".rstrip(": "),
+                )
+            opened = self._open
+            if opened is not None and client_id in opened.record.selected:
+                if client_id not in opened.uploaders:
+                    return NextAction(
+                        ACTION_TRAIN,
+                        round=opened.record.round,
+                        attempt=opened.record.attempt,
+                        poll_after_ms=poll,
+                        deadline_unix_s=opened.record.deadline_unix_s,
+                        local_epochs=self.policy.local_epochs,
+                        run_state=run.state,
+                        message=f"train round {opened.record.round} "
+                        f"(attempt {opened.record.attempt})",
+                    )
+                why = f"your update for round {opened.record.round} is in; waiting for others"
+            elif opened is not None:
+                why = f"round {opened.record.round} is running without you"
+            elif run.state != RUN_RUNNING:
+                why = f"run is {run.state}"
+            else:
+                why = "waiting for enough clients to start the next round"
+            return NextAction(ACTION_WAIT, poll_after_ms=poll, run_state=run.state, message=why)
+
+    def remove_client(self, client_id: str) -> bool:
+        """Forget a client (it gets ACTION_REGISTER); False if it was unknown."""
+        with self._lock:
+            client = self._clients.get(client_id)
+            if client is None or client.state == CLIENT_REMOVED:
+                return False
+            client.state = CLIENT_REMOVED
+            self._save_client(client)
+            self._event("client_removed", client_id=client_id)
+            return True
+
+    # ------------------------------------------------------------------ public: run control
+    def start(self) -> RunRecord:
+        """Start an idle run (or resume a paused one)."""
+        with self._lock:
+            if self._run.state in TERMINAL_RUN_STATES:
+                raise RunNotActiveError(
+                    f"run {self._run.run_id} is {self._run.state}; start a new one"
+                )
+            if self._run.state != RUN_RUNNING:
+                self._set_run_state(RUN_RUNNING, "started")
+            return self.run
+
+    def pause(self, reason: str = "") -> RunRecord:
+        """No new rounds start; an open round runs to its end."""
+        with self._lock:
+            if self._run.state != RUN_RUNNING:
+                raise RunNotActiveError(f"run is {self._run.state}, only a running run can pause")
+            self._set_run_state(RUN_PAUSED, reason or "paused")
+            return self.run
+
+    def stop(self, reason: str = "") -> RunRecord:
+        """End the run now; an open round is failed and clients are told DONE."""
+        with self._lock:
+            if self._run.state in TERMINAL_RUN_STATES:
+                return self.run
+            if self._open is not None:
+                self._fail_open_locked(f"run stopped: {reason or 'by operator'}", retry=False)
+            self._set_run_state(RUN_STOPPED, reason or "stopped by operator")
+            return self.run
+
+    def _set_run_state(self, state: str, message: str) -> None:
+        self._run.state = state
+        self._run.message = message
+        self.store.put_run(self._run)
+        self._waiting_since = None
+        self._event(f"run_{state}", round_no=self._run.last_committed_round, message=message)
+
+    # ------------------------------------------------------------------ time-driven transitions
+    def tick(self) -> None:
+        """Advance the state machine: open, close (commit/fail) rounds as time passes."""
+        with self._lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
+        run = self._run
+        if run.state != RUN_RUNNING:
+            return
+        if run.last_committed_round >= run.total_rounds:
+            self._set_run_state(RUN_COMPLETED, f"all {run.total_rounds} rounds committed")
+            return
+        now = self.clock()
+        if self._open is None:
+            available = [c.client_id for c in self._clients.values() if self._online(c, now)]
+            if len(available) >= self.policy.min_clients:
+                self._open_round_locked(available, now)
+                return
+            if self._waiting_since is None:
+                self._waiting_since = now
+            elif now - self._waiting_since >= self.policy.start_timeout_s:
+                self._record_start_failure(len(available), now)
+            return
+        opened = self._open
+        received = len(opened.uploaders)
+        selected = len(opened.record.selected)
+        if received >= selected:
+            self._commit_locked("every selected client uploaded")
+        elif (
+            received >= self.policy.min_clients
+            and self.policy.wait_after_min_s is not None
+            and opened.min_reached_at is not None
+            and now - opened.min_reached_at >= self.policy.wait_after_min_s
+        ):
+            self._commit_locked(
+                f"straggler cut-off: {received}/{selected} uploaded, "
+                f"{self.policy.wait_after_min_s:g} s after min_clients was reached"
+            )
+        elif now >= opened.record.deadline_unix_s:
+            if received >= self.policy.min_clients:
+                self._commit_locked(f"deadline: {received}/{selected} uploaded")
+            else:
+                self._fail_open_locked(
+                    f"deadline passed with {received} upload(s); min_clients is "
+                    f"{self.policy.min_clients}",
+                    retry=True,
+                )
+
+    def _open_round_locked(self, available: list[str], now: float) -> None:
+        round_no = self._next_round()
+        attempt = 1 + max((r.attempt for r in self._attempts_of(round_no)), default=0)
+        selected = self.policy.select(available, round_no, attempt)
+        record = RoundRecord(
+            round=round_no,
+            attempt=attempt,
+            state=ROUND_OPEN,
+            started_unix_s=now,
+            deadline_unix_s=now + self.policy.round_deadline_s,
+            selected=selected,
+        )
+        self.store.put_round(record)
+        self._open = _OpenRound(
+            record=record,
+            fedavg=StreamingFedAvg(self._global, self.module_of),
+            projections=(
+                ProjectionAggregator(self.projection_spec) if self.projection_spec else None
+            ),
+        )
+        self._waiting_since = None
+        for cid in selected:
+            client = self._clients[cid]
+            client.state = CLIENT_SELECTED
+            self._save_client(client)
+        self._event(
+            "round_started",
+            round_no=round_no,
+            message=f"attempt {attempt}: selected {len(selected)} of {len(available)} online",
+            values={"attempt": float(attempt), "selected": float(len(selected))},
+        )
+
+    def _record_start_failure(self, available: int, now: float) -> None:
+        round_no = self._next_round()
+        attempt = 1 + max((r.attempt for r in self._attempts_of(round_no)), default=0)
+        record = RoundRecord(
+            round=round_no,
+            attempt=attempt,
+            state=ROUND_FAILED,
+            started_unix_s=self._waiting_since or now,
+            deadline_unix_s=now,
+            ended_unix_s=now,
+            message=(
+                f"only {available} client(s) online after {self.policy.start_timeout_s:g} s; "
+                f"min_clients is {self.policy.min_clients}"
+            ),
+        )
+        self.store.put_round(record)
+        self._event("round_failed", round_no=round_no, message=record.message)
+        self._after_failure(round_no, record.message)
+
+    def _fail_open_locked(self, message: str, retry: bool) -> None:
+        assert self._open is not None
+        record = self._open.record
+        record.state = ROUND_FAILED
+        record.ended_unix_s = self.clock()
+        record.message = message
+        self.store.put_round(record)
+        self._release_clients(record.selected)
+        self._open = None
+        self._event("round_failed", round_no=record.round, message=message)
+        if retry:
+            self._after_failure(record.round, message)
+
+    def _after_failure(self, round_no: int, message: str) -> None:
+        """Retry the round (new attempt) or end the run when attempts are used up."""
+        failures = sum(
+            1 for r in self._attempts_of(round_no) if r.state == ROUND_FAILED and r.counts_as_retry
+        )
+        if failures >= self.policy.max_round_attempts:
+            self._set_run_state(
+                RUN_FAILED,
+                f"round {round_no} failed {failures} time(s) (max_round_attempts="
+                f"{self.policy.max_round_attempts}); last reason: {message}",
+            )
+        else:
+            self._waiting_since = self.clock()
+
+    def _release_clients(self, client_ids: list[str]) -> None:
+        for cid in client_ids:
+            client = self._clients.get(cid)
+            if client is not None and client.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
+                client.state = CLIENT_REGISTERED
+                self._save_client(client)
+
+    def _commit_locked(self, reason: str) -> None:
+        """Finish the running sum, checkpoint, then record the commit atomically."""
+        assert self._open is not None
+        opened = self._open
+        record = opened.record
+        new_state = opened.fedavg.result()
+        self.checkpoints.save(record.round, new_state, self._run.run_id)
+        if opened.projections is not None and opened.projections.contributors:
+            sums = opened.projections.sums()
+            if self.noise_hook is not None:
+                sums = self.noise_hook(sums, record.round)
+            payload = prototypes_payload(sums)
+            path = self.checkpoints.directory / _PROTOTYPES_NAME.format(record.round)
+            write_bytes_atomic(path, payload)
+            self._prototypes = (record.round, payload)
+        record.state = ROUND_COMMITTED
+        record.ended_unix_s = self.clock()
+        record.message = reason
+        record.metrics = {
+            k: opened.metric_sums[k] / opened.metric_weights[k]
+            for k in opened.metric_sums
+            if opened.metric_weights[k] > 0
+        }
+        self._run.last_committed_round = record.round
+        self.store.commit_round(record, self._run)
+        self._global = new_state
+        self._global_bytes = None
+        for cid in opened.uploaders:
+            client = self._clients[cid]
+            client.rounds_completed += 1
+            client.last_round = record.round
+        self._release_clients(record.selected)
+        for cid in opened.uploaders:
+            self._save_client(self._clients[cid])
+        self._open = None
+        self._event(
+            "round_committed",
+            round_no=record.round,
+            message=reason,
+            values={
+                "received": float(record.received),
+                "num_samples": float(record.num_samples),
+                **record.metrics,
+            },
+        )
+        if self._run.last_committed_round >= self._run.total_rounds:
+            self._set_run_state(RUN_COMPLETED, f"all {self._run.total_rounds} rounds committed")
+
+    # ------------------------------------------------------------------ model download
+    def global_model_bytes(self, round_no: int) -> tuple[int, bytes]:
+        """Safetensors bytes of the model round ``round_no`` trains from (its input, version
+        round_no-1); ``round_no`` 0 means the latest committed model. Returns (version, bytes)."""
+        with self._lock:
+            last = self._run.last_committed_round
+            version = last if round_no == 0 else round_no - 1
+            if version > last:
+                raise WrongRoundError(
+                    f"round {round_no} has not started; the latest committed round is {last}"
+                )
+            if version == last:
+                if self._global_bytes is None:
+                    self._global_bytes = self.checkpoints.load_bytes(last)
+                return version, self._global_bytes
+        try:
+            return version, self.checkpoints.load_bytes(version)
+        except CheckpointError as exc:
+            raise WrongRoundError(
+                f"the input model of round {round_no} is no longer kept: {exc}"
+            ) from exc
+
+    # ------------------------------------------------------------------ uploads
+    def begin_upload(
+        self,
+        client_id: str,
+        round_no: int,
+        upload_id: str,
+        num_samples: int,
+        module_samples: Mapping[str, int],
+    ) -> UploadTicket | UploadOutcome:
+        """Check an upload header; returns a ticket, or a duplicate outcome (nothing to do)."""
+        if not upload_id:
+            raise InvalidUpdateError("upload header has an empty upload_id (idempotency key)")
+        with self._lock:
+            client = self._known_client(client_id)
+            self._touch(client, self.clock())
+            opened = self._require_open(round_no)
+            record = opened.record
+            if self.store.get_upload(record.round, record.attempt, upload_id) is not None:
+                return UploadOutcome(
+                    accepted=True,
+                    duplicate=True,
+                    message=f"upload {upload_id} was already counted in round {record.round}",
+                )
+            if client_id not in record.selected:
+                raise NotSelectedError(
+                    f"client {client_id!r} was not selected for round {record.round}"
+                )
+            if client_id in opened.uploaders:
+                raise AlreadyUploadedError(
+                    f"client {client_id!r} already uploaded round {record.round} as "
+                    f"{opened.uploaders[client_id]!r}; a retry must reuse that upload_id"
+                )
+            if num_samples > client.num_samples:
+                raise InvalidUpdateError(
+                    f"num_samples={num_samples} exceeds the {client.num_samples} samples this "
+                    "client registered"
+                )
+            weights = module_weights_of(num_samples, module_samples, opened.fedavg.modules)
+            return UploadTicket(
+                client_id=client_id,
+                upload_id=upload_id,
+                round=record.round,
+                attempt=record.attempt,
+                num_samples=num_samples,
+                module_samples=dict(module_samples),
+                weights=weights,
+                spec=self._spec,
+            )
+
+    def _require_open(self, round_no: int) -> _OpenRound:
+        if self._run.state in TERMINAL_RUN_STATES:
+            raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
+        opened = self._open
+        last = self._run.last_committed_round
+        if opened is None:
+            state = "closed" if round_no <= last else "not open yet"
+            raise WrongRoundError(
+                f"round {round_no} is {state} (no round is open; last committed round is {last})"
+            )
+        if round_no != opened.record.round:
+            when = "closed" if round_no < opened.record.round else "not started"
+            raise WrongRoundError(
+                f"round {round_no} is {when}; the open round is {opened.record.round}"
+            )
+        return opened
+
+    def complete_upload(
+        self,
+        ticket: UploadTicket,
+        tensors: Mapping[str, torch.Tensor],
+        payload_sha256: str = "",
+        metrics: Mapping[str, float] | None = None,
+    ) -> UploadOutcome:
+        """Validate the decoded update fully, then (and only then) fold it into the sum."""
+        try:
+            validate_update(tensors, ticket.spec)
+        except InvalidUpdateError as exc:
+            self._event("upload_rejected", ticket.round, ticket.client_id, str(exc))
+            raise
+        with self._lock:
+            opened = self._open
+            if (
+                opened is None
+                or opened.record.round != ticket.round
+                or opened.record.attempt != ticket.attempt
+            ):
+                raise WrongRoundError(
+                    f"round {ticket.round} (attempt {ticket.attempt}) closed before the upload "
+                    "finished; the update was not counted"
+                )
+            upload = UploadRecord(
+                upload_id=ticket.upload_id,
+                client_id=ticket.client_id,
+                round=ticket.round,
+                attempt=ticket.attempt,
+                num_samples=ticket.num_samples,
+                received_unix_s=self.clock(),
+                payload_sha256=payload_sha256,
+                module_samples=ticket.module_samples,
+                metrics=dict(metrics or {}),
+            )
+            if ticket.client_id in opened.uploaders:
+                if opened.uploaders[ticket.client_id] == ticket.upload_id:
+                    return UploadOutcome(True, True, f"upload {ticket.upload_id} already counted")
+                raise AlreadyUploadedError(
+                    f"client {ticket.client_id!r} already uploaded round {ticket.round}"
+                )
+            if not self.store.add_upload(upload):
+                return UploadOutcome(True, True, f"upload {ticket.upload_id} already counted")
+            opened.fedavg.add(tensors, ticket.weights, ticket.num_samples)
+            opened.uploaders[ticket.client_id] = ticket.upload_id
+            for key, value in (metrics or {}).items():
+                opened.metric_sums[key] = (
+                    opened.metric_sums.get(key, 0.0) + value * ticket.num_samples
+                )
+                opened.metric_weights[key] = (
+                    opened.metric_weights.get(key, 0.0) + ticket.num_samples
+                )
+            record = opened.record
+            record.received = len(opened.uploaders)
+            record.num_samples += ticket.num_samples
+            self.store.put_round(record)
+            client = self._clients[ticket.client_id]
+            client.state = CLIENT_UPLOADED
+            self._save_client(client)
+            now = self.clock()
+            if opened.min_reached_at is None and record.received >= self.policy.min_clients:
+                opened.min_reached_at = now
+            self._event(
+                "upload_accepted",
+                ticket.round,
+                ticket.client_id,
+                f"upload {ticket.upload_id}",
+                {"num_samples": float(ticket.num_samples)},
+            )
+            self._tick_locked()
+            closed = self._open is not opened
+            return UploadOutcome(
+                True, False, f"update for round {ticket.round} accepted", round_closed=closed
+            )
+
+    def record_rejection(self, client_id: str, round_no: int, message: str) -> None:
+        """Log a rejected upload (transport-level problems found by the servicer)."""
+        self._event("upload_rejected", round_no, client_id, message)
+
+    # ------------------------------------------------------------------ projections (eq. 16)
+    def exchange_projections(
+        self, client_id: str, round_no: int, payload: bytes, epsilon_spent: float = 0.0
+    ) -> tuple[int, bytes]:
+        """Add a client's projection payload (if any) to the open round's sums; return the
+        latest committed global prototypes as (round, safetensors bytes) — (0, b"") if none."""
+        with self._lock:
+            client = self._known_client(client_id)
+            self._touch(client, self.clock())
+        if payload:
+            if self.projection_spec is None:
+                raise InvalidUpdateError("this server is not configured for projection exchange")
+            if epsilon_spent < 0:
+                raise InvalidUpdateError(f"epsilon_spent must be >= 0, got {epsilon_spent}")
+            if self.epsilon_budget > 0 and epsilon_spent > self.epsilon_budget:
+                raise PrivacyBudgetExceededError(
+                    f"projections report epsilon {epsilon_spent:.3f} > budget "
+                    f"{self.epsilon_budget:.3f}; they were not used"
+                )
+            projections = decode_projections(payload, self.projection_spec)
+            with self._lock:
+                opened = self._require_open(round_no)
+                if client_id not in opened.record.selected:
+                    raise NotSelectedError(
+                        f"client {client_id!r} was not selected for round {round_no}"
+                    )
+                assert opened.projections is not None
+                if opened.projections.add(client_id, projections):
+                    if epsilon_spent > self._run.epsilon_spent:
+                        self._run.epsilon_spent = epsilon_spent
+                        self.store.put_run(self._run)
+                    self._event(
+                        "projections_accepted",
+                        round_no,
+                        client_id,
+                        values={"epsilon_spent": epsilon_spent},
+                    )
+        with self._lock:
+            if self._prototypes is None:
+                return 0, b""
+            return self._prototypes
+
+
+def load_prototypes(payload: bytes) -> dict[str, torch.Tensor]:
+    """Decode a global-prototypes payload (for tests and clients)."""
+    try:
+        return dict(st_load(payload))
+    except SafetensorError as exc:
+        raise InvalidUpdateError(f"prototypes payload is corrupt: {exc}") from exc
