@@ -1,0 +1,530 @@
+"""Server and client configuration: pydantic models plus one loader for file < env < CLI flags.
+
+``load_config(ServerConfig, path)`` reads a YAML or TOML file, overlays environment variables
+(``CROSSFED_ROUNDS__MIN_CLIENTS=3``: double underscore descends a level) and then CLI overrides
+(``{"rounds.min_clients": 3}``), and validates the result. Every problem becomes one
+``ConfigError`` line naming the field, e.g. ``config: rounds.min_clients: Input should be greater
+than 0 (got -1) [from env CROSSFED_ROUNDS__MIN_CLIENTS]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from crossfed.common.model.model_config import ModelConfig
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+__all__ = [
+    "BuiltinDataConfig",
+    "ClientConfig",
+    "ConfigError",
+    "ManifestDataConfig",
+    "MissingModalityConfig",
+    "PrivacyConfig",
+    "ReconnectConfig",
+    "RoundPolicy",
+    "ServerConfig",
+    "TLSConfig",
+    "TrainConfig",
+    "TransportConfig",
+    "load_config",
+]
+
+MiB = 1024 * 1024
+#: Bytes a chunk message carries besides its data (index, digest, AEAD tag, ids); headroom.
+CHUNK_ENVELOPE_BYTES = 64 * 1024
+_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+_SECRET_HINTS = ("token", "secret", "password")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be loaded; ``str()`` is one line naming field and problem."""
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_address(value: str) -> str:
+    match = _ADDRESS.match(value)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ValueError(f"expected host:port (port 1-65535), e.g. 127.0.0.1:50051, got {value!r}")
+    return value
+
+
+class TLSConfig(_Section):
+    """Transport security. TLS is on unless ``insecure`` is set explicitly (loopback/dev only)."""
+
+    cert_dir: Path = Field(
+        default=Path("certs"), description="directory written by `crossfed certs` (CA, certs, keys)"
+    )
+    mtls: bool = Field(default=False, description="require client certificates as well")
+    insecure: bool = Field(default=False, description="plaintext gRPC; only when asked for by flag")
+
+    @model_validator(mode="after")
+    def _mtls_needs_tls(self) -> TLSConfig:
+        if self.insecure and self.mtls:
+            raise ValueError("mtls=true needs TLS, but insecure=true turns TLS off")
+        return self
+
+
+class RoundPolicy(_Section):
+    """When rounds start, close and fail (design: min_clients, fraction, deadline, stragglers)."""
+
+    rounds: int = Field(default=10, gt=0, description="federated rounds to run")
+    min_clients: int = Field(
+        default=2, gt=0, description="a round needs at least this many updates"
+    )
+    fraction: float = Field(
+        default=1.0, gt=0, le=1, description="share of connected clients selected"
+    )
+    round_deadline_s: float = Field(
+        default=600.0, gt=0, description="a round closes after this long"
+    )
+    straggler_cutoff: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="once this fraction of the selected clients reported, the round may close "
+        "early (1.0: wait for all or the deadline)",
+    )
+    max_retries_on_failed_round: int = Field(
+        default=3,
+        ge=0,
+        description="a round that misses min_clients is retried this often, then the run ends",
+    )
+
+
+class TransportConfig(_Section):
+    """Chunking and gRPC message limits (see crossfed.common.wire)."""
+
+    chunk_size: int = Field(default=1 * MiB, gt=0, description="bytes of payload per chunk message")
+    max_message_bytes: int = Field(
+        default=4 * MiB,
+        gt=0,
+        description="gRPC max send/receive message size, set explicitly on channels",
+    )
+    max_payload_bytes: int = Field(
+        default=1024 * MiB, gt=0, description="largest reassembled payload (model/update) accepted"
+    )
+
+    @model_validator(mode="after")
+    def _chunk_fits_message(self) -> TransportConfig:
+        if self.chunk_size + CHUNK_ENVELOPE_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"chunk_size {self.chunk_size} plus {CHUNK_ENVELOPE_BYTES} bytes of envelope "
+                f"exceeds max_message_bytes {self.max_message_bytes}"
+            )
+        return self
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy: projection noise (eq. 16), optional DP-SGD and central DP."""
+
+    projection_dp: bool = Field(default=True, description="clip and noise projections (eq. 16)")
+    clip: float = Field(default=1.0, gt=0, description="C: L2 clip of each projection")
+    noise_multiplier: float = Field(
+        default=1.0, ge=0, description="sigma: Gaussian noise = sigma * C"
+    )
+    delta: float = Field(
+        default=1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta)"
+    )
+    epsilon_budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="stop sharing projections once accounted epsilon would exceed it",
+    )
+    dp_sgd: bool = Field(default=False, description="train locally with Opacus DP-SGD")
+    dp_sgd_target_epsilon: float = Field(default=8.0, gt=0)
+    dp_sgd_target_delta: float = Field(default=1e-5, gt=0, lt=1)
+    dp_sgd_max_grad_norm: float = Field(default=1.0, gt=0)
+    central_dp: bool = Field(default=False, description="server clips updates and adds noise")
+    central_dp_clip: float = Field(default=1.0, gt=0, description="L2 clip of each client update")
+    central_dp_noise_multiplier: float = Field(
+        default=1.0, ge=0, description="z: noise = z * clip / n"
+    )
+
+
+class ServerConfig(_Section):
+    """Everything ``crossfed server`` needs."""
+
+    listen: str = Field(default="127.0.0.1:50051", description="host:port to serve gRPC on")
+    state_dir: Path = Field(default=Path("state"), description="SQLite state and checkpoints")
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    rounds: RoundPolicy = Field(default_factory=lambda: RoundPolicy())
+    transport: TransportConfig = Field(default_factory=lambda: TransportConfig())
+    tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
+    privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Prometheus /metrics"
+    )
+    log_json: bool = Field(default=False, description="structured JSON logs instead of text")
+
+    _listen = field_validator("listen")(_check_address)
+
+
+class MissingModalityConfig(_Section):
+    """How the builtin dataset simulates missing modalities (always stated with results)."""
+
+    mode: Literal["per_sample", "per_client"] = Field(
+        default="per_sample",
+        description="per_sample (PmcmFL): each sample loses a modality with probability `rate`; "
+        "per_client (FedMultimodal): each client loses each modality with probability `rate`",
+    )
+    rate: float = Field(default=0.0, ge=0, le=1)
+
+
+class BuiltinDataConfig(_Section):
+    """The bundled synthetic multimodal dataset, partitioned across clients."""
+
+    kind: Literal["builtin"] = "builtin"
+    seed: int = 0
+    num_samples: int = Field(default=2000, gt=0)
+    client_index: int = Field(default=0, ge=0)
+    num_clients: int = Field(default=1, gt=0)
+    dirichlet_alpha: float = Field(default=0.5, gt=0, description="label skew; larger is more IID")
+    missing: MissingModalityConfig = Field(default_factory=lambda: MissingModalityConfig())
+    modality: Literal["both", "text_only", "image_only"] = Field(
+        default="both", description="which modalities this client holds"
+    )
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> BuiltinDataConfig:
+        if self.client_index >= self.num_clients:
+            raise ValueError(
+                f"client_index {self.client_index} must be below num_clients {self.num_clients}"
+            )
+        return self
+
+
+class ManifestDataConfig(_Section):
+    """A user's own data: a manifest file listing (text, image path, label) rows."""
+
+    kind: Literal["manifest"] = "manifest"
+    path: Path
+    skip_bad_rows: bool = Field(
+        default=False, description="skip unreadable rows instead of failing"
+    )
+
+
+def _data_kind(value: Any) -> str:
+    """Tag of the data union; a mapping without `kind` means the builtin dataset."""
+    if isinstance(value, Mapping):
+        return str(value.get("kind", "builtin"))
+    return str(getattr(value, "kind", "builtin"))
+
+
+DataConfig = Annotated[
+    Annotated[BuiltinDataConfig, Tag("builtin")] | Annotated[ManifestDataConfig, Tag("manifest")],
+    Discriminator(
+        _data_kind,
+        custom_error_type="invalid_data_kind",
+        custom_error_message="kind must be 'builtin' or 'manifest'",
+    ),
+]
+
+
+class TrainConfig(_Section):
+    """Local training per round."""
+
+    epochs: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class ReconnectConfig(_Section):
+    """Exponential backoff between reconnect attempts."""
+
+    initial_s: float = Field(default=0.5, gt=0)
+    max_s: float = Field(default=30.0, gt=0)
+    jitter: float = Field(
+        default=0.2, ge=0, le=1, description="+- fraction of randomness per delay"
+    )
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> ReconnectConfig:
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s {self.max_s} is below initial_s {self.initial_s}")
+        return self
+
+
+class ClientConfig(_Section):
+    """Everything ``crossfed client`` needs."""
+
+    server_address: str = Field(default="127.0.0.1:50051", description="coordinator host:port")
+    client_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+        description="stable id; assigned at enrollment when unset",
+    )
+    data: DataConfig = Field(default_factory=lambda: BuiltinDataConfig())
+    cache_dir: Path = Field(
+        default=Path(".crossfed-cache"), description="cached encoder embeddings"
+    )
+    threads: int | None = Field(
+        default=None, gt=0, description="torch CPU threads (unset: torch default)"
+    )
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    reconnect: ReconnectConfig = Field(default_factory=lambda: ReconnectConfig())
+    transport: TransportConfig = Field(default_factory=lambda: TransportConfig())
+    enrollment_token: SecretStr | None = Field(
+        default=None, description="one-time token for enrollment"
+    )
+    credentials_path: Path | None = Field(default=None, description="per-client credentials file")
+    tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
+    privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
+    log_json: bool = False
+
+    _server_address = field_validator("server_address")(_check_address)
+
+
+# --------------------------------------------------------------------------- loading
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+_Sources = dict[tuple[str, ...], str]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML/TOML config file into a mapping; any failure is a ConfigError."""
+    suffix = path.suffix.lower()
+    if suffix not in (".yml", ".yaml", ".toml"):
+        raise ConfigError(
+            f"config: {path}: unsupported file type {suffix or '(none)'!r}; "
+            "use .yaml, .yml or .toml"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config: {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {path}: cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path}: invalid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config: {path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config: {path}: top level must be a mapping of settings, got {type(data).__name__}"
+        )
+    return data
+
+
+def _set_path(target: dict[str, Any], keys: tuple[str, ...], value: object, origin: str) -> None:
+    node = target
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if not isinstance(child, dict):
+            if child is not None:
+                dotted = ".".join(keys[: depth + 1])
+                raise ConfigError(
+                    f"config: {dotted}: is a value, not a section; cannot set "
+                    f"{'.'.join(keys)} [from {origin}]"
+                )
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _walk(data: Mapping[str, Any], prefix: tuple[str, ...], origin: str, sources: _Sources) -> None:
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        sources[path] = origin
+        if isinstance(value, Mapping):
+            _walk(value, path, origin, sources)
+
+
+def _env_value(raw: str) -> object:
+    """Environment values are strings; JSON lists/objects are parsed, scalars left to pydantic."""
+    stripped = raw.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            parsed: object = json.loads(stripped)
+            return parsed
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _env_layer(
+    model_cls: type[BaseModel], env: Mapping[str, str], prefix: str
+) -> list[tuple[tuple[str, ...], object, str]]:
+    """(path, value, origin) for every env var under ``prefix`` naming a top-level field.
+
+    Variables whose first segment is not a field of the model are ignored: the prefix is shared
+    with unrelated settings (e.g. CROSSFED_VENV used by ./dev). Deeper typos are errors.
+    """
+    layer = []
+    for name in sorted(env):
+        if not name.upper().startswith(prefix.upper()) or len(name) == len(prefix):
+            continue
+        keys = tuple(part.lower() for part in name[len(prefix) :].split("__"))
+        if keys[0] not in model_cls.model_fields or any(not k for k in keys):
+            continue
+        layer.append((keys, _env_value(env[name]), f"env {name}"))
+    return layer
+
+
+def _override_layer(
+    overrides: Mapping[str, object],
+) -> list[tuple[tuple[str, ...], object, str]]:
+    layer = []
+    for dotted, value in overrides.items():
+        keys = tuple(dotted.split("."))
+        if not dotted or any(not k for k in keys):
+            raise ConfigError(f"config: override {dotted!r}: expected dotted field names")
+        layer.append((keys, value, f"override {dotted}"))
+    return layer
+
+
+def _describe_value(value: object, secret: bool) -> str:
+    if secret:
+        return "'***'"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _annotation_models(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel classes a field annotation may hold (unwrapping Annotated/Optional/unions)."""
+    origin = get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if origin is None:
+        return []
+    found: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        found.extend(_annotation_models(arg))
+    return found
+
+
+def _field_path(model_cls: type[BaseModel], loc: tuple[int | str, ...]) -> tuple[str, ...]:
+    """Map a pydantic error location to config keys, dropping union tags like 'builtin'."""
+    out: list[str] = []
+    candidates: list[type[BaseModel]] = [model_cls]
+    for part in loc:
+        key = str(part)
+        owner = next((m for m in candidates if key in m.model_fields), None)
+        if owner is not None:
+            out.append(key)
+            info: FieldInfo = owner.model_fields[key]
+            candidates = _annotation_models(info.annotation)
+            continue
+        tagged = [m for m in candidates if _tag_of(m) == key]
+        if tagged:
+            candidates = tagged  # a discriminated-union tag, not a config key
+            continue
+        out.append(key)
+        candidates = []
+    return tuple(out)
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("kind")
+    return field.default if field is not None and isinstance(field.default, str) else None
+
+
+def _suggest(model_cls: type[BaseModel], path: tuple[str, ...]) -> str:
+    """' (did you mean 'x'?)' for an unknown key close to a real one."""
+    candidates: list[type[BaseModel]] = [model_cls]
+    for key in path[:-1]:
+        owner = next((m for m in candidates if key in m.model_fields), None)
+        if owner is None:
+            return ""
+        candidates = _annotation_models(owner.model_fields[key].annotation)
+    names = [name for m in candidates for name in m.model_fields]
+    close = difflib.get_close_matches(path[-1], names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _origin_of(path: tuple[str, ...], sources: _Sources) -> str | None:
+    """Where the offending value came from: the key itself, a parent section or a child key."""
+    for n in range(len(path), 0, -1):
+        if path[:n] in sources:
+            return sources[path[:n]]
+    inside = [origin for keys, origin in sources.items() if keys[: len(path)] == path]
+    return inside[-1] if inside else None
+
+
+def _format_errors(
+    model_cls: type[BaseModel], exc: ValidationError, sources: _Sources
+) -> ConfigError:
+    parts = []
+    for error in exc.errors(include_url=False):
+        path = _field_path(model_cls, tuple(error["loc"]))
+        dotted = ".".join(path) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            message = "unknown field" + _suggest(model_cls, path)
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if (
+                error["type"] != "missing"
+                and not isinstance(error["input"], Mapping)
+                and "got " not in message
+            ):
+                secret = any(hint in dotted.lower() for hint in _SECRET_HINTS)
+                message += f" (got {_describe_value(error['input'], secret)})"
+        origin = _origin_of(path, sources)
+        parts.append(f"{dotted}: {message}" + (f" [from {origin}]" if origin else ""))
+    return ConfigError("config: " + "; ".join(parts))
+
+
+def load_config(
+    model_cls: type[ConfigT],
+    path: Path | None = None,
+    *,
+    env_prefix: str = "CROSSFED_",
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> ConfigT:
+    """Build ``model_cls`` from a file, then environment variables, then overrides (last wins).
+
+    ``env`` defaults to ``os.environ``; pass ``{}`` to ignore the environment. ``overrides``
+    keys are dotted field paths (``"rounds.min_clients"``); a ``None`` value sets the field to
+    None, so a CLI should pass only the flags the user gave. Relative paths in the result are
+    kept as written (relative to the working directory).
+    """
+    merged: dict[str, Any] = {}
+    sources: _Sources = {}
+    if path is not None:
+        path = Path(path)
+        merged = _read_file(path)
+        _walk(merged, (), f"file {path}", sources)
+    layers = _env_layer(model_cls, os.environ if env is None else env, env_prefix)
+    layers += _override_layer(overrides or {})
+    for keys, value, origin in layers:
+        _set_path(merged, keys, value, origin)
+        if isinstance(value, Mapping):
+            _walk(value, keys, origin, sources)
+        sources[keys] = origin
+    try:
+        return model_cls.model_validate(merged)
+    except ValidationError as exc:
+        raise _format_errors(model_cls, exc, sources) from None
