@@ -1,9 +1,11 @@
-"""Client credentials: load the per-client secret from the state dir, or obtain it once by
-exchanging an enrollment token (Enroll RPC) and store it 0600 for every later start."""
+"""Client identity on disk: the per-client secret (obtained once by exchanging an enrollment
+token through the Enroll RPC, stored 0600) or, on servers without authentication, a stable
+generated client id, so a restarted daemon is the same client."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +17,43 @@ from crossfed.client.errors import (
     TransientTransportError,
 )
 from crossfed.client.transport import CoordinatorTransport
-from crossfed.common.crypto.identity import ClientCredential, CredentialFileError
+from crossfed.common.crypto.identity import (
+    ClientCredential,
+    CredentialFileError,
+    IdentityError,
+    validate_client_id,
+)
+from crossfed.common.crypto.secure_files import write_public_file
 from crossfed.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
 
 CREDENTIAL_FILE = "credential.json"
+CLIENT_ID_FILE = "client_id"
+
+
+def stored_client_id(state_dir: Path, requested: str | None = None) -> str:
+    """The client id kept in ``state_dir`` (created from ``requested`` or at random once)."""
+    path = Path(state_dir) / CLIENT_ID_FILE
+    if path.exists():
+        existing = path.read_text("utf-8").strip()
+        if requested and requested != existing:
+            raise ClientConfigError(
+                f"state dir {state_dir} belongs to client {existing!r}, not {requested!r}; "
+                "use another --state-dir"
+            )
+        return validate_id(existing)
+    client_id = validate_id(requested or f"client-{secrets.token_hex(6)}")
+    write_public_file(path, client_id.encode("utf-8"))
+    return client_id
+
+
+def validate_id(client_id: str) -> str:
+    """A client id the server will accept, or a ClientConfigError saying why not."""
+    try:
+        return validate_client_id(client_id)
+    except IdentityError as exc:
+        raise ClientConfigError(str(exc)) from exc
 
 
 def credential_path(state_dir: Path) -> Path:

@@ -1,6 +1,7 @@
-"""The client daemon's state machine: register -> heartbeat -> download -> train -> upload ->
-exchange projections (eq. 16) -> heartbeat ..., with every network step retried under one
-backoff policy. It talks to the server only through a CoordinatorTransport and to the model
+"""The client daemon's state machine: register -> heartbeat -> download -> train -> exchange
+projections (eq. 16) -> upload -> heartbeat ..., with every network step retried under one
+backoff policy. Projections go before the upload because the server only takes them while the
+round is open, and the last upload closes it. It talks to the server only through a CoordinatorTransport and to the model
 only through a RoundWorker, so it is unit-tested with fakes of both."""
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class Phase(enum.Enum):
     HEARTBEAT = "heartbeat"
     DOWNLOAD = "download"
     TRAIN = "train"
-    UPLOAD = "upload"
     EXCHANGE = "exchange"
+    UPLOAD = "upload"
     DONE = "done"
 
 
@@ -241,8 +242,8 @@ class ClientLoop:
             Phase.HEARTBEAT: self._heartbeat,
             Phase.DOWNLOAD: self._download,
             Phase.TRAIN: self._train,
-            Phase.UPLOAD: self._upload,
             Phase.EXCHANGE: self._exchange,
+            Phase.UPLOAD: self._upload,
         }
         handlers[self.phase]()
 
@@ -394,7 +395,7 @@ class ClientLoop:
     def _train(self) -> None:
         state = self._require_round()
         state.update = self.worker.train(state.round_id, state.local_epochs)
-        self.phase = Phase.UPLOAD
+        self.phase = Phase.EXCHANGE
 
     def _upload(self) -> None:
         state = self._require_round()
@@ -431,7 +432,7 @@ class ClientLoop:
             return
         state.duplicate = bool(response.duplicate)
         self.last_completed_round = state.round_id
-        self.phase = Phase.EXCHANGE
+        self._finish_round(state)
 
     def _exchange(self) -> None:
         state = self._require_round()
@@ -452,12 +453,12 @@ class ClientLoop:
                     )
                 )
             except RoundAbandonedError as exc:
-                # The update is already counted; only the optional exchange is lost.
+                # Optional step: the upload decides whether the round still stands.
                 log.warning("projection exchange of round %d refused: %s", state.round_id, exc)
             else:
                 state.bytes_up += len(projections.payload)
                 self._accept_prototypes(state, response)
-        self._finish_round(state)
+        self.phase = Phase.UPLOAD
 
     def _accept_prototypes(
         self, state: _RoundState, response: coordinator_pb2.ProjectionExchangeResponse

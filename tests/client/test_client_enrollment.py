@@ -13,7 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 from crossfed.client.backoff import Backoff, RetryPolicy
-from crossfed.client.enrollment import credential_path, enroll_with_token, load_credential
+from crossfed.client.enrollment import (
+    credential_path,
+    enroll_with_token,
+    load_credential,
+    stored_client_id,
+)
 from crossfed.client.errors import ClientConfigError, FatalServerError
 from crossfed.client.transport import CallDeadlines, ChannelSecurity, GrpcTransport
 from crossfed.common.crypto.identity import (
@@ -113,3 +118,14 @@ def test_group_readable_credential_is_a_config_error(tmp_path: Path) -> None:
 
 def test_no_credential_file_means_none(tmp_path: Path) -> None:
     assert load_credential(tmp_path) is None
+
+
+def test_stored_client_id_is_stable_and_guards_against_reuse(tmp_path: Path) -> None:
+    first = stored_client_id(tmp_path)
+    assert first.startswith("client-")
+    assert stored_client_id(tmp_path) == first
+    with pytest.raises(ClientConfigError, match="belongs to client"):
+        stored_client_id(tmp_path, "someone-else")
+    assert stored_client_id(tmp_path / "b", "edge-3") == "edge-3"
+    with pytest.raises(ClientConfigError):
+        stored_client_id(tmp_path / "c", "bad id with spaces")

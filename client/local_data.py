@@ -1,0 +1,198 @@
+"""A client's local data: load (built-in shapes shard, manifest, or pre-encoded set), hide the
+modalities this client lacks (Table I configuration), encode once through the embedding cache
+(eq. 1) and split off a local held-out part for evaluating the global model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from crossfed.client.errors import ClientConfigError
+from crossfed.common.data.data_errors import DataError
+from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.data.raw_dataset import RawDataset
+from crossfed.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SOURCE = "builtin:shapes"
+
+
+class ClientModality(str, Enum):
+    """Which modalities this client holds (Table I)."""
+
+    BOTH = "both"
+    TEXT_ONLY = "text_only"
+    IMAGE_ONLY = "image_only"
+
+    @property
+    def proto(self) -> int:
+        """The crossfed.v1.ModalityConfig value."""
+        return {
+            ClientModality.BOTH: common_pb2.MODALITY_CONFIG_BOTH,
+            ClientModality.TEXT_ONLY: common_pb2.MODALITY_CONFIG_TEXT_ONLY,
+            ClientModality.IMAGE_ONLY: common_pb2.MODALITY_CONFIG_IMAGE_ONLY,
+        }[self]
+
+
+@dataclass(frozen=True)
+class LocalDataSpec:
+    """Where a client's samples come from and how they are shaped into its local set."""
+
+    source: str = BUILTIN_SOURCE  # builtin:shapes | *.csv | *.jsonl | *.safetensors
+    modality: ClientModality = ClientModality.BOTH
+    # Built-in benchmark: every client regenerates the same dataset and keeps its shard.
+    num_samples: int = 20_000
+    num_clients: int = 1
+    client_index: int = 0
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    # Per-sample missingness inside this client's shard (PmcmFL style, BOTH clients only).
+    missing_rate: float = 0.0
+    holdout_fraction: float = 0.2
+    text_encoder: str = "minilm"
+    image_encoder: str = "cnn"
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.client_index < self.num_clients:
+            raise ClientConfigError(
+                f"client index {self.client_index} is outside 0..{self.num_clients - 1}"
+            )
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ClientConfigError(
+                f"holdout fraction must be in [0, 1), got {self.holdout_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """The encoded local training set and the held-out part (same modality configuration)."""
+
+    train: EmbeddingSet
+    holdout: EmbeddingSet
+    modality: ClientModality
+    description: str
+
+
+def _builtin_shard(spec: LocalDataSpec) -> RawDataset:
+    from crossfed.common.data.label_partition import dirichlet_partition
+    from crossfed.common.data.synthetic_shapes import (
+        SyntheticShapesConfig,
+        generate_synthetic_shapes,
+    )
+
+    raw = generate_synthetic_shapes(
+        SyntheticShapesConfig(
+            num_samples=spec.num_samples, seed=spec.seed, image_size=spec.image_size
+        )
+    )
+    shards = dirichlet_partition(
+        raw.labels, spec.num_clients, spec.dirichlet_alpha, seed=spec.seed, min_samples=2
+    )
+    return raw.subset(shards[spec.client_index])
+
+
+def _load_raw(spec: LocalDataSpec) -> RawDataset:
+    if spec.source == BUILTIN_SOURCE:
+        return _builtin_shard(spec)
+    path = Path(spec.source)
+    if path.suffix in (".csv", ".jsonl"):
+        from crossfed.common.data.manifest import load_manifest
+
+        result = load_manifest(path, image_size=spec.image_size)
+        for issue in result.issues[:10]:
+            log.warning("%s: skipped %s", path, issue)
+        return result.dataset
+    raise ClientConfigError(
+        f"data source {spec.source!r} is not {BUILTIN_SOURCE!r}, a .csv/.jsonl manifest "
+        "or a .safetensors embedding set"
+    )
+
+
+def _modality_masks(
+    has_text: torch.Tensor, has_image: torch.Tensor, spec: LocalDataSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide what this client does not hold; optionally drop one modality per sample."""
+    if spec.modality is ClientModality.TEXT_ONLY:
+        return has_text.clone(), torch.zeros_like(has_image)
+    if spec.modality is ClientModality.IMAGE_ONLY:
+        return torch.zeros_like(has_text), has_image.clone()
+    if spec.missing_rate > 0:
+        from crossfed.common.data.missingness import per_sample_masks
+
+        masks = per_sample_masks(len(has_text), spec.missing_rate, seed=spec.seed + 7919)
+        return (
+            has_text & torch.from_numpy(masks.has_text),
+            has_image & torch.from_numpy(masks.has_image),
+        )
+    return has_text.clone(), has_image.clone()
+
+
+def _encode(
+    raw: RawDataset, spec: LocalDataSpec, cache_dir: Path | None, progress: bool
+) -> EmbeddingSet:
+    from crossfed.common.data.embedding_cache import EmbeddingCache, encode_dataset
+    from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
+
+    # Encode only what this client holds: a text-only client never runs E_i (eq. 1).
+    has_text, has_image = _modality_masks(
+        torch.from_numpy(raw.has_text.astype(bool)),
+        torch.from_numpy(raw.has_image.astype(bool)),
+        spec,
+    )
+    raw.has_text = has_text.numpy().copy()
+    raw.has_image = has_image.numpy().copy()
+    cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
+    return encode_dataset(
+        raw,
+        build_text_encoder(spec.text_encoder),
+        build_image_encoder(spec.image_encoder),
+        cache=cache,
+        progress=progress,
+    )
+
+
+def _split_holdout(
+    data: EmbeddingSet, fraction: float, seed: int
+) -> tuple[EmbeddingSet, EmbeddingSet]:
+    n = len(data)
+    n_holdout = round(fraction * n)
+    if n - n_holdout < 1:
+        raise ClientConfigError(f"{n} local samples leave nothing to train on")
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    return data.subset(order[n_holdout:]), data.subset(order[:n_holdout])
+
+
+def load_local_data(
+    spec: LocalDataSpec, cache_dir: Path | None = None, progress: bool = False
+) -> LocalData:
+    """Build this client's encoded train/holdout sets; bad input raises ClientConfigError."""
+    try:
+        if spec.source.endswith(".safetensors"):
+            loaded = EmbeddingSet.load(spec.source)
+            masks = _modality_masks(loaded.has_text, loaded.has_image, spec)
+            data = loaded.with_masks(*masks)
+        else:
+            data = _encode(_load_raw(spec), spec, cache_dir, progress)
+    except DataError as exc:
+        raise ClientConfigError(f"cannot load local data from {spec.source}: {exc}") from exc
+    keep = data.has_text | data.has_image
+    if not bool(keep.all()):
+        data = data.subset(torch.nonzero(keep).flatten())  # samples left with no modality
+    if len(data) == 0:
+        raise ClientConfigError(
+            f"no samples left for a {spec.modality.value} client in {spec.source}"
+        )
+    train, holdout = _split_holdout(data, spec.holdout_fraction, spec.seed + spec.client_index)
+    counts = train.counts()
+    description = (
+        f"{spec.source} [{spec.modality.value}] train={len(train)} holdout={len(holdout)} "
+        f"paired={counts['paired']} text_only={counts['text_only']} "
+        f"image_only={counts['image_only']}"
+    )
+    return LocalData(train=train, holdout=holdout, modality=spec.modality, description=description)
