@@ -4,6 +4,7 @@ the mapping of gRPC status codes onto the three things the loop can do about a f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,13 @@ from crossfed.client.errors import (
     RoundAbandonedError,
     TransientTransportError,
 )
+from crossfed.common.crypto.certificates import CertificateError
+from crossfed.common.crypto.grpc_credentials import channel_credentials, warn_insecure
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.crypto.rpc_auth import authenticated_channel
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # Network trouble and overload: the same call may succeed later.
 TRANSIENT_CODES = frozenset(
@@ -87,10 +92,9 @@ class ChannelSecurity:
     """TLS material for the channel; ``insecure`` must be asked for explicitly."""
 
     insecure: bool = False
-    root_cert: Path | None = None  # CA bundle; None = system roots
-    client_cert: Path | None = None  # mTLS (optional)
-    client_key: Path | None = None
-    server_name_override: str | None = None  # e.g. when dialing 127.0.0.1 with a named cert
+    cert_dir: Path | None = None  # `crossfed certs` layout (trust its CA); None: system roots
+    client_cert_name: str | None = None  # mTLS: also present cert_dir's client/<name> pair
+    server_name_override: str | None = None  # when the address is not in the cert's SANs
 
 
 @dataclass(frozen=True)
@@ -127,13 +131,15 @@ class ChannelOptions:
         ]
 
 
-def _read(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
+def _channel_credentials(security: ChannelSecurity) -> grpc.ChannelCredentials:
+    if security.cert_dir is None:
+        if security.client_cert_name:
+            raise ClientConfigError("mTLS needs the certificates directory (tls.cert_dir)")
+        return grpc.ssl_channel_credentials()
     try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ClientConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+        return channel_credentials(security.cert_dir, security.client_cert_name)
+    except CertificateError as exc:
+        raise ClientConfigError(f"TLS: {exc}") from exc
 
 
 def create_channel(
@@ -144,14 +150,9 @@ def create_channel(
         raise ClientConfigError(f"server address must be host:port, got {target!r}")
     opts = (options or ChannelOptions()).as_grpc_options()
     if security.insecure:
+        warn_insecure(log)
         return grpc.insecure_channel(target, options=opts)
-    if (security.client_cert is None) != (security.client_key is None):
-        raise ClientConfigError("mTLS needs both a client certificate and its key")
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read(security.root_cert, "CA certificate"),
-        private_key=_read(security.client_key, "client key"),
-        certificate_chain=_read(security.client_cert, "client certificate"),
-    )
+    credentials = _channel_credentials(security)
     if security.server_name_override:
         opts.append(("grpc.ssl_target_name_override", security.server_name_override))
     return grpc.secure_channel(target, credentials, options=opts)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -260,3 +261,27 @@ def test_loop_survives_server_restart_mid_upload_and_counts_once(
     assert len(round1_ids) == 1 and shared.counted[1] in round1_ids
     assert len([r for r, _ in stats.upload_attempts if r == 1]) >= 2
     assert worker.loaded == [MODEL, MODEL]
+
+
+def test_tls_channel_from_certs_dir_and_missing_ca_is_a_config_error(tmp_path: Path) -> None:
+    from crossfed.common.crypto.certificates import Role, create_ca, issue_certificate
+    from crossfed.common.crypto.grpc_credentials import server_credentials
+
+    create_ca(tmp_path)
+    issue_certificate(tmp_path, Role.SERVER, "server")
+    shared = Shared()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(Servicer(shared), server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path))
+    server.start()
+    transport = GrpcTransport.connect(
+        f"127.0.0.1:{port}", ChannelSecurity(cert_dir=tmp_path), CallDeadlines(5.0, 5.0, 5.0)
+    )
+    try:
+        response = transport.register(coordinator_pb2.RegisterRequest())
+    finally:
+        transport.close()
+        server.stop(grace=None)
+    assert response.client_id == "edge-1"
+    with pytest.raises(ClientConfigError, match="TLS"):
+        GrpcTransport.connect("127.0.0.1:1", ChannelSecurity(cert_dir=tmp_path / "nothing"))
