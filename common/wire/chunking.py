@@ -9,7 +9,7 @@ last holds the rest (an empty payload is one empty chunk).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ from crossfed.common.wire.errors import (
     PayloadTooLargeError,
 )
 
-__all__ = ["SHA256_BYTES", "Chunk", "ChunkAssembler", "split_payload"]
+__all__ = ["SHA256_BYTES", "Chunk", "ChunkAssembler", "split_buffers", "split_payload"]
 
 SHA256_BYTES = 32
 
@@ -39,31 +39,72 @@ class Chunk:
 
 
 def split_payload(
-    payload: bytes, chunk_size: int, *, payload_sha256: bytes | None = None
+    payload: bytes | bytearray | memoryview,
+    chunk_size: int,
+    *,
+    payload_sha256: bytes | None = None,
 ) -> Iterator[Chunk]:
     """Yield the chunks of ``payload``, each at most ``chunk_size`` bytes.
 
     ``payload_sha256`` may be passed when already known (``encode_tensors_with_digest``) to
-    avoid hashing the payload a second time. A payload that fits one chunk is passed through
-    without copying; otherwise each chunk is one copy of its slice (protobuf needs ``bytes``).
+    avoid hashing the payload a second time. A ``bytes`` payload that fits one chunk is passed
+    through without copying; otherwise each chunk is one copy of its slice (protobuf needs
+    ``bytes``), made lazily so a streaming consumer holds one chunk at a time.
+    """
+    if isinstance(payload, bytes) and type(chunk_size) is int and len(payload) <= chunk_size:
+        digest = _checked_digest(payload_sha256) or hashlib.sha256(payload).digest()
+        yield Chunk(0, 1, payload, digest, len(payload))
+        return
+    yield from split_buffers([payload], chunk_size, payload_sha256=payload_sha256)
+
+
+def _checked_digest(digest: bytes | None) -> bytes | None:
+    if digest is not None and (not isinstance(digest, bytes) or len(digest) != SHA256_BYTES):
+        got = len(digest) if isinstance(digest, bytes) else type(digest).__name__
+        raise ValueError(f"payload_sha256 must be {SHA256_BYTES} bytes, got {got}")
+    return digest
+
+
+def split_buffers(
+    buffers: Sequence[bytes | bytearray | memoryview],
+    chunk_size: int,
+    *,
+    payload_sha256: bytes | None = None,
+) -> Iterator[Chunk]:
+    """Chunk the concatenation of ``buffers`` without ever building that concatenation.
+
+    Lets a sender stream a payload that exists as pieces (a header and tensor memory, see
+    ``tensor_codec.payload_pieces``): one copy per chunk instead of a whole-payload copy first.
+    The buffers must not change until the iterator is exhausted, or the digest will not match.
     """
     if type(chunk_size) is not int or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not isinstance(payload, bytes):
-        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
-    size = len(payload)
-    if payload_sha256 is None:
-        payload_sha256 = hashlib.sha256(payload).digest()
-    elif len(payload_sha256) != SHA256_BYTES:
-        raise ValueError(f"payload_sha256 must be {SHA256_BYTES} bytes, got {len(payload_sha256)}")
+    try:
+        views = [memoryview(b).cast("B") for b in buffers]
+    except TypeError as exc:
+        raise TypeError(f"payload pieces must be contiguous bytes-like objects: {exc}") from exc
+    size = sum(v.nbytes for v in views)
+    digest = _checked_digest(payload_sha256)
+    if digest is None:
+        hasher = hashlib.sha256()
+        for view in views:
+            hasher.update(view)
+        digest = hasher.digest()
     total = max(1, -(-size // chunk_size))
-    if total == 1:
-        yield Chunk(0, 1, payload, payload_sha256, size)
-        return
-    view = memoryview(payload)
+    views = [v for v in views if v.nbytes]
+    piece, offset = 0, 0  # position in `views`
     for index in range(total):
-        start = index * chunk_size
-        yield Chunk(index, total, bytes(view[start : start + chunk_size]), payload_sha256, size)
+        want = min(chunk_size, size - index * chunk_size)
+        parts: list[memoryview] = []
+        while want:
+            take = min(want, views[piece].nbytes - offset)
+            parts.append(views[piece][offset : offset + take])
+            want -= take
+            offset += take
+            if offset == views[piece].nbytes:
+                piece, offset = piece + 1, 0
+        data = b"".join(parts) if len(parts) != 1 else parts[0].tobytes()
+        yield Chunk(index, total, data, digest, size)
 
 
 @dataclass
@@ -261,14 +302,18 @@ class ChunkAssembler:
 
     # ------------------------------------------------------------------ results
 
-    def result_view(self) -> memoryview:
-        """The verified payload as a read-only view of the assembler's buffer (no copy).
+    def result_view(self, *, writable: bool = False) -> memoryview:
+        """The verified payload as a view of the assembler's buffer (no copy).
 
         Raises MissingChunkError if chunks are missing, DigestMismatchError if the bytes do not
-        hash to the declared SHA-256.
+        hash to the declared SHA-256. ``writable=True`` gives a view the caller may modify, e.g.
+        for zero-copy ``decode_tensors(view, copy=False)``; later results reflect such changes.
         """
-        if self._result is not None:
-            return self._result
+        if self._result is None:
+            self._result = self._verified()
+        return self._result if writable else self._result.toreadonly()
+
+    def _verified(self) -> memoryview:
         stream = self._stream
         if stream is None:
             raise MissingChunkError("no chunk has arrived yet")
@@ -284,8 +329,7 @@ class ChunkAssembler:
                 f"payload of {stream.payload_size} bytes hashes to sha256 {digest.hex()}, "
                 f"but its chunks declared {stream.payload_sha256.hex()}"
             )
-        self._result = stream.buffer.numpy().data.cast("B").toreadonly()
-        return self._result
+        return stream.buffer.numpy().data.cast("B")
 
     def result(self) -> bytes:
         """The verified payload as ``bytes`` (one copy; ``result_view`` avoids it)."""

@@ -18,12 +18,13 @@ import json
 import struct
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from crossfed.common.wire.chunking import Chunk, split_buffers
 from crossfed.common.wire.errors import MalformedPayloadError, TensorValidationError, WireError
 
 __all__ = [
@@ -33,8 +34,10 @@ __all__ = [
     "TensorEntry",
     "decode_metadata",
     "decode_tensors",
+    "encode_tensor_chunks",
     "encode_tensors",
     "encode_tensors_with_digest",
+    "payload_pieces",
     "read_header",
     "supported_dtypes",
 ]
@@ -158,10 +161,14 @@ def _metadata_dict(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _layout(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
+def payload_pieces(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> list[bytes | memoryview]:
-    """Header and tensor byte views, in payload order, ready to be concatenated."""
+    """The payload as pieces, without copying tensor data: length field, header, tensor bytes.
+
+    Their concatenation is exactly ``encode_tensors(tensors, metadata)``. The views point into
+    the (CPU, contiguous) tensors' memory, so the tensors must not change while they are used.
+    """
     _require_little_endian()
     prepared = [(name, _prepare(name, tensor)) for name, tensor in tensors.items()]
     # Largest element size first (then by name), as safetensors does: keeps tensors aligned.
@@ -197,7 +204,19 @@ def encode_tensors(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> bytes:
     """Serialize named tensors (any device, made contiguous on CPU) to safetensors bytes."""
-    return b"".join(_layout(tensors, metadata))
+    return b"".join(payload_pieces(tensors, metadata))
+
+
+def encode_tensor_chunks(
+    tensors: Mapping[str, torch.Tensor], chunk_size: int, metadata: Mapping[str, str] | None = None
+) -> Iterator[Chunk]:
+    """Serialize straight into wire chunks: hash the tensors once, then copy each chunk once.
+
+    Equivalent to ``split_payload(encode_tensors(tensors, metadata), chunk_size)`` but never
+    holds the whole payload: peak extra memory is one chunk. Tensors must not be modified until
+    the iterator is exhausted (the receiver's digest check would fail).
+    """
+    return split_buffers(payload_pieces(tensors, metadata), chunk_size)
 
 
 def encode_tensors_with_digest(
@@ -209,7 +228,7 @@ def encode_tensors_with_digest(
     copies them into the payload, so hashing costs almost no extra wall time on two cores.
     Pass the digest to ``split_payload(..., payload_sha256=...)`` to avoid hashing twice.
     """
-    pieces = _layout(tensors, metadata)
+    pieces = payload_pieces(tensors, metadata)
     total = sum(memoryview(p).nbytes for p in pieces)
     if total < _PARALLEL_DIGEST_MIN_BYTES:
         data = b"".join(pieces)
@@ -344,13 +363,24 @@ def read_header(
     return PayloadHeader(entries=tuple(entries), metadata=dict(raw_meta), data_start=data_start)
 
 
-def _materialize(view: memoryview, entry: TensorEntry, data_start: int) -> torch.Tensor:
+def _check_bools(entry: TensorEntry, raw: torch.Tensor) -> None:
+    if entry.dtype == torch.bool and bool((raw > 1).any()):
+        raise MalformedPayloadError(
+            f"tensor {entry.name!r}: BOOL data holds bytes other than 0 and 1"
+        )
+
+
+def _allocate(entry: TensorEntry) -> torch.Tensor:
     try:
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        return torch.empty(entry.shape, dtype=entry.dtype)
     except RuntimeError as exc:
         raise MalformedPayloadError(
             f"tensor {entry.name!r}: cannot allocate shape {list(entry.shape)}: {exc}"
         ) from exc
+
+
+def _copied(view: memoryview, entry: TensorEntry, data_start: int) -> torch.Tensor:
+    out = _allocate(entry)
     nbytes = entry.end - entry.begin
     if nbytes == 0:
         return out
@@ -358,20 +388,43 @@ def _materialize(view: memoryview, entry: TensorEntry, data_start: int) -> torch
     dest.numpy()[:] = np.frombuffer(
         view, dtype=np.uint8, count=nbytes, offset=data_start + entry.begin
     )
-    if entry.dtype == torch.bool and bool((dest > 1).any()):
-        raise MalformedPayloadError(
-            f"tensor {entry.name!r}: BOOL data holds bytes other than 0 and 1"
-        )
+    _check_bools(entry, dest)
     return out
 
 
+def _viewed(raw: torch.Tensor, entry: TensorEntry, data_start: int) -> torch.Tensor:
+    """A tensor sharing ``raw``'s memory; copies only if the bytes are misaligned for the dtype."""
+    if entry.end == entry.begin:
+        return _allocate(entry)
+    span = raw[data_start + entry.begin : data_start + entry.end]
+    _check_bools(entry, span)
+    try:
+        return span.view(entry.dtype).reshape(entry.shape)
+    except RuntimeError:  # offset not a multiple of the element size (foreign writer)
+        return span.clone().view(entry.dtype).reshape(entry.shape)
+
+
 def decode_tensors(
-    data: bytes | bytearray | memoryview, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    data: bytes | bytearray | memoryview,
+    *,
+    copy: bool = True,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> dict[str, torch.Tensor]:
-    """Parse safetensors bytes into CPU tensors that own their memory (one copy of the data)."""
+    """Parse safetensors bytes into CPU tensors.
+
+    ``copy=True`` (default): every tensor owns fresh memory (one copy of the data).
+    ``copy=False``: zero-copy; tensors are views into ``data``, which must be a writable buffer
+    (e.g. ``ChunkAssembler.result_view(writable=True)``) and stays alive as long as they do.
+    Use it for transient tensors (``load_state_dict``, accumulating FedAvg) to save a copy.
+    """
     view = _as_bytes_view(data)
     header = read_header(view, max_header_bytes=max_header_bytes)
-    return {e.name: _materialize(view, e, header.data_start) for e in header.entries}
+    if copy:
+        return {e.name: _copied(view, e, header.data_start) for e in header.entries}
+    if view.readonly:
+        raise ValueError("decode_tensors(copy=False) needs a writable buffer, got a read-only one")
+    raw = torch.frombuffer(view, dtype=torch.uint8) if view.nbytes else torch.empty(0)
+    return {e.name: _viewed(raw, e, header.data_start) for e in header.entries}
 
 
 def decode_metadata(

@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 import torch
-from crossfed.common.wire.chunking import Chunk, ChunkAssembler, split_payload
+from crossfed.common.wire.chunking import Chunk, ChunkAssembler, split_buffers, split_payload
 from crossfed.common.wire.errors import (
     DigestMismatchError,
     DuplicateChunkError,
@@ -16,7 +16,12 @@ from crossfed.common.wire.errors import (
     OutOfOrderChunkError,
     PayloadTooLargeError,
 )
-from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors_with_digest
+from crossfed.common.wire.tensor_codec import (
+    decode_tensors,
+    encode_tensor_chunks,
+    encode_tensors,
+    encode_tensors_with_digest,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire_strategies import metadata_maps, same_bytes, tensor_sets
@@ -223,3 +228,44 @@ def test_assembler_rejects_bad_construction_arguments() -> None:
         ChunkAssembler(-1)
     with pytest.raises(ValueError, match="reorder_window"):
         ChunkAssembler(10, reorder_window=-2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    pieces=st.lists(st.binary(max_size=300), max_size=6),
+    chunk_size=st.integers(1, 400),
+)
+def test_split_buffers_equals_splitting_the_concatenation(
+    pieces: list[bytes], chunk_size: int
+) -> None:
+    joined = b"".join(pieces)
+    as_views = [memoryview(bytearray(p)) for p in pieces]
+    assert list(split_buffers(as_views, chunk_size)) == list(split_payload(joined, chunk_size))
+
+
+@settings(max_examples=30, deadline=None)
+@given(tensors=tensor_sets(), metadata=metadata_maps, chunk_size=st.integers(1, 500))
+def test_encode_tensor_chunks_streams_the_same_chunks_as_encode_then_split(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, chunk_size: int
+) -> None:
+    streamed = list(encode_tensor_chunks(tensors, chunk_size, metadata))
+    assert streamed == list(split_payload(encode_tensors(tensors, metadata), chunk_size))
+
+
+def test_writable_result_view_allows_zero_copy_decode() -> None:
+    tensors = {"w": torch.randn(64, 32), "n": torch.arange(5)}
+    assembler = ChunkAssembler(1 << 20)
+    for chunk in encode_tensor_chunks(tensors, 1000):
+        assembler.add(chunk)
+    with pytest.raises(ValueError, match="writable"):
+        decode_tensors(assembler.result_view(), copy=False)
+    view = assembler.result_view(writable=True)
+    decoded = decode_tensors(view, copy=False)
+    assert all(same_bytes(decoded[k], t) for k, t in tensors.items())
+    decoded["n"].fill_(7)  # shares the assembler's buffer: the payload bytes change too
+    assert decode_tensors(assembler.result())["n"].tolist() == [7] * 5
+
+
+def test_empty_non_bytes_payload_is_one_empty_chunk() -> None:
+    assert [c.data for c in split_payload(bytearray(), 8)] == [b""]
+    assert [c.data for c in split_buffers([], 8)] == [b""]

@@ -15,6 +15,7 @@ from crossfed.common.wire.tensor_codec import (
     decode_tensors,
     encode_tensors,
     encode_tensors_with_digest,
+    payload_pieces,
     read_header,
     supported_dtypes,
 )
@@ -227,3 +228,36 @@ def test_single_byte_corruption_decodes_or_raises_malformed(position: int, value
 def test_errors_are_value_errors() -> None:
     assert issubclass(MalformedPayloadError, WireError)
     assert issubclass(WireError, ValueError)
+
+
+def test_zero_copy_decode_shares_the_buffer_and_checks_like_the_copying_one() -> None:
+    tensors = {"w": torch.randn(8, 8), "h": torch.ones(3, dtype=torch.float16)}
+    buffer = bytearray(encode_tensors(tensors))
+    decoded = decode_tensors(buffer, copy=False)
+    assert all(same_bytes(decoded[k], t) for k, t in tensors.items())
+    decoded["w"].zero_()
+    assert not any(decode_tensors(bytes(buffer))["w"].flatten().tolist())
+    with pytest.raises(ValueError, match="writable"):
+        decode_tensors(bytes(buffer), copy=False)
+    bad_bool = bytearray(
+        _payload({"x": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x05")
+    )
+    with pytest.raises(MalformedPayloadError, match="other than 0 and 1"):
+        decode_tensors(bad_bool, copy=False)
+
+
+def test_zero_copy_decode_copies_misaligned_tensors_from_foreign_writers() -> None:
+    header = {
+        "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},  # misaligned by 1
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = bytearray(struct.pack("<Q", len(raw)) + raw + b"\x07" + struct.pack("<2f", 1.5, -2.0))
+    decoded = decode_tensors(data, copy=False)
+    assert decoded["b"].tolist() == [1.5, -2.0] and decoded["a"].tolist() == [7]
+
+
+def test_payload_pieces_concatenate_to_the_payload() -> None:
+    tensors = {"w": torch.randn(3, 3), "i": torch.arange(4, dtype=torch.int16)}
+    assert b"".join(payload_pieces(tensors, {"a": "b"})) == encode_tensors(tensors, {"a": "b"})
