@@ -10,10 +10,9 @@ import re
 from pathlib import Path
 
 import torch
+from crossfed.common.wire.errors import WireError
+from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.errors import CheckpointError
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
 
@@ -68,10 +67,7 @@ class CheckpointStore:
 
     def save(self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "") -> Path:
         """Write the global model of ``round_no`` atomically, then prune old checkpoints."""
-        payload = st_save(
-            {k: v.contiguous() for k, v in state.items()},
-            metadata={"round": str(round_no), "run_id": run_id},
-        )
+        payload = encode_tensors(state, metadata={"round": str(round_no), "run_id": run_id})
         path = self.path_of(round_no)
         write_bytes_atomic(path, payload)
         self.prune(protect=round_no)
@@ -99,6 +95,6 @@ class CheckpointStore:
         """Decode a checkpoint (safetensors: no pickle)."""
         data = self.load_bytes(round_no)
         try:
-            return dict(st_load(data))
-        except SafetensorError as exc:
+            return decode_tensors(data)
+        except WireError as exc:
             raise CheckpointError(f"checkpoint {self.path_of(round_no)} is corrupt: {exc}") from exc

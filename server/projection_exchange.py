@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from crossfed.common.wire.errors import WireError
+from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.errors import InvalidUpdateError
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 PROJECTION_KEYS = ("text_sum", "image_sum", "text_count", "image_count")
 
@@ -47,8 +46,8 @@ class ProjectionNoiseHook(Protocol):
 def decode_projections(payload: bytes, spec: ProjectionSpec) -> dict[str, torch.Tensor]:
     """Decode and validate one client's projection payload (keys, shapes, finite, counts >= 0)."""
     try:
-        tensors = dict(st_load(payload))
-    except (SafetensorError, ValueError) as exc:
+        tensors = decode_tensors(payload)
+    except WireError as exc:
         raise InvalidUpdateError(f"projection payload is not valid safetensors: {exc}") from exc
     expected = spec.shapes()
     if set(tensors) != set(expected):
@@ -89,24 +88,25 @@ def prototypes_payload(sums: Mapping[str, torch.Tensor]) -> bytes:
             torch.zeros_like(sums[f"{side}_sum"]),
         )
         out[f"{side}_prototype"] = mean.to(torch.float32).contiguous()
-    return st_save(out)
+    return encode_tensors(out)
 
 
 class ProjectionAggregator:
-    """Running sum of one round attempt's projection uploads (one per client)."""
+    """Running sum of the projections received since the last publication (one per client
+    and round); published as global prototypes when the next round commits."""
 
     def __init__(self, spec: ProjectionSpec) -> None:
         self.spec = spec
         self._sums = {k: torch.zeros(s, dtype=torch.float64) for k, s in spec.shapes().items()}
-        self.contributors: set[str] = set()
+        self.contributors: set[tuple[str, int]] = set()
 
-    def add(self, client_id: str, projections: Mapping[str, torch.Tensor]) -> bool:
-        """Add a validated payload; False (ignored) if this client already contributed."""
-        if client_id in self.contributors:
+    def add(self, client_id: str, round_no: int, projections: Mapping[str, torch.Tensor]) -> bool:
+        """Add a validated payload; False (ignored) if this client already sent this round's."""
+        if (client_id, round_no) in self.contributors:
             return False
         for key in PROJECTION_KEYS:
             self._sums[key] += projections[key]
-        self.contributors.add(client_id)
+        self.contributors.add((client_id, round_no))
         return True
 
     def sums(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from crossfed.common.wire.errors import WireError
+from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import ModuleOf, StreamingFedAvg, module_weights_of
 from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
 from crossfed.server.errors import (
@@ -60,8 +62,6 @@ from crossfed.server.state.records import (
     UploadRecord,
 )
 from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 
 Clock = Callable[[], float]
 
@@ -131,7 +131,6 @@ class UploadOutcome:
 class _OpenRound:
     record: RoundRecord
     fedavg: StreamingFedAvg
-    projections: ProjectionAggregator | None
     uploaders: dict[str, str] = field(default_factory=dict)  # client_id -> upload_id
     min_reached_at: float | None = None
     metric_sums: dict[str, float] = field(default_factory=dict)
@@ -175,6 +174,7 @@ class RoundEngine:
         self._waiting_since: float | None = None
         self._global_bytes: bytes | None = None
         self._prototypes: tuple[int, bytes] | None = None
+        self._projections = ProjectionAggregator(projection_spec) if projection_spec else None
         self._persisted_seen: dict[str, float] = {}
         # only clients heard from since this engine started are selectable (after a restart,
         # stored last_seen times describe connections that died with the old process)
@@ -520,6 +520,13 @@ class RoundEngine:
         selected = len(opened.record.selected)
         if received >= selected:
             self._commit_locked("every selected client uploaded")
+        elif self.policy.straggler_fraction < 1.0 and self.policy.enough_to_close(
+            received, selected
+        ):
+            self._commit_locked(
+                f"straggler cut-off: {received}/{selected} uploaded "
+                f"(straggler_fraction={self.policy.straggler_fraction:g})"
+            )
         elif (
             received >= self.policy.min_clients
             and self.policy.wait_after_min_s is not None
@@ -556,9 +563,6 @@ class RoundEngine:
         self._open = _OpenRound(
             record=record,
             fedavg=StreamingFedAvg(self._global, self.module_of),
-            projections=(
-                ProjectionAggregator(self.projection_spec) if self.projection_spec else None
-            ),
         )
         self._waiting_since = None
         for cid in selected:
@@ -632,14 +636,16 @@ class RoundEngine:
         record = opened.record
         new_state = opened.fedavg.result()
         self.checkpoints.save(record.round, new_state, self._run.run_id)
-        if opened.projections is not None and opened.projections.contributors:
-            sums = opened.projections.sums()
+        pending = self._projections
+        if pending is not None and pending.contributors:
+            sums = pending.sums()
             if self.noise_hook is not None:
                 sums = self.noise_hook(sums, record.round)
             payload = prototypes_payload(sums)
             path = self.checkpoints.directory / _PROTOTYPES_NAME.format(record.round)
             write_bytes_atomic(path, payload)
             self._prototypes = (record.round, payload)
+            self._projections = ProjectionAggregator(pending.spec)
         record.state = ROUND_COMMITTED
         record.ended_unix_s = self.clock()
         record.message = reason
@@ -836,6 +842,21 @@ class RoundEngine:
                 True, False, f"update for round {ticket.round} accepted", round_closed=closed
             )
 
+    def record_event(
+        self, kind: str, round_no: int = 0, client_id: str = "", message: str = ""
+    ) -> None:
+        """Log an event that happened outside the engine (e.g. enrollment)."""
+        self._event(kind, round_no, client_id, message)
+
+    def require_known(self, client_id: str) -> None:
+        """Raise `UnknownClientError` unless ``client_id`` is registered (marks it alive)."""
+        with self._lock:
+            self._touch(self._known_client(client_id), self.clock())
+
+    def new_client_id(self) -> str:
+        """A fresh id for an unauthenticated (insecure-mode) client that sent none."""
+        return f"client-{uuid.uuid4().hex[:12]}"
+
     def record_rejection(self, client_id: str, round_no: int, message: str) -> None:
         """Log a rejected upload (transport-level problems found by the servicer)."""
         self._event("upload_rejected", round_no, client_id, message)
@@ -844,8 +865,10 @@ class RoundEngine:
     def exchange_projections(
         self, client_id: str, round_no: int, payload: bytes, epsilon_spent: float = 0.0
     ) -> tuple[int, bytes]:
-        """Add a client's projection payload (if any) to the open round's sums; return the
-        latest committed global prototypes as (round, safetensors bytes) — (0, b"") if none."""
+        """Add a client's projection payload (if any) to the pending sums, published at the
+        next commit; return the latest published global prototypes as (round, safetensors
+        bytes), (0, b"") before the first. Accepted for the open round (selected clients) and
+        for the just-committed round from its uploaders (clients exchange after uploading)."""
         with self._lock:
             client = self._known_client(client_id)
             self._touch(client, self.clock())
@@ -861,13 +884,9 @@ class RoundEngine:
                 )
             projections = decode_projections(payload, self.projection_spec)
             with self._lock:
-                opened = self._require_open(round_no)
-                if client_id not in opened.record.selected:
-                    raise NotSelectedError(
-                        f"client {client_id!r} was not selected for round {round_no}"
-                    )
-                assert opened.projections is not None
-                if opened.projections.add(client_id, projections):
+                self._check_projection_round(client_id, round_no)
+                assert self._projections is not None
+                if self._projections.add(client_id, round_no, projections):
                     if epsilon_spent > self._run.epsilon_spent:
                         self._run.epsilon_spent = epsilon_spent
                         self.store.put_run(self._run)
@@ -882,10 +901,28 @@ class RoundEngine:
                 return 0, b""
             return self._prototypes
 
+    def _check_projection_round(self, client_id: str, round_no: int) -> None:
+        if self._run.state in TERMINAL_RUN_STATES:
+            raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
+        opened = self._open
+        if opened is not None and opened.record.round == round_no:
+            if client_id not in opened.record.selected:
+                raise NotSelectedError(
+                    f"client {client_id!r} was not selected for round {round_no}"
+                )
+            return
+        last = self._run.last_committed_round
+        if round_no == last and self._clients[client_id].last_round == last:
+            return
+        raise WrongRoundError(
+            f"projections for round {round_no} are not accepted now (open round: "
+            f"{opened.record.round if opened else 'none'}, last committed: {last})"
+        )
+
 
 def load_prototypes(payload: bytes) -> dict[str, torch.Tensor]:
     """Decode a global-prototypes payload (for tests and clients)."""
     try:
-        return dict(st_load(payload))
-    except SafetensorError as exc:
+        return decode_tensors(payload)
+    except WireError as exc:
         raise InvalidUpdateError(f"prototypes payload is corrupt: {exc}") from exc

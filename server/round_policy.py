@@ -21,6 +21,9 @@ class RoundPolicy:
     # straggler cut-off: once min_clients have uploaded, close after this many more seconds
     # (None = wait for every selected client or the deadline)
     wait_after_min_s: float | None = None
+    # straggler cut-off as a share: once this fraction of the selected clients (and at least
+    # min_clients) uploaded, the round closes (1.0 = wait for all or the deadline)
+    straggler_fraction: float = 1.0
     # how long to wait for min_clients to be online before an attempt fails
     start_timeout_s: float = 300.0
     # attempts per round (the first one included) before the run ends as failed
@@ -44,6 +47,8 @@ class RoundPolicy:
             problems.append(f"round_deadline_s must be > 0 (got {self.round_deadline_s})")
         if self.wait_after_min_s is not None and self.wait_after_min_s < 0:
             problems.append(f"wait_after_min_s must be >= 0 (got {self.wait_after_min_s})")
+        if not 0.0 < self.straggler_fraction <= 1.0:
+            problems.append(f"straggler_fraction must be in (0, 1] (got {self.straggler_fraction})")
         if self.start_timeout_s <= 0:
             problems.append(f"start_timeout_s must be > 0 (got {self.start_timeout_s})")
         if self.max_round_attempts < 1:
@@ -56,6 +61,11 @@ class RoundPolicy:
     def sample_size(self, available: int) -> int:
         """How many of ``available`` clients to select: ceil(fraction * n), at least min_clients."""
         return min(available, max(self.min_clients, math.ceil(self.fraction * available)))
+
+    def enough_to_close(self, received: int, selected: int) -> bool:
+        """Straggler cut-off by share: received >= ceil(straggler_fraction * selected)."""
+        need = max(self.min_clients, math.ceil(self.straggler_fraction * selected - 1e-9))
+        return received >= min(need, selected) and received >= self.min_clients
 
     def select(self, candidates: list[str], round_no: int, attempt: int) -> list[str]:
         """Deterministic (seeded per round and attempt) random sample of client ids."""

@@ -1,0 +1,117 @@
+"""`crossfed server ...`: run the coordination server (flags override the config file)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Run the coordination server.", no_args_is_help=True)
+
+
+@app.command("start")
+def start(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML/TOML ServerConfig.")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="SQLite state + checkpoints.")
+    ] = None,
+    listen: str | None = typer.Option(None, "--listen", help="host:port to serve on."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Plaintext gRPC, no client auth (loopback/dev only)."
+    ),
+    allow_unencrypted_uploads: bool = typer.Option(
+        False, "--allow-unencrypted-uploads", help="Accept plaintext uploads (tests only)."
+    ),
+    rounds: int | None = typer.Option(None, "--rounds", help="Rounds to run."),
+    min_clients: int | None = typer.Option(None, "--min-clients"),
+    fraction: float | None = typer.Option(None, "--fraction", help="Share of clients selected."),
+    round_deadline_s: float | None = typer.Option(None, "--round-deadline-s"),
+    start_timeout_s: float = typer.Option(
+        300.0, "--start-timeout-s", help="Wait this long for min_clients before failing a round."
+    ),
+    client_timeout_s: float = typer.Option(60.0, "--client-timeout-s"),
+    heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
+    wait_after_min_s: float | None = typer.Option(
+        None, "--wait-after-min-s", help="Straggler cut-off after min_clients uploaded."
+    ),
+    keep_checkpoints: int = typer.Option(3, "--keep-checkpoints"),
+    seed: int = typer.Option(0, "--seed", help="Initial model and selection seed."),
+    standin_model: bool = typer.Option(
+        False, "--standin-model", help="Placeholder model when the network is not built."
+    ),
+    exit_when_done: bool = typer.Option(
+        False, "--exit-when-done", help="Exit once the run completed/failed (after a linger)."
+    ),
+    port_file: Annotated[
+        Path | None, typer.Option("--port-file", help="Write the bound port here.")
+    ] = None,
+    log_level: str = typer.Option("INFO", "--log-level"),
+) -> None:
+    """Start (or resume, with the same --state-dir) the coordination server."""
+    from crossfed.common.config import ConfigError, ServerConfig, load_config
+    from crossfed.server.errors import ServerError
+    from crossfed.server.server_app import CoordinatorServer, ServerOptions
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, object] = {}
+    for key, value in (
+        ("state_dir", state_dir),
+        ("listen", listen),
+        ("rounds.rounds", rounds),
+        ("rounds.min_clients", min_clients),
+        ("rounds.fraction", fraction),
+        ("rounds.round_deadline_s", round_deadline_s),
+    ):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    if insecure:
+        overrides["tls.insecure"] = True
+    try:
+        cfg = load_config(ServerConfig, config, overrides=overrides)
+        options = ServerOptions(
+            allow_unencrypted_uploads=allow_unencrypted_uploads,
+            standin_model=standin_model,
+            seed=seed,
+            keep_checkpoints=keep_checkpoints,
+            start_timeout_s=start_timeout_s,
+            client_timeout_s=client_timeout_s,
+            heartbeat_interval_ms=heartbeat_ms,
+            wait_after_min_s=wait_after_min_s,
+            exit_when_done=exit_when_done,
+        )
+        server = CoordinatorServer.create(cfg, options)
+        port = server.start()
+    except (ConfigError, ServerError) as exc:
+        typer.echo(f"crossfed server: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("signal %d: shutting down", signum)
+        server.request_stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    run = server.engine.run
+    typer.echo(
+        f"crossfed server listening on port {port}; run {run.run_id} {run.state}, "
+        f"round {run.last_committed_round}/{run.total_rounds} committed",
+        err=True,
+    )
+    if port_file is not None:
+        port_file.write_text(str(port))
+    try:
+        server.wait()
+    finally:
+        server.stop()
+    final = server.engine.run
+    typer.echo(f"crossfed server stopped; run {final.state}: {final.message}", err=True)
+    sys.exit(0)

@@ -1,0 +1,221 @@
+"""The Coordinator gRPC service: a thin shell that reads the caller's identity, converts
+protobuf to plain values, calls the `RoundEngine`, and maps `ServerError`s to gRPC status
+codes with their human-readable messages."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import NoReturn
+
+import grpc
+from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, enroll
+from crossfed.common.wire.errors import WireError
+from crossfed.common.wire.tensor_codec import decode_tensors
+from crossfed.server.caller_identity import caller_client_id
+from crossfed.server.errors import InvalidUpdateError, ServerError, UnknownClientError
+from crossfed.server.round_engine import RoundEngine, UploadOutcome
+from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
+from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def abort_with(context: grpc.ServicerContext, exc: ServerError) -> NoReturn:
+    """End the call with the status code the error class names and its message."""
+    context.abort(getattr(grpc.StatusCode, exc.status.value), str(exc))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    """crossfed.v1.Coordinator over a `RoundEngine`."""
+
+    def __init__(
+        self,
+        engine: RoundEngine,
+        upload_policy: UploadPolicy,
+        *,
+        chunk_size: int,
+        model_config_json: str = "",
+        authenticated: bool = False,
+        credential_store: CredentialStore | None = None,
+        server_fingerprint: str = "",
+    ) -> None:
+        self.engine = engine
+        self.upload_policy = upload_policy
+        self.chunk_size = chunk_size
+        self.model_config_json = model_config_json
+        self.authenticated = authenticated
+        self.credential_store = credential_store
+        self.server_fingerprint = server_fingerprint
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        return caller_client_id(context, self.authenticated)
+
+    # -- Enroll ------------------------------------------------------------------------
+    def Enroll(
+        self, request: coordinator_pb2.EnrollRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.EnrollResponse:
+        if self.credential_store is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server runs without client authentication (insecure mode); no enrollment",
+            )
+        try:
+            cred = enroll(
+                self.credential_store,
+                request.enrollment_token,
+                request.requested_client_id or None,
+            )
+        except EnrollmentError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        self.engine.record_event("client_enrolled", client_id=cred.client_id)
+        return coordinator_pb2.EnrollResponse(
+            client_id=cred.client_id,
+            client_secret=cred.secret,
+            server_fingerprint=self.server_fingerprint,
+        )
+
+    # -- Register / Heartbeat ----------------------------------------------------------
+    def Register(
+        self, request: coordinator_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.RegisterResponse:
+        client_id = self._caller(context)
+        if not client_id:
+            if self.authenticated:
+                abort_with(context, UnknownClientError("no authenticated client id"))
+            client_id = self.engine.new_client_id()
+        try:
+            reg = self.engine.register(
+                client_id,
+                int(request.modality),
+                int(request.num_samples),
+                int(request.num_paired),
+                int(request.num_text_only),
+                int(request.num_image_only),
+                request.model_config_digest,
+                request.daemon_version,
+            )
+        except ServerError as exc:
+            abort_with(context, exc)
+        return coordinator_pb2.RegisterResponse(
+            client_id=reg.client_id,
+            run_id=reg.run_id,
+            current_round=reg.current_round,
+            model_config_json=self.model_config_json,
+            heartbeat_interval_ms=reg.heartbeat_interval_ms,
+            chunk_size=self.chunk_size,
+        )
+
+    def Heartbeat(
+        self, request: coordinator_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.HeartbeatResponse:
+        act = self.engine.heartbeat(self._caller(context))
+        key = self.upload_policy.upload_key
+        return coordinator_pb2.HeartbeatResponse(
+            action=act.action,  # type: ignore[arg-type]
+            round=act.round,
+            poll_after_ms=act.poll_after_ms,
+            deadline_unix_s=act.deadline_unix_s,
+            upload_public_key=key.public_key if key is not None else b"",
+            local_epochs=act.local_epochs,
+            run_state=act.run_state,
+            message=act.message,
+        )
+
+    # -- Download ----------------------------------------------------------------------
+    def DownloadGlobalModel(
+        self, request: coordinator_pb2.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.TensorChunk]:
+        client_id = self._caller(context)
+        try:
+            self.engine.require_known(client_id)
+            _version, payload = self.engine.global_model_bytes(int(request.round))
+        except ServerError as exc:
+            abort_with(context, exc)
+        size = len(payload)
+        cs = self.chunk_size
+        total = max(1, -(-size // cs))
+        if request.start_chunk >= total and size:
+            context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"start_chunk {request.start_chunk} is past the last chunk ({total - 1})",
+            )
+        digest = hashlib.sha256(payload).digest()
+        view = memoryview(payload)
+        for index in range(int(request.start_chunk), total):
+            yield common_pb2.TensorChunk(
+                index=index,
+                total=total,
+                data=bytes(view[index * cs : (index + 1) * cs]),
+                payload_sha256=digest,
+                payload_size=size,
+                round=int(request.round),
+            )
+
+    # -- Upload ------------------------------------------------------------------------
+    def UploadUpdate(
+        self,
+        request_iterator: Iterator[coordinator_pb2.UploadMessage],
+        context: grpc.ServicerContext,
+    ) -> coordinator_pb2.UploadResponse:
+        client_id = self._caller(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            abort_with(context, InvalidUpdateError("an upload must start with an UploadHeader"))
+        header = first.header
+        round_no = int(header.round)
+        try:
+            check_header(header, self.upload_policy)
+            ticket = self.engine.begin_upload(
+                client_id,
+                round_no,
+                header.upload_id,
+                int(header.num_samples),
+                {k: int(v) for k, v in header.module_samples.items()},
+            )
+            if isinstance(ticket, UploadOutcome):
+                return coordinator_pb2.UploadResponse(
+                    accepted=ticket.accepted, duplicate=ticket.duplicate, message=ticket.message
+                )
+            payload = receive_payload(header, request_iterator, self.upload_policy, client_id)
+            try:
+                tensors = decode_tensors(payload)
+            except WireError as exc:
+                raise InvalidUpdateError(f"update payload is not valid safetensors: {exc}") from exc
+            outcome = self.engine.complete_upload(
+                ticket,
+                tensors,
+                payload_sha256=bytes(header.payload_sha256).hex(),
+                metrics=dict(header.metrics.values),
+            )
+        except ServerError as exc:
+            log.info("upload from %s for round %d rejected: %s", client_id, round_no, exc)
+            if not isinstance(exc, InvalidUpdateError):  # engine already logged those
+                self.engine.record_rejection(client_id, round_no, str(exc))
+            abort_with(context, exc)
+        return coordinator_pb2.UploadResponse(
+            accepted=outcome.accepted, duplicate=outcome.duplicate, message=outcome.message
+        )
+
+    # -- Projections (eq. 16) ----------------------------------------------------------
+    def ExchangeProjections(
+        self, request: coordinator_pb2.ProjectionExchangeRequest, context: grpc.ServicerContext
+    ) -> coordinator_pb2.ProjectionExchangeResponse:
+        client_id = self._caller(context)
+        payload = bytes(request.projections.safetensors)
+        try:
+            digest = request.projections.payload_sha256
+            if payload and digest and hashlib.sha256(payload).digest() != digest:
+                raise InvalidUpdateError("projection payload does not match its sha256")
+            round_no, prototypes = self.engine.exchange_projections(
+                client_id, int(request.round), payload, float(request.epsilon_spent)
+            )
+        except ServerError as exc:
+            abort_with(context, exc)
+        response = coordinator_pb2.ProjectionExchangeResponse(prototypes_round=round_no)
+        if prototypes:
+            response.global_prototypes.safetensors = prototypes
+            response.global_prototypes.payload_sha256 = hashlib.sha256(prototypes).digest()
+        return response

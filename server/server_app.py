@@ -1,0 +1,178 @@
+"""Assemble and run the coordination server from a `ServerConfig`: state store, checkpoints,
+initial model, round engine, Coordinator servicer, gRPC server, the tick thread that makes
+deadlines fire, and graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crossfed.common.config import ServerConfig
+from crossfed.common.crypto.grpc_credentials import server_credentials, warn_insecure
+from crossfed.common.crypto.identity import RequestVerifier
+from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
+from crossfed.server.checkpoints import CheckpointStore
+from crossfed.server.coordinator_servicer import CoordinatorServicer
+from crossfed.server.credential_store import SqliteCredentialStore
+from crossfed.server.grpc_server import RunningServer, start_grpc_server
+from crossfed.server.model_bootstrap import build_initial_model, model_config_digest
+from crossfed.server.projection_exchange import ProjectionSpec
+from crossfed.server.round_engine import RoundEngine
+from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.state.factory import open_state_store
+from crossfed.server.state.records import TERMINAL_RUN_STATES
+from crossfed.server.upload_keys import load_or_create_upload_key
+from crossfed.server.upload_receiver import UploadPolicy
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CREDENTIALS_DB = "credentials.db"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Settings beyond `ServerConfig` (CLI flags): safety switches and engine timings."""
+
+    allow_unencrypted_uploads: bool = False
+    standin_model: bool = False
+    seed: int = 0
+    keep_checkpoints: int = 3
+    tick_interval_s: float = 0.25
+    start_timeout_s: float = 300.0
+    client_timeout_s: float = 60.0
+    heartbeat_interval_ms: int = 1000
+    wait_after_min_s: float | None = None
+    exit_when_done: bool = False
+    done_linger_s: float = 5.0
+    shutdown_grace_s: float = 5.0
+
+
+def round_policy_from_config(config: ServerConfig, options: ServerOptions) -> RoundPolicy:
+    """Map the config's `rounds` section (plus CLI-only timings) onto the engine's policy."""
+    rounds = config.rounds
+    return RoundPolicy(
+        total_rounds=rounds.rounds,
+        min_clients=rounds.min_clients,
+        fraction=rounds.fraction,
+        round_deadline_s=rounds.round_deadline_s,
+        straggler_fraction=rounds.straggler_cutoff,
+        wait_after_min_s=options.wait_after_min_s,
+        start_timeout_s=options.start_timeout_s,
+        max_round_attempts=rounds.max_retries_on_failed_round + 1,
+        client_timeout_s=options.client_timeout_s,
+        heartbeat_interval_ms=options.heartbeat_interval_ms,
+        poll_after_ms=options.heartbeat_interval_ms,
+        selection_seed=options.seed,
+    )
+
+
+@dataclass
+class CoordinatorServer:
+    """One coordination server process: build with `create`, then `start` / `stop`."""
+
+    config: ServerConfig
+    options: ServerOptions
+    engine: RoundEngine
+    servicer: CoordinatorServicer
+    credential_store: SqliteCredentialStore | None
+    running: RunningServer | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _ticker: threading.Thread | None = None
+
+    @classmethod
+    def create(cls, config: ServerConfig, options: ServerOptions) -> CoordinatorServer:
+        """Open (or resume) the state in ``config.state_dir`` and build the servicer."""
+        state_dir = Path(config.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        model = build_initial_model(config.model, options.seed, options.standin_model)
+        log.info("initial model: %s, %d tensors", model.source, len(model.state))
+        epsilon_budget = config.privacy.epsilon_budget or 0.0
+        engine = RoundEngine(
+            open_state_store(state_dir),
+            CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=options.keep_checkpoints),
+            model.state,
+            model.module_of,
+            round_policy_from_config(config, options),
+            projection_spec=ProjectionSpec(
+                config.model.num_classes, config.model.text_dim, config.model.image_dim
+            ),
+            model_config_digest=model_config_digest(config.model),
+            epsilon_budget=epsilon_budget,
+        )
+        insecure = config.tls.insecure
+        credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)
+        allow_plain = options.allow_unencrypted_uploads
+        policy = UploadPolicy(
+            max_payload_bytes=config.transport.max_payload_bytes,
+            allow_unencrypted=allow_plain,
+            upload_key=load_or_create_upload_key(state_dir),
+        )
+        servicer = CoordinatorServicer(
+            engine,
+            policy,
+            chunk_size=config.transport.chunk_size,
+            model_config_json=config.model.model_dump_json(),
+            authenticated=not insecure,
+            credential_store=credential_store,
+        )
+        return cls(config, options, engine, servicer, credential_store)
+
+    def start(self) -> int:
+        """Start serving; returns the bound port."""
+        interceptors = []
+        creds = None
+        if self.config.tls.insecure:
+            warn_insecure(log)
+        else:
+            assert self.credential_store is not None
+            creds = server_credentials(
+                self.config.tls.cert_dir, require_client_auth=self.config.tls.mtls
+            )
+            interceptors.append(ServerAuthInterceptor(RequestVerifier(self.credential_store)))
+        self.running = start_grpc_server(
+            self.servicer,
+            self.config.listen,
+            max_message_bytes=self.config.transport.max_message_bytes,
+            server_credentials=creds,
+            interceptors=interceptors,
+        )
+        self._ticker = threading.Thread(target=self._tick_loop, name="crossfed-tick", daemon=True)
+        self._ticker.start()
+        return self.running.port
+
+    def _tick_loop(self) -> None:
+        done_since: float | None = None
+        while not self._stop.wait(self.options.tick_interval_s):
+            try:
+                self.engine.tick()
+            except Exception:  # keep ticking; a failing tick is logged, never silent
+                log.exception("round engine tick failed")
+            if self.options.exit_when_done and self.engine.run.state in TERMINAL_RUN_STATES:
+                now = self.engine.clock()
+                done_since = done_since or now
+                if now - done_since >= self.options.done_linger_s:
+                    self._stop.set()
+
+    def wait(self) -> None:
+        """Block until `stop` is called (signal handler) or the run ended with exit_when_done."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def request_stop(self) -> None:
+        """Ask `wait` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Graceful shutdown: stop accepting RPCs, let in-flight ones finish, close the DB."""
+        self._stop.set()
+        if self.running is not None:
+            self.running.stop(self.options.shutdown_grace_s)
+            self.running = None
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+        self.engine.store.close()
+        if self.credential_store is not None:
+            self.credential_store.close()
