@@ -9,7 +9,11 @@ last holds the rest (an empty payload is one empty chunk).
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -107,6 +111,74 @@ def split_buffers(
         yield Chunk(index, total, data, digest, size)
 
 
+#: Payloads at least this large are hashed on a pool thread while further chunks are copied in.
+BACKGROUND_HASH_MIN_BYTES = 8 * 1024 * 1024
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="crossfed-sha256"
+            )
+        return _pool
+
+
+class _HashLane:
+    """Feeds byte ranges, in order, to one SHA-256 on a pool thread while the caller goes on.
+
+    hashlib releases the GIL while hashing, so on a second core the digest of a large payload
+    is ready almost as soon as its last chunk has been copied in.
+    """
+
+    def __init__(self, background: bool) -> None:
+        self._hasher = hashlib.sha256()
+        self._background = background
+        self._lock = threading.Lock()
+        self._pending: deque[memoryview] = deque()
+        self._running = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+
+    def feed(self, data: memoryview) -> None:
+        if not self._background:
+            self._hasher.update(data)
+            return
+        with self._lock:
+            self._pending.append(data)
+            if self._running:
+                return
+            self._running = True
+            self._idle.clear()
+        try:
+            _hash_pool().submit(self._drain)
+        except RuntimeError:  # pool shut down (interpreter exit): hash here instead
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or self._error is not None:
+                    self._running = False
+                    self._idle.set()
+                    return
+                data = self._pending.popleft()
+            try:
+                self._hasher.update(data)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by digest()
+                self._error = exc
+
+    def digest(self) -> bytes:
+        self._idle.wait()
+        if self._error is not None:
+            raise self._error
+        return self._hasher.digest()
+
+
 @dataclass
 class _Stream:
     """What the first chunk of a stream declared; every later chunk must agree with it."""
@@ -119,7 +191,7 @@ class _Stream:
     next_index: int = 0  # lowest index not yet received
     ahead: set[int] = field(default_factory=set)  # received indices above next_index
     hashed_upto: int = 0
-    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hasher: _HashLane = field(default_factory=lambda: _HashLane(background=False))
 
 
 class ChunkAssembler:
@@ -128,7 +200,9 @@ class ChunkAssembler:
     ``reorder_window`` is how far past the lowest missing index a chunk may arrive (0: strictly in
     order). The payload buffer is allocated once, at the first chunk, after its declared size was
     checked against ``max_payload_bytes``; chunks are written into it in place and hashed as soon
-    as they extend the contiguous prefix, so the final digest check costs almost nothing.
+    as they extend the contiguous prefix (on a pool thread for payloads of at least
+    ``BACKGROUND_HASH_MIN_BYTES``), so the final digest check costs little extra time.
+    Not thread-safe: feed one assembler from one thread (one gRPC stream) at a time.
     """
 
     def __init__(self, max_payload_bytes: int, reorder_window: int = 0) -> None:
@@ -182,7 +256,10 @@ class ChunkAssembler:
                 f"chunk {chunk.index}: payload_sha256 must be {SHA256_BYTES} bytes, got {got}"
             )
         buffer = torch.empty(size, dtype=torch.uint8)
-        return _Stream(total=total, payload_sha256=digest, payload_size=size, buffer=buffer)
+        lane = _HashLane(background=size >= BACKGROUND_HASH_MIN_BYTES)
+        return _Stream(
+            total=total, payload_sha256=digest, payload_size=size, buffer=buffer, hasher=lane
+        )
 
     def _check_agrees(self, stream: _Stream, chunk: Chunk) -> None:
         for name, expected, got in (
@@ -297,7 +374,7 @@ class ChunkAssembler:
         else:
             upto = stream.next_index * (stream.chunk_len or 0)
         if upto > stream.hashed_upto:
-            stream.hasher.update(stream.buffer[stream.hashed_upto : upto].numpy().data)
+            stream.hasher.feed(stream.buffer[stream.hashed_upto : upto].numpy().data)
             stream.hashed_upto = upto
 
     # ------------------------------------------------------------------ results

@@ -364,7 +364,7 @@ def read_header(
 
 
 def _check_bools(entry: TensorEntry, raw: torch.Tensor) -> None:
-    if entry.dtype == torch.bool and bool((raw > 1).any()):
+    if entry.dtype == torch.bool and int(raw.numpy().max(initial=0)) > 1:
         raise MalformedPayloadError(
             f"tensor {entry.name!r}: BOOL data holds bytes other than 0 and 1"
         )

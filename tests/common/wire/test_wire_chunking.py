@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 import torch
+from crossfed.common.wire import chunking
 from crossfed.common.wire.chunking import Chunk, ChunkAssembler, split_buffers, split_payload
 from crossfed.common.wire.errors import (
     DigestMismatchError,
@@ -269,3 +270,34 @@ def test_writable_result_view_allows_zero_copy_decode() -> None:
 def test_empty_non_bytes_payload_is_one_empty_chunk() -> None:
     assert [c.data for c in split_payload(bytearray(), 8)] == [b""]
     assert [c.data for c in split_buffers([], 8)] == [b""]
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_background_hashing_lane_verifies_like_inline_hashing(
+    monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    monkeypatch.setattr(chunking, "BACKGROUND_HASH_MIN_BYTES", 0)  # every payload: pool thread
+    payload = bytes(range(256)) * 40
+    chunks = list(split_payload(payload, 97))
+    order = [1, 0, 3, 2] + list(range(4, len(chunks))) if window else range(len(chunks))
+    good = ChunkAssembler(len(payload), reorder_window=window)
+    for i in order:
+        good.add(chunks[i])
+    assert good.result() == payload
+    bad = ChunkAssembler(len(payload), reorder_window=window)
+    for i in order:
+        c = chunks[i]
+        bad.add(dataclasses.replace(c, data=c.data[::-1]) if i == 5 else c)
+    with pytest.raises(DigestMismatchError):
+        bad.result()
+
+
+def test_large_payload_uses_the_pool_and_round_trips() -> None:
+    payload = torch.randint(
+        0, 256, (chunking.BACKGROUND_HASH_MIN_BYTES + 12345,), dtype=torch.uint8
+    )
+    data = payload.numpy().tobytes()
+    assembler = ChunkAssembler(len(data))
+    for chunk in split_payload(data, 1 << 20):
+        assembler.add(chunk)
+    assert assembler.result_view() == data
