@@ -43,6 +43,9 @@ def _register_groups() -> None:
     from crossfed.common.crypto.certs_cli import app as certs_app
 
     app.add_typer(certs_app, name="certs")
+    from crossfed.client.cli import client_app
+
+    app.add_typer(client_app, name="client")
     from crossfed.server.cli import app as server_app
 
     app.add_typer(server_app, name="server")

@@ -1,0 +1,148 @@
+"""The model side of a federated round for the client loop: load the global weights, score
+them on the local holdout per Table I configuration, train locally on cached embeddings
+(eq. 2-14), serialize the shareable weights, and release projections (eq. 16)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from crossfed.client.errors import ClientError
+from crossfed.client.local_data import LocalData
+from crossfed.client.local_trainer import TrainConfig, evaluate, train_local
+from crossfed.client.loop import ProjectionUpload, Registered, Registration
+from crossfed.client.projection_release import ProjectionReleaser
+from crossfed.client.resource_usage import peak_rss_bytes, reset_peak_rss
+from crossfed.client.update_upload import LocalUpdate
+from crossfed.common.config import PrivacyConfig
+from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_errors import ModelError
+from crossfed.common.model.network import CrossModalNet
+from crossfed.common.model.prototypes import ClassPrototypes
+from crossfed.common.wire.errors import WireError
+from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors_with_digest
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class ModelMismatchError(ClientError):
+    """The server's model (config or weights) does not fit this client's data or network."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Training, privacy and display settings of the worker."""
+
+    train: TrainConfig
+    privacy: PrivacyConfig
+    state_dir: Path | None = None
+    progress: bool = False
+    share_projections: bool = True
+
+
+def _accuracy_metrics(prefix: str, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Flatten evaluate() output to finite ``{prefix}_acc_{config}`` metrics."""
+    out: dict[str, float] = {}
+    for config, values in scores.items():
+        if values.get("count", 0.0) > 0 and math.isfinite(values["accuracy"]):
+            out[f"{prefix}_acc_{config}"] = values["accuracy"]
+            out[f"{prefix}_f1_{config}"] = values["macro_f1"]
+    return out
+
+
+class ModelRoundWorker:
+    """:class:`crossfed.client.loop.RoundWorker` over CrossModalNet and local_trainer."""
+
+    def __init__(self, data: LocalData, settings: WorkerSettings) -> None:
+        self.data = data
+        self.settings = settings
+        self.model: CrossModalNet | None = None
+        self.prototypes: ClassPrototypes | None = None
+        self.releaser = ProjectionReleaser(settings.privacy, settings.state_dir)
+        self._global_metrics: dict[str, float] = {}
+        self.last_peak_rss_bytes = 0
+
+    def registration(self) -> Registration:
+        counts = self.data.train.counts()
+        return Registration(
+            modality=self.data.modality.proto,
+            num_samples=len(self.data.train),
+            num_paired=counts["paired"],
+            num_text_only=counts["text_only"],
+            num_image_only=counts["image_only"],
+        )
+
+    def on_registered(self, registered: Registered) -> None:
+        if not registered.model_config_json:
+            if self.model is None:
+                log.warning("server sent no ModelConfig; using the defaults")
+                self.model = CrossModalNet(ModelConfig())
+            return
+        try:
+            config = ModelConfig.model_validate_json(registered.model_config_json)
+        except ValidationError as exc:
+            raise ModelMismatchError(f"server's ModelConfig is invalid: {exc}") from exc
+        if self.model is not None and self.model.config == config:
+            return  # re-registration: keep the model and its private VLMR memory
+        data = self.data.train
+        if (config.text_dim, config.image_dim) != (data.text_dim, data.image_dim):
+            raise ModelMismatchError(
+                f"server model expects text_dim={config.text_dim}, image_dim={config.image_dim} "
+                f"but the local encoders give {data.text_dim}, {data.image_dim}"
+            )
+        self.model = CrossModalNet(config)
+
+    def _require_model(self) -> CrossModalNet:
+        if self.model is None:
+            raise ModelMismatchError("no model: the client has not registered yet")
+        return self.model
+
+    def load_global(self, round_id: int, payload: bytes) -> None:
+        reset_peak_rss()  # this round's peak starts here
+        model = self._require_model()
+        try:
+            model.load_shareable_state_dict(decode_tensors(payload))
+        except (WireError, ModelError) as exc:
+            raise ModelMismatchError(f"global model of round {round_id}: {exc}") from exc
+        model.eval()
+        self._global_metrics = _accuracy_metrics("global", evaluate(model, self.data.holdout))
+
+    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
+        model = self._require_model()
+        base = self.settings.train
+        cfg = replace(base, epochs=local_epochs or base.epochs, seed=base.seed + round_id)
+        result = train_local(model, self.data.train, cfg, self.prototypes, self.settings.progress)
+        local = _accuracy_metrics("local", evaluate(model, self.data.holdout))
+        encoded = encode_tensors_with_digest(model.shareable_state_dict())
+        self.last_peak_rss_bytes = peak_rss_bytes()
+        metrics = {
+            **{f"loss_{k}": v for k, v in result.metrics.items()},
+            **self._global_metrics,
+            **local,
+            "train_seconds": result.seconds,
+            "peak_rss_mib": self.last_peak_rss_bytes / 2**20,
+        }
+        return LocalUpdate(
+            payload=encoded.data,
+            num_samples=result.num_samples,
+            module_samples=result.module_samples,
+            metrics=metrics,
+            payload_sha256=encoded.sha256,
+        )
+
+    def projections(self, round_id: int) -> ProjectionUpload | None:
+        if not self.settings.share_projections:
+            return None
+        release = self.releaser.release(self._require_model(), self.data.train)
+        if release is None:
+            return None
+        return ProjectionUpload(payload=release.payload, epsilon_spent=release.epsilon_spent)
+
+    def receive_prototypes(self, round_id: int, payload: bytes) -> None:
+        try:
+            self.prototypes = ClassPrototypes.from_tensors(decode_tensors(payload))
+        except (WireError, ModelError) as exc:
+            log.warning("global prototypes of round %d unusable (%s); ignored", round_id, exc)
