@@ -130,6 +130,7 @@ class LoopStats:
     registrations: int = 0
     download_starts: list[tuple[int, int]] = field(default_factory=list)  # (round, start_chunk)
     upload_attempts: list[tuple[int, str]] = field(default_factory=list)  # (round, upload_id)
+    resent_rounds: list[int] = field(default_factory=list)  # TRAIN again after a counted upload
 
 
 @dataclass
@@ -191,6 +192,7 @@ class ClientLoop:
         self.phase = Phase.REGISTER
         self.stats = LoopStats()
         self.last_completed_round: int | None = None
+        self._last_upload: _RoundState | None = None
         self.run_id = ""
         self._chunk_size = self.settings.chunk_size
         self._poll_s = self.settings.default_poll_s
@@ -324,10 +326,23 @@ class ClientLoop:
     def _begin_or_resume_round(self, response: coordinator_pb2.HeartbeatResponse) -> None:
         round_id = int(response.round)
         key = bytes(response.upload_public_key)
-        if self.last_completed_round is not None and round_id <= self.last_completed_round:
-            # Already uploaded (the ack may have raced the heartbeat): nothing to do.
-            self._round = None
-            self._wait(response.poll_after_ms)
+        last = self._last_upload
+        if self._round is None and last is not None and last.round_id == round_id:
+            # The server voided our counted upload (failed attempt, restart): it never says
+            # TRAIN for an upload it counted, so resend the same update (same upload_id).
+            log.info("server asks for round %d again; resending the same update", round_id)
+            self.stats.resent_rounds.append(round_id)
+            self._round = _RoundState(
+                round_id=round_id,
+                server_public_key=key,
+                local_epochs=last.local_epochs,
+                started=self._clock(),
+                download=DownloadProgress(round_id),
+                upload_id=last.upload_id,
+                update=last.update,
+                projections=ProjectionUpload(b""),
+            )
+            self.phase = Phase.UPLOAD
             return
         current = self._round
         if (
@@ -432,6 +447,7 @@ class ClientLoop:
             return
         state.duplicate = bool(response.duplicate)
         self.last_completed_round = state.round_id
+        self._last_upload = state
         self._finish_round(state)
 
     def _exchange(self) -> None:

@@ -487,3 +487,30 @@ def test_refusals_do_not_spin_without_waiting() -> None:
     loop, _, clock, _ = _loop(server)
     loop.run()
     assert len(clock.sleeps) >= 5
+
+
+def test_train_again_for_an_uploaded_round_resends_the_same_update() -> None:
+    server = FakeServer(rounds=[1, 2])
+    original_heartbeat = FakeTransport.heartbeat
+    voided = {"done": False}
+
+    class VoidingTransport(FakeTransport):
+        def heartbeat(
+            self, request: coordinator_pb2.HeartbeatRequest
+        ) -> coordinator_pb2.HeartbeatResponse:
+            if not voided["done"] and any(r == 1 for r, _ in self.server.counted):
+                # Server restarted mid-round and voided round 1's attempt.
+                voided["done"] = True
+                self.server.counted.clear()
+            return original_heartbeat(self, request)
+
+    worker = FakeWorker()
+    clock = FakeClock()
+    loop = ClientLoop(VoidingTransport(server), worker, sleep=clock.sleep, clock=clock)
+    stats = loop.run()
+    assert stats.resent_rounds == [1]
+    assert worker.trained == [1, 2]  # no retraining for the resend
+    ids_round1 = {uid for r, uid in stats.upload_attempts if r == 1}
+    assert len(ids_round1) == 1
+    assert [r for r, _ in server.counted] == [1, 2]
+    assert stats.rounds_completed == [1, 1, 2]
