@@ -68,8 +68,10 @@ def start_grpc_server(
         names.append(name)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names.append(health.SERVICE_NAME)
-    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    served = list(names)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
     if server_credentials is None:
         port = server.add_insecure_port(listen)
     else:
@@ -77,6 +79,6 @@ def start_grpc_server(
     if port == 0:
         raise ConfigurationError(f"cannot listen on {listen} (address in use or invalid)")
     server.start()
-    for name in ("", *names[:-2]):
+    for name in ("", *served):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, health_servicer)

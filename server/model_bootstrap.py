@@ -74,7 +74,8 @@ def build_initial_model(
                 "build; start with --standin-model to run rounds with a placeholder model"
             ) from exc
         return InitialModel(_standin_state(config, seed), _first_component, "stand-in")
-    torch.manual_seed(seed)
-    net = network.CrossModalNet(config)
+    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        net = network.CrossModalNet(config)
     state = {k: v.detach().clone().contiguous() for k, v in net.shareable_state_dict().items()}
     return InitialModel(state, net.module_of, "CrossModalNet")
