@@ -8,7 +8,8 @@ at a fraction of the speed. Output is byte-compatible with ``safetensors.torch.l
 The decoder treats its input as hostile: the declared header length is checked against the
 buffer before anything is parsed, the header is validated completely (dtypes, shapes, offsets
 that tile the data region exactly, no duplicate names, bool bytes that are 0/1), and only then is
-data copied into freshly allocated tensors that own their memory.
+data copied into freshly allocated tensors that own their memory (or, with ``copy=False``,
+viewed in place in a writable buffer).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import hashlib
 import json
 import struct
 import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +48,6 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024 * 1024
 _HEADER_LEN = struct.Struct("<Q")
 _METADATA_KEY = "__metadata__"
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
-#: Below this size the digest is computed inline; above it, in a thread beside the copy.
-_PARALLEL_DIGEST_MIN_BYTES = 4 * 1024 * 1024
 _MAX_DIM = 2**62
 
 _CODE_TO_DTYPE: dict[str, torch.dtype] = {
@@ -193,13 +191,6 @@ def payload_pieces(
     return [_HEADER_LEN.pack(len(header_bytes)), header_bytes, *views]
 
 
-def _digest(pieces: Sequence[bytes | memoryview]) -> bytes:
-    hasher = hashlib.sha256()
-    for piece in pieces:
-        hasher.update(piece)  # hashlib releases the GIL for large buffers
-    return hasher.digest()
-
-
 def encode_tensors(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> bytes:
@@ -224,23 +215,12 @@ def encode_tensors_with_digest(
 ) -> EncodedPayload:
     """Like :func:`encode_tensors`, also returning the payload's SHA-256.
 
-    The digest is computed from the source tensors in a worker thread while the main thread
-    copies them into the payload, so hashing costs almost no extra wall time on two cores.
-    Pass the digest to ``split_payload(..., payload_sha256=...)`` to avoid hashing twice.
+    Pass the digest to ``split_payload(..., payload_sha256=...)`` to avoid hashing twice. (The
+    hash is not overlapped with the copy: ``bytes.join`` over buffers holds the GIL. When the
+    whole payload is not needed, :func:`encode_tensor_chunks` skips that copy altogether.)
     """
-    pieces = payload_pieces(tensors, metadata)
-    total = sum(memoryview(p).nbytes for p in pieces)
-    if total < _PARALLEL_DIGEST_MIN_BYTES:
-        data = b"".join(pieces)
-        return EncodedPayload(data=data, sha256=hashlib.sha256(data).digest())
-    result: list[bytes] = []
-    worker = threading.Thread(
-        target=lambda: result.append(_digest(pieces)), name="crossfed-encode-sha256", daemon=True
-    )
-    worker.start()
-    data = b"".join(pieces)
-    worker.join()
-    return EncodedPayload(data=data, sha256=result[0])
+    data = b"".join(payload_pieces(tensors, metadata))
+    return EncodedPayload(data=data, sha256=hashlib.sha256(data).digest())
 
 
 # --------------------------------------------------------------------------- decoding
