@@ -474,6 +474,30 @@ class RoundEngine:
             self._set_run_state(RUN_PAUSED, reason or "paused")
             return self.run
 
+    def resume(self, reason: str = "") -> RunRecord:
+        """Resume a paused run (only a paused one: anything else is a precondition error)."""
+        with self._lock:
+            if self._run.state != RUN_PAUSED:
+                raise RunNotActiveError(f"run is {self._run.state}, only a paused run can resume")
+            self._set_run_state(RUN_RUNNING, reason or "resumed")
+            return self.run
+
+    def update_policy(self, policy: RoundPolicy) -> RunRecord:
+        """Swap in a new round policy (admin live config); ``policy.total_rounds`` becomes the
+        run's total. Deadlines of an already open round are kept; the next round uses it."""
+        with self._lock:
+            last = self._run.last_committed_round
+            if policy.total_rounds < last:
+                raise RunNotActiveError(
+                    f"rounds={policy.total_rounds} is below the {last} round(s) already committed"
+                )
+            self.policy = policy
+            if self._run.total_rounds != policy.total_rounds:
+                self._run.total_rounds = policy.total_rounds
+                self.store.put_run(self._run)
+            self._event("policy_updated", round_no=last, message=repr(policy))
+            return self.run
+
     def stop(self, reason: str = "") -> RunRecord:
         """End the run now; an open round is failed and clients are told DONE."""
         with self._lock:
@@ -634,6 +658,7 @@ class RoundEngine:
         assert self._open is not None
         opened = self._open
         record = opened.record
+        started = time.perf_counter()
         new_state = opened.fedavg.result()
         self.checkpoints.save(record.round, new_state, self._run.run_id)
         pending = self._projections
@@ -673,6 +698,7 @@ class RoundEngine:
             values={
                 "received": float(record.received),
                 "num_samples": float(record.num_samples),
+                "aggregate_s": time.perf_counter() - started,
                 **record.metrics,
             },
         )
@@ -810,7 +836,9 @@ class RoundEngine:
                 )
             if not self.store.add_upload(upload):
                 return UploadOutcome(True, True, f"upload {ticket.upload_id} already counted")
+            fold_started = time.perf_counter()
             opened.fedavg.add(tensors, ticket.weights, ticket.num_samples)
+            fold_s = time.perf_counter() - fold_started
             opened.uploaders[ticket.client_id] = ticket.upload_id
             for key, value in (metrics or {}).items():
                 opened.metric_sums[key] = (
@@ -834,7 +862,7 @@ class RoundEngine:
                 ticket.round,
                 ticket.client_id,
                 f"upload {ticket.upload_id}",
-                {"num_samples": float(ticket.num_samples)},
+                {"num_samples": float(ticket.num_samples), "fold_s": fold_s},
             )
             self._tick_locked()
             closed = self._open is not opened
