@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from crossfed.v1 import common_pb2 as crossfed_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63rossfed/v1/admin.proto\x12\x0b\x63rossfed.v1\x1a\x18\x63rossfed/v1/common.proto\"\x12\n\x10GetStatusRequest\"\x8b\x03\n\x11GetStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trun_state\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x04\x12\x1c\n\x14last_committed_round\x18\x05 \x01(\x04\x12L\n\x10\x63lients_by_state\x18\x06 \x03(\x0b\x32\x32.crossfed.v1.GetStatusResponse.ClientsByStateEntry\x12\x15\n\repsilon_spent\x18\x07 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x08 \x01(\x01\x12*\n\x0clast_metrics\x18\t \x01(\x0b\x32\x14.crossfed.v1.Metrics\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x1a\x35\n\x13\x43lientsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xba\x01\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12-\n\x08modality\x18\x02 \x01(\x0e\x32\x1b.crossfed.v1.ModalityConfig\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10last_seen_unix_s\x18\x05 \x01(\x01\x12\x12\n\nlast_round\x18\x06 \x01(\x04\x12\x18\n\x10rounds_completed\x18\x07 \x01(\x04\"\x14\n\x12ListClientsRequest\"?\n\x13ListClientsResponse\x12(\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x17.crossfed.v1.ClientInfo\"\xc8\x01\n\tRoundInfo\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0estarted_unix_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x65nded_unix_s\x18\x04 \x01(\x01\x12\x10\n\x08selected\x18\x05 \x01(\r\x12\x10\n\x08received\x18\x06 \x01(\r\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12%\n\x07metrics\x18\x08 \x01(\x0b\x32\x14.crossfed.v1.Metrics\x12\x0f\n\x07message\x18\t \x01(\t\"\"\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"<\n\x12ListRoundsResponse\x12&\n\x06rounds\x18\x01 \x03(\x0b\x32\x16.crossfed.v1.RoundInfo\"b\n\x0fStartRunRequest\x12\x0e\n\x06rounds\x18\x01 \x01(\x04\x12\x13\n\x0bmin_clients\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x18\n\x10round_deadline_s\x18\x04 \x01(\x01\"#\n\x11RunControlRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"8\n\x12RunControlResponse\x12\x11\n\trun_state\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x13UpdateConfigRequest\x12<\n\x06values\x18\x01 \x03(\x0b\x32,.crossfed.v1.UpdateConfigRequest.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x14UpdateConfigResponse\x12?\n\x07\x61pplied\x18\x01 \x03(\x0b\x32..crossfed.v1.UpdateConfigResponse.AppliedEntry\x1a.\n\x0c\x41ppliedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x12\x45xportModelRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"(\n\x13RemoveClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\'\n\x14RemoveClientResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"@\n\x1c\x43reateEnrollmentTokenRequest\x12\r\n\x05ttl_s\x18\x01 \x01(\x01\x12\x11\n\tclient_id\x18\x02 \x01(\t\"F\n\x1d\x43reateEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0e\x65xpires_unix_s\x18\x02 \x01(\x01\"=\n\x13StreamEventsRequest\x12\x16\n\x0e\x61\x66ter_event_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xce\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12\x13\n\x0btime_unix_s\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12.\n\x06values\x18\x07 \x03(\x0b\x32\x1e.crossfed.v1.Event.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xd4\x07\n\x05\x41\x64min\x12J\n\tGetStatus\x12\x1d.crossfed.v1.GetStatusRequest\x1a\x1e.crossfed.v1.GetStatusResponse\x12P\n\x0bListClients\x12\x1f.crossfed.v1.ListClientsRequest\x1a .crossfed.v1.ListClientsResponse\x12M\n\nListRounds\x12\x1e.crossfed.v1.ListRoundsRequest\x1a\x1f.crossfed.v1.ListRoundsResponse\x12I\n\x08StartRun\x12\x1c.crossfed.v1.StartRunRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12K\n\x08PauseRun\x12\x1e.crossfed.v1.RunControlRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12L\n\tResumeRun\x12\x1e.crossfed.v1.RunControlRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12J\n\x07StopRun\x12\x1e.crossfed.v1.RunControlRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12S\n\x0cUpdateConfig\x12 .crossfed.v1.UpdateConfigRequest\x1a!.crossfed.v1.UpdateConfigResponse\x12J\n\x0b\x45xportModel\x12\x1f.crossfed.v1.ExportModelRequest\x1a\x18.crossfed.v1.TensorChunk0\x01\x12S\n\x0cRemoveClient\x12 .crossfed.v1.RemoveClientRequest\x1a!.crossfed.v1.RemoveClientResponse\x12n\n\x15\x43reateEnrollmentToken\x12).crossfed.v1.CreateEnrollmentTokenRequest\x1a*.crossfed.v1.CreateEnrollmentTokenResponse\x12\x46\n\x0cStreamEvents\x12 .crossfed.v1.StreamEventsRequest\x1a\x12.crossfed.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63rossfed/v1/admin.proto\x12\x0b\x63rossfed.v1\x1a\x18\x63rossfed/v1/common.proto\"\x12\n\x10GetStatusRequest\"\x8b\x03\n\x11GetStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trun_state\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x04\x12\x1c\n\x14last_committed_round\x18\x05 \x01(\x04\x12L\n\x10\x63lients_by_state\x18\x06 \x03(\x0b\x32\x32.crossfed.v1.GetStatusResponse.ClientsByStateEntry\x12\x15\n\repsilon_spent\x18\x07 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x08 \x01(\x01\x12*\n\x0clast_metrics\x18\t \x01(\x0b\x32\x14.crossfed.v1.Metrics\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x10\n\x08uptime_s\x18\x0b \x01(\x01\x1a\x35\n\x13\x43lientsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\xba\x01\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12-\n\x08modality\x18\x02 \x01(\x0e\x32\x1b.crossfed.v1.ModalityConfig\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\t\x12\x18\n\x10last_seen_unix_s\x18\x05 \x01(\x01\x12\x12\n\nlast_round\x18\x06 \x01(\x04\x12\x18\n\x10rounds_completed\x18\x07 \x01(\x04\"\x14\n\x12ListClientsRequest\"?\n\x13ListClientsResponse\x12(\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x17.crossfed.v1.ClientInfo\"\xd9\x01\n\tRoundInfo\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05state\x18\x02 \x01(\t\x12\x16\n\x0estarted_unix_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x65nded_unix_s\x18\x04 \x01(\x01\x12\x10\n\x08selected\x18\x05 \x01(\r\x12\x10\n\x08received\x18\x06 \x01(\r\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12%\n\x07metrics\x18\x08 \x01(\x0b\x32\x14.crossfed.v1.Metrics\x12\x0f\n\x07message\x18\t \x01(\t\x12\x0f\n\x07\x61ttempt\x18\n \x01(\r\"\"\n\x11ListRoundsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"<\n\x12ListRoundsResponse\x12&\n\x06rounds\x18\x01 \x03(\x0b\x32\x16.crossfed.v1.RoundInfo\"b\n\x0fStartRunRequest\x12\x0e\n\x06rounds\x18\x01 \x01(\x04\x12\x13\n\x0bmin_clients\x18\x02 \x01(\r\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x12\x18\n\x10round_deadline_s\x18\x04 \x01(\x01\"#\n\x11RunControlRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"8\n\x12RunControlResponse\x12\x11\n\trun_state\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x13UpdateConfigRequest\x12<\n\x06values\x18\x01 \x03(\x0b\x32,.crossfed.v1.UpdateConfigRequest.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x87\x01\n\x14UpdateConfigResponse\x12?\n\x07\x61pplied\x18\x01 \x03(\x0b\x32..crossfed.v1.UpdateConfigResponse.AppliedEntry\x1a.\n\x0c\x41ppliedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x12\x45xportModelRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"(\n\x13RemoveClientRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\"\'\n\x14RemoveClientResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"@\n\x1c\x43reateEnrollmentTokenRequest\x12\r\n\x05ttl_s\x18\x01 \x01(\x01\x12\x11\n\tclient_id\x18\x02 \x01(\t\"F\n\x1d\x43reateEnrollmentTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x16\n\x0e\x65xpires_unix_s\x18\x02 \x01(\x01\"=\n\x13StreamEventsRequest\x12\x16\n\x0e\x61\x66ter_event_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"\xce\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12\x13\n\x0btime_unix_s\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12.\n\x06values\x18\x07 \x03(\x0b\x32\x1e.crossfed.v1.Event.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xd4\x07\n\x05\x41\x64min\x12J\n\tGetStatus\x12\x1d.crossfed.v1.GetStatusRequest\x1a\x1e.crossfed.v1.GetStatusResponse\x12P\n\x0bListClients\x12\x1f.crossfed.v1.ListClientsRequest\x1a .crossfed.v1.ListClientsResponse\x12M\n\nListRounds\x12\x1e.crossfed.v1.ListRoundsRequest\x1a\x1f.crossfed.v1.ListRoundsResponse\x12I\n\x08StartRun\x12\x1c.crossfed.v1.StartRunRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12K\n\x08PauseRun\x12\x1e.crossfed.v1.RunControlRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12L\n\tResumeRun\x12\x1e.crossfed.v1.RunControlRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12J\n\x07StopRun\x12\x1e.crossfed.v1.RunControlRequest\x1a\x1f.crossfed.v1.RunControlResponse\x12S\n\x0cUpdateConfig\x12 .crossfed.v1.UpdateConfigRequest\x1a!.crossfed.v1.UpdateConfigResponse\x12J\n\x0b\x45xportModel\x12\x1f.crossfed.v1.ExportModelRequest\x1a\x18.crossfed.v1.TensorChunk0\x01\x12S\n\x0cRemoveClient\x12 .crossfed.v1.RemoveClientRequest\x1a!.crossfed.v1.RemoveClientResponse\x12n\n\x15\x43reateEnrollmentToken\x12).crossfed.v1.CreateEnrollmentTokenRequest\x1a*.crossfed.v1.CreateEnrollmentTokenResponse\x12\x46\n\x0cStreamEvents\x12 .crossfed.v1.StreamEventsRequest\x1a\x12.crossfed.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -53,41 +53,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCLIENTSRESPONSE']._serialized_start=695
   _globals['_LISTCLIENTSRESPONSE']._serialized_end=758
   _globals['_ROUNDINFO']._serialized_start=761
-  _globals['_ROUNDINFO']._serialized_end=961
-  _globals['_LISTROUNDSREQUEST']._serialized_start=963
-  _globals['_LISTROUNDSREQUEST']._serialized_end=997
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=999
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=1059
-  _globals['_STARTRUNREQUEST']._serialized_start=1061
-  _globals['_STARTRUNREQUEST']._serialized_end=1159
-  _globals['_RUNCONTROLREQUEST']._serialized_start=1161
-  _globals['_RUNCONTROLREQUEST']._serialized_end=1196
-  _globals['_RUNCONTROLRESPONSE']._serialized_start=1198
-  _globals['_RUNCONTROLRESPONSE']._serialized_end=1254
-  _globals['_UPDATECONFIGREQUEST']._serialized_start=1257
-  _globals['_UPDATECONFIGREQUEST']._serialized_end=1387
-  _globals['_UPDATECONFIGREQUEST_VALUESENTRY']._serialized_start=1342
-  _globals['_UPDATECONFIGREQUEST_VALUESENTRY']._serialized_end=1387
-  _globals['_UPDATECONFIGRESPONSE']._serialized_start=1390
-  _globals['_UPDATECONFIGRESPONSE']._serialized_end=1525
-  _globals['_UPDATECONFIGRESPONSE_APPLIEDENTRY']._serialized_start=1479
-  _globals['_UPDATECONFIGRESPONSE_APPLIEDENTRY']._serialized_end=1525
-  _globals['_EXPORTMODELREQUEST']._serialized_start=1527
-  _globals['_EXPORTMODELREQUEST']._serialized_end=1562
-  _globals['_REMOVECLIENTREQUEST']._serialized_start=1564
-  _globals['_REMOVECLIENTREQUEST']._serialized_end=1604
-  _globals['_REMOVECLIENTRESPONSE']._serialized_start=1606
-  _globals['_REMOVECLIENTRESPONSE']._serialized_end=1645
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=1647
-  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=1711
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=1713
-  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=1783
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=1785
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=1846
-  _globals['_EVENT']._serialized_start=1849
-  _globals['_EVENT']._serialized_end=2055
-  _globals['_EVENT_VALUESENTRY']._serialized_start=2010
-  _globals['_EVENT_VALUESENTRY']._serialized_end=2055
-  _globals['_ADMIN']._serialized_start=2058
-  _globals['_ADMIN']._serialized_end=3038
+  _globals['_ROUNDINFO']._serialized_end=978
+  _globals['_LISTROUNDSREQUEST']._serialized_start=980
+  _globals['_LISTROUNDSREQUEST']._serialized_end=1014
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1016
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=1076
+  _globals['_STARTRUNREQUEST']._serialized_start=1078
+  _globals['_STARTRUNREQUEST']._serialized_end=1176
+  _globals['_RUNCONTROLREQUEST']._serialized_start=1178
+  _globals['_RUNCONTROLREQUEST']._serialized_end=1213
+  _globals['_RUNCONTROLRESPONSE']._serialized_start=1215
+  _globals['_RUNCONTROLRESPONSE']._serialized_end=1271
+  _globals['_UPDATECONFIGREQUEST']._serialized_start=1274
+  _globals['_UPDATECONFIGREQUEST']._serialized_end=1404
+  _globals['_UPDATECONFIGREQUEST_VALUESENTRY']._serialized_start=1359
+  _globals['_UPDATECONFIGREQUEST_VALUESENTRY']._serialized_end=1404
+  _globals['_UPDATECONFIGRESPONSE']._serialized_start=1407
+  _globals['_UPDATECONFIGRESPONSE']._serialized_end=1542
+  _globals['_UPDATECONFIGRESPONSE_APPLIEDENTRY']._serialized_start=1496
+  _globals['_UPDATECONFIGRESPONSE_APPLIEDENTRY']._serialized_end=1542
+  _globals['_EXPORTMODELREQUEST']._serialized_start=1544
+  _globals['_EXPORTMODELREQUEST']._serialized_end=1579
+  _globals['_REMOVECLIENTREQUEST']._serialized_start=1581
+  _globals['_REMOVECLIENTREQUEST']._serialized_end=1621
+  _globals['_REMOVECLIENTRESPONSE']._serialized_start=1623
+  _globals['_REMOVECLIENTRESPONSE']._serialized_end=1662
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_start=1664
+  _globals['_CREATEENROLLMENTTOKENREQUEST']._serialized_end=1728
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_start=1730
+  _globals['_CREATEENROLLMENTTOKENRESPONSE']._serialized_end=1800
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=1802
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=1863
+  _globals['_EVENT']._serialized_start=1866
+  _globals['_EVENT']._serialized_end=2072
+  _globals['_EVENT_VALUESENTRY']._serialized_start=2027
+  _globals['_EVENT_VALUESENTRY']._serialized_end=2072
+  _globals['_ADMIN']._serialized_start=2075
+  _globals['_ADMIN']._serialized_end=3055
 # @@protoc_insertion_point(module_scope)

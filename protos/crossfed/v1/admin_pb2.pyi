@@ -73,7 +73,7 @@ class ListClientsResponse(_message.Message):
     def __init__(self, clients: _Optional[_Iterable[_Union[ClientInfo, _Mapping]]] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
-    __slots__ = ("round", "state", "started_unix_s", "ended_unix_s", "selected", "received", "num_samples", "metrics", "message")
+    __slots__ = ("round", "state", "started_unix_s", "ended_unix_s", "selected", "received", "num_samples", "metrics", "message", "attempt")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STARTED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class RoundInfo(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: str
     started_unix_s: float
@@ -92,7 +93,8 @@ class RoundInfo(_message.Message):
     num_samples: int
     metrics: _common_pb2.Metrics
     message: str
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., started_unix_s: _Optional[float] = ..., ended_unix_s: _Optional[float] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., started_unix_s: _Optional[float] = ..., ended_unix_s: _Optional[float] = ..., selected: _Optional[int] = ..., received: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., message: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
     __slots__ = ("limit",)
