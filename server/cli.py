@@ -49,6 +49,9 @@ def start(
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="Exit once the run completed/failed (after a linger)."
     ),
+    done_linger_s: float = typer.Option(
+        5.0, "--done-linger-s", help="With --exit-when-done: keep answering DONE this long."
+    ),
     port_file: Annotated[
         Path | None, typer.Option("--port-file", help="Write the bound port here.")
     ] = None,
@@ -87,6 +90,7 @@ def start(
             heartbeat_interval_ms=heartbeat_ms,
             wait_after_min_s=wait_after_min_s,
             exit_when_done=exit_when_done,
+            done_linger_s=done_linger_s,
         )
         server = CoordinatorServer.create(cfg, options)
         port = server.start()

@@ -35,6 +35,10 @@ class ScriptedClient:
             options=[
                 ("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.max_receive_message_length", self.max_message_bytes),
+                # reconnect fast after a server restart (tests kill and restart it)
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 300),
             ],
         )
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
