@@ -46,6 +46,9 @@ def _register_groups() -> None:
     from crossfed.client.cli import client_app
 
     app.add_typer(client_app, name="client")
+    from crossfed.deploy_cli import app as deploy_app
+
+    app.add_typer(deploy_app, name="deploy")
     from crossfed.server.cli import app as server_app
 
     app.add_typer(server_app, name="server")
