@@ -82,14 +82,12 @@ class StreamingFedAvg:
             w = float(weights.get(self._module_of_key[key], 0.0))
             if w <= 0.0:
                 continue
-            acc = self._acc.get(key)
-            if acc is None:
-                acc = torch.zeros(glob.shape, dtype=accumulator_dtype(glob.dtype))
-                self._acc[key] = acc
             value = update[key]
-            if value.dtype != acc.dtype:
-                value = value.to(acc.dtype)
-            acc.add_(value, alpha=w)
+            acc = self._acc.get(key)
+            if acc is None:  # first contribution: one pass, no zero-fill
+                self._acc[key] = torch.mul(value.to(accumulator_dtype(glob.dtype)), w)
+            else:
+                acc.add_(value if value.dtype == acc.dtype else value.to(acc.dtype), alpha=w)
         for module in self.modules:
             self._weight[module] += float(weights.get(module, 0.0))
         self.num_updates += 1

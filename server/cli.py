@@ -49,6 +49,7 @@ def start(
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="Exit once the run completed/failed (after a linger)."
     ),
+    torch_threads: int = typer.Option(1, "--torch-threads", help="Intra-op threads."),
     done_linger_s: float = typer.Option(
         5.0, "--done-linger-s", help="With --exit-when-done: keep answering DONE this long."
     ),
@@ -56,15 +57,20 @@ def start(
         Path | None, typer.Option("--port-file", help="Write the bound port here.")
     ] = None,
     log_level: str = typer.Option("INFO", "--log-level"),
+    log_json: bool = typer.Option(False, "--log-json", help="One JSON object per log line."),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve Prometheus /metrics on this port."
+    ),
+    autostart: bool = typer.Option(
+        True, "--autostart/--no-autostart", help="--no-autostart: wait for `crossfed admin start`."
+    ),
 ) -> None:
     """Start (or resume, with the same --state-dir) the coordination server."""
     from crossfed.common.config import ConfigError, ServerConfig, load_config
     from crossfed.server.errors import ServerError
     from crossfed.server.server_app import CoordinatorServer, ServerOptions
+    from crossfed.server.structured_logging import LoggingSetupError, configure_logging
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides: dict[str, object] = {}
     for key, value in (
         ("state_dir", state_dir),
@@ -73,13 +79,17 @@ def start(
         ("rounds.min_clients", min_clients),
         ("rounds.fraction", fraction),
         ("rounds.round_deadline_s", round_deadline_s),
+        ("metrics_port", metrics_port),
     ):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
     if insecure:
         overrides["tls.insecure"] = True
+    if log_json:
+        overrides["log_json"] = True
     try:
         cfg = load_config(ServerConfig, config, overrides=overrides)
+        configure_logging(log_level, json_lines=cfg.log_json)
         options = ServerOptions(
             allow_unencrypted_uploads=allow_unencrypted_uploads,
             standin_model=standin_model,
@@ -90,11 +100,13 @@ def start(
             heartbeat_interval_ms=heartbeat_ms,
             wait_after_min_s=wait_after_min_s,
             exit_when_done=exit_when_done,
+            auto_start=autostart,
             done_linger_s=done_linger_s,
+            torch_threads=torch_threads,
         )
         server = CoordinatorServer.create(cfg, options)
         port = server.start()
-    except (ConfigError, ServerError) as exc:
+    except (ConfigError, ServerError, LoggingSetupError) as exc:
         typer.echo(f"crossfed server: {exc}", err=True)
         raise typer.Exit(2) from None
 
