@@ -131,3 +131,28 @@ def start(
     final = server.engine.run
     typer.echo(f"crossfed server stopped; run {final.state}: {final.message}", err=True)
     sys.exit(0)
+
+
+@app.command("token")
+def token(
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="The server's state directory.")],
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="Bind the token to this client id.")
+    ] = None,
+    ttl_s: float = typer.Option(86400.0, "--ttl-s", help="Seconds until the token expires."),
+) -> None:
+    """Print a one-time enrollment token for a client (run on the server host)."""
+    from crossfed.common.crypto.identity import EnrollmentError, create_enrollment_token
+    from crossfed.server.credential_store import SqliteCredentialStore
+    from crossfed.server.errors import ServerError
+    from crossfed.server.server_app import CREDENTIALS_DB
+
+    try:
+        store = SqliteCredentialStore(state_dir / CREDENTIALS_DB)
+        issued = create_enrollment_token(store, ttl_s=ttl_s, client_id=client_id)
+        store.close()
+    except (EnrollmentError, ServerError) as exc:
+        typer.echo(f"crossfed server token: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(issued.token.reveal())
+
