@@ -40,6 +40,9 @@ def _root(
 def _register_groups() -> None:
     """Attach the sub-command groups; one line per group (keep alphabetical)."""
     # -- sub-command groups (add yours here) --
+    from crossfed.admin_cli import admin_app
+
+    app.add_typer(admin_app, name="admin")
     from crossfed.common.crypto.certs_cli import app as certs_app
 
     app.add_typer(certs_app, name="certs")

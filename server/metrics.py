@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
+from crossfed.server.errors import ConfigurationError
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.state.records import (
     CLIENT_OFFLINE,
@@ -49,7 +50,7 @@ _DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 
 _FOLLOW_WAIT_S = 0.5
 
 
-class MetricsError(Exception):
+class MetricsError(ConfigurationError):
     """The metrics endpoint cannot be served (e.g. the port is taken)."""
 
 
