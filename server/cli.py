@@ -155,4 +155,3 @@ def token(
         typer.echo(f"crossfed server token: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(issued.token.reveal())
-
