@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -41,8 +42,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         authenticated: bool = False,
         credential_store: CredentialStore | None = None,
         server_fingerprint: str = "",
+        max_concurrent_uploads: int = 4,
+        upload_slot_wait_s: float = 30.0,
     ) -> None:
         self.engine = engine
+        # each upload in flight holds its payload and decoded tensors (~2x model): bounding
+        # them keeps server memory O(model), not O(clients x model)
+        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self.upload_slot_wait_s = upload_slot_wait_s
         self.upload_policy = upload_policy
         self.chunk_size = chunk_size
         self.model_config_json = model_config_json
@@ -179,17 +186,28 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 return coordinator_pb2.UploadResponse(
                     accepted=ticket.accepted, duplicate=ticket.duplicate, message=ticket.message
                 )
-            payload = receive_payload(header, request_iterator, self.upload_policy, client_id)
+            if not self._upload_slots.acquire(timeout=self.upload_slot_wait_s):
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "server busy: too many uploads in flight; retry shortly",
+                )
             try:
-                tensors = decode_tensors(payload)
-            except WireError as exc:
-                raise InvalidUpdateError(f"update payload is not valid safetensors: {exc}") from exc
-            outcome = self.engine.complete_upload(
-                ticket,
-                tensors,
-                payload_sha256=bytes(header.payload_sha256).hex(),
-                metrics=dict(header.metrics.values),
-            )
+                payload = receive_payload(header, request_iterator, self.upload_policy, client_id)
+                try:
+                    tensors = decode_tensors(payload)
+                except WireError as exc:
+                    raise InvalidUpdateError(
+                        f"update payload is not valid safetensors: {exc}"
+                    ) from exc
+                del payload
+                outcome = self.engine.complete_upload(
+                    ticket,
+                    tensors,
+                    payload_sha256=bytes(header.payload_sha256).hex(),
+                    metrics=dict(header.metrics.values),
+                )
+            finally:
+                self._upload_slots.release()
         except ServerError as exc:
             log.info("upload from %s for round %d rejected: %s", client_id, round_no, exc)
             if not isinstance(exc, InvalidUpdateError):  # engine already logged those

@@ -3,9 +3,13 @@ validation and streaming aggregation, with message-size limits far below the pay
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 from crossfed.common.crypto.upload_encryption import UploadKeyPair
 from crossfed.server.checkpoints import CheckpointStore
@@ -65,4 +69,58 @@ def test_200mb_model_download_and_encrypted_upload(tmp_path: Path) -> None:
         print(f"208 MiB: download {t_down:.2f} s, encrypted upload+aggregate {t_up:.2f} s")
     finally:
         client.close()
+        running.stop(1)
+
+
+def test_uploads_in_flight_are_bounded(tmp_path: Path) -> None:
+    state = {"m.a": torch.rand(64 * 1024)}
+    engine = RoundEngine(
+        InMemoryStateStore(),
+        CheckpointStore(tmp_path / "ckpt"),
+        state,
+        lambda k: k.split(".")[0],
+        RoundPolicy(total_rounds=1, min_clients=2),
+    )
+    servicer = CoordinatorServicer(
+        engine,
+        UploadPolicy(max_payload_bytes=8 * MiB, allow_unencrypted=True, upload_key=None),
+        chunk_size=64 * 1024,
+        max_concurrent_uploads=1,
+        upload_slot_wait_s=0.3,
+    )
+    running = start_grpc_server(
+        servicer, f"127.0.0.1:{free_port()}", max_message_bytes=2 * MiB, server_credentials=None
+    )
+    slow = ScriptedClient(f"127.0.0.1:{running.port}", "slow")
+    fast = ScriptedClient(f"127.0.0.1:{running.port}", "fast")
+    release = threading.Event()
+    try:
+        slow.register(), fast.register()
+        slow.heartbeat()
+        msgs = slow.upload_messages(1, state, chunk_size=64 * 1024)
+
+        def stalled() -> Iterator[coordinator_pb2.UploadMessage]:
+            yield msgs[0]
+            yield msgs[1]
+            release.wait(10)
+            yield from msgs[2:]
+
+        result: dict[str, object] = {}
+        worker = threading.Thread(
+            target=lambda: result.setdefault(
+                "r", slow.stub.UploadUpdate(stalled(), metadata=slow.md, timeout=30)
+            )
+        )
+        worker.start()
+        time.sleep(0.5)  # the slow upload now holds the only slot
+        with pytest.raises(grpc.RpcError) as err:
+            fast.upload(1, state, chunk_size=64 * 1024)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        worker.join(10)
+        assert result["r"].accepted  # type: ignore[attr-defined]
+        assert fast.upload(1, state, chunk_size=64 * 1024).accepted  # slot free again
+    finally:
+        release.set()
+        slow.close(), fast.close()
         running.stop(1)
