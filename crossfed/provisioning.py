@@ -62,6 +62,9 @@ CACHE_DIR = "cache"
 SERVER_CREDENTIALS_DB = "credentials.db"
 #: Same name as crossfed.client.enrollment.CREDENTIAL_FILE: where an enrolled client keeps it.
 ENROLLED_CREDENTIAL_FILE = "credential.json"
+#: The admin principal the server creates for itself at start (crossfed.server.admin_servicer
+#: re-keys it when its own file is missing): a kit must not share that id.
+SERVER_OWN_ADMIN_ID = "admin"
 #: Client certificate the server's own health probe presents when the server requires mTLS.
 PROBE_CERT_NAME = "health-probe"
 
@@ -140,6 +143,13 @@ def _check_plan(plan: ProvisionPlan) -> None:
             validate_client_id(kit.name)
     except (CertificateError, IdentityError) as exc:
         raise ProvisioningError(f"kit name: {exc}") from None
+    reserved = [k.name for k in plan.admins if k.name == SERVER_OWN_ADMIN_ID]
+    if reserved:
+        raise ProvisioningError(
+            f"admin kit name {SERVER_OWN_ADMIN_ID!r} is taken: the server re-keys its own "
+            f"{SERVER_OWN_ADMIN_ID!r} principal at start (state/admin.credential.json); "
+            "name the kit's admin differently, e.g. operator"
+        )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ProvisioningError(f"kit names must be unique; repeated: {', '.join(duplicates)}")
