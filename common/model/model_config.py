@@ -36,6 +36,10 @@ class ModelConfig(BaseModel):
     )
     diffusion_train_steps: int = Field(100, gt=0, description="DDPM timesteps")
     diffusion_sample_steps: int = Field(10, gt=0, description="DDIM steps at inference")
+    text_only_recovery: Literal["diffusion", "memory"] = Field(
+        "diffusion", description="Table I text-only path in feature mode: diffusion or VLMR"
+    )
+    sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
     memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")
     memory_top_k: int = Field(8, gt=0, description="K of eq. 10")

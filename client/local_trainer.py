@@ -1,0 +1,391 @@
+"""Local (non-federated) training of CrossModalNet on cached embeddings (eq. 2-14).
+
+`train_local` is what a client runs each round; `evaluate` scores the three Table I
+configurations; `run_local_training` is the file-in/file-out entry point the CLI wires up.
+Training runs on cached f_t / f_i only (the encoders are frozen), so an epoch is a few
+hundred small matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.data.progress_display import make_progress
+from crossfed.common.model.disentangler import orthogonality_loss
+from crossfed.common.model.mapper import squared_l2
+from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_errors import ModelError
+from crossfed.common.model.network import PRIVATE_MODULES, CrossModalNet, Recovery
+from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIGURATIONS = ("both", "text_only", "image_only")
+
+
+class TrainConfigError(ModelError):
+    """A TrainConfig value is out of range, or data does not fit the model."""
+
+
+@dataclass
+class TrainConfig:
+    """Local optimisation settings (not shared with the server)."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 2e-3
+    seed: int = 0
+    weight_decay: float = 1e-4
+    # Probability that a paired sample is shown to the fusion MLP with one modality hidden
+    # (then recovered, or zero-filled for the baseline) -- "random modality dropout".
+    modality_dropout: float = 0.0
+    # DDIM steps used to recover f^_i for text-only rows while training (None: config value).
+    train_recovery_steps: int | None = None
+    max_grad_norm: float | None = 5.0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size <= 0:
+            raise TrainConfigError(
+                f"epochs must be >= 0 and batch_size > 0, got {self.epochs}, {self.batch_size}"
+            )
+        if not self.lr > 0:
+            raise TrainConfigError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.modality_dropout <= 1.0:
+            raise TrainConfigError(
+                f"modality_dropout must be in [0, 1], got {self.modality_dropout}"
+            )
+
+
+@dataclass
+class LocalTrainResult:
+    """What a round of local training reports to the server."""
+
+    module_samples: dict[str, int]
+    metrics: dict[str, float]
+    num_samples: int
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _check_data(model: CrossModalNet, data: EmbeddingSet) -> None:
+    cfg = model.config
+    if data.text_dim != cfg.text_dim or data.image_dim != cfg.image_dim:
+        raise TrainConfigError(
+            f"data dims (text {data.text_dim}, image {data.image_dim}) do not "
+            f"match the model (text {cfg.text_dim}, image {cfg.image_dim})"
+        )
+    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= cfg.num_classes):
+        raise TrainConfigError(
+            f"labels must be in [0, {cfg.num_classes}), got "
+            f"[{int(data.labels.min())}, {int(data.labels.max())}]"
+        )
+
+
+def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int) -> dict[str, int]:
+    """How many samples trained each shareable module (0 if none / zero-fill baseline)."""
+    modules = {model.module_of(k) for k in model.shareable_state_dict()}
+    if epochs_run == 0:
+        return dict.fromkeys(sorted(modules), 0)
+    n = len(data)
+    paired = int((data.has_text & data.has_image).sum())
+    with_image, with_text = int(data.has_image.sum()), int(data.has_text.sum())
+    zero = model.config.missing_fill == "zero"
+    counts = {
+        "disentangler": 0 if zero else with_image,
+        "mapper": 0 if zero else paired,
+        "diffusion": 0 if zero else paired,
+        "text_classifier": 0 if zero else with_text,
+        "fusion": n,
+        "head": n,
+    }
+    return {m: counts.get(m, n) for m in sorted(modules)}
+
+
+def _dropout_view(
+    has_t: torch.Tensor, has_i: torch.Tensor, p: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide one modality of a paired row with probability p (which one: a fair coin)."""
+    if p <= 0:
+        return has_t, has_i
+    paired = has_t & has_i
+    drop = paired & (torch.rand(has_t.shape, generator=gen) < p)
+    hide_image = torch.rand(has_t.shape, generator=gen) < 0.5
+    return has_t & ~(drop & ~hide_image), has_i & ~(drop & hide_image)
+
+
+def _step_losses(
+    model: CrossModalNet,
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    has_t: torch.Tensor,
+    has_i: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 14 on one batch; returns the total and each term."""
+    view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
+    if model.config.missing_fill == "zero":
+        logits = model.classify(f_t, f_i, view_t, view_i, None)
+        l_cls = nn.functional.cross_entropy(logits, y)
+        return l_cls, {"cls": float(l_cls.detach())}
+
+    lam = model.config.loss_weights
+    paired = has_t & has_i
+    zero = f_t.new_zeros(())
+    # D_i on every row with an image (eq. 2-3); M_it + L_align on paired rows (eq. 4-5).
+    img_rows = has_i.nonzero().squeeze(1)
+    f_it, f_iv = model.disentangler(f_i[img_rows])
+    l_orth = orthogonality_loss(f_it, f_iv)
+    hat_t_img = model.mapper(f_it)
+    paired_in_img = paired[img_rows]
+    l_align = squared_l2(hat_t_img[paired_in_img], f_t[img_rows][paired_in_img])
+    # Diffusion L_diff on paired rows (eq. 7).
+    l_diff = (
+        model.diffusion.loss(f_i[paired], f_t[paired], gen) if model.diffusion is not None else zero
+    )
+    # VLMR L_mem (eq. 11): visual part vs. the memory's estimate for the true class.
+    l_mem = zero
+    if lam.mem > 0 and bool(paired.any()):
+        y_p = y[paired]
+        ok = model.memory.has_entries(y_p)
+        if bool(ok.any()):
+            retrieved = model.memory.retrieve(f_t[paired], y_p)
+            l_mem = squared_l2(f_iv[paired_in_img][ok], retrieved[ok])
+    # Fusion input with recovery for the rows whose view misses a modality (Table I).
+    rec_t = torch.zeros_like(f_t)
+    rec_i = torch.zeros_like(f_i)
+    view_img_only = view_i & ~view_t
+    if bool(view_img_only.any()):
+        # Detached: the mapper learns only from paired rows through L_align.
+        full = torch.zeros_like(f_t)
+        full[img_rows] = hat_t_img.detach()
+        rec_t[view_img_only] = full[view_img_only]
+    view_text_only = view_t & ~view_i
+    if bool(view_text_only.any()):
+        rec_i[view_text_only] = model.recover_image(
+            f_t[view_text_only], gen, steps=cfg.train_recovery_steps
+        )
+    logits = model.classify(f_t, f_i, view_t, view_i, Recovery(rec_t, rec_i))
+    l_cls = nn.functional.cross_entropy(logits, y)
+    # Classifier(f_t) of eq. 9 (selects the VLMR class), trained on every row with text.
+    l_tc = (
+        nn.functional.cross_entropy(model.text_classifier(f_t[has_t]), y[has_t])
+        if bool(has_t.any())
+        else zero
+    )
+    # Eq. 8: admit confident paired rows (seen with both modalities) into the memory.
+    both_view = view_t & view_i
+    if bool(both_view.any()):
+        conf = logits.detach()[both_view].softmax(dim=1).gather(1, y[both_view, None]).squeeze(1)
+        model.memory.admit(f_t[both_view], f_i[both_view], y[both_view], conf)
+    total = (
+        l_cls + l_tc + lam.orth * l_orth + lam.align * l_align + lam.diff * l_diff + lam.mem * l_mem
+    )
+    terms = {
+        name: float(value.detach())
+        for name, value in (
+            ("cls", l_cls),
+            ("text_cls", l_tc),
+            ("orth", l_orth),
+            ("align", l_align),
+            ("diff", l_diff),
+            ("mem", l_mem),
+        )
+    }
+    return total, terms
+
+
+def train_local(
+    model: CrossModalNet,
+    data: EmbeddingSet,
+    cfg: TrainConfig,
+    prototypes: ClassPrototypes | None = None,
+    progress: bool = False,
+) -> LocalTrainResult:
+    """Train `model` in place on `data` for cfg.epochs; global prototypes seed the VLMR."""
+    _check_data(model, data)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if prototypes is not None:
+        apply_global_prototypes(model, prototypes)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.1
+    )
+    model.train()
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    with make_progress(progress) as bar:
+        task = bar.add_task("local training", total=cfg.epochs * n)
+        for _epoch in range(cfg.epochs):
+            sums: dict[str, float] = {}
+            order = torch.randperm(n, generator=gen)
+            for b in range(steps_per_epoch):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                total, terms = _step_losses(
+                    model,
+                    data.text[idx],
+                    data.image[idx],
+                    data.has_text[idx],
+                    data.has_image[idx],
+                    data.labels[idx],
+                    cfg,
+                    gen,
+                )
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.max_grad_norm:
+                    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(idx)
+                bar.advance(task, len(idx))
+            history.append({k: v / max(n, 1) for k, v in sums.items()})
+    seconds = time.perf_counter() - start
+    model.eval()
+    metrics = dict(history[-1]) if history else {}
+    return LocalTrainResult(
+        module_samples=module_samples_of(model, data, cfg.epochs),
+        metrics=metrics,
+        num_samples=n,
+        seconds=seconds,
+        samples_per_second=(cfg.epochs * n / seconds) if seconds > 0 else 0.0,
+        history=history,
+    )
+
+
+def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean F1 over classes that occur in target or prediction."""
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (target == c)).sum())
+        fp = int(((pred == c) & (target != c)).sum())
+        fn = int(((pred != c) & (target == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(sum(f1s) / len(f1s)) if f1s else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: CrossModalNet, data: EmbeddingSet, batch_size: int = 4096
+) -> dict[str, dict[str, float]]:
+    """Accuracy and macro-F1 per Table I configuration.
+
+    "both" uses rows with both modalities; "text_only" every row with text (its image hidden);
+    "image_only" every row with an image (its text hidden). A configuration with no rows gets
+    count 0 and NaN scores.
+    """
+    _check_data(model, data)
+    rows = {
+        "both": data.has_text & data.has_image,
+        "text_only": data.has_text,
+        "image_only": data.has_image,
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, mask in rows.items():
+        idx = mask.nonzero().squeeze(1)
+        if len(idx) == 0:
+            out[name] = {"accuracy": float("nan"), "macro_f1": float("nan"), "count": 0.0}
+            continue
+        preds = []
+        for s in range(0, len(idx), batch_size):
+            part = idx[s : s + batch_size]
+            text = data.text[part] if name != "image_only" else None
+            image = data.image[part] if name != "text_only" else None
+            preds.append(model.predict(text, image).argmax(dim=1))
+        pred, target = torch.cat(preds), data.labels[idx]
+        out[name] = {
+            "accuracy": float((pred == target).float().mean()),
+            "macro_f1": macro_f1(pred, target, model.config.num_classes),
+            "count": float(len(idx)),
+        }
+    return out
+
+
+def save_model(model: CrossModalNet, path: str | Path) -> None:
+    """Full local state (shareable weights and the private VLMR memory) as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"model_config": model.config.model_dump_json()})
+
+
+def load_model(path: str | Path) -> CrossModalNet:
+    """Inverse of save_model (safetensors, no pickle)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TrainConfigError(f"cannot read model file {path}: {exc}") from exc
+    if "model_config" not in meta:
+        raise TrainConfigError(f"{path} has no model_config metadata; not a crossfed model file")
+    model = CrossModalNet(ModelConfig.model_validate_json(meta["model_config"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise TrainConfigError(f"{path}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def run_local_training(
+    data: str | Path | EmbeddingSet,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    init_model: str | Path | None = None,
+    output: str | Path | None = None,
+    eval_data: str | Path | EmbeddingSet | None = None,
+    prototypes: ClassPrototypes | None = None,
+    progress: bool = True,
+) -> tuple[CrossModalNet, LocalTrainResult, dict[str, dict[str, float]]]:
+    """Train on an EmbeddingSet (object or .safetensors path), optionally from a saved model,
+    save the result, and evaluate on `eval_data` (default: the training data)."""
+    train_set = data if isinstance(data, EmbeddingSet) else EmbeddingSet.load(data)
+    model = load_model(init_model) if init_model is not None else CrossModalNet(model_config)
+    if model_config is not None and init_model is not None and model.config != model_config:
+        raise TrainConfigError("model_config differs from the config stored in init_model")
+    result = train_local(model, train_set, train_config or TrainConfig(), prototypes, progress)
+    if output is not None:
+        save_model(model, output)
+    test_set = (
+        train_set
+        if eval_data is None
+        else eval_data
+        if isinstance(eval_data, EmbeddingSet)
+        else EmbeddingSet.load(eval_data)
+    )
+    return model, result, evaluate(model, test_set)
+
+
+__all__ = [
+    "CONFIGURATIONS",
+    "PRIVATE_MODULES",
+    "LocalTrainResult",
+    "TrainConfig",
+    "TrainConfigError",
+    "evaluate",
+    "load_model",
+    "macro_f1",
+    "run_local_training",
+    "save_model",
+    "train_local",
+]

@@ -1,0 +1,172 @@
+"""CrossModalNet: the client network of eq. 2-14 on top of frozen embeddings (eq. 1).
+
+Modules (names are what `module_of` returns, and what module-aware FedAvg averages over):
+disentangler (D_i, eq. 2-3), mapper (M_it, eq. 4-5), diffusion (eq. 6-7, `feature` mode),
+text_classifier (Classifier(f_t) of eq. 9, picks the VLMR class), fusion (eq. 12), head
+(eq. 13) and memory (VLMR, eq. 8-11: buffers only, never shared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from crossfed.common.model.disentangler import Disentangler
+from crossfed.common.model.feature_diffusion import FeatureDiffusion
+from crossfed.common.model.fusion import FusionMLP, fusion_slots
+from crossfed.common.model.mapper import CrossModalMapper
+from crossfed.common.model.memory import VisualLinguisticMemory
+from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_errors import ModelInputError, StateDictError
+from torch import nn
+
+PRIVATE_MODULES = frozenset({"memory"})
+
+
+@dataclass
+class Recovery:
+    """Recovered features for the rows that miss a modality (rows that don't hold zeros)."""
+
+    text: torch.Tensor  # f^_t = M_it(f_i->t)
+    image: torch.Tensor  # f^_i from diffusion, VLMR or an external (SD) source
+
+
+class CrossModalNet(nn.Module):
+    """The paper's network; `predict` implements the inference strategies of Table I."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or ModelConfig()
+        d_t, d_i, h = cfg.text_dim, cfg.image_dim, cfg.hidden_dim
+        self.disentangler = Disentangler(d_i, h)
+        self.mapper = CrossModalMapper(d_i, d_t, h)
+        self.diffusion: FeatureDiffusion | None = (
+            FeatureDiffusion(d_i, d_t, h, cfg.diffusion_train_steps, cfg.diffusion_sample_steps)
+            if cfg.recovery == "feature" else None
+        )
+        self.text_classifier = nn.Linear(d_t, cfg.num_classes)
+        self.fusion = FusionMLP(d_t, d_i, h)
+        self.head = nn.Linear(h, cfg.num_classes)
+        self.memory = VisualLinguisticMemory(cfg.num_classes, cfg.memory_capacity, d_t, d_i,
+                                             cfg.memory_tau, cfg.memory_top_k)
+
+    # -- federation interface -------------------------------------------------------------
+    @staticmethod
+    def module_of(key: str) -> str:
+        """Named module a state key belongs to ("mapper.net.0.weight" -> "mapper")."""
+        return key.split(".", 1)[0]
+
+    def shareable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything FedAvg averages; excludes the VLMR memory (a client's own features)."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if self.module_of(k) not in PRIVATE_MODULES}
+
+    def load_shareable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a global model; keys/shapes must match exactly, memory is left untouched."""
+        own = self.shareable_state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise StateDictError(f"state dict mismatch: missing {missing[:5]}, unexpected "
+                                 f"{extra[:5]} ({len(missing)} missing, {len(extra)} unexpected)")
+        bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+        if bad:
+            k = bad[0]
+            raise StateDictError(f"shape mismatch for {k}: model {tuple(own[k].shape)}, "
+                                 f"given {tuple(state[k].shape)} ({len(bad)} keys differ)")
+        self.load_state_dict(dict(state), strict=False)
+
+    # -- recovery -------------------------------------------------------------------------
+    def recover_image(self, f_t: torch.Tensor, generator: torch.Generator | None = None,
+                      external: torch.Tensor | None = None,
+                      steps: int | None = None) -> torch.Tensor:
+        """f^_i for text-only rows (Table I: diffusion or VLMR), no gradient.
+
+        `external` (SD mode: generated images encoded by E_i) wins where given; otherwise the
+        configured path; VLMR falls back to diffusion for classes with no memory entries and
+        vice versa when no diffusion exists.
+        """
+        with torch.no_grad():
+            if external is not None:
+                return external
+            use_memory = self.config.text_only_recovery == "memory" or self.diffusion is None
+            if not use_memory and self.diffusion is not None:
+                return self.diffusion.sample(f_t, steps=steps, generator=generator)
+            classes = self.text_classifier(f_t).argmax(dim=1)  # eq. 9
+            out = self.memory.retrieve(f_t, classes)  # eq. 10
+            empty = ~self.memory.has_entries(classes)
+            if bool(empty.any()) and self.diffusion is not None:
+                out[empty] = self.diffusion.sample(f_t[empty], steps=steps, generator=generator)
+            return out
+
+    def recover_text(self, f_i: torch.Tensor) -> torch.Tensor:
+        """f^_t = M_it(f_i->t) (eq. 4)."""
+        f_it, _ = self.disentangler(f_i)
+        return self.mapper(f_it)
+
+    # -- forward / inference --------------------------------------------------------------
+    def classify(self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
+                 has_image: torch.Tensor, recovery: Recovery | None) -> torch.Tensor:
+        """Eq. 12-13: logits from the four fusion slots."""
+        slots = fusion_slots(f_t, f_i, has_text, has_image,
+                             None if recovery is None else recovery.text,
+                             None if recovery is None else recovery.image)
+        return self.head(self.fusion(slots))
+
+    def forward(self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
+                has_image: torch.Tensor, external_image: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits for a mixed batch: each row uses the Table I strategy for its modalities."""
+        self._check(f_t, f_i, has_text, has_image)
+        if self.config.missing_fill == "zero":
+            return self.classify(f_t, f_i, has_text, has_image, None)
+        rec_t = torch.zeros_like(f_t)
+        rec_i = torch.zeros_like(f_i)
+        image_only = has_image & ~has_text
+        text_only = has_text & ~has_image
+        if bool(image_only.any()):
+            rec_t[image_only] = self.recover_text(f_i[image_only])
+        if bool(text_only.any()):
+            ext = None if external_image is None else external_image[text_only]
+            rec_i[text_only] = self.recover_image(f_t[text_only], generator, ext)
+        return self.classify(f_t, f_i, has_text, has_image, Recovery(rec_t, rec_i))
+
+    @torch.no_grad()
+    def predict(self, text: torch.Tensor | None, image: torch.Tensor | None,
+                external_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Table I: text-only -> (f_t, f^_i); image-only -> (f_i, f^_t); both -> (f_t, f_i).
+
+        Deterministic: diffusion sampling noise comes from a fixed-seed generator.
+        """
+        if text is None and image is None:
+            raise ModelInputError("predict needs text, image or both; got neither")
+        ref = text if text is not None else image
+        assert ref is not None
+        n = ref.shape[0]
+        f_t = text if text is not None else torch.zeros(n, self.config.text_dim)
+        f_i = image if image is not None else torch.zeros(n, self.config.image_dim)
+        has_t = torch.full((n,), text is not None, dtype=torch.bool)
+        has_i = torch.full((n,), image is not None, dtype=torch.bool)
+        was_training = self.training
+        self.eval()
+        try:
+            gen = torch.Generator().manual_seed(self.config.sample_seed)
+            return self.forward(f_t, f_i, has_t, has_i, external_image, gen)
+        finally:
+            self.train(was_training)
+
+    def _check(self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
+               has_image: torch.Tensor) -> None:
+        cfg = self.config
+        if f_t.dim() != 2 or f_t.shape[1] != cfg.text_dim:
+            raise ModelInputError(f"text features must be [N, {cfg.text_dim}], got "
+                                  f"{tuple(f_t.shape)}")
+        if f_i.dim() != 2 or f_i.shape[1] != cfg.image_dim:
+            raise ModelInputError(f"image features must be [N, {cfg.image_dim}], got "
+                                  f"{tuple(f_i.shape)}")
+        n = f_t.shape[0]
+        if f_i.shape[0] != n or has_text.shape != (n,) or has_image.shape != (n,):
+            raise ModelInputError("text, image and presence masks must have the same rows")
+        if bool((~has_text & ~has_image).any()):
+            raise ModelInputError("a row has neither text nor image")
