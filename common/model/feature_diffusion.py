@@ -49,8 +49,10 @@ class FeatureDiffusion(nn.Module):
         # Encoders here emit features with norm ~1, i.e. ~1/sqrt(d') per coordinate.
         self.scale = math.sqrt(image_dim)
         self.image_dim = image_dim
-        self.ddpm: Any = DDPMScheduler(  # diffusers ships no type stubsnum_train_timesteps=train_steps, beta_schedule="squaredcos_cap_v2",
-                                  prediction_type="sample", clip_sample=False)
+        ddpm_cls: Any = DDPMScheduler  # diffusers ships no usable type information
+        self.ddpm: Any = ddpm_cls(num_train_timesteps=train_steps,
+                                  beta_schedule="squaredcos_cap_v2", prediction_type="sample",
+                                  clip_sample=False)
         self.ddim: Any = DDIMScheduler.from_config(self.ddpm.config)
 
     def loss(self, f_i: torch.Tensor, f_t: torch.Tensor,
