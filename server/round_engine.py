@@ -523,7 +523,8 @@ class RoundEngine:
 
     def _tick_locked(self) -> None:
         run = self._run
-        if run.state != RUN_RUNNING:
+        # a paused run still closes its open round (commit/fail); it only opens no new one
+        if run.state != RUN_RUNNING and not (run.state == RUN_PAUSED and self._open is not None):
             return
         if run.last_committed_round >= run.total_rounds:
             self._set_run_state(RUN_COMPLETED, f"all {run.total_rounds} rounds committed")
