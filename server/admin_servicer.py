@@ -511,7 +511,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     f"{client_id!r} is an admin principal, not a client; it is not removed"
                 )
             removed = self.engine.remove_client(client_id)
-            revoked = store.revoke(client_id) if store is not None and stored else False
+            active = store is not None and stored is not None and not stored.revoked
+            revoked = store.revoke(client_id) if store is not None and active else False
             if not removed and not revoked:
                 raise AdminNotFoundError(f"client {client_id!r} is not known to this server")
         except ServerError as exc:
