@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 from admin_server_fixtures import RoundClient, free_port, run_one_round, running_server
-from crossfed.cli import app
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from typer.testing import CliRunner
+
+from crossfed.cli import app
 
 runner = CliRunner()
 

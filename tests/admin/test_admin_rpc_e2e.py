@@ -191,21 +191,30 @@ def test_remove_client_revokes_and_tokens(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as err:  # its credential is revoked
                 carol.heartbeat()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert _code(
-                lambda: admin.RemoveClient(
-                    admin_pb2.RemoveClientRequest(client_id="nobody"), timeout=10
+            assert (
+                _code(
+                    lambda: admin.RemoveClient(
+                        admin_pb2.RemoveClientRequest(client_id="nobody"), timeout=10
+                    )
                 )
-            ) == grpc.StatusCode.NOT_FOUND
-            assert _code(  # the admin principal is not a client
-                lambda: admin.RemoveClient(
-                    admin_pb2.RemoveClientRequest(client_id="admin"), timeout=10
+                == grpc.StatusCode.NOT_FOUND
+            )
+            assert (
+                _code(  # the admin principal is not a client
+                    lambda: admin.RemoveClient(
+                        admin_pb2.RemoveClientRequest(client_id="admin"), timeout=10
+                    )
                 )
-            ) == INVALID_ARGUMENT
-            assert _code(
-                lambda: admin.CreateEnrollmentToken(
-                    admin_pb2.CreateEnrollmentTokenRequest(client_id="bad id!"), timeout=10
+                == INVALID_ARGUMENT
+            )
+            assert (
+                _code(
+                    lambda: admin.CreateEnrollmentToken(
+                        admin_pb2.CreateEnrollmentTokenRequest(client_id="bad id!"), timeout=10
+                    )
                 )
-            ) == INVALID_ARGUMENT
+                == INVALID_ARGUMENT
+            )
             token = admin.CreateEnrollmentToken(
                 admin_pb2.CreateEnrollmentTokenRequest(ttl_s=30), timeout=10
             )
@@ -221,19 +230,22 @@ def test_admin_rpcs_need_the_admin_credential(tmp_path: Path) -> None:
         client_cred = ts.enroll_client("dave")
         with ts.channel() as channel:
             as_client = admin_pb2_grpc.AdminStub(authenticated_channel(channel, client_cred))
-            assert _code(
-                lambda: as_client.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
-            ) == grpc.StatusCode.PERMISSION_DENIED
+            assert (
+                _code(lambda: as_client.GetStatus(admin_pb2.GetStatusRequest(), timeout=10))
+                == grpc.StatusCode.PERMISSION_DENIED
+            )
             unsigned = admin_pb2_grpc.AdminStub(channel)
-            assert _code(
-                lambda: unsigned.StopRun(admin_pb2.RunControlRequest(), timeout=10)
-            ) == grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(lambda: unsigned.StopRun(admin_pb2.RunControlRequest(), timeout=10))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
             admin_cred = ClientCredential.load(ts.admin_credential)
             forged = ClientCredential(admin_cred.client_id, b"x" * 32, admin_cred.role)
             as_forged = admin_pb2_grpc.AdminStub(authenticated_channel(channel, forged))
-            assert _code(
-                lambda: as_forged.StopRun(admin_pb2.RunControlRequest(), timeout=10)
-            ) == grpc.StatusCode.UNAUTHENTICATED
+            assert (
+                _code(lambda: as_forged.StopRun(admin_pb2.RunControlRequest(), timeout=10))
+                == grpc.StatusCode.UNAUTHENTICATED
+            )
         assert ts.server.engine.run.state == "running"
 
 
@@ -247,13 +259,13 @@ def test_admin_credential_survives_restart(tmp_path: Path) -> None:
 
 
 def test_insecure_server_serves_admin_to_loopback(tmp_path: Path) -> None:
-    with running_server(tmp_path, secure=False) as ts:
-        with ts.admin() as admin:
-            assert admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10).run_state == (
-                "running"
-            )
-            assert _code(
+    with running_server(tmp_path, secure=False) as ts, ts.admin() as admin:
+        assert admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10).run_state == ("running")
+        assert (
+            _code(
                 lambda: admin.CreateEnrollmentToken(
                     admin_pb2.CreateEnrollmentTokenRequest(), timeout=10
                 )
-            ) == FAILED_PRECONDITION
+            )
+            == FAILED_PRECONDITION
+        )
