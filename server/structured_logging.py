@@ -74,7 +74,7 @@ class RedactSecretsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # bad format args: let the handler report it as logging does
+        except (TypeError, ValueError, KeyError):  # bad format args: logging reports it
             return True
         cleaned = redact_text(message)
         if cleaned != message or record.args:
