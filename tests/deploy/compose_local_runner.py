@@ -140,9 +140,8 @@ class LocalComposeRunner:
     def translate(self, name: str, value: str) -> str:
         """Rewrite container paths, service hostnames and container ports in one string."""
         for target, local in self._path_map(name):
-            value = re.sub(
-                rf"(?<![\w.-]){re.escape(target)}(?=/|$|[\s:,;=])", lambda _m, s=local: s, value
-            )
+            pattern = rf"(?<![\w.-]){re.escape(target)}(?=/|$|[\s:,;=])"
+            value = re.sub(pattern, local.replace("\\", "\\\\"), value)
         for (service, cport), lport in self.ports.items():
             hosts = [re.escape(service)]
             if service == name:
