@@ -114,6 +114,20 @@ class RoundPolicy(_Section):
         ge=0,
         description="a round that misses min_clients is retried this often, then the run ends",
     )
+    start_timeout_s: float = Field(
+        default=300.0, gt=0, description="wait this long for min_clients before failing a round"
+    )
+    client_timeout_s: float = Field(
+        default=60.0, gt=0, description="a client silent this long counts as offline"
+    )
+    heartbeat_ms: int = Field(
+        default=1000, ge=10, description="how often clients poll for the next action"
+    )
+    wait_after_min_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="straggler cut-off: close the round this long after min_clients uploaded",
+    )
 
 
 class TransportConfig(_Section):
@@ -180,6 +194,14 @@ class ServerConfig(_Section):
         default=None, ge=1, le=65535, description="Prometheus /metrics"
     )
     log_json: bool = Field(default=False, description="structured JSON logs instead of text")
+    keep_checkpoints: int = Field(default=3, ge=1, description="global-model checkpoints kept")
+    seed: int = Field(default=0, ge=0, description="initial model and client selection seed")
+    torch_threads: int = Field(
+        default=1, ge=1, description="intra-op threads (the server parallelises across uploads)"
+    )
+    allow_unencrypted_uploads: bool = Field(
+        default=False, description="accept plaintext uploads (tests and insecure dev runs only)"
+    )
 
     _listen = field_validator("listen")(_check_address)
 

@@ -33,23 +33,23 @@ def start(
     min_clients: int | None = typer.Option(None, "--min-clients"),
     fraction: float | None = typer.Option(None, "--fraction", help="Share of clients selected."),
     round_deadline_s: float | None = typer.Option(None, "--round-deadline-s"),
-    start_timeout_s: float = typer.Option(
-        300.0, "--start-timeout-s", help="Wait this long for min_clients before failing a round."
+    start_timeout_s: float | None = typer.Option(
+        None, "--start-timeout-s", help="Wait this long for min_clients before failing a round."
     ),
-    client_timeout_s: float = typer.Option(60.0, "--client-timeout-s"),
-    heartbeat_ms: int = typer.Option(1000, "--heartbeat-ms"),
+    client_timeout_s: float | None = typer.Option(None, "--client-timeout-s"),
+    heartbeat_ms: int | None = typer.Option(None, "--heartbeat-ms"),
     wait_after_min_s: float | None = typer.Option(
         None, "--wait-after-min-s", help="Straggler cut-off after min_clients uploaded."
     ),
-    keep_checkpoints: int = typer.Option(3, "--keep-checkpoints"),
-    seed: int = typer.Option(0, "--seed", help="Initial model and selection seed."),
+    keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints"),
+    seed: int | None = typer.Option(None, "--seed", help="Initial model and selection seed."),
     standin_model: bool = typer.Option(
         False, "--standin-model", help="Placeholder model when the network is not built."
     ),
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="Exit once the run completed/failed (after a linger)."
     ),
-    torch_threads: int = typer.Option(1, "--torch-threads", help="Intra-op threads."),
+    torch_threads: int | None = typer.Option(None, "--torch-threads", help="Intra-op threads."),
     done_linger_s: float = typer.Option(
         5.0, "--done-linger-s", help="With --exit-when-done: keep answering DONE this long."
     ),
@@ -80,6 +80,13 @@ def start(
         ("rounds.fraction", fraction),
         ("rounds.round_deadline_s", round_deadline_s),
         ("metrics_port", metrics_port),
+        ("rounds.start_timeout_s", start_timeout_s),
+        ("rounds.client_timeout_s", client_timeout_s),
+        ("rounds.heartbeat_ms", heartbeat_ms),
+        ("rounds.wait_after_min_s", wait_after_min_s),
+        ("keep_checkpoints", keep_checkpoints),
+        ("seed", seed),
+        ("torch_threads", torch_threads),
     ):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
@@ -87,22 +94,17 @@ def start(
         overrides["tls.insecure"] = True
     if log_json:
         overrides["log_json"] = True
+    if allow_unencrypted_uploads:
+        overrides["allow_unencrypted_uploads"] = True
     try:
         cfg = load_config(ServerConfig, config, overrides=overrides)
         configure_logging(log_level, json_lines=cfg.log_json)
-        options = ServerOptions(
-            allow_unencrypted_uploads=allow_unencrypted_uploads,
+        options = ServerOptions.from_config(
+            cfg,
             standin_model=standin_model,
-            seed=seed,
-            keep_checkpoints=keep_checkpoints,
-            start_timeout_s=start_timeout_s,
-            client_timeout_s=client_timeout_s,
-            heartbeat_interval_ms=heartbeat_ms,
-            wait_after_min_s=wait_after_min_s,
             exit_when_done=exit_when_done,
             auto_start=autostart,
             done_linger_s=done_linger_s,
-            torch_threads=torch_threads,
         )
         server = CoordinatorServer.create(cfg, options)
         port = server.start()

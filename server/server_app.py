@@ -8,6 +8,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from crossfed.common.config import ServerConfig
@@ -55,6 +56,22 @@ class ServerOptions:
     # the server parallelises across uploads (one per RPC thread); intra-op threads on top
     # oversubscribe the cores (measured: 13x slower aggregation on a loaded 2-core host)
     torch_threads: int = 1
+
+    @classmethod
+    def from_config(cls, config: ServerConfig, **switches: Any) -> ServerOptions:
+        """Options whose values live in the config file/env/flags, plus run-time switches."""
+        rounds = config.rounds
+        return cls(
+            allow_unencrypted_uploads=config.allow_unencrypted_uploads,
+            seed=config.seed,
+            keep_checkpoints=config.keep_checkpoints,
+            start_timeout_s=rounds.start_timeout_s,
+            client_timeout_s=rounds.client_timeout_s,
+            heartbeat_interval_ms=rounds.heartbeat_ms,
+            wait_after_min_s=rounds.wait_after_min_s,
+            torch_threads=config.torch_threads,
+            **switches,
+        )
 
 
 def round_policy_from_config(config: ServerConfig, options: ServerOptions) -> RoundPolicy:
