@@ -68,8 +68,8 @@ class _Section(BaseModel):
 
 def _check_address(value: str) -> str:
     match = _ADDRESS.match(value)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"expected host:port (port 1-65535), e.g. 127.0.0.1:50051, got {value!r}")
+    if match is None or not 0 <= int(match.group(2)) < 65536:
+        raise ValueError(f"expected host:port (port 0-65535), e.g. 127.0.0.1:50051, got {value!r}")
     return value
 
 

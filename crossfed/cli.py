@@ -49,6 +49,9 @@ def _register_groups() -> None:
     from crossfed.client.cli import client_app
 
     app.add_typer(client_app, name="client")
+    from crossfed.demo.run import demo_command
+
+    app.command("demo")(demo_command)
     from crossfed.deploy_cli import app as deploy_app
 
     app.add_typer(deploy_app, name="deploy")

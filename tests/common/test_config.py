@@ -114,7 +114,7 @@ def test_union_errors_use_config_keys_not_pydantic_tags() -> None:
         ({"tls.insecure": True, "tls.mtls": True}, "tls: mtls=true needs TLS"),
         ({"transport.chunk_size": 8 * 1024 * 1024}, "exceeds max_message_bytes"),
         ({"listen": "localhost"}, "listen: expected host:port"),
-        ({"listen": "localhost:70000"}, "port 1-65535"),
+        ({"listen": "localhost:70000"}, "port 0-65535"),
         ({"metrics_port": 0}, "metrics_port: Input should be greater than or equal to 1"),
         ({"rounds.fraction": 1.5}, "rounds.fraction: Input should be less than or equal to 1"),
         ({"rounds.straggler_cutoff": 0}, "rounds.straggler_cutoff: Input should be greater"),

@@ -1,0 +1,1 @@
+"""`crossfed demo`: a whole federation on loopback, the README's main command."""
