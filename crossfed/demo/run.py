@@ -29,16 +29,18 @@ class DemoOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rounds: int = Field(5, ge=1, le=1000)
-    clients: int = Field(3, ge=2, le=32)
-    samples: int = Field(3000, ge=200, description="built-in dataset size shared by the clients")
-    test_samples: int = Field(1000, ge=100)
-    epochs: int = Field(2, ge=1)
-    alpha: float = Field(5.0, gt=0, description="Dirichlet label skew across clients")
-    seed: int = Field(0, ge=0)
+    rounds: int = Field(default=5, ge=1, le=1000)
+    clients: int = Field(default=3, ge=2, le=32)
+    samples: int = Field(
+        default=3000, ge=200, description="built-in dataset size shared by the clients"
+    )
+    test_samples: int = Field(default=1000, ge=100)
+    epochs: int = Field(default=2, ge=1)
+    alpha: float = Field(default=5.0, gt=0, description="Dirichlet label skew across clients")
+    seed: int = Field(default=0, ge=0)
     run_dir: Path | None = None
     cache_dir: Path = Path("runs/.cache")
-    timeout_s: float = Field(900.0, gt=0)
+    timeout_s: float = Field(default=900.0, gt=0)
     progress: bool = True
 
 
