@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import stat
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from crossfed.common.config import ClientConfig, ServerConfig, load_config
+from crossfed.common.crypto.grpc_credentials import channel_credentials, server_credentials
+from crossfed.common.crypto.identity import ClientCredential
+from crossfed.server.credential_store import SqliteCredentialStore
 from crossfed_cli_parsing import parse_crossfed
 from deploy_paths import K8S
+
+from crossfed.provisioning import PROBE_CERT_NAME
 
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 
@@ -194,3 +204,71 @@ def test_kits_client_ids_and_server_name_line_up() -> None:
 def test_other_kits_are_published(name: str) -> None:
     keys = published_secrets()[name]
     assert {"ca.crt", "tls.crt", "tls.key"} <= keys
+
+
+# ------------------------------------------------------- the Secret flow, run for real
+
+
+def published_files() -> dict[str, dict[str, str]]:
+    """Secret name -> {key: file inside the Job pod} ($K expanded)."""
+    job = of_kind("Job")["crossfed-provision"]
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    kits = re.search(r"^\s*K=(\S+)$", script, re.MULTILINE)
+    assert kits is not None
+    joined = re.sub(r"\\\n\s*", " ", script).replace("$K", kits.group(1))
+    out: dict[str, dict[str, str]] = {}
+    for line in joined.splitlines():
+        if line.strip().startswith("publish "):
+            words = shlex.split(line.strip())
+            out[words[1]] = dict(w.split("=", 1) for w in words[2:])
+    return out
+
+
+def install_kit(spec: dict[str, Any], secret_dir: Path, data_dir: Path) -> None:
+    """Run a pod's install-kit init container with /secret and /var/lib/crossfed mapped."""
+    (init,) = spec["initContainers"]
+    script = init["command"][-1].replace("/var/lib/crossfed", str(data_dir))
+    script = script.replace("/secret/", f"{secret_dir}/")
+    subprocess.run([*init["command"][:-1], script], check=True, capture_output=True)
+
+
+def test_provision_publish_install_gives_usable_kits(tmp_path: Path) -> None:
+    argv = provision_argv()
+    work = tmp_path / "work"
+    local = [a.replace("/work", str(work)) for a in argv]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "crossfed"), *local[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for secret, files in published_files().items():  # what `kubectl create secret` would hold
+        for key, path in files.items():
+            target = tmp_path / "secrets" / secret / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path.replace("/work", str(work)), target)
+            target.chmod(0o440)  # secret volume under fsGroup: group-readable
+    pods = {}
+    for name, _template, spec in pod_specs():
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                pods[name] = tmp_path / "pods" / name
+                install_kit(spec, tmp_path / "secrets" / volume["secret"]["secretName"], pods[name])
+                install_kit(spec, tmp_path / "secrets" / volume["secret"]["secretName"], pods[name])
+    server = pods["crossfed-server"]
+    server_credentials(server / "kit/tls", require_client_auth=True)  # key modes accepted
+    channel_credentials(server / "kit/tls", PROBE_CERT_NAME)
+    store = SqliteCredentialStore(server / "state/credentials.db")
+    try:
+        for name, pod in pods.items():
+            if name == "crossfed-server":
+                continue
+            credential = ClientCredential.load(pod / "kit/credential.json")
+            stored = store.get_credential(credential.client_id)
+            assert stored is not None and stored.secret == credential.secret
+            channel_credentials(pod / "kit/tls", credential.client_id)
+            assert stat.S_IMODE((pod / "kit/credential.json").stat().st_mode) == 0o600
+    finally:
+        store.close()
+    assert len(pods) == 4
