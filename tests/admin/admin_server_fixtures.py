@@ -99,6 +99,7 @@ def start_server(
     secure: bool = True,
     autostart: bool = True,
     metrics: bool = False,
+    mtls: bool = False,
     **rounds: Any,
 ) -> AdminTestServer:
     """Create and start a server in ``tmp_path`` (stop it with ``.server.stop()``)."""
@@ -114,7 +115,7 @@ def start_server(
             "state_dir": str(tmp_path / "state"),
             "model": SMALL_MODEL,
             "rounds": policy,
-            "tls": {"cert_dir": str(certs)} if secure else {"insecure": True},
+            "tls": {"cert_dir": str(certs), "mtls": mtls} if secure else {"insecure": True},
             "transport": {"chunk_size": CHUNK, "max_message_bytes": 1024 * 1024},
             "metrics_port": free_port() if metrics else None,
         }

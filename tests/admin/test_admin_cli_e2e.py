@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from admin_server_fixtures import RoundClient, free_port, run_one_round, running_server
+from crossfed.common.crypto.certificates import issue_certificate
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from typer.testing import CliRunner
@@ -185,3 +186,15 @@ def test_cli_unreachable_in_process(command: list[str]) -> None:
     address = f"127.0.0.1:{free_port()}"
     code, _, err = admin(["--server", address, "--insecure", "--timeout", "5"], *command)
     assert code == 1 and one_error_line(err).startswith("error: cannot reach the server")
+
+
+def test_cli_mtls_needs_the_admin_certificate(tmp_path: Path) -> None:
+    with running_server(tmp_path, mtls=True) as ts:
+        issue_certificate(ts.certs, "admin", "ops")
+        code, out, err = admin([*ts.cli_args(), "--client-cert", "ops"], "status", "--json")
+        assert code == 0, err
+        assert json.loads(out)["run_state"] == "running"
+        code, _, err = admin(ts.cli_args(), "status")  # no client certificate: handshake fails
+        assert code == 1 and one_error_line(err).startswith("error: cannot reach the server")
+        code, _, err = admin([*ts.cli_args(), "--client-cert", "nobody"], "status")
+        assert code == 1 and "TLS setup failed" in one_error_line(err)
