@@ -668,7 +668,8 @@ def export_model(
         info,
         lambda c: c.print(
             f"wrote {info['path']}: global model of round {info['round']}, "
-            f"{info['tensors']} tensors, {info['bytes']} bytes, sha256 {info['sha256'][:16]}..."
+            f"{info['tensors']} tensors, {info['bytes']} bytes, sha256 {info['sha256'][:16]}...",
+            soft_wrap=True,
         ),
     )
 

@@ -428,7 +428,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except ServerError as exc:
             _abort(context, exc)
         return admin_pb2.RunControlResponse(
-            run_state=run.state, message="paused: no new round starts; an open round finishes"
+            run_state=run.state, message="no new round starts; an open round finishes"
         )
 
     def ResumeRun(

@@ -491,11 +491,14 @@ class RoundEngine:
                 raise RunNotActiveError(
                     f"rounds={policy.total_rounds} is below the {last} round(s) already committed"
                 )
+            before = vars(self.policy)
+            changed = {k: v for k, v in vars(policy).items() if before.get(k) != v}
             self.policy = policy
             if self._run.total_rounds != policy.total_rounds:
                 self._run.total_rounds = policy.total_rounds
                 self.store.put_run(self._run)
-            self._event("policy_updated", round_no=last, message=repr(policy))
+            message = " ".join(f"{k}={v}" for k, v in changed.items()) or "no change"
+            self._event("policy_updated", round_no=last, message=message)
             return self.run
 
     def stop(self, reason: str = "") -> RunRecord:

@@ -37,7 +37,7 @@ def test_watch_view_tracks_rounds_uploads_and_accuracy() -> None:
         view.apply(_event("round_committed", 1, received=3.0, acc_both=0.75, loss=1.5))
         assert rounds_task.completed == 1 and "acc_both=0.75" in rounds_task.description
         assert "loss" not in rounds_task.description and not uploads_task.visible
-        view.apply(_event("policy_updated", 1, "RoundPolicy(total_rounds=7, min_clients=2)"))
+        view.apply(_event("policy_updated", 1, "total_rounds=7 min_clients=2"))
         assert rounds_task.total == 7
     text = out.getvalue()
     assert "round_committed" in text and "upload_accepted" in text
