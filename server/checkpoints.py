@@ -65,12 +65,17 @@ class CheckpointStore:
                 found.append(int(match.group(1)))
         return sorted(found)
 
-    def save(self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "") -> Path:
-        """Write the global model of ``round_no`` atomically, then prune old checkpoints."""
+    def save(
+        self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "", prune: bool = True
+    ) -> Path:
+        """Write the global model of ``round_no`` atomically, then (``prune``) prune old
+        checkpoints. A caller that records the commit elsewhere passes ``prune=False`` and
+        prunes after its commit: until then the previous checkpoint is the committed one."""
         payload = encode_tensors(state, metadata={"round": str(round_no), "run_id": run_id})
         path = self.path_of(round_no)
         write_bytes_atomic(path, payload)
-        self.prune(protect=round_no)
+        if prune:
+            self.prune(protect=round_no)
         return path
 
     def prune(self, protect: int) -> None:
