@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,69 @@ class ServerProcess:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
         raise ScenarioFailure("no VmHWM in /proc status")
+
+
+# --------------------------------------------------------------------------- in-process server
+
+
+def standin_model(config: Any, seed: int = 0, allow_standin: bool = False) -> Any:
+    """`build_initial_model` replacement: the server's seeded stand-in (no diffusers import)."""
+    from crossfed.server.model_bootstrap import InitialModel, _first_component, _standin_state
+
+    return InitialModel(_standin_state(config, seed), _first_component, "stand-in")
+
+
+def small_server_config(state_dir: Path, chunk_size: int = 1024, **rounds: Any) -> Any:
+    """ServerConfig for an in-process server on 127.0.0.1 (port picked by the OS)."""
+    from crossfed.common.config import ServerConfig
+
+    policy: dict[str, Any] = {"rounds": 2, "min_clients": 2, "round_deadline_s": 30.0}
+    policy.update(rounds)
+    return ServerConfig.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "state_dir": str(state_dir),
+            "model": SMALL_MODEL,
+            "rounds": policy,
+            "tls": {"insecure": True},
+            "transport": {"chunk_size": chunk_size, "max_message_bytes": 1024 * 1024},
+        }
+    )
+
+
+@contextmanager
+def inprocess_server(
+    state_dir: Path,
+    monkeypatch: Any,
+    options: Any = None,
+    chunk_size: int = 1024,
+    **rounds: Any,
+) -> Iterator[tuple[Any, str]]:
+    """A CoordinatorServer in this process (stand-in model, insecure, plaintext uploads
+    allowed); yields (server, target)."""
+    from crossfed.server import server_app
+    from crossfed.server.server_app import CoordinatorServer, ServerOptions
+
+    monkeypatch.setattr(server_app, "build_initial_model", standin_model)
+    opts = options or ServerOptions(
+        tick_interval_s=0.05, heartbeat_interval_ms=100, allow_unencrypted_uploads=True
+    )
+    server = CoordinatorServer.create(small_server_config(state_dir, chunk_size, **rounds), opts)
+    port = server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` every 20 ms; fail with ``what`` after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise ScenarioFailure(f"timed out after {timeout_s} s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- known uploads
