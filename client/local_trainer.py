@@ -130,6 +130,7 @@ def _step_losses(
     y: torch.Tensor,
     cfg: TrainConfig,
     gen: torch.Generator,
+    external: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 14 on one batch; returns the total and each term."""
     view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
@@ -171,8 +172,9 @@ def _step_losses(
         rec_t[view_img_only] = full[view_img_only]
     view_text_only = view_t & ~view_i
     if bool(view_text_only.any()):
+        ext = None if external is None else external[view_text_only]
         rec_i[view_text_only] = model.recover_image(
-            f_t[view_text_only], gen, steps=cfg.train_recovery_steps
+            f_t[view_text_only], gen, ext, steps=cfg.train_recovery_steps
         )
     logits = model.classify(f_t, f_i, view_t, view_i, Recovery(rec_t, rec_i))
     l_cls = nn.functional.cross_entropy(logits, y)
@@ -244,6 +246,7 @@ def train_local(
                     data.labels[idx],
                     cfg,
                     gen,
+                    None if data.recovered_image is None else data.recovered_image[idx],
                 )
                 opt.zero_grad(set_to_none=True)
                 total.backward()
@@ -307,7 +310,12 @@ def evaluate(
             part = idx[s : s + batch_size]
             text = data.text[part] if name != "image_only" else None
             image = data.image[part] if name != "text_only" else None
-            preds.append(model.predict(text, image).argmax(dim=1))
+            external = (
+                data.recovered_image[part]
+                if name == "text_only" and data.recovered_image is not None
+                else None
+            )
+            preds.append(model.predict(text, image, external).argmax(dim=1))
         pred, target = torch.cat(preds), data.labels[idx]
         out[name] = {
             "accuracy": float((pred == target).float().mean()),

@@ -29,6 +29,8 @@ class EmbeddingSet:
     has_text: torch.Tensor  # [N] bool
     has_image: torch.Tensor  # [N] bool
     labels: torch.Tensor  # [N] int64
+    # Optional f^_i precomputed outside the network (SD mode: generated images through E_i).
+    recovered_image: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0] if self.labels.dim() == 1 else -1
@@ -48,6 +50,11 @@ class EmbeddingSet:
                 )
             if tensor.dtype != dtype:
                 raise EmbeddingSetError(f"{name} has dtype {tensor.dtype}; expected {dtype}")
+        if self.recovered_image is not None and self.recovered_image.shape != self.image.shape:
+            raise EmbeddingSetError(
+                f"recovered_image has shape {tuple(self.recovered_image.shape)}"
+                f"; expected {tuple(self.image.shape)}"
+            )
         if bool((~self.has_text & ~self.has_image).any()):
             bad = int((~self.has_text & ~self.has_image).nonzero()[0, 0])
             raise EmbeddingSetError(f"sample {bad} has neither text nor image")
@@ -72,6 +79,9 @@ class EmbeddingSet:
             has_text=self.has_text[idx].clone(),
             has_image=self.has_image[idx].clone(),
             labels=self.labels[idx].clone(),
+            recovered_image=None
+            if self.recovered_image is None
+            else self.recovered_image[idx].clone(),
         )
 
     def with_masks(self, has_text: torch.Tensor, has_image: torch.Tensor) -> EmbeddingSet:
@@ -87,6 +97,7 @@ class EmbeddingSet:
             has_text=has_text.clone(),
             has_image=has_image.clone(),
             labels=self.labels.clone(),
+            recovered_image=self.recovered_image,
         )
 
     def counts(self) -> dict[str, int]:
@@ -103,6 +114,8 @@ class EmbeddingSet:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _FIELDS}
+        if self.recovered_image is not None:
+            tensors["recovered_image"] = self.recovered_image.contiguous()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -125,4 +138,7 @@ class EmbeddingSet:
         missing = [name for name in _FIELDS if name not in tensors]
         if missing:
             raise EmbeddingSetError(f"embedding set {path} lacks tensors {missing}")
-        return cls(**{name: tensors[name] for name in _FIELDS})
+        return cls(
+            **{name: tensors[name] for name in _FIELDS},
+            recovered_image=tensors.get("recovered_image"),
+        )

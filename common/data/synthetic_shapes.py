@@ -22,15 +22,84 @@ COLOURS = ("red", "green", "blue")
 _SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "disc", "round dot", "ring", "orb", "round blob", "circular shape"),
     "square": ("square", "box", "block", "tile", "four-sided figure", "boxy shape", "quad"),
-    "triangle": ("triangle", "wedge", "pyramid shape", "three-sided figure", "arrowhead",
-                 "triangular shape", "delta"),
-    "cross": ("cross", "plus sign", "plus", "crossed bars", "x mark", "cross shape",
-              "pair of crossing bars"),
+    "triangle": (
+        "triangle",
+        "wedge",
+        "pyramid shape",
+        "three-sided figure",
+        "arrowhead",
+        "triangular shape",
+        "delta",
+    ),
+    "cross": (
+        "cross",
+        "plus sign",
+        "plus",
+        "crossed bars",
+        "x mark",
+        "cross shape",
+        "pair of crossing bars",
+    ),
 }
 _COLOUR_WORDS: dict[str, tuple[str, ...]] = {
     "red": ("red", "crimson", "scarlet", "ruby", "cherry-coloured", "reddish", "brick-red"),
     "green": ("green", "emerald", "lime", "olive", "leafy green", "greenish", "jade"),
     "blue": ("blue", "navy", "azure", "cobalt", "sky-blue", "bluish", "sapphire"),
+}
+# Colour by association ("the colour of a ripe tomato"): many rare phrasings, so learning
+# them from text alone needs many samples -- recoverable from paired data.
+_COLOUR_REFERENCES: dict[str, tuple[str, ...]] = {
+    "red": (
+        "a ripe tomato",
+        "a fire truck",
+        "fresh blood",
+        "a stop sign",
+        "a strawberry",
+        "a cardinal bird",
+        "hot chili",
+        "a ladybug",
+        "a red rose",
+        "cherries",
+        "lava",
+        "a post box in London",
+        "ketchup",
+        "a fox's fur",
+        "rusty iron",
+    ),
+    "green": (
+        "fresh grass",
+        "a frog",
+        "a pine forest",
+        "a lime",
+        "moss",
+        "a cucumber",
+        "spring leaves",
+        "a tree frog",
+        "a pickle",
+        "mint leaves",
+        "broccoli",
+        "a golf course",
+        "an avocado",
+        "a parrot's wing",
+        "seaweed",
+    ),
+    "blue": (
+        "a clear sky",
+        "the ocean",
+        "blueberries",
+        "a sapphire",
+        "a swimming pool",
+        "a bluebird",
+        "denim jeans",
+        "a glacier lake",
+        "a peacock's neck",
+        "cornflowers",
+        "a police light",
+        "deep sea water",
+        "a robin's egg",
+        "ink",
+        "a blue whale",
+    ),
 }
 # Vague tone words: partial colour evidence ("warm" means red; "cool" is green or blue).
 _TONE_WORDS: dict[str, tuple[str, ...]] = {
@@ -40,9 +109,18 @@ _TONE_WORDS: dict[str, tuple[str, ...]] = {
 }
 _SIZE_WORDS = ("tiny", "small", "little", "medium", "large", "big", "huge")
 _CONTEXTS = (
-    "on a wooden table", "in the afternoon light", "next to a lamp", "drawn quickly",
-    "from my notebook", "on a sticky note", "in a children's book", "on the whiteboard",
-    "seen from above", "printed on a flyer", "in a blurry snapshot", "on a T-shirt",
+    "on a wooden table",
+    "in the afternoon light",
+    "next to a lamp",
+    "drawn quickly",
+    "from my notebook",
+    "on a sticky note",
+    "in a children's book",
+    "on the whiteboard",
+    "seen from above",
+    "printed on a flyer",
+    "in a blurry snapshot",
+    "on a T-shirt",
 )
 _BACKDROP_COLOURS = ("grey", "beige", "black", "white", "dark", "red", "green", "blue", "pale")
 _TEMPLATES = (
@@ -64,8 +142,9 @@ class SyntheticShapesConfig:
     num_samples: int = 20_000
     image_size: int = 32
     seed: int = 0
-    colour_mention_rate: float = 0.35  # caption names the colour exactly
-    tone_mention_rate: float = 0.35  # otherwise: caption gives a vague warm/cool tone
+    colour_mention_rate: float = 0.2  # caption names the colour exactly
+    reference_mention_rate: float = 0.35  # otherwise: colour by association (rare phrasings)
+    tone_mention_rate: float = 0.2  # otherwise: caption gives a vague warm/cool tone
     backdrop_mention_rate: float = 0.25  # distractor colour word about the background
     min_radius: float = 3.0
     max_radius: float = 11.0
@@ -97,8 +176,14 @@ def generate_synthetic_shapes(cfg: SyntheticShapesConfig | None = None) -> RawDa
         images[start:stop] = _draw_images(rng, shape[start:stop], colour[start:stop], cfg)
     texts = [_caption(rng, int(s), int(c), cfg) for s, c in zip(shape, colour)]
     ones = np.ones(n, dtype=bool)
-    return RawDataset(images=images, texts=texts, labels=labels, has_text=ones.copy(),
-                      has_image=ones.copy(), class_names=class_names())
+    return RawDataset(
+        images=images,
+        texts=texts,
+        labels=labels,
+        has_text=ones.copy(),
+        has_image=ones.copy(),
+        class_names=class_names(),
+    )
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -115,8 +200,9 @@ def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.stack([r + m, g + m, b + m], axis=-1)
 
 
-def _draw_images(rng: np.random.Generator, shape: np.ndarray, colour: np.ndarray,
-                 cfg: SyntheticShapesConfig) -> np.ndarray:
+def _draw_images(
+    rng: np.random.Generator, shape: np.ndarray, colour: np.ndarray, cfg: SyntheticShapesConfig
+) -> np.ndarray:
     n, size = len(shape), cfg.image_size
     radius = rng.uniform(cfg.min_radius, cfg.max_radius, n)
     cx = rng.uniform(radius + 1, size - 1 - radius)
@@ -156,12 +242,15 @@ def _caption(rng: np.random.Generator, shape: int, colour: int, cfg: SyntheticSh
     adjs: list[str] = []
     if rng.random() < 0.5:
         adjs.append(_pick(rng, _SIZE_WORDS))
+    ctx_parts: list[str] = []
     mention = rng.random()
     if mention < cfg.colour_mention_rate:
         adjs.append(_pick(rng, _COLOUR_WORDS[COLOURS[colour]]))
     elif mention < cfg.colour_mention_rate + cfg.tone_mention_rate:
         adjs.append(_pick(rng, _TONE_WORDS[COLOURS[colour]]))
-    ctx_parts: list[str] = []
+    elif mention < (cfg.colour_mention_rate + cfg.tone_mention_rate + cfg.reference_mention_rate):
+        reference = f"the colour of {_pick(rng, _COLOUR_REFERENCES[COLOURS[colour]])}"
+        ctx_parts.append(reference)
     if rng.random() < 0.6:
         ctx_parts.append(_pick(rng, _CONTEXTS))
     if rng.random() < cfg.backdrop_mention_rate:
@@ -171,5 +260,4 @@ def _caption(rng: np.random.Generator, shape: int, colour: int, cfg: SyntheticSh
     adj = " ".join(adjs) + " " if adjs else ""
     adj_pred = " and ".join(adjs) if adjs else "plain"
     ctx_lead = (" ".join(ctx_parts) + ", ") if ctx_parts else ""
-    return template.format(adj=adj, shape=shape_word, ctx=ctx, adj_pred=adj_pred,
-                           ctx_lead=ctx_lead)
+    return template.format(adj=adj, shape=shape_word, ctx=ctx, adj_pred=adj_pred, ctx_lead=ctx_lead)

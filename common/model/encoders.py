@@ -50,7 +50,8 @@ def weights_digest(model_dir: str | Path) -> str:
     """SHA-256 over a model directory's weight and config files (memoised by size+mtime)."""
     root = Path(model_dir)
     files = sorted(
-        p for p in root.rglob("*")
+        p
+        for p in root.rglob("*")
         if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
     )
     if not files:
@@ -116,34 +117,50 @@ def _load_hf_model(model_dir: Path) -> Any:
 class HFTextEncoder(TextEncoder):
     """Text features from a local HF directory: CLIP projection or masked mean pooling."""
 
-    def __init__(self, model_dir: str | Path | None = None, batch_size: int = 256,
-                 max_length: int = 64, normalize: bool = True) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        batch_size: int = 256,
+        max_length: int = 64,
+        normalize: bool = True,
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.model_dir = Path(model_dir) if model_dir is not None else default_text_model_dir()
         self.model = _load_hf_model(self.model_dir)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir),
-                                                           local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                str(self.model_dir), local_files_only=True
+            )
         except (OSError, ValueError) as exc:
             raise EncoderError(f"cannot load tokenizer from {self.model_dir}: {exc}") from exc
         self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
         self._clip = hasattr(self.model, "get_text_features")
         probe = self.encode(["probe"])
         self.dim = int(probe.shape[1])
-        self.identity = (f"hf-text:{self.model_dir.name}:{weights_digest(self.model_dir)}"
-                         f":len{max_length}:norm{int(normalize)}")
+        self.identity = (
+            f"hf-text:{self.model_dir.name}:{weights_digest(self.model_dir)}"
+            f":len{max_length}:norm{int(normalize)}"
+        )
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         chunks: list[torch.Tensor] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = list(texts[start:start + self.batch_size])
-            tok = self.tokenizer(batch, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            batch = list(texts[start : start + self.batch_size])
+            tok = self.tokenizer(
+                batch,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             if self._clip:
-                feats = _features_of(self.model.get_text_features(
-                    input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+                feats = _features_of(
+                    self.model.get_text_features(
+                        input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]
+                    )
+                )
             else:
                 hidden = self.model(**tok).last_hidden_state
                 mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -159,7 +176,9 @@ class HFTextEncoder(TextEncoder):
 class HFImageEncoder(ImageEncoder):
     """Image features from a local HF directory (CLIP get_image_features or pooled output)."""
 
-    def __init__(self, model_dir: str | Path, batch_size: int = 128, normalize: bool = True) -> None:
+    def __init__(
+        self, model_dir: str | Path, batch_size: int = 128, normalize: bool = True
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.model = _load_hf_model(self.model_dir)
         cfg = self.model.config
@@ -177,17 +196,20 @@ class HFImageEncoder(ImageEncoder):
         self._clip = hasattr(self.model, "get_image_features")
         probe = self.encode(np.zeros((1, 8, 8, 3), dtype=np.uint8))
         self.dim = int(probe.shape[1])
-        self.identity = (f"hf-image:{self.model_dir.name}:{weights_digest(self.model_dir)}"
-                         f":size{self.size}:norm{int(normalize)}")
+        self.identity = (
+            f"hf-image:{self.model_dir.name}:{weights_digest(self.model_dir)}"
+            f":size{self.size}:norm{int(normalize)}"
+        )
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> torch.Tensor:
         chunks: list[torch.Tensor] = []
         for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + self.batch_size]))
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
             x = x.permute(0, 3, 1, 2).float() / 255.0
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                          align_corners=False)
+            x = nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
             x = (x - self.mean) / self.std
             if self._clip:
                 feats = _features_of(self.model.get_image_features(pixel_values=x))
@@ -208,8 +230,13 @@ class SmallCNNImageEncoder(ImageEncoder):
     scaled by 1/sqrt(dim) so their norm is ~1 like the text side.
     """
 
-    def __init__(self, out_dim: int = 256, seed: int = 0, widths: tuple[int, int, int] = (48, 96, 128),
-                 batch_size: int = 1024) -> None:
+    def __init__(
+        self,
+        out_dim: int = 256,
+        seed: int = 0,
+        widths: tuple[int, int, int] = (48, 96, 128),
+        batch_size: int = 1024,
+    ) -> None:
         if out_dim % 2:
             raise EncoderError(f"CNN out_dim must be even (mean+max pooling), got {out_dim}")
         gen = torch.Generator().manual_seed(seed)
@@ -218,8 +245,9 @@ class SmallCNNImageEncoder(ImageEncoder):
         for i, width in enumerate((*widths[:-1], out_dim // 2)):
             conv = nn.Conv2d(in_ch, width, 3, stride=1 if i == 0 else 2, padding=1)
             with torch.no_grad():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen)
-                                  * math.sqrt(2.0 / (in_ch * 9)))
+                conv.weight.copy_(
+                    torch.randn(conv.weight.shape, generator=gen) * math.sqrt(2.0 / (in_ch * 9))
+                )
                 assert conv.bias is not None
                 conv.bias.zero_()
             layers += [conv, nn.ReLU()]
@@ -238,8 +266,9 @@ class SmallCNNImageEncoder(ImageEncoder):
     @staticmethod
     def _reference_images(gen: torch.Generator, count: int = 512, size: int = 32) -> np.ndarray:
         coarse = torch.rand(count, 3, 4, 4, generator=gen)
-        smooth = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
-                                           align_corners=False)
+        smooth = nn.functional.interpolate(
+            coarse, size=(size, size), mode="bilinear", align_corners=False
+        )
         noisy = (smooth + 0.15 * torch.randn(count, 3, size, size, generator=gen)).clamp(0, 1)
         return (noisy.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
@@ -247,7 +276,7 @@ class SmallCNNImageEncoder(ImageEncoder):
     def _raw(self, images: np.ndarray) -> torch.Tensor:
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + self.batch_size]))
+            x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
             x = x.permute(0, 3, 1, 2).float() / 255.0
             x = x - x.mean(dim=(2, 3), keepdim=True)
             h = self.net(x)

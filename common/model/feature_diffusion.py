@@ -28,8 +28,12 @@ class FeatureDenoiser(nn.Module):
         self.cond = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.SiLU())
         self.inp = nn.Linear(image_dim, hidden_dim)
         self.block = nn.Sequential(
-            nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim),
-            nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
         )
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, image_dim))
 
@@ -41,8 +45,9 @@ class FeatureDenoiser(nn.Module):
 class FeatureDiffusion(nn.Module):
     """Trains with DDPM noising, samples with DDIM; features are scaled to unit variance."""
 
-    def __init__(self, image_dim: int, text_dim: int, hidden_dim: int, train_steps: int,
-                 sample_steps: int) -> None:
+    def __init__(
+        self, image_dim: int, text_dim: int, hidden_dim: int, train_steps: int, sample_steps: int
+    ) -> None:
         super().__init__()
         self.denoiser = FeatureDenoiser(image_dim, text_dim, hidden_dim, train_steps)
         self.train_steps, self.sample_steps = train_steps, sample_steps
@@ -50,13 +55,17 @@ class FeatureDiffusion(nn.Module):
         self.scale = math.sqrt(image_dim)
         self.image_dim = image_dim
         ddpm_cls: Any = DDPMScheduler  # diffusers ships no usable type information
-        self.ddpm: Any = ddpm_cls(num_train_timesteps=train_steps,
-                                  beta_schedule="squaredcos_cap_v2", prediction_type="sample",
-                                  clip_sample=False)
+        self.ddpm: Any = ddpm_cls(
+            num_train_timesteps=train_steps,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type="sample",
+            clip_sample=False,
+        )
         self.ddim: Any = DDIMScheduler.from_config(self.ddpm.config)
 
-    def loss(self, f_i: torch.Tensor, f_t: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self, f_i: torch.Tensor, f_t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """L_diff (eq. 7) on paired rows: denoise a randomly noised f_i given f_t."""
         if f_i.shape[0] == 0:
             return f_i.new_zeros(())
@@ -68,8 +77,9 @@ class FeatureDiffusion(nn.Module):
         return squared_l2(pred / self.scale, f_i)
 
     @torch.no_grad()
-    def sample(self, f_t: torch.Tensor, steps: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, f_t: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """f^_i for text-only rows (eq. 6): DDIM sampling from noise conditioned on f_t."""
         n = f_t.shape[0]
         dim = self.image_dim

@@ -6,9 +6,14 @@ import torch
 from torch import nn
 
 
-def fusion_slots(f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
-                 has_image: torch.Tensor, rec_t: torch.Tensor | None,
-                 rec_i: torch.Tensor | None) -> torch.Tensor:
+def fusion_slots(
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    has_text: torch.Tensor,
+    has_image: torch.Tensor,
+    rec_t: torch.Tensor | None,
+    rec_i: torch.Tensor | None,
+) -> torch.Tensor:
     """Build [f_t, f^_t, f_i, f^_i] per Table I.
 
     Observed slots hold the real feature or 0 when absent (so the MLP knows what was
@@ -30,8 +35,12 @@ class FusionMLP(nn.Module):
     def __init__(self, text_dim: int, image_dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(2 * text_dim + 2 * image_dim, hidden_dim), nn.LayerNorm(hidden_dim),
-            nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
+            nn.Linear(2 * text_dim + 2 * image_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.SiLU(),
         )
 
     def forward(self, slots: torch.Tensor) -> torch.Tensor:

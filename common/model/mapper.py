@@ -12,8 +12,12 @@ class CrossModalMapper(nn.Module):
     def __init__(self, image_dim: int, text_dim: int, hidden_dim: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(image_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.SiLU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, text_dim),
+            nn.Linear(image_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, text_dim),
         )
 
     def forward(self, f_it: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,9 @@ from torch import nn
 class VisualLinguisticMemory(nn.Module):
     """Per-class ring buffers of (f_t, f_i) plus optional per-class prototype entries."""
 
-    def __init__(self, num_classes: int, capacity: int, text_dim: int, image_dim: int,
-                 tau: float, top_k: int) -> None:
+    def __init__(
+        self, num_classes: int, capacity: int, text_dim: int, image_dim: int, tau: float, top_k: int
+    ) -> None:
         super().__init__()
         self.num_classes, self.capacity, self.tau, self.top_k = num_classes, capacity, tau, top_k
         self.register_buffer("text", torch.zeros(num_classes, capacity, text_dim))
@@ -39,15 +40,16 @@ class VisualLinguisticMemory(nn.Module):
     proto_valid: torch.Tensor
 
     @torch.no_grad()
-    def admit(self, f_t: torch.Tensor, f_i: torch.Tensor, labels: torch.Tensor,
-              confidence: torch.Tensor) -> int:
+    def admit(
+        self, f_t: torch.Tensor, f_i: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor
+    ) -> int:
         """Eq. 8: store pairs whose confidence > tau (oldest overwritten); returns how many."""
         keep = confidence > self.tau
         if not bool(keep.any()):
             return 0
         f_t, f_i, labels = f_t[keep], f_i[keep], labels[keep]
         for cls in labels.unique().tolist():
-            rows = (labels == cls).nonzero().squeeze(1)[-self.capacity:]
+            rows = (labels == cls).nonzero().squeeze(1)[-self.capacity :]
             slots = (self.cursor[cls] + torch.arange(len(rows))) % self.capacity
             self.text[cls, slots] = f_t[rows]
             self.image[cls, slots] = f_i[rows]
@@ -56,8 +58,9 @@ class VisualLinguisticMemory(nn.Module):
         return int(keep.sum())
 
     @torch.no_grad()
-    def set_prototypes(self, text_means: torch.Tensor, image_means: torch.Tensor,
-                       valid: torch.Tensor) -> None:
+    def set_prototypes(
+        self, text_means: torch.Tensor, image_means: torch.Tensor, valid: torch.Tensor
+    ) -> None:
         """Install global per-class (f_t, f_i) means as one extra entry per valid class."""
         self.proto_text.copy_(text_means)
         self.proto_image.copy_(image_means)
@@ -78,10 +81,12 @@ class VisualLinguisticMemory(nn.Module):
         keys = torch.cat([self.text.reshape(c * cap, -1), self.proto_text], dim=0)
         values = torch.cat([self.image.reshape(c * cap, -1), self.proto_image], dim=0)
         owner = torch.cat([torch.arange(c).repeat_interleave(cap), torch.arange(c)])
-        filled = torch.cat([
-            (torch.arange(cap).unsqueeze(0) < self.count.unsqueeze(1)).reshape(-1),
-            self.proto_valid,
-        ])
+        filled = torch.cat(
+            [
+                (torch.arange(cap).unsqueeze(0) < self.count.unsqueeze(1)).reshape(-1),
+                self.proto_valid,
+            ]
+        )
         sims = nn.functional.normalize(f_t, dim=1) @ nn.functional.normalize(keys, dim=1).T
         allowed = (owner.unsqueeze(0) == classes.unsqueeze(1)) & filled.unsqueeze(0)
         sims = sims.masked_fill(~allowed, float("-inf"))

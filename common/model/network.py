@@ -43,13 +43,15 @@ class CrossModalNet(nn.Module):
         self.mapper = CrossModalMapper(d_i, d_t, h)
         self.diffusion: FeatureDiffusion | None = (
             FeatureDiffusion(d_i, d_t, h, cfg.diffusion_train_steps, cfg.diffusion_sample_steps)
-            if cfg.recovery == "feature" else None
+            if cfg.recovery == "feature"
+            else None
         )
         self.text_classifier = nn.Linear(d_t, cfg.num_classes)
         self.fusion = FusionMLP(d_t, d_i, h)
         self.head = nn.Linear(h, cfg.num_classes)
-        self.memory = VisualLinguisticMemory(cfg.num_classes, cfg.memory_capacity, d_t, d_i,
-                                             cfg.memory_tau, cfg.memory_top_k)
+        self.memory = VisualLinguisticMemory(
+            cfg.num_classes, cfg.memory_capacity, d_t, d_i, cfg.memory_tau, cfg.memory_top_k
+        )
 
     # -- federation interface -------------------------------------------------------------
     @staticmethod
@@ -59,8 +61,11 @@ class CrossModalNet(nn.Module):
 
     def shareable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything FedAvg averages; excludes the VLMR memory (a client's own features)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()
-                if self.module_of(k) not in PRIVATE_MODULES}
+        return {
+            k: v.detach().clone()
+            for k, v in self.state_dict().items()
+            if self.module_of(k) not in PRIVATE_MODULES
+        }
 
     def load_shareable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a global model; keys/shapes must match exactly, memory is left untouched."""
@@ -68,19 +73,27 @@ class CrossModalNet(nn.Module):
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         if missing or extra:
-            raise StateDictError(f"state dict mismatch: missing {missing[:5]}, unexpected "
-                                 f"{extra[:5]} ({len(missing)} missing, {len(extra)} unexpected)")
+            raise StateDictError(
+                f"state dict mismatch: missing {missing[:5]}, unexpected "
+                f"{extra[:5]} ({len(missing)} missing, {len(extra)} unexpected)"
+            )
         bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
         if bad:
             k = bad[0]
-            raise StateDictError(f"shape mismatch for {k}: model {tuple(own[k].shape)}, "
-                                 f"given {tuple(state[k].shape)} ({len(bad)} keys differ)")
+            raise StateDictError(
+                f"shape mismatch for {k}: model {tuple(own[k].shape)}, "
+                f"given {tuple(state[k].shape)} ({len(bad)} keys differ)"
+            )
         self.load_state_dict(dict(state), strict=False)
 
     # -- recovery -------------------------------------------------------------------------
-    def recover_image(self, f_t: torch.Tensor, generator: torch.Generator | None = None,
-                      external: torch.Tensor | None = None,
-                      steps: int | None = None) -> torch.Tensor:
+    def recover_image(
+        self,
+        f_t: torch.Tensor,
+        generator: torch.Generator | None = None,
+        external: torch.Tensor | None = None,
+        steps: int | None = None,
+    ) -> torch.Tensor:
         """f^_i for text-only rows (Table I: diffusion or VLMR), no gradient.
 
         `external` (SD mode: generated images encoded by E_i) wins where given; otherwise the
@@ -106,17 +119,34 @@ class CrossModalNet(nn.Module):
         return self.mapper(f_it)
 
     # -- forward / inference --------------------------------------------------------------
-    def classify(self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
-                 has_image: torch.Tensor, recovery: Recovery | None) -> torch.Tensor:
+    def classify(
+        self,
+        f_t: torch.Tensor,
+        f_i: torch.Tensor,
+        has_text: torch.Tensor,
+        has_image: torch.Tensor,
+        recovery: Recovery | None,
+    ) -> torch.Tensor:
         """Eq. 12-13: logits from the four fusion slots."""
-        slots = fusion_slots(f_t, f_i, has_text, has_image,
-                             None if recovery is None else recovery.text,
-                             None if recovery is None else recovery.image)
+        slots = fusion_slots(
+            f_t,
+            f_i,
+            has_text,
+            has_image,
+            None if recovery is None else recovery.text,
+            None if recovery is None else recovery.image,
+        )
         return self.head(self.fusion(slots))
 
-    def forward(self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
-                has_image: torch.Tensor, external_image: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        f_t: torch.Tensor,
+        f_i: torch.Tensor,
+        has_text: torch.Tensor,
+        has_image: torch.Tensor,
+        external_image: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Logits for a mixed batch: each row uses the Table I strategy for its modalities."""
         self._check(f_t, f_i, has_text, has_image)
         if self.config.missing_fill == "zero":
@@ -133,8 +163,12 @@ class CrossModalNet(nn.Module):
         return self.classify(f_t, f_i, has_text, has_image, Recovery(rec_t, rec_i))
 
     @torch.no_grad()
-    def predict(self, text: torch.Tensor | None, image: torch.Tensor | None,
-                external_image: torch.Tensor | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        text: torch.Tensor | None,
+        image: torch.Tensor | None,
+        external_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Table I: text-only -> (f_t, f^_i); image-only -> (f_i, f^_t); both -> (f_t, f_i).
 
         Deterministic: diffusion sampling noise comes from a fixed-seed generator.
@@ -156,15 +190,18 @@ class CrossModalNet(nn.Module):
         finally:
             self.train(was_training)
 
-    def _check(self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor,
-               has_image: torch.Tensor) -> None:
+    def _check(
+        self, f_t: torch.Tensor, f_i: torch.Tensor, has_text: torch.Tensor, has_image: torch.Tensor
+    ) -> None:
         cfg = self.config
         if f_t.dim() != 2 or f_t.shape[1] != cfg.text_dim:
-            raise ModelInputError(f"text features must be [N, {cfg.text_dim}], got "
-                                  f"{tuple(f_t.shape)}")
+            raise ModelInputError(
+                f"text features must be [N, {cfg.text_dim}], got {tuple(f_t.shape)}"
+            )
         if f_i.dim() != 2 or f_i.shape[1] != cfg.image_dim:
-            raise ModelInputError(f"image features must be [N, {cfg.image_dim}], got "
-                                  f"{tuple(f_i.shape)}")
+            raise ModelInputError(
+                f"image features must be [N, {cfg.image_dim}], got {tuple(f_i.shape)}"
+            )
         n = f_t.shape[0]
         if f_i.shape[0] != n or has_text.shape != (n,) or has_image.shape != (n,):
             raise ModelInputError("text, image and presence masks must have the same rows")

@@ -32,12 +32,16 @@ class ClassPrototypes:
 
     def __post_init__(self) -> None:
         c = self.text_sum.shape[0]
-        if (self.image_sum.shape[0] != c or self.text_count.shape != (c,)
-                or self.image_count.shape != (c,)):
+        if (
+            self.image_sum.shape[0] != c
+            or self.text_count.shape != (c,)
+            or self.image_count.shape != (c,)
+        ):
             raise ModelInputError(
                 f"prototype shapes disagree: text_sum {tuple(self.text_sum.shape)}, image_sum "
                 f"{tuple(self.image_sum.shape)}, counts {tuple(self.text_count.shape)} / "
-                f"{tuple(self.image_count.shape)}")
+                f"{tuple(self.image_count.shape)}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -45,16 +49,22 @@ class ClassPrototypes:
 
     def means(self, min_count: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class means of f_t and f_i; zero rows where a class has < min_count samples."""
+
         def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
             ok = (count >= min_count).unsqueeze(1)
-            return torch.where(ok, total / count.clamp_min(min_count).unsqueeze(1),
-                               torch.zeros_like(total))
+            return torch.where(
+                ok, total / count.clamp_min(min_count).unsqueeze(1), torch.zeros_like(total)
+            )
+
         return mean(self.text_sum, self.text_count), mean(self.image_sum, self.image_count)
 
     def __add__(self, other: ClassPrototypes) -> ClassPrototypes:
-        return ClassPrototypes(self.text_sum + other.text_sum, self.image_sum + other.image_sum,
-                               self.text_count + other.text_count,
-                               self.image_count + other.image_count)
+        return ClassPrototypes(
+            self.text_sum + other.text_sum,
+            self.image_sum + other.image_sum,
+            self.text_count + other.text_count,
+            self.image_count + other.image_count,
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The wire form (keys text_sum, image_sum, text_count, image_count), float32."""
@@ -72,15 +82,16 @@ def compute_class_projections(model: CrossModalNet, data: EmbeddingSet) -> Class
     """What a client uploads (eq. 16): per-class sums and counts of its present f_t and f_i."""
     cfg = model.config
     if data.text_dim != cfg.text_dim or data.image_dim != cfg.image_dim:
-        raise ModelInputError(f"data dims ({data.text_dim}, {data.image_dim}) do not match the "
-                              f"model ({cfg.text_dim}, {cfg.image_dim})")
+        raise ModelInputError(
+            f"data dims ({data.text_dim}, {data.image_dim}) do not match the "
+            f"model ({cfg.text_dim}, {cfg.image_dim})"
+        )
     if len(data) and int(data.labels.max()) >= cfg.num_classes:
         raise ModelInputError(f"label {int(data.labels.max())} >= num_classes {cfg.num_classes}")
     c = cfg.num_classes
     ht, hi = data.has_text.float(), data.has_image.float()
     text_sum = torch.zeros(c, cfg.text_dim).index_add_(0, data.labels, data.text * ht[:, None])
-    image_sum = torch.zeros(c, cfg.image_dim).index_add_(0, data.labels,
-                                                         data.image * hi[:, None])
+    image_sum = torch.zeros(c, cfg.image_dim).index_add_(0, data.labels, data.image * hi[:, None])
     text_count = torch.zeros(c).index_add_(0, data.labels, ht)
     image_count = torch.zeros(c).index_add_(0, data.labels, hi)
     return ClassPrototypes(text_sum, image_sum, text_count, image_count)
@@ -89,8 +100,10 @@ def compute_class_projections(model: CrossModalNet, data: EmbeddingSet) -> Class
 def apply_global_prototypes(model: CrossModalNet, prototypes: ClassPrototypes) -> None:
     """Install global prototypes as VLMR entries (classes seen on both sides only)."""
     if prototypes.num_classes != model.config.num_classes:
-        raise ModelInputError(f"prototypes have {prototypes.num_classes} classes, model has "
-                              f"{model.config.num_classes}")
+        raise ModelInputError(
+            f"prototypes have {prototypes.num_classes} classes, model has "
+            f"{model.config.num_classes}"
+        )
     text_mean, image_mean = prototypes.means()
     valid = (prototypes.text_count >= 1) & (prototypes.image_count >= 1)
     model.memory.set_prototypes(text_mean, image_mean, valid)

@@ -19,9 +19,17 @@ from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 
-CFG = ModelConfig(text_dim=12, image_dim=8, hidden_dim=32, num_classes=4,
-                  diffusion_train_steps=20, diffusion_sample_steps=3, memory_capacity=16,
-                  memory_top_k=4, memory_tau=0.5)
+CFG = ModelConfig(
+    text_dim=12,
+    image_dim=8,
+    hidden_dim=32,
+    num_classes=4,
+    diffusion_train_steps=20,
+    diffusion_sample_steps=3,
+    memory_capacity=16,
+    memory_top_k=4,
+    memory_tau=0.5,
+)
 
 
 def toy_set(n: int, seed: int, text_only: float = 0.25, image_only: float = 0.25) -> EmbeddingSet:
@@ -36,8 +44,13 @@ def toy_set(n: int, seed: int, text_only: float = 0.25, image_only: float = 0.25
     r = torch.rand(n, generator=g)
     has_t = r >= image_only
     has_i = r < 1 - text_only
-    return EmbeddingSet(text=text * has_t[:, None] / 4, image=image * has_i[:, None] / 3,
-                        has_text=has_t, has_image=has_i, labels=y)
+    return EmbeddingSet(
+        text=text * has_t[:, None] / 4,
+        image=image * has_i[:, None] / 3,
+        has_text=has_t,
+        has_image=has_i,
+        labels=y,
+    )
 
 
 def test_training_learns_every_configuration() -> None:
@@ -105,8 +118,12 @@ def test_run_local_training_round_trip(tmp_path: Path) -> None:
     data = toy_set(150, 6)
     data.save(tmp_path / "train.safetensors")
     model, res, scores = run_local_training(
-        tmp_path / "train.safetensors", CFG, TrainConfig(epochs=1, batch_size=64),
-        output=tmp_path / "model.safetensors", progress=False)
+        tmp_path / "train.safetensors",
+        CFG,
+        TrainConfig(epochs=1, batch_size=64),
+        output=tmp_path / "model.safetensors",
+        progress=False,
+    )
     again = load_model(tmp_path / "model.safetensors")
     assert again.config == CFG
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())

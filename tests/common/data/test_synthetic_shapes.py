@@ -36,7 +36,7 @@ def test_shape_in_every_caption_colour_only_in_some() -> None:
         assert any(word in text for word in _SHAPE_WORDS[shape]), text
         named_colour += any(f" {w} " in f" {text} " for w in _COLOUR_WORDS[colour])
     # Exact colour words appear in roughly colour_mention_rate of captions, never all.
-    assert 0.25 < named_colour / 2000 < 0.5
+    assert 0.15 < named_colour / 2000 < 0.5
     assert len(set(data.texts)) > 1500  # wording varies
 
 

@@ -37,8 +37,9 @@ def test_alignment_loss_is_mean_squared_l2() -> None:  # eq. 5
 
 
 def test_memory_admits_only_confidence_above_tau() -> None:  # eq. 8
-    mem = VisualLinguisticMemory(num_classes=3, capacity=4, text_dim=2, image_dim=2, tau=0.8,
-                                 top_k=2)
+    mem = VisualLinguisticMemory(
+        num_classes=3, capacity=4, text_dim=2, image_dim=2, tau=0.8, top_k=2
+    )
     f = torch.eye(2).repeat(2, 1)
     n = mem.admit(f, f * 10, torch.tensor([0, 0, 1, 2]), torch.tensor([0.9, 0.8, 0.95, 0.1]))
     assert n == 2 and mem.count.tolist() == [1, 1, 0]
@@ -48,8 +49,12 @@ def test_memory_admits_only_confidence_above_tau() -> None:  # eq. 8
 def test_memory_ring_buffer_keeps_newest() -> None:
     mem = VisualLinguisticMemory(2, capacity=3, text_dim=1, image_dim=1, tau=0.0, top_k=3)
     for v in range(5):
-        mem.admit(torch.tensor([[1.0]]), torch.tensor([[float(v)]]), torch.tensor([0]),
-                  torch.tensor([1.0]))
+        mem.admit(
+            torch.tensor([[1.0]]),
+            torch.tensor([[float(v)]]),
+            torch.tensor([0]),
+            torch.tensor([1.0]),
+        )
     assert mem.count[0] == 3
     assert sorted(mem.image[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
 
@@ -72,11 +77,15 @@ def test_top_k_retrieval_averages_nearest_of_the_class() -> None:  # eq. 10
 
 def test_prototypes_are_retrievable_entries() -> None:
     mem = VisualLinguisticMemory(2, capacity=4, text_dim=2, image_dim=1, tau=0.0, top_k=2)
-    mem.set_prototypes(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[4.0], [9.0]]),
-                       torch.tensor([False, True]))
+    mem.set_prototypes(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+        torch.tensor([[4.0], [9.0]]),
+        torch.tensor([False, True]),
+    )
     assert mem.has_entries(torch.tensor([0, 1])).tolist() == [False, True]
-    assert torch.allclose(mem.retrieve(torch.tensor([[1.0, 1.0]]), torch.tensor([1])),
-                          torch.tensor([[9.0]]))
+    assert torch.allclose(
+        mem.retrieve(torch.tensor([[1.0, 1.0]]), torch.tensor([1])), torch.tensor([[9.0]])
+    )
 
 
 def test_fusion_slots_follow_table_one() -> None:  # eq. 12 inputs

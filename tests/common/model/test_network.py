@@ -15,9 +15,16 @@ from crossfed.common.model.prototypes import (
 )
 from torch import nn
 
-SMALL = ModelConfig(text_dim=8, image_dim=6, hidden_dim=16, num_classes=3,
-                    diffusion_train_steps=20, diffusion_sample_steps=3, memory_capacity=4,
-                    memory_top_k=2)
+SMALL = ModelConfig(
+    text_dim=8,
+    image_dim=6,
+    hidden_dim=16,
+    num_classes=3,
+    diffusion_train_steps=20,
+    diffusion_sample_steps=3,
+    memory_capacity=4,
+    memory_top_k=2,
+)
 
 
 def net(**overrides: object) -> CrossModalNet:
@@ -32,8 +39,14 @@ def test_shareable_state_excludes_memory_and_round_trips() -> None:
             p.add_(1.0)
     sd = a.shareable_state_dict()
     assert sd and not any(k.startswith("memory.") for k in sd)
-    assert {a.module_of(k) for k in sd} == {"disentangler", "mapper", "diffusion",
-                                            "text_classifier", "fusion", "head"}
+    assert {a.module_of(k) for k in sd} == {
+        "disentangler",
+        "mapper",
+        "diffusion",
+        "text_classifier",
+        "fusion",
+        "head",
+    }
     assert a.module_of("mapper.net.0.weight") == "mapper"
     b.memory.count[0] = 3
     b.load_shareable_state_dict(sd)
@@ -100,8 +113,10 @@ def test_predict_follows_table_one(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_text_only_memory_mode_uses_prototypes() -> None:
     m = net(text_only_recovery="memory")
     data = EmbeddingSet(
-        text=torch.eye(8)[:3].repeat(2, 1), image=torch.arange(36.0).reshape(6, 6),
-        has_text=torch.ones(6, dtype=torch.bool), has_image=torch.ones(6, dtype=torch.bool),
+        text=torch.eye(8)[:3].repeat(2, 1),
+        image=torch.arange(36.0).reshape(6, 6),
+        has_text=torch.ones(6, dtype=torch.bool),
+        has_image=torch.ones(6, dtype=torch.bool),
         labels=torch.tensor([0, 1, 2, 0, 1, 2]),
     )
     protos = compute_class_projections(m, data)
@@ -116,8 +131,12 @@ def test_text_only_memory_mode_uses_prototypes() -> None:
 
 
 def test_prototype_wire_form_and_validation() -> None:
-    p = ClassPrototypes(torch.ones(3, 8), torch.ones(3, 6), torch.tensor([1.0, 0.0, 2.0]),
-                        torch.tensor([0.4, 1.0, 1.0]))
+    p = ClassPrototypes(
+        torch.ones(3, 8),
+        torch.ones(3, 6),
+        torch.tensor([1.0, 0.0, 2.0]),
+        torch.tensor([0.4, 1.0, 1.0]),
+    )
     back = ClassPrototypes.from_tensors(p.to_tensors())
     assert torch.equal(back.text_sum, p.text_sum)
     t_mean, i_mean = back.means()
