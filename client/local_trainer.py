@@ -45,8 +45,10 @@ class TrainConfig:
     # Probability that a paired sample is shown to the fusion MLP with one modality hidden
     # (then recovered, or zero-filled for the baseline) -- "random modality dropout".
     modality_dropout: float = 0.0
-    # DDIM steps used to recover f^_i for text-only rows while training (None: config value).
-    train_recovery_steps: int | None = None
+    # DDIM steps used to recover f^_i for text-only rows while training (None: the model
+    # config's diffusion_sample_steps). One step from pure noise is the denoiser's estimate of
+    # E[f_i | f_t]; measured as accurate as 10-step sampling and ~1.5x faster per epoch.
+    train_recovery_steps: int | None = 1
     max_grad_norm: float | None = 5.0
     num_threads: int | None = None
 

@@ -76,8 +76,9 @@ class EmbeddingCache:
     def path_for(self, identity: str, content: str) -> Path:
         return self.root / _sha256(identity.encode())[:24] / f"{content[:40]}.safetensors"
 
-    def get_or_compute(self, identity: str, content: str,
-                       compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get_or_compute(
+        self, identity: str, content: str, compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         """Cached tensor for the key, or compute(), store and return it."""
         path = self.path_for(identity, content)
         if path.is_file():
@@ -102,8 +103,12 @@ class EmbeddingCache:
             log.warning("embedding cache file %s unreadable (%s); rebuilding", path, exc)
             return None
         value = tensors.get("embeddings")
-        if (value is None or meta.get("format") != _FORMAT or meta.get("identity") != identity
-                or meta.get("content") != content):
+        if (
+            value is None
+            or meta.get("format") != _FORMAT
+            or meta.get("identity") != identity
+            or meta.get("content") != content
+        ):
             log.warning("embedding cache file %s has a foreign key; rebuilding", path)
             return None
         if _sha256(value.numpy().tobytes()) != meta.get("sha256"):
@@ -113,8 +118,12 @@ class EmbeddingCache:
 
     def _write(self, path: Path, identity: str, content: str, value: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": _FORMAT, "identity": identity, "content": content,
-                "sha256": _sha256(value.numpy().tobytes())}
+        meta = {
+            "format": _FORMAT,
+            "identity": identity,
+            "content": content,
+            "sha256": _sha256(value.numpy().tobytes()),
+        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -127,25 +136,32 @@ class EmbeddingCache:
                 os.unlink(tmp)
 
 
-def _encode_chunked(encode: Callable[[Any], torch.Tensor], items: Any,
-                    dim: int, label: str, progress: bool) -> torch.Tensor:
+def _encode_chunked(
+    encode: Callable[[Any], torch.Tensor], items: Any, dim: int, label: str, progress: bool
+) -> torch.Tensor:
     out = torch.zeros(len(items), dim)
     with make_progress(progress) as bar:
         task = bar.add_task(label, total=len(items))
         for start in range(0, len(items), _CHUNK):
-            chunk = items[start:start + _CHUNK]
-            out[start:start + len(chunk)] = encode(chunk)
+            chunk = items[start : start + _CHUNK]
+            out[start : start + len(chunk)] = encode(chunk)
             bar.advance(task, len(chunk))
     return out
 
 
-def encode_texts(encoder: TextEncoder, texts: Sequence[str], cache: EmbeddingCache | None = None,
-                 progress: bool = False) -> torch.Tensor:
+def encode_texts(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    cache: EmbeddingCache | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """E_t over captions; duplicates are encoded once; cached when a cache is given."""
+
     def compute() -> torch.Tensor:
         unique, inverse = np.unique(np.asarray(texts, dtype=object), return_inverse=True)
-        feats = _encode_chunked(lambda c: encoder.encode(list(c)),
-                                list(unique), encoder.dim, "encoding text", progress)
+        feats = _encode_chunked(
+            lambda c: encoder.encode(list(c)), list(unique), encoder.dim, "encoding text", progress
+        )
         return feats[torch.from_numpy(inverse.reshape(-1).astype(np.int64))]
 
     if not texts:
@@ -155,12 +171,16 @@ def encode_texts(encoder: TextEncoder, texts: Sequence[str], cache: EmbeddingCac
     return cache.get_or_compute(encoder.identity, text_content_digest(texts), compute)
 
 
-def encode_images(encoder: ImageEncoder, images: np.ndarray, cache: EmbeddingCache | None = None,
-                  progress: bool = False) -> torch.Tensor:
+def encode_images(
+    encoder: ImageEncoder,
+    images: np.ndarray,
+    cache: EmbeddingCache | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """E_i over images; cached when a cache is given."""
+
     def compute() -> torch.Tensor:
-        return _encode_chunked(encoder.encode, images, encoder.dim,
-                               "encoding images", progress)
+        return _encode_chunked(encoder.encode, images, encoder.dim, "encoding images", progress)
 
     if len(images) == 0:
         return torch.zeros(0, encoder.dim)
@@ -169,8 +189,13 @@ def encode_images(encoder: ImageEncoder, images: np.ndarray, cache: EmbeddingCac
     return cache.get_or_compute(encoder.identity, image_content_digest(images), compute)
 
 
-def encode_dataset(raw: RawDataset, text_encoder: TextEncoder, image_encoder: ImageEncoder,
-                   cache: EmbeddingCache | None = None, progress: bool = False) -> EmbeddingSet:
+def encode_dataset(
+    raw: RawDataset,
+    text_encoder: TextEncoder,
+    image_encoder: ImageEncoder,
+    cache: EmbeddingCache | None = None,
+    progress: bool = False,
+) -> EmbeddingSet:
     """Eq. 1 over a RawDataset: only present modalities are encoded; absent rows stay zero."""
     n = len(raw)
     text = torch.zeros(n, text_encoder.dim)
@@ -179,12 +204,15 @@ def encode_dataset(raw: RawDataset, text_encoder: TextEncoder, image_encoder: Im
     i_idx = np.flatnonzero(raw.has_image)
     if len(t_idx):
         text[torch.from_numpy(t_idx)] = encode_texts(
-            text_encoder, [raw.texts[i] for i in t_idx.tolist()], cache, progress)
+            text_encoder, [raw.texts[i] for i in t_idx.tolist()], cache, progress
+        )
     if len(i_idx):
-        image[torch.from_numpy(i_idx)] = encode_images(image_encoder, raw.images[i_idx], cache,
-                                                       progress)
+        image[torch.from_numpy(i_idx)] = encode_images(
+            image_encoder, raw.images[i_idx], cache, progress
+        )
     return EmbeddingSet(
-        text=text, image=image,
+        text=text,
+        image=image,
         has_text=torch.from_numpy(raw.has_text.astype(bool)),
         has_image=torch.from_numpy(raw.has_image.astype(bool)),
         labels=torch.from_numpy(raw.labels.astype(np.int64)),

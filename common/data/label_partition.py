@@ -6,8 +6,14 @@ import numpy as np
 from crossfed.common.data.data_errors import DataError
 
 
-def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
-                        min_samples: int = 1, max_tries: int = 100) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    min_samples: int = 1,
+    max_tries: int = 100,
+) -> list[np.ndarray]:
     """Split sample indices into `num_clients` shards; per class, shares ~ Dir(alpha).
 
     Small alpha -> each client sees few classes; large alpha -> near-IID. Re-draws (up to

@@ -84,9 +84,13 @@ def _load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
-def load_manifest(path: str | Path, class_names: Sequence[str] | None = None,
-                  image_size: int = 64, strict: bool = False,
-                  base_dir: str | Path | None = None) -> ManifestResult:
+def load_manifest(
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    image_size: int = 64,
+    strict: bool = False,
+    base_dir: str | Path | None = None,
+) -> ManifestResult:
     """Read a manifest; relative image paths resolve against `base_dir` (default: its folder).
 
     `class_names` fixes the label set (labels may be names or indices into it); without it,
@@ -115,12 +119,19 @@ def load_manifest(path: str | Path, class_names: Sequence[str] | None = None,
         if row is None:
             reject(line, problem)
             continue
-        image_cell, text, label = _pick(row, IMAGE_KEYS), _pick(row, TEXT_KEYS), _pick(row, LABEL_KEYS)
+        image_cell, text, label = (
+            _pick(row, IMAGE_KEYS),
+            _pick(row, TEXT_KEYS),
+            _pick(row, LABEL_KEYS),
+        )
         if not label:
             reject(line, "empty label")
             continue
-        if known is not None and label not in known and not (
-                label.isdigit() and int(label) < len(known)):
+        if (
+            known is not None
+            and label not in known
+            and not (label.isdigit() and int(label) < len(known))
+        ):
             reject(line, f"unknown label '{label}'")
             continue
         if not image_cell and not text:
@@ -152,11 +163,15 @@ def load_manifest(path: str | Path, class_names: Sequence[str] | None = None,
         index = {name: i for i, name in enumerate(names)}
         labels = [index[lab] for lab in raw_labels]
     if not labels:
-        raise ManifestError(f"{path}: no usable rows ({len(issues)} rejected: "
-                            f"{'; '.join(map(str, issues[:5]))})")
+        raise ManifestError(
+            f"{path}: no usable rows ({len(issues)} rejected: {'; '.join(map(str, issues[:5]))})"
+        )
     dataset = RawDataset(
-        images=np.stack(images), texts=texts, labels=np.asarray(labels, dtype=np.int64),
-        has_text=np.asarray(has_text, dtype=bool), has_image=np.asarray(has_image, dtype=bool),
+        images=np.stack(images),
+        texts=texts,
+        labels=np.asarray(labels, dtype=np.int64),
+        has_text=np.asarray(has_text, dtype=bool),
+        has_image=np.asarray(has_image, dtype=bool),
         class_names=names,
     )
     return ManifestResult(dataset=dataset, issues=issues)

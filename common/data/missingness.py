@@ -28,8 +28,9 @@ def _check_rate(rate: float) -> None:
         raise DataError(f"missing rate must be in [0, 1], got {rate}")
 
 
-def per_sample_masks(num_samples: int, rate: float, seed: int,
-                     text_only_share: float = 0.5) -> ModalityMasks:
+def per_sample_masks(
+    num_samples: int, rate: float, seed: int, text_only_share: float = 0.5
+) -> ModalityMasks:
     """PmcmFL-style: exactly round(rate*N) samples lose one modality (paired subset = rest)."""
     _check_rate(rate)
     if not 0.0 <= text_only_share <= 1.0:
@@ -59,8 +60,9 @@ def per_client_modalities(num_clients: int, rate: float, seed: int) -> list[tupl
     return out
 
 
-def apply_client_modalities(client_indices: list[np.ndarray], modalities: list[tuple[bool, bool]],
-                            num_samples: int) -> ModalityMasks:
+def apply_client_modalities(
+    client_indices: list[np.ndarray], modalities: list[tuple[bool, bool]], num_samples: int
+) -> ModalityMasks:
     """Turn per-client (has_text, has_image) into per-sample masks over the whole dataset."""
     if len(client_indices) != len(modalities):
         raise DataError(f"{len(client_indices)} clients but {len(modalities)} modality entries")

@@ -77,21 +77,20 @@ class VisualLinguisticMemory(nn.Module):
         Classes with fewer than K entries average what they have; classes with none give 0
         (check has_entries first).
         """
-        c, cap = self.num_classes, self.capacity
-        keys = torch.cat([self.text.reshape(c * cap, -1), self.proto_text], dim=0)
-        values = torch.cat([self.image.reshape(c * cap, -1), self.proto_image], dim=0)
-        owner = torch.cat([torch.arange(c).repeat_interleave(cap), torch.arange(c)])
-        filled = torch.cat(
-            [
-                (torch.arange(cap).unsqueeze(0) < self.count.unsqueeze(1)).reshape(-1),
-                self.proto_valid,
-            ]
-        )
-        sims = nn.functional.normalize(f_t, dim=1) @ nn.functional.normalize(keys, dim=1).T
-        allowed = (owner.unsqueeze(0) == classes.unsqueeze(1)) & filled.unsqueeze(0)
-        sims = sims.masked_fill(~allowed, float("-inf"))
-        k = min(self.top_k, sims.shape[1])
-        top_sims, top_idx = sims.topk(k, dim=1)
-        weights = torch.isfinite(top_sims).to(values.dtype)
-        picked = values[top_idx] * weights.unsqueeze(2)
-        return picked.sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        out = torch.zeros(f_t.shape[0], self.image.shape[2], dtype=self.image.dtype)
+        queries = nn.functional.normalize(f_t, dim=1)
+        # One small matmul per queried class (capacity entries + its prototype) instead of
+        # scoring every query against the whole memory.
+        for cls in classes.unique().tolist():
+            rows = (classes == cls).nonzero().squeeze(1)
+            n = int(self.count[cls])
+            keys, values = self.text[cls, :n], self.image[cls, :n]
+            if bool(self.proto_valid[cls]):
+                keys = torch.cat([keys, self.proto_text[cls : cls + 1]])
+                values = torch.cat([values, self.proto_image[cls : cls + 1]])
+            if keys.shape[0] == 0:
+                continue
+            sims = queries[rows] @ nn.functional.normalize(keys, dim=1).T
+            top = sims.topk(min(self.top_k, keys.shape[0]), dim=1).indices
+            out[rows] = values[top].mean(dim=1)
+        return out

@@ -25,9 +25,13 @@ class CountingTextEncoder(TextEncoder):
 
 def _raw() -> RawDataset:
     imgs = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
-    return RawDataset(images=imgs, texts=["aa", "b", "", "aa"], labels=np.array([0, 1, 0, 1]),
-                      has_text=np.array([True, True, False, True]),
-                      has_image=np.array([True, False, True, True]))
+    return RawDataset(
+        images=imgs,
+        texts=["aa", "b", "", "aa"],
+        labels=np.array([0, 1, 0, 1]),
+        has_text=np.array([True, True, False, True]),
+        has_image=np.array([True, False, True, True]),
+    )
 
 
 def test_second_run_hits_cache(tmp_path: Path) -> None:

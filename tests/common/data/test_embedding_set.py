@@ -13,8 +13,10 @@ from crossfed.common.data.embeddings import EmbeddingSet
 def make_set(n: int = 6) -> EmbeddingSet:
     g = torch.Generator().manual_seed(0)
     return EmbeddingSet(
-        text=torch.randn(n, 4, generator=g), image=torch.randn(n, 3, generator=g),
-        has_text=torch.ones(n, dtype=torch.bool), has_image=torch.ones(n, dtype=torch.bool),
+        text=torch.randn(n, 4, generator=g),
+        image=torch.randn(n, 3, generator=g),
+        has_text=torch.ones(n, dtype=torch.bool),
+        has_image=torch.ones(n, dtype=torch.bool),
         labels=torch.arange(n) % 2,
     )
 
@@ -44,8 +46,13 @@ def test_validation_names_the_problem(tmp_path: Path) -> None:
     with pytest.raises(EmbeddingSetError, match="text has shape"):
         EmbeddingSet(s.text[:3], s.image, s.has_text, s.has_image, s.labels)
     with pytest.raises(EmbeddingSetError, match="neither text nor image"):
-        EmbeddingSet(s.text, s.image, torch.zeros(6, dtype=torch.bool),
-                     torch.zeros(6, dtype=torch.bool), s.labels)
+        EmbeddingSet(
+            s.text,
+            s.image,
+            torch.zeros(6, dtype=torch.bool),
+            torch.zeros(6, dtype=torch.bool),
+            s.labels,
+        )
     with pytest.raises(EmbeddingSetError, match="dtype"):
         EmbeddingSet(s.text.double(), s.image, s.has_text, s.has_image, s.labels)
     bad = tmp_path / "bad.safetensors"

@@ -21,13 +21,13 @@ def test_csv_with_bad_rows(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not a png")
     (tmp_path / "m.csv").write_text(
         "image,text,label\n"
-        "a.png,a red circle,cat\n"        # line 2: paired
-        ",only text,dog\n"                # line 3: text-only
-        "a.png,,dog\n"                    # line 4: image-only
-        "missing.png,x,cat\n"             # line 5: missing file
-        "broken.png,x,cat\n"              # line 6: unreadable
-        "a.png,x,horse\n"                 # line 7: unknown label
-        ",,cat\n"                         # line 8: both absent
+        "a.png,a red circle,cat\n"  # line 2: paired
+        ",only text,dog\n"  # line 3: text-only
+        "a.png,,dog\n"  # line 4: image-only
+        "missing.png,x,cat\n"  # line 5: missing file
+        "broken.png,x,cat\n"  # line 6: unreadable
+        "a.png,x,horse\n"  # line 7: unknown label
+        ",,cat\n"  # line 8: both absent
     )
     res = load_manifest(tmp_path / "m.csv", class_names=["cat", "dog"], image_size=16)
     d = res.dataset
@@ -46,13 +46,18 @@ def test_csv_with_bad_rows(tmp_path: Path) -> None:
 
 def test_jsonl_infers_classes(tmp_path: Path) -> None:
     _image(tmp_path / "a.png")
-    rows = [{"image": "a.png", "text": "t", "label": "b"}, {"text": "u", "label": "a"},
-            {"text": "v"}]
+    rows = [
+        {"image": "a.png", "text": "t", "label": "b"},
+        {"text": "u", "label": "a"},
+        {"text": "v"},
+    ]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n")
     res = load_manifest(tmp_path / "m.jsonl")
     assert res.dataset.class_names == ["a", "b"] and res.dataset.labels.tolist() == [1, 0]
-    assert [(i.line, "label" in i.reason or "JSON" in i.reason) for i in res.issues] == \
-        [(3, True), (4, True)]
+    assert [(i.line, "label" in i.reason or "JSON" in i.reason) for i in res.issues] == [
+        (3, True),
+        (4, True),
+    ]
 
 
 def test_unusable_manifest(tmp_path: Path) -> None:

@@ -70,8 +70,9 @@ def test_dirichlet_covers_every_sample_once_and_alpha_controls_skew() -> None:
     skewed = mean_classes(parts)
     iid = mean_classes(dirichlet_partition(labels, 5, alpha=100.0, seed=0))
     assert iid == 10 and skewed < 7
-    assert [p.tolist() for p in dirichlet_partition(labels, 5, 0.1, seed=0)] == \
-        [p.tolist() for p in parts]
+    assert [p.tolist() for p in dirichlet_partition(labels, 5, 0.1, seed=0)] == [
+        p.tolist() for p in parts
+    ]
 
 
 def test_dirichlet_rejects_bad_input() -> None:

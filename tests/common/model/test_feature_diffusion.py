@@ -13,6 +13,8 @@ def test_learns_a_conditional_mapping() -> None:
     proj = torch.randn(text_dim, image_dim) / text_dim**0.5
     model = FeatureDiffusion(image_dim, text_dim, hidden_dim=32, train_steps=50, sample_steps=5)
     assert isinstance(model.ddpm, DDPMScheduler) and isinstance(model.ddim, DDIMScheduler)
+    assert model.ddpm.config.num_train_timesteps == 50
+    assert model.ddim.config.prediction_type == "sample"  # denoiser predicts clean f_i (eq. 7)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
 

@@ -89,7 +89,7 @@ def save_tiny_stable_diffusion(path: Path) -> Path:
         text_encoder=text,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(num_train_timesteps=100),
+        scheduler=DDIMScheduler(num_train_timesteps=100, clip_sample=False),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
