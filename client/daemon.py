@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import torch
 from crossfed.client.backoff import Backoff, RetryPolicy
 from crossfed.client.enrollment import enroll_with_token, load_credential, stored_client_id
 from crossfed.client.errors import ClientConfigError
@@ -37,6 +38,7 @@ from crossfed.common.crypto.identity import ClientCredential
 log = logging.getLogger(__name__)
 
 ROUND_LOG_FILE = "rounds.jsonl"
+DEFAULT_ROUND_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,12 @@ class ClientDaemon:
         started = time.perf_counter()
         spec = data_spec_from_config(config, options)
         self.data = load_local_data(spec, config.cache_dir, progress=options.progress)
+        if config.threads is None:
+            # Encoding (above) gains from every core; the round's small MLP products do not,
+            # and extra intra-op threads slow them down badly when cores are shared
+            # (benchmarks/client_round_resources.py: 2 threads ran a round 20x slower on a
+            # loaded 2-core machine). --threads overrides this.
+            torch.set_num_threads(DEFAULT_ROUND_THREADS)
         self.echo(f"local data: {self.data.description} ({time.perf_counter() - started:.1f} s)")
 
         policy = _retry_policy(config, options)
@@ -241,7 +249,7 @@ class ClientDaemon:
             epochs=config.train.epochs,
             batch_size=config.train.batch_size,
             lr=config.train.lr,
-            num_threads=config.threads,
+            num_threads=config.threads or DEFAULT_ROUND_THREADS,
         )
         worker = ModelRoundWorker(
             self.data,

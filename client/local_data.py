@@ -59,6 +59,11 @@ class LocalDataSpec:
     image_size: int = 32
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "modality", ClientModality(self.modality))
+        except ValueError:
+            choices = ", ".join(m.value for m in ClientModality)
+            raise ClientConfigError(f"modality {self.modality!r} is not one of {choices}") from None
         if not 0 <= self.client_index < self.num_clients:
             raise ClientConfigError(
                 f"client index {self.client_index} is outside 0..{self.num_clients - 1}"
