@@ -23,6 +23,18 @@ from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 log = logging.getLogger(__name__)
 
 
+# protobuf counts are uint64; the state DB (SQLite) stores int64: larger values are refused
+# here, at the edge, instead of failing deep inside a DB write (an UNKNOWN status)
+MAX_WIRE_INT = 2**63 - 1
+
+
+def checked_count(value: int, what: str) -> int:
+    """``value`` as int, or `InvalidUpdateError` when it exceeds what the server can store."""
+    if value > MAX_WIRE_INT:
+        raise InvalidUpdateError(f"{what} = {value} is out of range (max {MAX_WIRE_INT})")
+    return int(value)
+
+
 def abort_with(context: grpc.ServicerContext, exc: ServerError) -> NoReturn:
     """End the call with the status code the error class names and its message."""
     context.abort(getattr(grpc.StatusCode, exc.status.value), str(exc))
@@ -97,10 +109,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             reg = self.engine.register(
                 client_id,
                 int(request.modality),
-                int(request.num_samples),
-                int(request.num_paired),
-                int(request.num_text_only),
-                int(request.num_image_only),
+                checked_count(request.num_samples, "num_samples"),
+                checked_count(request.num_paired, "num_paired"),
+                checked_count(request.num_text_only, "num_text_only"),
+                checked_count(request.num_image_only, "num_image_only"),
                 request.model_config_digest,
                 request.daemon_version,
             )
@@ -172,15 +184,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if first is None or first.WhichOneof("kind") != "header":
             abort_with(context, InvalidUpdateError("an upload must start with an UploadHeader"))
         header = first.header
-        round_no = int(header.round)
+        round_no = min(int(header.round), MAX_WIRE_INT)  # out of range: refused below
         try:
+            checked_count(header.round, "upload header round")
             check_header(header, self.upload_policy)
             ticket = self.engine.begin_upload(
                 client_id,
                 round_no,
                 header.upload_id,
-                int(header.num_samples),
-                {k: int(v) for k, v in header.module_samples.items()},
+                checked_count(header.num_samples, "upload header num_samples"),
+                {
+                    k: checked_count(v, f"module_samples[{k!r}]")
+                    for k, v in header.module_samples.items()
+                },
             )
             if isinstance(ticket, UploadOutcome):
                 return coordinator_pb2.UploadResponse(

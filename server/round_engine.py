@@ -9,6 +9,7 @@ input model, so no round is ever counted twice.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -922,8 +923,10 @@ class RoundEngine:
         if payload:
             if self.projection_spec is None:
                 raise InvalidUpdateError("this server is not configured for projection exchange")
-            if epsilon_spent < 0:
-                raise InvalidUpdateError(f"epsilon_spent must be >= 0, got {epsilon_spent}")
+            if not math.isfinite(epsilon_spent) or epsilon_spent < 0:
+                raise InvalidUpdateError(
+                    f"epsilon_spent must be finite and >= 0, got {epsilon_spent}"
+                )
             if self.epsilon_budget > 0 and epsilon_spent > self.epsilon_budget:
                 raise PrivacyBudgetExceededError(
                     f"projections report epsilon {epsilon_spent:.3f} > budget "
@@ -959,8 +962,8 @@ class RoundEngine:
                 )
             return
         last = self._run.last_committed_round
-        if round_no == last and self._clients[client_id].last_round == last:
-            return
+        if 0 < last == round_no and self._clients[client_id].last_round == last:
+            return  # an uploader of the just-committed round (there is none before round 1)
         raise WrongRoundError(
             f"projections for round {round_no} are not accepted now (open round: "
             f"{opened.record.round if opened else 'none'}, last committed: {last})"
