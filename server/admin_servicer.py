@@ -557,7 +557,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def StreamEvents(
         self, request: admin_pb2.StreamEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.Event]:
-        self._admin(context, f"stream events after {request.after_event_id}", query=True)
+        self._admin(context, f"stream events after {request.after_event_id}")
         # event ids are SQLite int64: a larger (uint64) cursor simply has nothing after it
         after = min(int(request.after_event_id), 2**63 - 1)
         changed = self.engine.events_changed
