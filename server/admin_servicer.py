@@ -279,8 +279,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             self.engine.events_changed.notify_all()
 
     # -- helpers -------------------------------------------------------------------------
-    def _admin(self, context: grpc.ServicerContext, action: str) -> str:
-        """Who is calling (for the audit log); refuses non-loopback callers when insecure."""
+    def _admin(self, context: grpc.ServicerContext, action: str, *, query: bool = False) -> str:
+        """Who is calling (for the audit log: changes at INFO, read-only queries at DEBUG so a
+        polling dashboard does not flood it); refuses non-loopback callers when insecure."""
         if self.authenticated:
             try:
                 who = authenticated_identity(context).client_id
@@ -297,14 +298,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     ),
                 )
             who = f"insecure:{peer}"
-        log.info("admin %s: %s", who, action)
+        log.log(logging.DEBUG if query else logging.INFO, "admin %s: %s", who, action)
         return who
 
     # -- queries -------------------------------------------------------------------------
     def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> admin_pb2.GetStatusResponse:
-        self._admin(context, "status")
+        self._admin(context, "status", query=True)
         engine = self.engine
         with engine.events_changed:  # one consistent snapshot (the engine's re-entrant lock)
             run = engine.run
@@ -336,7 +337,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def ListClients(
         self, request: admin_pb2.ListClientsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListClientsResponse:
-        self._admin(context, "list clients")
+        self._admin(context, "list clients", query=True)
         return admin_pb2.ListClientsResponse(
             clients=[
                 admin_pb2.ClientInfo(
@@ -355,7 +356,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def ListRounds(
         self, request: admin_pb2.ListRoundsRequest, context: grpc.ServicerContext
     ) -> admin_pb2.ListRoundsResponse:
-        self._admin(context, "list rounds")
+        self._admin(context, "list rounds", query=True)
         records = self.engine.store.list_rounds(int(request.limit))
         return admin_pb2.ListRoundsResponse(
             rounds=[
@@ -466,7 +467,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def ExportModel(
         self, request: admin_pb2.ExportModelRequest, context: grpc.ServicerContext
     ) -> Iterator[common_pb2.TensorChunk]:
-        self._admin(context, f"export model round {request.round}")
+        self._admin(context, f"export model round {request.round}", query=True)
         last = self.engine.run.last_committed_round
         version = last if request.round == 0 else int(request.round)
         try:
@@ -557,7 +558,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def StreamEvents(
         self, request: admin_pb2.StreamEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.Event]:
-        self._admin(context, f"stream events after {request.after_event_id}")
+        self._admin(context, f"stream events after {request.after_event_id}", query=True)
         # event ids are SQLite int64: a larger (uint64) cursor simply has nothing after it
         after = min(int(request.after_event_id), 2**63 - 1)
         changed = self.engine.events_changed

@@ -25,6 +25,8 @@ class HeldOutEvaluator:
         cls, num_samples: int, seed: int, cache_dir: Path, model_config: ModelConfig | None = None
     ) -> HeldOutEvaluator:
         """Generate and encode the held-out set (cached after the first run)."""
+        from transformers.utils import logging as hf_logging
+
         from crossfed.common.data.embedding_cache import EmbeddingCache, encode_dataset
         from crossfed.common.data.synthetic_shapes import (
             SyntheticShapesConfig,
@@ -32,6 +34,7 @@ class HeldOutEvaluator:
         )
         from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
 
+        hf_logging.disable_progress_bar()  # the demo shows its own progress
         config = model_config or ModelConfig()
         raw = generate_synthetic_shapes(SyntheticShapesConfig(num_samples=num_samples, seed=seed))
         data = encode_dataset(

@@ -37,6 +37,7 @@ def _plot(result: DemoResult) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = [r.round for r in result.rounds]
@@ -44,6 +45,7 @@ def _plot(result: DemoResult) -> None:
         ax.plot(
             rounds, [r.scores[config]["accuracy"] for r in result.rounds], marker="o", label=label
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1)

@@ -137,7 +137,6 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
             str(options.rounds + 1),
             "--seed",
             str(options.seed),
-            "--exit-when-done",
         ],
         env={"CROSSFED_TLS__CERT_DIR": str(kits / "server" / "kit" / "tls")},
     )
@@ -206,6 +205,7 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
         watcher.close()
     if result.final_state != "completed":
         raise DemoError(f"the run ended {result.final_state}; logs in {run_dir / 'logs'}")
+    # Clients leave on their own once told the run is done; the server is stopped afterwards.
     supervisor.wait_all(set(names), timeout_s=30)
 
 

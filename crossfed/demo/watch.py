@@ -56,20 +56,27 @@ class AdminWatcher:
     def export_model(self, round_no: int) -> dict[str, torch.Tensor]:
         """The committed global model of `round_no`, reassembled and digest-checked."""
         from crossfed.common.wire.chunking import Chunk, ChunkAssembler
+        from crossfed.common.wire.errors import WireError
         from crossfed.common.wire.tensor_codec import decode_tensors
 
         assembler = ChunkAssembler(max_payload_bytes=4 * 1024**3)
-        for msg in self.stub.ExportModel(admin_pb2.ExportModelRequest(round=round_no), timeout=120):
-            assembler.add(
-                Chunk(
-                    index=msg.index,
-                    total=msg.total,
-                    data=msg.data,
-                    payload_sha256=msg.payload_sha256,
-                    payload_size=msg.payload_size,
+        request = admin_pb2.ExportModelRequest(round=round_no)
+        try:
+            for msg in self.stub.ExportModel(request, timeout=120):
+                assembler.add(
+                    Chunk(
+                        index=msg.index,
+                        total=msg.total,
+                        data=msg.data,
+                        payload_sha256=msg.payload_sha256,
+                        payload_size=msg.payload_size,
+                    )
                 )
-            )
-        return decode_tensors(assembler.result())
+            return decode_tensors(assembler.result())
+        except grpc.RpcError as exc:
+            raise WatchError(f"export of round {round_no} failed: {exc.details()}") from None
+        except WireError as exc:
+            raise WatchError(f"export of round {round_no} is corrupt: {exc}") from None
 
     def follow(
         self,
