@@ -58,6 +58,8 @@ class ProcessSupervisor:
         )
         child = ChildProcess(name, process, log_path, log_file)
         self.children.append(child)
+        with open(self.log_dir / "pids.txt", "a") as pids:  # lets a test prove cleanup
+            pids.write(f"{name} {process.pid}\n")
         return child
 
     def check_alive(self, names: set[str] | None = None) -> None:
