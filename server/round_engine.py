@@ -9,6 +9,7 @@ input model, so no round is ever counted twice.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -65,6 +66,7 @@ from crossfed.server.state.records import (
 from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
 
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 # Actions (values match crossfed.v1.Action so the servicer can pass them through).
 ACTION_WAIT = 1
@@ -677,18 +679,25 @@ class RoundEngine:
         record = opened.record
         started = time.perf_counter()
         new_state = opened.fedavg.result()
-        # pruned only after the DB commit: a kill in between must find the last committed
-        # checkpoint still on disk (with keep_last=1 it used to be deleted here)
-        self.checkpoints.save(record.round, new_state, self._run.run_id, prune=False)
         pending = self._projections
-        if pending is not None and pending.contributors:
-            sums = pending.sums()
-            if self.noise_hook is not None:
-                sums = self.noise_hook(sums, record.round)
-            payload = prototypes_payload(sums)
-            path = self.checkpoints.directory / _PROTOTYPES_NAME.format(record.round)
-            write_bytes_atomic(path, payload)
-            self._prototypes = (record.round, payload)
+        published: tuple[int, bytes] | None = None
+        try:
+            # pruned only after the DB commit: a kill in between must find the last committed
+            # checkpoint still on disk (with keep_last=1 it used to be deleted here)
+            self.checkpoints.save(record.round, new_state, self._run.run_id, prune=False)
+            if pending is not None and pending.contributors:
+                sums = pending.sums()
+                if self.noise_hook is not None:
+                    sums = self.noise_hook(sums, record.round)
+                payload = prototypes_payload(sums)
+                path = self.checkpoints.directory / _PROTOTYPES_NAME.format(record.round)
+                write_bytes_atomic(path, payload)
+                published = (record.round, payload)
+        except OSError as exc:  # disk full, read-only state dir, ...
+            self._checkpoint_failed_locked(record.round, exc)
+            return
+        if published is not None and pending is not None:
+            self._prototypes = published
             self._projections = ProjectionAggregator(pending.spec)
         record.state = ROUND_COMMITTED
         record.ended_unix_s = self.clock()
@@ -724,6 +733,17 @@ class RoundEngine:
         )
         if self._run.last_committed_round >= self._run.total_rounds:
             self._set_run_state(RUN_COMPLETED, f"all {self._run.total_rounds} rounds committed")
+
+    def _checkpoint_failed_locked(self, round_no: int, exc: OSError) -> None:
+        """The new global model could not be written: the round is not committed (its attempt
+        fails and is retried, bounded by max_round_attempts); the last good checkpoint stays."""
+        message = (
+            f"checkpoint of round {round_no} could not be written ({exc.strerror or exc}); "
+            "the round is not committed, the last good checkpoint is kept"
+        )
+        log.error(message)
+        self._event("checkpoint_failed", round_no=round_no, message=message)
+        self._fail_open_locked(message, retry=True)
 
     # ------------------------------------------------------------------ model download
     def global_model_bytes(self, round_no: int) -> tuple[int, bytes]:
