@@ -1,0 +1,103 @@
+"""Disk full (ENOSPC) and read-only state dir (EROFS) at checkpoint time, simulated in-process
+by making the checkpoint write raise: the server reports it (an event and an ERROR log line),
+does not commit the round, keeps the last good checkpoint, answers the uploading client with
+a proper status, and once the disk is writable again the round is re-run and committed."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from crossfed.common.model.model_config import ModelConfig
+from crossfed.server import checkpoints
+from crossfed.server.model_bootstrap import _standin_state
+from crossfed.server.server_app import ServerOptions
+from reliability_harness import (
+    SMALL_MODEL,
+    LightClient,
+    ResilientClientThread,
+    checkpoint_digests,
+    inprocess_server,
+    record_result,
+    rounds_of,
+    run_row,
+    verify_committed_history,
+    wait_until,
+)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_checkpoint_write_failure_is_reported_and_the_round_not_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    state_dir = tmp_path / "state"
+    options = ServerOptions(tick_interval_s=0.05, heartbeat_interval_ms=100, auto_start=False,
+                            allow_unencrypted_uploads=True)  # fmt: skip
+    original = checkpoints.write_bytes_atomic
+    disk_full = threading.Event()
+    failures: list[str] = []
+
+    def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+        if disk_full.is_set() and Path(path).name.startswith("global-"):
+            failures.append(Path(path).name)
+            raise OSError(code, os.strerror(code), str(path))
+        original(path, data, mode)
+
+    monkeypatch.setattr(checkpoints, "write_bytes_atomic", write)
+    caplog.set_level(logging.WARNING)
+    stop = threading.Event()
+    with inprocess_server(state_dir, monkeypatch, options, rounds=2, min_clients=2,
+                          max_retries_on_failed_round=5) as (server, target):  # fmt: skip
+        clients = [LightClient(target, f"c{i}", index=i) for i in range(2)]
+        threads = [ResilientClientThread(c, stop) for c in clients]
+        try:
+            for c in clients:
+                c.register()
+            server.engine.start()
+            for t in threads:
+                t.start()
+            wait_until(lambda: server.engine.run.last_committed_round == 1, 20, "round 1")
+            disk_full.set()
+            good = checkpoint_digests(state_dir)
+            wait_until(lambda: len(failures) >= 2, 20, "failed checkpoint writes")
+            # reported, not committed, last good checkpoint kept
+            assert run_row(state_dir)[1] == 1
+            assert server.engine.run.last_committed_round == 1
+            assert server.engine.run.state == "running"
+            failed = [r for r in rounds_of(state_dir) if r.round == 2 and r.state == "failed"]
+            assert failed and os.strerror(code) in failed[0].message, failed
+            events = server.engine.store.events_after(0, 10_000)
+            assert any(e.kind == "checkpoint_failed" and e.round == 2 for e in events)
+            assert any(
+                r.levelno >= logging.ERROR and "checkpoint" in r.getMessage()
+                for r in caplog.records
+            )
+            current = checkpoint_digests(state_dir)
+            assert current.get("global-000001.safetensors") == good["global-000001.safetensors"]
+            assert not any(".tmp-" in name for name in current)
+            disk_full.clear()  # space freed: the retried round commits
+            wait_until(lambda: server.engine.run.state == "completed", 30, "run completed")
+        finally:
+            stop.set()
+            for c in clients:
+                c.close()
+    errors = [e for t in threads for e in t.errors]
+    assert not errors, errors  # the uploading clients never saw UNKNOWN/INTERNAL
+    assert (
+        verify_committed_history(
+            state_dir, _standin_state(ModelConfig(**SMALL_MODEL), 0), lambda c: int(c[1:])
+        )
+        == 2
+    )
+    record_result(
+        f"disk_full_{errno.errorcode[code]}",
+        failed_checkpoint_writes=len(failures),
+        failed_attempts=len([r for r in rounds_of(state_dir) if r.state == "failed"]),
+        committed_after_recovery=True,
+        recorded=time.time(),
+    )
