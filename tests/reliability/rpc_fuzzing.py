@@ -173,8 +173,9 @@ def mutated_payload(draw: st.DrawFn, valid: bytes) -> bytes:
     header = json.loads(valid[8 : 8 + hlen])
     if kind == "json":
         key = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
-        entry = dict(header[key])
+        entry: dict[str, Any] | None = dict(header[key])
         which = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra", "drop"]))
+        assert entry is not None
         if which == "dtype":
             entry["dtype"] = draw(st.sampled_from(["F16", "BF16", "I64", "BOOL", "U8", "F8_E4M3",
                                                    "X9", "", "F64"]))  # fmt: skip
