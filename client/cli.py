@@ -113,11 +113,8 @@ def start(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Run a client daemon until the server ends the run."""
-    from crossfed.client.daemon import ClientDaemon, DaemonOptions
     from crossfed.client.errors import ClientError
     from crossfed.common.config import ClientConfig, ConfigError, load_config
-    from crossfed.common.data.data_errors import DataError
-    from crossfed.common.privacy.privacy_accountant import PrivacyAccountantError
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -158,6 +155,15 @@ def start(
     )
     try:
         cfg = load_config(ClientConfig, config, overrides=overrides)
+    except ConfigError as exc:  # before the heavy imports: bad input fails fast
+        typer.echo(f"crossfed client: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    from crossfed.client.daemon import ClientDaemon, DaemonOptions
+    from crossfed.common.data.data_errors import DataError
+    from crossfed.common.privacy.privacy_accountant import PrivacyAccountantError
+
+    try:
         options = DaemonOptions(
             state_dir=state_dir,
             data_file=data_file,
@@ -172,6 +178,6 @@ def start(
         daemon = ClientDaemon(cfg, options, echo=typer.echo)
         daemon.install_signal_handlers()
         daemon.run()
-    except (ConfigError, ClientError, DataError, PrivacyAccountantError, ValueError) as exc:
+    except (ClientError, DataError, PrivacyAccountantError, ValueError) as exc:
         typer.echo(f"crossfed client: {exc}", err=True)
         raise typer.Exit(2) from None
