@@ -278,6 +278,12 @@ class ClientLoop:
         if response.client_id:
             self.client_id = response.client_id
             self.transport.set_client_id(response.client_id)
+        if self.run_id and response.run_id != self.run_id:
+            # A new run (server state reset): round numbers start over, nothing carries over.
+            log.warning("server started a new run %s (was %s)", response.run_id, self.run_id)
+            self._last_upload = None
+            self._upload_ids = {}
+            self.last_completed_round = None
         self.run_id = response.run_id
         if response.chunk_size:
             self._chunk_size = int(response.chunk_size)

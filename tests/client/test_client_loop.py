@@ -514,3 +514,35 @@ def test_train_again_for_an_uploaded_round_resends_the_same_update() -> None:
     assert len(ids_round1) == 1
     assert [r for r, _ in server.counted] == [1, 2]
     assert stats.rounds_completed == [1, 1, 2]
+
+
+def test_a_new_run_after_reregistration_forgets_the_old_runs_uploads() -> None:
+    server = FakeServer(rounds=[1])
+
+    class NewRunTransport(FakeTransport):
+        runs = 0
+
+        def register(
+            self, request: coordinator_pb2.RegisterRequest
+        ) -> coordinator_pb2.RegisterResponse:
+            response = super().register(request)
+            NewRunTransport.runs += 1
+            response.run_id = f"run-{NewRunTransport.runs}"
+            return response
+
+        def heartbeat(
+            self, request: coordinator_pb2.HeartbeatRequest
+        ) -> coordinator_pb2.HeartbeatResponse:
+            if NewRunTransport.runs == 1 and self.server.counted:
+                self.server.counted.clear()  # the server was wiped: new run, round 1 again
+                return coordinator_pb2.HeartbeatResponse(action=coordinator_pb2.ACTION_REGISTER)
+            return super().heartbeat(request)
+
+    worker = FakeWorker()
+    clock = FakeClock()
+    loop = ClientLoop(NewRunTransport(server), worker, sleep=clock.sleep, clock=clock)
+    stats = loop.run()
+    assert stats.resent_rounds == []  # the old run's update is never offered to the new run
+    assert worker.trained == [1, 1]
+    ids = [uid for _, uid in stats.upload_attempts]
+    assert len(ids) == 2 and ids[0] != ids[1]
