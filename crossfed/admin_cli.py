@@ -248,7 +248,19 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+#: Metrics a human table shows (Table I accuracy of the global model); --json shows all.
+_HEADLINE_METRICS = (
+    ("global_acc_both", "both"),
+    ("global_acc_text_only", "text"),
+    ("global_acc_image_only", "image"),
+)
+
+
 def _metrics_text(values: dict[str, float]) -> str:
+    """Headline accuracies when present, otherwise every metric."""
+    headline = [f"{label}={values[key]:.3f}" for key, label in _HEADLINE_METRICS if key in values]
+    if headline:
+        return "acc " + " ".join(headline)
     return " ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())) or "-"
 
 
@@ -452,7 +464,7 @@ def rounds(
         table = Table()
         for column in ("round", "attempt", "state", "uploads", "samples", "took"):
             table.add_column(column)
-        table.add_column("metrics")
+        table.add_column("metrics", no_wrap=True)
         table.add_column("message", overflow="fold")
         for r in rows:
             took = r["ended_unix_s"] - r["started_unix_s"] if r["ended_unix_s"] else 0.0
