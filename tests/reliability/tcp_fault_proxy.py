@@ -1,8 +1,8 @@
 """A TCP proxy on 127.0.0.1 that sits between a gRPC client and the server and misbehaves on
 purpose: it delays every forwarded block, cuts a connection (RST) after a scheduled number of
 bytes in either direction (which truncates whatever stream was in flight: a download, an
-upload, a response), freezes the server->client direction on request, and cuts every live
-connection on demand. Plain threads and sockets; bounded by `close()`."""
+upload, a response), freezes the server->client direction on request, blackholes live
+connections (silent partition) and cuts every live connection on demand. Plain threads and sockets; bounded by `close()`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class _Conn:
     down_limit: int | None
     up: int = 0
     down: int = 0
+    stalled: bool = False
     closed: threading.Event = field(default_factory=threading.Event)
 
 
@@ -101,6 +102,15 @@ class TcpFaultProxy:
     def thaw_downstream(self) -> None:
         """Forward server->client bytes again."""
         self._downstream_open.set()
+
+    def stall_all(self) -> int:
+        """Blackhole every live connection: bytes are read and dropped, nothing is closed (a
+        silent network partition; new connections work). Returns how many were stalled."""
+        with self._lock:
+            live = [c for c in self._conns if not c.closed.is_set()]
+            for conn in live:
+                conn.stalled = True
+        return len(live)
 
     def cut_all(self) -> int:
         """RST every live connection now (held bytes are dropped); returns how many."""
@@ -161,6 +171,8 @@ class TcpFaultProxy:
                 break
             if not data:
                 break
+            if conn.stalled:
+                continue  # blackholed: the bytes vanish, the peers hear nothing
             if not upstream:
                 while not self._downstream_open.wait(0.05):
                     if conn.closed.is_set():

@@ -83,7 +83,13 @@ class ConstantWorker:
 class DaemonThread(threading.Thread):
     """One real ClientLoop over a real gRPC channel to ``address``, run to DONE."""
 
-    def __init__(self, address: str, worker: ConstantWorker, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        address: str,
+        worker: ConstantWorker,
+        stop: threading.Event,
+        give_up_after_s: float = 60.0,
+    ) -> None:
         super().__init__(name=f"daemon-c{worker.index}", daemon=True)
         cid = f"c{worker.index}"
         self.transport = GrpcTransport.connect(
@@ -98,7 +104,9 @@ class DaemonThread(threading.Thread):
             self.transport,
             worker,
             LoopSettings(
-                retry=RetryPolicy(initial_delay_s=0.05, max_delay_s=0.5, give_up_after_s=60),
+                retry=RetryPolicy(
+                    initial_delay_s=0.05, max_delay_s=0.5, give_up_after_s=give_up_after_s
+                ),
                 default_poll_s=0.1,
                 chunk_size=1024,
             ),
@@ -248,3 +256,52 @@ def test_daemons_ride_out_random_fault_schedules(
     ]
     counts = _run_faulty_federation(tmp_path, monkeypatch, plans, rounds=3)
     record_result(f"network_faults_random_{seed}", rounds=3, daemons=4, **counts)
+
+
+@pytest.mark.slow
+def test_daemon_recovers_from_a_silent_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After round 1, c0's connection is blackholed (bytes dropped, no RST: a network
+    partition). The daemon only notices through call deadlines and gRPC keepalive; it must
+    reconnect, upload round 2 once, and the run completes. Records the recovery time."""
+    state_dir = tmp_path / "state"
+    stop = threading.Event()
+    with inprocess_server(state_dir, monkeypatch, _options(), rounds=2, min_clients=2,
+                          round_deadline_s=300.0) as (server, target):  # fmt: skip
+        proxy = TcpFaultProxy(target)
+        daemons = [
+            DaemonThread(proxy.address, ConstantWorker(0), stop, give_up_after_s=300),
+            DaemonThread(target, ConstantWorker(1), stop, give_up_after_s=300),
+        ]
+        try:
+            for d in daemons:
+                d.start()
+            wait_until(lambda: len(server.engine.clients()) == 2, 20, "registrations")
+            server.engine.start()
+            wait_until(lambda: server.engine.run.last_committed_round >= 1, 30, "round 1")
+            started = time.monotonic()
+            assert proxy.stall_all() >= 1
+            wait_until(
+                lambda: any(
+                    c == "c0" for a in (1, 2, 3) for c, _, _ in uploads_of(state_dir, 2, a)
+                ),
+                240,
+                "c0's round-2 upload after the partition",
+            )
+            recovery_s = time.monotonic() - started
+            for d in daemons:
+                d.join(timeout=60)
+        finally:
+            stop.set()
+            proxy.close()
+    for d in daemons:
+        assert d.error is None, repr(d.error)
+    assert verify_committed_history(state_dir, _initial(), lambda c: int(c[1:])) == 2
+    record_result(
+        "network_silent_partition",
+        recovery_s=round(recovery_s, 1),
+        heartbeat_deadline_s=3.0,
+        keepalive_time_ms=ChannelOptions().keepalive_time_ms,
+        transient_failures=daemons[0].loop.stats.transient_failures,
+    )
