@@ -94,7 +94,8 @@ def load_manifest(
     """Read a manifest; relative image paths resolve against `base_dir` (default: its folder).
 
     `class_names` fixes the label set (labels may be names or indices into it); without it,
-    the classes are the sorted distinct labels of the good rows. With `strict`, the first bad
+    integer labels are used as class indices, and names become the sorted distinct labels of
+    the good rows (meaningful for this file only: federated clients must share one list). With `strict`, the first bad
     row raises ManifestError; otherwise bad rows are skipped and returned in `issues`.
     """
     path = Path(path)
@@ -158,7 +159,14 @@ def load_manifest(
     if known is not None:
         names = list(known)
         labels = [known[lab] if lab in known else int(lab) for lab in raw_labels]
+    elif raw_labels and all(lab.isdigit() for lab in raw_labels):
+        # Integer labels are class indices as they stand: sorting them as strings would map
+        # "10" before "2", and a client missing a class would shift every index after it.
+        labels = [int(lab) for lab in raw_labels]
+        names = [str(i) for i in range(max(labels) + 1)]
     else:
+        # Names without a fixed class list: indices are only meaningful for this one file, so
+        # federated clients must pass `class_names` (the federation's shared list).
         names = sorted(set(raw_labels))
         index = {name: i for i, name in enumerate(names)}
         labels = [index[lab] for lab in raw_labels]

@@ -69,3 +69,14 @@ def test_unusable_manifest(tmp_path: Path) -> None:
     (tmp_path / "n.csv").write_text("image,text\na.png,x\n")
     with pytest.raises(ManifestError, match="no label column"):
         load_manifest(tmp_path / "n.csv")
+
+
+def test_integer_labels_are_indices_not_string_sorted(tmp_path: Path) -> None:
+    """"10" must stay class 10 (string sorting would put it before "2"), and a file that lacks
+    a class must not shift the indices after it."""
+    path = tmp_path / "m.jsonl"
+    rows = [{"text": f"sample {i}", "label": lab} for i, lab in enumerate(["2", "10", "3", "10"])]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = load_manifest(path)
+    assert result.dataset.labels.tolist() == [2, 10, 3, 10]
+    assert len(result.dataset.class_names) == 11
