@@ -120,6 +120,10 @@ def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cases: int, name: str)
                     code, _ = caller.server_stream(name_, first, md)
                 else:
                     code, _ = caller.client_stream(name_, payloads, md)
+                if sum(len(k) + len(v) for k, v in md) > 8000 and (
+                    code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                ):
+                    return  # beyond gRPC's default 8 KiB metadata limit: the transport refuses
                 if name_.endswith("/Enroll"):
                     assert code in (
                         grpc.StatusCode.PERMISSION_DENIED,
