@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
-from crossfed.server.aggregation import ModuleOf, StreamingFedAvg, module_weights_of
+from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
 from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
 from crossfed.server.errors import (
     AlreadyUploadedError,
@@ -164,9 +165,13 @@ class RoundEngine:
         model_config_digest: str = "",
         epsilon_budget: float = 0.0,
         noise_hook: ProjectionNoiseHook | None = None,
+        central_dp: CentralDP | None = None,
+        central_dp_delta: float = 1e-5,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
+        self.central_dp = central_dp
+        self.central_dp_delta = central_dp_delta
         self.checkpoints = checkpoints
         self.module_of = module_of
         self.policy = policy
@@ -605,7 +610,9 @@ class RoundEngine:
         self.store.put_round(record)
         self._open = _OpenRound(
             record=record,
-            fedavg=StreamingFedAvg(self._global, self.module_of),
+            fedavg=StreamingFedAvg(
+                self._global, self.module_of, self.central_dp, _central_dp_generator()
+            ),
         )
         self._waiting_since = None
         for cid in selected:
@@ -678,6 +685,9 @@ class RoundEngine:
         opened = self._open
         record = opened.record
         started = time.perf_counter()
+        # the serialized input model is not needed any more (a late download reloads it from
+        # its checkpoint): dropping it first keeps the commit's peak memory lower
+        self._global_bytes = None
         new_state = opened.fedavg.result()
         pending = self._projections
         published: tuple[int, bytes] | None = None
@@ -729,10 +739,25 @@ class RoundEngine:
                 "num_samples": float(record.num_samples),
                 "aggregate_s": time.perf_counter() - started,
                 **record.metrics,
+                **self._central_dp_values(opened.fedavg, record.round),
             },
         )
         if self._run.last_committed_round >= self._run.total_rounds:
             self._set_run_state(RUN_COMPLETED, f"all {self._run.total_rounds} rounds committed")
+
+    def _central_dp_values(self, fedavg: StreamingFedAvg, round_no: int) -> dict[str, float]:
+        """Central-DP figures of a commit: clipped updates and epsilon after `round_no` rounds
+        (Gaussian mechanism, noise multiplier z, client sampling rate = policy.fraction)."""
+        if self.central_dp is None or self.central_dp.noise_multiplier <= 0:
+            return {}
+        from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
+
+        accountant = PrivacyAccountant()
+        accountant.step(self.central_dp.noise_multiplier, self.policy.fraction, steps=round_no)
+        return {
+            "central_dp_clipped": float(fedavg.clipped_updates),
+            "central_dp_epsilon": accountant.epsilon(self.central_dp_delta),
+        }
 
     def _checkpoint_failed_locked(self, round_no: int, exc: OSError) -> None:
         """The new global model could not be written: the round is not committed (its attempt
@@ -996,3 +1021,10 @@ def load_prototypes(payload: bytes) -> dict[str, torch.Tensor]:
         return decode_tensors(payload)
     except WireError as exc:
         raise InvalidUpdateError(f"prototypes payload is corrupt: {exc}") from exc
+
+
+def _central_dp_generator() -> torch.Generator:
+    """A fresh, unpredictable noise seed per round (DP noise must not be reproducible)."""
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return generator

@@ -16,6 +16,7 @@ from crossfed.common.crypto.grpc_credentials import server_credentials, warn_ins
 from crossfed.common.crypto.identity import RequestVerifier
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
 from crossfed.server.admin_servicer import AdminServicer, ensure_admin_credential
+from crossfed.server.aggregation import CentralDP
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.coordinator_servicer import CoordinatorServicer
 from crossfed.server.credential_store import SqliteCredentialStore
@@ -74,6 +75,14 @@ class ServerOptions:
         )
 
 
+def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
+    """Server-side clipping + noise of updates when `privacy.central_dp` is on."""
+    privacy = config.privacy
+    if not privacy.central_dp:
+        return None
+    return CentralDP(privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
+
+
 def round_policy_from_config(config: ServerConfig, options: ServerOptions) -> RoundPolicy:
     """Map the config's `rounds` section (plus CLI-only timings) onto the engine's policy."""
     rounds = config.rounds
@@ -129,6 +138,8 @@ class CoordinatorServer:
             ),
             model_config_digest=model_config_digest(config.model),
             epsilon_budget=epsilon_budget,
+            central_dp=central_dp_from_config(config),
+            central_dp_delta=config.privacy.delta,
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)
