@@ -105,6 +105,7 @@ def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int)
         "mapper": 0 if zero else paired,
         "diffusion": 0 if zero else paired,
         "text_classifier": 0 if zero else with_text,
+        "image_classifier": 0 if zero else with_image,
         "fusion": n,
         "head": n,
     }
@@ -167,7 +168,7 @@ def _step_losses(
     rec_t = torch.zeros_like(f_t)
     rec_i = torch.zeros_like(f_i)
     view_img_only = view_i & ~view_t
-    if bool(view_img_only.any()):
+    if bool(view_img_only.any()) and model.config.recover_text:
         # Detached: the mapper learns only from paired rows through L_align.
         full = torch.zeros_like(f_t)
         full[img_rows] = hat_t_img.detach()
@@ -186,19 +187,26 @@ def _step_losses(
         if bool(has_t.any())
         else zero
     )
+    # Image-side twin of eq. 9 (used by the unimodal ensemble), on every row with an image.
+    l_ic = (
+        nn.functional.cross_entropy(model.image_classifier(f_i[has_i]), y[has_i])
+        if bool(has_i.any())
+        else zero
+    )
     # Eq. 8: admit confident paired rows (seen with both modalities) into the memory.
     both_view = view_t & view_i
     if bool(both_view.any()):
         conf = logits.detach()[both_view].softmax(dim=1).gather(1, y[both_view, None]).squeeze(1)
         model.memory.admit(f_t[both_view], f_i[both_view], y[both_view], conf)
     total = (
-        l_cls + l_tc + lam.orth * l_orth + lam.align * l_align + lam.diff * l_diff + lam.mem * l_mem
+        l_cls + l_tc + l_ic + lam.orth * l_orth + lam.align * l_align + lam.diff * l_diff + lam.mem * l_mem
     )
     terms = {
         name: float(value.detach())
         for name, value in (
             ("cls", l_cls),
             ("text_cls", l_tc),
+            ("image_cls", l_ic),
             ("orth", l_orth),
             ("align", l_align),
             ("diff", l_diff),
@@ -226,9 +234,16 @@ def train_local(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.1
-    )
+    total_steps = cfg.epochs * steps_per_epoch
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if total_steps >= 20:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1
+        )
+    else:
+        # OneCycleLR divides by zero for some short schedules (total_steps == 10 with
+        # pct_start 0.1), which a small federated client hits; too few steps to warm up anyway.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     model.train()
     history: list[dict[str, float]] = []
     start = time.perf_counter()

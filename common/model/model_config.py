@@ -35,9 +35,26 @@ class ModelConfig(BaseModel):
         "recover", description="'zero' is the zero-fill baseline, never the default"
     )
     diffusion_train_steps: int = Field(100, gt=0, description="DDPM timesteps")
-    diffusion_sample_steps: int = Field(10, gt=0, description="DDIM steps at inference")
+    diffusion_sample_steps: int = Field(
+        1,
+        gt=0,
+        description="DDIM steps at inference. 1 (default): the x0-predicting denoiser's "
+        "posterior-mean estimate E[f_i | f_t], the same recovery the fusion MLP sees in "
+        "training (TrainConfig.train_recovery_steps); more steps draw a sample instead",
+    )
     text_only_recovery: Literal["diffusion", "memory"] = Field(
         "diffusion", description="Table I text-only path in feature mode: diffusion or VLMR"
+    )
+    recover_text: bool = Field(
+        True,
+        description="Table I image-only path: f^_t = M_it(f_i->t); False leaves the recovered "
+        "text slot zero (the benchmark's no-mapper ablation)",
+    )
+    unimodal_ensemble: bool = Field(
+        True,
+        description="Table I missing configurations: add log-probabilities of the unimodal "
+        "classifier of the available modality (eq. 9: Classifier(f_t); its image-side twin "
+        "Classifier(f_i)) to the fusion head's; see CrossModalNet.forward",
     )
     sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")

@@ -64,7 +64,7 @@ def test_training_learns_every_configuration() -> None:
     assert after["text_only"]["accuracy"] > 0.6 and after["image_only"]["accuracy"] > 0.6
     assert after["both"]["count"] == 400 and 0 <= after["both"]["macro_f1"] <= 1
     assert result.num_samples == 1200 and result.samples_per_second > 0
-    assert set(result.metrics) == {"cls", "text_cls", "orth", "align", "diff", "mem"}
+    assert set(result.metrics) == {"cls", "text_cls", "image_cls", "orth", "align", "diff", "mem"}
     assert len(result.history) == 6 and result.history[-1]["cls"] < result.history[0]["cls"]
     assert int(model.memory.count.sum()) > 0  # eq. 8 admitted confident pairs
 

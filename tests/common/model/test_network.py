@@ -44,6 +44,7 @@ def test_shareable_state_excludes_memory_and_round_trips() -> None:
         "mapper",
         "diffusion",
         "text_classifier",
+        "image_classifier",
         "fusion",
         "head",
     }

@@ -1,0 +1,1 @@
+"""Federated quality benchmark: ours vs zero-fill / dropout FedAvg, ablations, ceilings."""

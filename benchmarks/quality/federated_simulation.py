@@ -1,0 +1,123 @@
+"""In-process federated simulation (no gRPC): the real client trainer and the real server
+aggregation, wired together round by round.
+
+Per round every client loads the global shareable weights, keeps its own private VLMR
+memory across rounds, runs `train_local` (seeded by the last global prototypes when the
+projection exchange is on), and its update is folded into the server's module-aware
+`StreamingFedAvg` (eq. 15) with `module_weights_of`; per-class projections (eq. 16) go
+through the server's `ProjectionAggregator` and come back as global prototypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from crossfed.client.local_trainer import TrainConfig, train_local
+from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.network import CrossModalNet
+from crossfed.common.model.prototypes import (
+    ClassPrototypes,
+    apply_global_prototypes,
+    compute_class_projections,
+)
+from crossfed.server.aggregation import StreamingFedAvg, module_weights_of
+from crossfed.server.projection_exchange import ProjectionAggregator, ProjectionSpec
+
+from quality.quality_errors import QualityBenchmarkError
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """How much training a federated (or central) run gets."""
+
+    rounds: int = 10
+    local_epochs: int = 1
+    central_epochs: int = 10
+    batch_size: int = 256
+    lr: float = 2e-3
+    modality_dropout: float = 0.5
+
+
+def _memory_state(model: CrossModalNet) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.memory.state_dict().items()}
+
+
+def run_federation(
+    model_cfg: ModelConfig,
+    shards: list[EmbeddingSet],
+    budget: TrainingBudget,
+    seed: int,
+    modality_dropout: float,
+    exchange_projections: bool,
+    on_round: Callable[[int], None] | None = None,
+) -> CrossModalNet:
+    """FedAvg over `shards` for budget.rounds rounds; returns the global model with the last
+    global prototypes installed in its (otherwise empty) VLMR memory."""
+    if not shards or any(len(s) == 0 for s in shards):
+        raise QualityBenchmarkError("every client needs at least one training sample")
+    torch.manual_seed(seed)
+    global_model = CrossModalNet(model_cfg)
+    global_state = global_model.shareable_state_dict()
+    memories: list[dict[str, torch.Tensor] | None] = [None] * len(shards)
+    prototypes: ClassPrototypes | None = None
+    spec = ProjectionSpec(model_cfg.num_classes, model_cfg.text_dim, model_cfg.image_dim)
+    local = CrossModalNet(model_cfg)
+    for rnd in range(budget.rounds):
+        fold = StreamingFedAvg(global_state, CrossModalNet.module_of)
+        projections = ProjectionAggregator(spec)
+        for client, shard in enumerate(shards):
+            local.load_shareable_state_dict(global_state)
+            memory = memories[client]
+            if memory is None:
+                local.memory.load_state_dict(_memory_state(CrossModalNet(model_cfg)))
+            else:
+                local.memory.load_state_dict(memory)
+            cfg = TrainConfig(
+                epochs=budget.local_epochs,
+                batch_size=budget.batch_size,
+                lr=budget.lr,
+                seed=seed * 100_003 + rnd * 1_009 + client,
+                modality_dropout=modality_dropout,
+            )
+            result = train_local(local, shard, cfg, prototypes)
+            weights = module_weights_of(result.num_samples, result.module_samples, fold.modules)
+            fold.add(local.shareable_state_dict(), weights, result.num_samples)
+            memories[client] = _memory_state(local)
+            if exchange_projections:
+                sent = compute_class_projections(local, shard).to_tensors()
+                projections.add(f"client-{client}", rnd, {k: v.double() for k, v in sent.items()})
+        global_state = fold.result()
+        if exchange_projections:
+            prototypes = ClassPrototypes.from_tensors(projections.sums())
+        if on_round is not None:
+            on_round(rnd)
+    global_model.load_shareable_state_dict(global_state)
+    if prototypes is not None:
+        apply_global_prototypes(global_model, prototypes)
+    global_model.eval()
+    return global_model
+
+
+def run_central(
+    model_cfg: ModelConfig,
+    data: EmbeddingSet,
+    budget: TrainingBudget,
+    seed: int,
+    modality_dropout: float = 0.0,
+) -> CrossModalNet:
+    """One model trained on pooled data (upper bound / unimodal ceilings)."""
+    torch.manual_seed(seed)
+    model = CrossModalNet(model_cfg)
+    cfg = TrainConfig(
+        epochs=budget.central_epochs,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        seed=seed,
+        modality_dropout=modality_dropout,
+    )
+    train_local(model, data, cfg)
+    model.eval()
+    return model

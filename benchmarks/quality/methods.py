@@ -1,0 +1,131 @@
+"""The compared methods: the paper's method, the two zero-fill FedAvg baselines, the
+ablations (one component off each) and the central references (paired upper bound,
+unimodal ceilings). Each is a recipe: a model config, a dropout rate, exchange on/off."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from crossfed.client.local_trainer import evaluate
+from crossfed.common.model.model_config import ModelConfig
+
+from quality.federated_simulation import TrainingBudget, run_central, run_federation
+from quality.quality_data import FederatedData, only_modality
+from quality.quality_errors import QualityBenchmarkError
+
+Scores = dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class FederatedMethod:
+    """A federated recipe: how the model config differs from ours, dropout, exchange."""
+
+    name: str
+    description: str
+    config_update: Callable[[ModelConfig], ModelConfig]
+    dropout: bool
+    exchange: bool
+
+
+def _same(cfg: ModelConfig) -> ModelConfig:
+    return cfg
+
+
+def _zero(cfg: ModelConfig) -> ModelConfig:
+    return cfg.model_copy(update={"missing_fill": "zero"})
+
+
+def _weights(**kw: float) -> Callable[[ModelConfig], ModelConfig]:
+    def update(cfg: ModelConfig) -> ModelConfig:
+        return cfg.model_copy(update={"loss_weights": cfg.loss_weights.model_copy(update=kw)})
+
+    return update
+
+
+def _fields(**kw: object) -> Callable[[ModelConfig], ModelConfig]:
+    def update(cfg: ModelConfig) -> ModelConfig:
+        return cfg.model_copy(update=kw)
+
+    return update
+
+
+def _no_vlmr(cfg: ModelConfig) -> ModelConfig:
+    return _weights(mem=0.0)(cfg.model_copy(update={"text_only_recovery": "diffusion"}))
+
+
+FEDERATED_METHODS: dict[str, FederatedMethod] = {
+    m.name: m
+    for m in (
+        FederatedMethod("ours", "paper's method (eq. 2-16)", _same, True, True),
+        FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", _zero, False, False),
+        FederatedMethod("dropout", "FedAvg, zero-fill + modality dropout", _zero, True, False),
+        FederatedMethod("no_orth", "ours without L_orth (lambda_1=0)", _weights(orth=0.0), True, True),
+        FederatedMethod(
+            "no_mapper", "ours, image-only rows get no f^_t (zero)", _fields(recover_text=False), True, True
+        ),
+        FederatedMethod(
+            "no_diffusion",
+            "ours, text-only rows recovered by VLMR instead of diffusion",
+            _fields(text_only_recovery="memory"),
+            True,
+            True,
+        ),
+        FederatedMethod("no_vlmr", "ours without L_mem / memory retrieval", _no_vlmr, True, True),
+        FederatedMethod("no_exchange", "ours without projection exchange (eq. 16)", _same, True, False),
+        FederatedMethod(
+            "no_unimodal_ensemble",
+            "ours, missing configs scored by the fusion head alone (Table I as written)",
+            _fields(unimodal_ensemble=False),
+            True,
+            True,
+        ),
+    )
+}
+BASELINES = ("zero_fill", "dropout")
+ABLATIONS = (
+    "no_orth",
+    "no_mapper",
+    "no_diffusion",
+    "no_vlmr",
+    "no_exchange",
+    "no_unimodal_ensemble",
+)
+CENTRAL_METHODS = ("central_paired", "ceiling_text", "ceiling_image")
+
+
+def run_federated_method(
+    name: str, base: ModelConfig, data: FederatedData, budget: TrainingBudget, seed: int
+) -> Scores:
+    """Train one federated method on the shards; Table I scores on the paired test split."""
+    if name not in FEDERATED_METHODS:
+        raise QualityBenchmarkError(
+            f"unknown method {name!r}; known: {sorted(FEDERATED_METHODS)}"
+        )
+    method = FEDERATED_METHODS[name]
+    model = run_federation(
+        method.config_update(base),
+        data.shards,
+        budget,
+        seed,
+        budget.modality_dropout if method.dropout else 0.0,
+        method.exchange,
+    )
+    return evaluate(model, data.test)
+
+
+def run_central_method(
+    name: str, base: ModelConfig, data: FederatedData, budget: TrainingBudget, seed: int
+) -> Scores:
+    """Central references: paired upper bound (full training split, both modalities) and
+    unimodal ceilings (every training sample that has the modality, the other hidden)."""
+    zero = _zero(base)
+    if name == "central_paired":
+        model = run_central(zero, data.full_train, budget, seed)
+    elif name == "ceiling_text":
+        model = run_central(zero, only_modality(data.train, "text"), budget, seed)
+    elif name == "ceiling_image":
+        model = run_central(zero, only_modality(data.train, "image"), budget, seed)
+    else:
+        raise QualityBenchmarkError(f"unknown central method {name!r}; known: {CENTRAL_METHODS}")
+    return evaluate(model, data.test)
