@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The full quality sweep on a lent 16-core machine with no network and no crossfed install:
+# wheels carried in .whl (pydantic, diffusers, ...), crossfed's namespace assembled in /tmp/pkg
+# from the checkout (setup.py's folder mapping), results (records, JSON, plots) under $OUT.
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+mkdir -p /tmp/pkg/crossfed/v1
+cp -r crossfed/. /tmp/pkg/crossfed/
+cp -r common /tmp/pkg/crossfed/common
+cp -r server /tmp/pkg/crossfed/server
+cp -r client /tmp/pkg/crossfed/client
+cp -r protos/crossfed/v1/. /tmp/pkg/crossfed/v1/
+export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+python3 -c "import crossfed.client.local_trainer, crossfed.server.aggregation" || exit 1
+nproc
+timeout "${QUALITY_TIMEOUT:-395}" python3 benchmarks/quality/run_quality.py \
+    --workers "${QUALITY_WORKERS:-16}" --deadline-s "${QUALITY_DEADLINE:-320}" \
+    --embeddings benchmarks/results/.cache/quality-embeddings-10000.safetensors \
+    --results-dir "$OUT" --records "$OUT/quality_records.jsonl" \
+    --benchmarks-md "$OUT/BENCHMARKS.md" --no-progress "$@"
+echo "exit $?"; wc -l "$OUT/quality_records.jsonl"

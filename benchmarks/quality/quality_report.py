@@ -1,0 +1,288 @@
+"""Turn sweep records into the quality report: per-seed summaries, mean +- std tables
+(markdown), the JSON document, accuracy-vs-missing-rate plots and the Quality section of
+BENCHMARKS.md (only the text between its own markers is replaced)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from quality.gap_closure import (
+    CONFIGS,
+    MISSING_CONFIGS,
+    MeanStd,
+    aggregate_seeds,
+    seed_summary,
+)
+from quality.methods import ABLATIONS, FEDERATED_METHODS
+from quality.quality_data import FederationSetup
+from quality.quality_errors import QualityBenchmarkError
+from quality.sweep import canonical
+
+SECTION_START = "<!-- quality:start -->"
+SECTION_END = "<!-- quality:end -->"
+REFERENCE_METHODS = ("zero_fill", "dropout", "ceiling_text", "ceiling_image")
+
+
+def _index(records: Sequence[dict[str, Any]]) -> dict[tuple[str, FederationSetup], dict[str, Any]]:
+    return {(r["method"], FederationSetup(**r["setup"])): r["scores"] for r in records}
+
+
+def summarise_point(
+    records: Sequence[dict[str, Any]],
+    mode: str,
+    rate: float,
+    alpha: float,
+    clients: int,
+    seeds: Sequence[int],
+    methods: Sequence[str],
+    metric: str = "accuracy",
+) -> tuple[dict[str, dict[str, MeanStd]], list[int]]:
+    """Mean +- std over the seeds for which every needed run exists; returns the seeds used."""
+    index = _index(records)
+    per_seed, used = [], []
+    for seed in seeds:
+        setup = FederationSetup(mode, rate, alpha, clients, seed)  # type: ignore[arg-type]
+        by_method = {}
+        for m in methods:
+            scores = index.get((m, canonical(setup, m)))
+            if scores is not None:
+                by_method[m] = scores
+        if not all(m in by_method for m in ("ours", *REFERENCE_METHODS)):
+            continue
+        paired = index.get(("central_paired", canonical(setup, "central_paired")))
+        if paired is not None:
+            by_method["central_paired"] = paired
+        per_seed.append(seed_summary(by_method, metric))
+        used.append(seed)
+    return aggregate_seeds(per_seed), used
+
+
+def _fmt(ms: MeanStd | None) -> str:
+    return "n/a" if ms is None else ms.text()
+
+
+def headline_table(agg: dict[str, dict[str, MeanStd]], metric: str) -> list[str]:
+    head = (
+        f"| configuration ({metric}) | ours | zero-fill FedAvg | dropout FedAvg | best baseline "
+        "| unimodal ceiling | central paired | gap-closure |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for c in CONFIGS:
+        row = agg.get(c, {})
+        lines.append(
+            f"| {c} | {_fmt(row.get('ours'))} | {_fmt(row.get('zero_fill'))} | "
+            f"{_fmt(row.get('dropout'))} | {_fmt(row.get('best_baseline'))} | "
+            f"{_fmt(row.get('ceiling')) if c != 'both' else '—'} | "
+            f"{_fmt(row.get('central_paired'))} | "
+            f"{_fmt(row.get('gap_closure')) if c != 'both' else '—'} |"
+        )
+    return lines
+
+
+def ablation_table(agg: dict[str, dict[str, MeanStd]], ablations: Sequence[str]) -> list[str]:
+    lines = [
+        "| method | what changes | text-only acc | gap-closure | image-only acc | gap-closure "
+        "| both acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in ("ours", *ablations):
+        t, i, b = agg.get("text_only", {}), agg.get("image_only", {}), agg.get("both", {})
+        gk = "gap_closure" if m == "ours" else f"gap_closure:{m}"
+        desc = FEDERATED_METHODS[m].description if m in FEDERATED_METHODS else m
+        lines.append(
+            f"| {m} | {desc} | {_fmt(t.get(m))} | {_fmt(t.get(gk))} | {_fmt(i.get(m))} | "
+            f"{_fmt(i.get(gk))} | {_fmt(b.get(m))} |"
+        )
+    return lines
+
+
+def sweep_rows(
+    records: Sequence[dict[str, Any]],
+    modes: Sequence[str],
+    alphas: Sequence[float],
+    rates: Sequence[float],
+    clients: int,
+    seeds: Sequence[int],
+) -> list[dict[str, Any]]:
+    """One row per grid point with every number the sweep table and plots need."""
+    rows = []
+    for mode in modes:
+        for alpha in alphas:
+            for rate in rates:
+                agg, used = summarise_point(
+                    records, mode, rate, alpha, clients, seeds, ("ours", *REFERENCE_METHODS)
+                )
+                rows.append(
+                    {
+                        "missingness": mode,
+                        "alpha": alpha,
+                        "rate": rate,
+                        "seeds": used,
+                        "summary": {
+                            c: {k: v.as_dict() for k, v in agg.get(c, {}).items()} for c in CONFIGS
+                        },
+                    }
+                )
+    return rows
+
+
+def _m(row: dict[str, Any], c: str, k: str) -> MeanStd | None:
+    d = row["summary"].get(c, {}).get(k)
+    return None if d is None else MeanStd(d["mean"], d["std"], int(d["n"]))
+
+
+def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| missingness | α | rate | seeds | text-only ours / best / ceiling | gap | "
+        "image-only ours / best / ceiling | gap | both ours / best |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["seeds"]:
+            lines.append(
+                f"| {r['missingness']} | {r['alpha']:g} | {r['rate']:g} | 0 | not run | | | | |"
+            )
+            continue
+
+        def trio(c: str) -> str:
+            vals = [_m(r, c, k) for k in ("ours", "best_baseline", "ceiling")]
+            return " / ".join("n/a" if v is None else f"{v.mean:.3f}" for v in vals)
+
+        def gap(c: str) -> str:
+            return _fmt(_m(r, c, "gap_closure"))
+
+        both = [_m(r, "both", k) for k in ("ours", "best_baseline")]
+        lines.append(
+            f"| {r['missingness']} | {r['alpha']:g} | {r['rate']:g} | {len(r['seeds'])} | "
+            f"{trio('text_only')} | {gap('text_only')} | {trio('image_only')} | "
+            f"{gap('image_only')} | "
+            + " / ".join("n/a" if v is None else f"{v.mean:.3f}" for v in both)
+            + " |"
+        )
+    return lines
+
+
+def target_checks(
+    headline: dict[str, dict[str, MeanStd]], rows: Sequence[dict[str, Any]]
+) -> list[str]:
+    """The issue's targets, each marked met / NOT met from the numbers above."""
+    out = []
+    for c in MISSING_CONFIGS:
+        g = headline.get(c, {}).get("gap_closure")
+        ok = g is not None and g.n > 0 and g.mean >= 0.7
+        out.append(f"- headline gap-closure {c} >= 0.7: {'met' if ok else 'NOT met'} ({_fmt(g)})")
+    bad = []
+    checked = 0
+    for r in rows:
+        if r["rate"] < 0.3 or not r["seeds"]:
+            continue
+        for c in MISSING_CONFIGS:
+            o, b = _m(r, c, "ours"), _m(r, c, "best_baseline")
+            if o is None or b is None:
+                continue
+            checked += 1
+            if not o.mean > b.mean:
+                bad.append(f"{r['missingness']} α={r['alpha']:g} rate={r['rate']:g} {c}")
+    out.append(
+        f"- ours above the best baseline on text-only and image-only at every rate >= 0.3: "
+        f"{'met' if checked and not bad else 'NOT met'} ({checked - len(bad)}/{checked} cells"
+        + (f"; below or equal: {', '.join(bad[:12])}{' …' if len(bad) > 12 else ''})" if bad else ")")
+    )
+    both_o, both_b = headline.get("both", {}).get("ours"), headline.get("both", {}).get(
+        "best_baseline"
+    )
+    if both_o is not None and both_b is not None and both_o.n and both_b.n:
+        diff = both_o.mean - both_b.mean
+        out.append(
+            f"- headline paired within 1 point of the best baseline or above: "
+            f"{'met' if diff >= -0.01 else 'NOT met'} (ours − best = {diff * 100:+.1f} points)"
+        )
+    return out
+
+
+def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Accuracy vs missing rate, one PNG per (missingness, alpha), one panel per Table I
+    configuration: ours, best baseline, unimodal ceiling (mean over seeds, std as bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["seeds"]:
+            groups[(r["missingness"], r["alpha"])].append(r)
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (mode, alpha), rs in sorted(groups.items()):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, c in zip(axes, CONFIGS):
+            for key, label, style in (
+                ("ours", "ours", "o-"),
+                ("best_baseline", "best baseline", "s--"),
+                ("ceiling", "unimodal ceiling", "^:"),
+            ):
+                pts = [(r["rate"], _m(r, c, key)) for r in rs]
+                pts = [(x, v) for x, v in pts if v is not None and not math.isnan(v.mean)]
+                if pts:
+                    ax.errorbar(
+                        [x for x, _ in pts],
+                        [v.mean for _, v in pts],
+                        yerr=[v.std for _, v in pts],
+                        fmt=style,
+                        label=label,
+                        capsize=3,
+                    )
+            ax.set_title(c)
+            ax.set_xlabel("missing rate")
+            ax.set_ylabel("accuracy")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{mode} missingness, Dirichlet α={alpha:g}")
+        fig.tight_layout()
+        path = out_dir / f"quality_{mode}_alpha{alpha:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_section(benchmarks_md: Path, body: str) -> None:
+    """Replace the text between the quality markers (append the section if absent); every
+    other section of the file is kept byte for byte."""
+    block = f"{SECTION_START}\n{body.rstrip()}\n{SECTION_END}"
+    if not benchmarks_md.exists():
+        benchmarks_md.write_text(f"# Benchmarks\n\n{block}\n")
+        return
+    text = benchmarks_md.read_text()
+    starts, ends = text.count(SECTION_START), text.count(SECTION_END)
+    if starts == 0 and ends == 0:
+        benchmarks_md.write_text(text.rstrip() + "\n\n" + block + "\n")
+        return
+    if starts != 1 or ends != 1 or text.index(SECTION_START) > text.index(SECTION_END):
+        raise QualityBenchmarkError(
+            f"{benchmarks_md}: expected one {SECTION_START} before one {SECTION_END}, found "
+            f"{starts} start and {ends} end markers; fix the file by hand"
+        )
+    head, rest = text.split(SECTION_START, 1)
+    _, tail = rest.split(SECTION_END, 1)
+    benchmarks_md.write_text(head + block + tail)
+
+
+__all__ = [
+    "ABLATIONS",
+    "SECTION_END",
+    "SECTION_START",
+    "ablation_table",
+    "headline_table",
+    "summarise_point",
+    "sweep_rows",
+    "sweep_table",
+    "target_checks",
+    "write_plots",
+    "write_section",
+]
