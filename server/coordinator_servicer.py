@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -17,6 +16,7 @@ from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.caller_identity import caller_client_id
 from crossfed.server.errors import InvalidUpdateError, ServerError, UnknownClientError
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
+from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -56,11 +56,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         server_fingerprint: str = "",
         max_concurrent_uploads: int = 4,
         upload_slot_wait_s: float = 30.0,
+        max_upload_bytes_in_flight: int = 128 * 1024 * 1024,
     ) -> None:
         self.engine = engine
-        # each upload in flight holds its payload and decoded tensors (~2x model): bounding
-        # them keeps server memory O(model), not O(clients x model)
-        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        # each upload in flight holds its payload (its decoded tensors alias it): bounding
+        # count and bytes keeps server memory O(model), not O(clients x model)
+        self._upload_admission = UploadAdmission(max_concurrent_uploads, max_upload_bytes_in_flight)
         self.upload_slot_wait_s = upload_slot_wait_s
         self.upload_policy = upload_policy
         self.chunk_size = chunk_size
@@ -202,15 +203,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 return coordinator_pb2.UploadResponse(
                     accepted=ticket.accepted, duplicate=ticket.duplicate, message=ticket.message
                 )
-            if not self._upload_slots.acquire(timeout=self.upload_slot_wait_s):
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "server busy: too many uploads in flight; retry shortly",
-                )
-            try:
+            with self._upload_admission.admit(
+                int(header.payload_size), self.upload_slot_wait_s
+            ) as admitted:
+                if not admitted:
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "server busy: too many uploads in flight; retry shortly",
+                    )
                 payload = receive_payload(header, request_iterator, self.upload_policy, client_id)
                 try:
-                    tensors = decode_tensors(payload)
+                    # zero-copy: the tensors are views of the verified payload buffer
+                    tensors = decode_tensors(payload, copy=False)
                 except WireError as exc:
                     raise InvalidUpdateError(
                         f"update payload is not valid safetensors: {exc}"
@@ -222,8 +226,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     payload_sha256=bytes(header.payload_sha256).hex(),
                     metrics=dict(header.metrics.values),
                 )
-            finally:
-                self._upload_slots.release()
+                del tensors
         except ServerError as exc:
             log.info("upload from %s for round %d rejected: %s", client_id, round_no, exc)
             if not isinstance(exc, InvalidUpdateError):  # engine already logged those

@@ -63,7 +63,8 @@ def receive_payload(
     policy: UploadPolicy,
     client_id: str,
 ) -> memoryview:
-    """Consume the chunk messages after the header; return the verified plaintext payload."""
+    """Consume the chunk messages after the header; return the verified plaintext payload (a
+    writable view of the reassembly buffer, for zero-copy decoding)."""
     decryptor: UploadDecryptor | None = None
     if header.encrypted:
         assert policy.upload_key is not None
@@ -121,6 +122,6 @@ def receive_payload(
             "send the upload again"
         )
     try:
-        return assembler.result_view()
+        return assembler.result_view(writable=True)
     except WireError as exc:
         raise CorruptPayloadError(f"upload payload failed verification: {exc}") from exc
