@@ -60,9 +60,15 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         FederatedMethod("ours", "paper's method (eq. 2-16)", _same, True, True),
         FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", _zero, False, False),
         FederatedMethod("dropout", "FedAvg, zero-fill + modality dropout", _zero, True, False),
-        FederatedMethod("no_orth", "ours without L_orth (lambda_1=0)", _weights(orth=0.0), True, True),
         FederatedMethod(
-            "no_mapper", "ours, image-only rows get no f^_t (zero)", _fields(recover_text=False), True, True
+            "no_orth", "ours without L_orth (lambda_1=0)", _weights(orth=0.0), True, True
+        ),
+        FederatedMethod(
+            "no_mapper",
+            "ours, image-only rows get no f^_t (zero)",
+            _fields(recover_text=False),
+            True,
+            True,
         ),
         FederatedMethod(
             "no_diffusion",
@@ -72,7 +78,9 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             True,
         ),
         FederatedMethod("no_vlmr", "ours without L_mem / memory retrieval", _no_vlmr, True, True),
-        FederatedMethod("no_exchange", "ours without projection exchange (eq. 16)", _same, True, False),
+        FederatedMethod(
+            "no_exchange", "ours without projection exchange (eq. 16)", _same, True, False
+        ),
         FederatedMethod(
             "no_unimodal_ensemble",
             "ours, missing configs scored by the fusion head alone (Table I as written)",
@@ -99,9 +107,7 @@ def run_federated_method(
 ) -> Scores:
     """Train one federated method on the shards; Table I scores on the paired test split."""
     if name not in FEDERATED_METHODS:
-        raise QualityBenchmarkError(
-            f"unknown method {name!r}; known: {sorted(FEDERATED_METHODS)}"
-        )
+        raise QualityBenchmarkError(f"unknown method {name!r}; known: {sorted(FEDERATED_METHODS)}")
     method = FEDERATED_METHODS[name]
     model = run_federation(
         method.config_update(base),

@@ -90,7 +90,9 @@ def _kind(has_t: bool, has_i: bool) -> str:
     return "both" if has_t and has_i else "text" if has_t else "image"
 
 
-def build_federation(data: EmbeddingSet, setup: FederationSetup, test_fraction: float) -> FederatedData:
+def build_federation(
+    data: EmbeddingSet, setup: FederationSetup, test_fraction: float
+) -> FederatedData:
     """Split, partition labels by Dirichlet(alpha) and hide modalities per the setup."""
     if setup.clients < 1:
         raise QualityBenchmarkError(f"clients must be >= 1, got {setup.clients}")

@@ -85,8 +85,10 @@ def headline_table(agg: dict[str, dict[str, MeanStd]], metric: str) -> list[str]
 
 def ablation_table(agg: dict[str, dict[str, MeanStd]], ablations: Sequence[str]) -> list[str]:
     lines = [
-        "| method | what changes | text-only acc | gap-closure | image-only acc | gap-closure "
-        "| both acc |",
+        (
+            "| method | what changes | text-only acc | gap-closure | image-only acc | gap-closure "
+            "| both acc |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for m in ("ours", *ablations):
@@ -137,8 +139,10 @@ def _m(row: dict[str, Any], c: str, k: str) -> MeanStd | None:
 
 def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
-        "| missingness | α | rate | seeds | text-only ours / best / ceiling | gap | "
-        "image-only ours / best / ceiling | gap | both ours / best |",
+        (
+            "| missingness | α | rate | seeds | text-only ours / best / ceiling | gap | "
+            "image-only ours / best / ceiling | gap | both ours / best |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -148,11 +152,11 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             )
             continue
 
-        def trio(c: str) -> str:
+        def trio(c: str, r: dict[str, Any] = r) -> str:
             vals = [_m(r, c, k) for k in ("ours", "best_baseline", "ceiling")]
             return " / ".join("n/a" if v is None else f"{v.mean:.3f}" for v in vals)
 
-        def gap(c: str) -> str:
+        def gap(c: str, r: dict[str, Any] = r) -> str:
             return _fmt(_m(r, c, "gap_closure"))
 
         both = [_m(r, "both", k) for k in ("ours", "best_baseline")]
@@ -190,10 +194,15 @@ def target_checks(
     out.append(
         f"- ours above the best baseline on text-only and image-only at every rate >= 0.3: "
         f"{'met' if checked and not bad else 'NOT met'} ({checked - len(bad)}/{checked} cells"
-        + (f"; below or equal: {', '.join(bad[:12])}{' …' if len(bad) > 12 else ''})" if bad else ")")
+        + (
+            f"; below or equal: {', '.join(bad[:12])}{' …' if len(bad) > 12 else ''})"
+            if bad
+            else ")"
+        )
     )
-    both_o, both_b = headline.get("both", {}).get("ours"), headline.get("both", {}).get(
-        "best_baseline"
+    both_o, both_b = (
+        headline.get("both", {}).get("ours"),
+        headline.get("both", {}).get("best_baseline"),
     )
     if both_o is not None and both_b is not None and both_o.n and both_b.n:
         diff = both_o.mean - both_b.mean
@@ -226,8 +235,11 @@ def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                 ("best_baseline", "best baseline", "s--"),
                 ("ceiling", "unimodal ceiling", "^:"),
             ):
-                pts = [(r["rate"], _m(r, c, key)) for r in rs]
-                pts = [(x, v) for x, v in pts if v is not None and not math.isnan(v.mean)]
+                pts: list[tuple[float, MeanStd]] = []
+                for r in rs:
+                    v = _m(r, c, key)
+                    if v is not None and not math.isnan(v.mean):
+                        pts.append((r["rate"], v))
                 if pts:
                     ax.errorbar(
                         [x for x, _ in pts],

@@ -23,14 +23,14 @@ _REPO = _BENCHMARKS.parent
 if str(_BENCHMARKS) not in sys.path:  # `quality.*` is a folder of scripts, not a package
     sys.path.insert(0, str(_BENCHMARKS))
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quality.federated_simulation import TrainingBudget  # noqa: E402
-from quality.gap_closure import MeanStd  # noqa: E402
-from quality.methods import ABLATIONS, BASELINES  # noqa: E402
-from quality.quality_data import FederationSetup, Missingness  # noqa: E402
-from quality.quality_errors import QualityBenchmarkError  # noqa: E402
-from quality.quality_report import (  # noqa: E402
+from quality.federated_simulation import TrainingBudget
+from quality.gap_closure import MeanStd
+from quality.methods import ABLATIONS, BASELINES
+from quality.quality_data import FederationSetup, Missingness
+from quality.quality_errors import QualityBenchmarkError
+from quality.quality_report import (
     ablation_table,
     headline_table,
     summarise_point,
@@ -40,8 +40,9 @@ from quality.quality_report import (  # noqa: E402
     write_plots,
     write_section,
 )
-from quality.sweep import SweepPlan, plan_jobs, read_records, run_jobs  # noqa: E402
+from quality.sweep import SweepPlan, plan_jobs, read_records, run_jobs
 
+ALL_MISSINGNESS: tuple[Missingness, ...] = ("per_sample", "per_client")
 METHOD_NOTES = """\
 Changes to the method relative to the paper (each explained in the module docstrings):
 - **Eq. 9 classifier as an MLP with input LayerNorm** (`common/model/network.py`). The literal
@@ -84,7 +85,7 @@ class QualitySettings(BaseModel):
     rates: list[float] = Field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.9], min_length=1)
     alphas: list[float] = Field(default_factory=lambda: [0.1, 0.5, 5.0], min_length=1)
     missingness: list[Missingness] = Field(
-        default_factory=lambda: ["per_sample", "per_client"], min_length=1
+        default_factory=lambda: list(ALL_MISSINGNESS), min_length=1
     )
     headline_missingness: Missingness = "per_sample"
     headline_rate: float = Field(0.5, ge=0, le=1)
@@ -207,9 +208,11 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
         "",
         *headline_table(head_f1, "macro-F1"),
         "",
-        "Best baseline = better of zero-fill and dropout FedAvg per seed and configuration; "
-        "gap-closure = (ours − best) / (ceiling − best) per seed; ceiling = central "
-        "classifier on every training sample holding the modality.",
+        (
+            "Best baseline = better of zero-fill and dropout FedAvg per seed and configuration; "
+            "gap-closure = (ours − best) / (ceiling − best) per seed; ceiling = central "
+            "classifier on every training sample holding the modality."
+        ),
         "",
         "### Ablations at the headline setting (accuracy)",
         "",

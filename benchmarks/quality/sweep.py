@@ -74,7 +74,9 @@ def plan_jobs(plan: SweepPlan) -> list[Job]:
     for seed in plan.seeds:
         h = plan.headline
         for method in plan.headline_methods:
-            add(FederationSetup(h.missingness, h.rate, h.alpha, h.clients, seed), method, "headline")
+            add(
+                FederationSetup(h.missingness, h.rate, h.alpha, h.clients, seed), method, "headline"
+            )
     for seed in plan.seeds:
         for alpha in plan.alphas:
             for mode in plan.missingness:
@@ -89,7 +91,9 @@ def plan_jobs(plan: SweepPlan) -> list[Job]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(embeddings: str, test_fraction: float, hidden_dim: int, budget: dict[str, Any]) -> None:
+def _init_worker(
+    embeddings: str, test_fraction: float, hidden_dim: int, budget: dict[str, Any]
+) -> None:
     import torch
     from crossfed.common.data.embeddings import EmbeddingSet
 
@@ -200,9 +204,9 @@ def run_jobs(
                 sink.write(json.dumps(fut.result()) + "\n")
                 sink.flush()
                 bar.advance(task)
-            if late and not finished and deadline_s is not None:
-                if time.perf_counter() - start > deadline_s * 1.15:
-                    for fut in running:
-                        fut.cancel()
-                    break
+            overdue = deadline_s is not None and time.perf_counter() - start > deadline_s * 1.15
+            if late and not finished and overdue:
+                for fut in running:
+                    fut.cancel()
+                break
     return read_records(records_path)

@@ -15,19 +15,22 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from crossfed.common.data.embeddings import EmbeddingSet  # noqa: E402
-from quality.gap_closure import MeanStd, gap_closure, seed_summary  # noqa: E402
-from quality.quality_errors import QualityBenchmarkError  # noqa: E402
-from quality.quality_report import SECTION_END, SECTION_START, write_section  # noqa: E402
-from quality.run_quality import main  # noqa: E402
-from quality.sweep import SweepPlan, plan_jobs  # noqa: E402
-from quality.quality_data import FederationSetup  # noqa: E402
+from crossfed.common.data.embeddings import EmbeddingSet
+from quality.gap_closure import MeanStd, gap_closure, seed_summary
+from quality.quality_data import FederationSetup
+from quality.quality_errors import QualityBenchmarkError
+from quality.quality_report import SECTION_END, SECTION_START, write_section
+from quality.run_quality import main
+from quality.sweep import SweepPlan, plan_jobs
 
 
 def clustered_embeddings(n: int, classes: int = 4, seed: int = 0) -> EmbeddingSet:
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % classes
-    t_centres, i_centres = torch.randn(classes, 16, generator=gen), torch.randn(classes, 8, generator=gen)
+    t_centres, i_centres = (
+        torch.randn(classes, 16, generator=gen),
+        torch.randn(classes, 8, generator=gen),
+    )
     return EmbeddingSet(
         text=t_centres[labels] + 0.8 * torch.randn(n, 16, generator=gen),
         image=i_centres[labels] + 0.8 * torch.randn(n, 8, generator=gen),
@@ -41,10 +44,18 @@ def test_gap_closure_hand_example() -> None:
     # ours 0.70, zero-fill 0.60, dropout 0.64 -> best 0.64; ceiling 0.74 -> (0.06)/(0.10)
     assert gap_closure(0.70, 0.64, 0.74) == pytest.approx(0.6)
     assert math.isnan(gap_closure(0.70, 0.74, 0.74))  # no room at the ceiling
-    s = lambda acc: {c: {"accuracy": acc, "macro_f1": acc} for c in ("text_only", "image_only", "both")}  # noqa: E731
+    s = lambda acc: {
+        c: {"accuracy": acc, "macro_f1": acc} for c in ("text_only", "image_only", "both")
+    }
     row = seed_summary(
-        {"ours": s(0.70), "zero_fill": s(0.60), "dropout": s(0.64), "ceiling_text": s(0.74),
-         "ceiling_image": s(0.74), "no_mapper": s(0.69)}
+        {
+            "ours": s(0.70),
+            "zero_fill": s(0.60),
+            "dropout": s(0.64),
+            "ceiling_text": s(0.74),
+            "ceiling_image": s(0.74),
+            "no_mapper": s(0.69),
+        }
     )
     assert row["text_only"]["best_baseline"] == pytest.approx(0.64)
     assert row["text_only"]["gap_closure"] == pytest.approx(0.6)
@@ -56,9 +67,14 @@ def test_gap_closure_hand_example() -> None:
 
 def test_plan_dedupes_equivalent_runs() -> None:
     plan = SweepPlan(
-        rates=(0.0, 0.5), missingness=("per_sample", "per_client"), alphas=(0.1, 5.0),
-        seeds=(0,), clients=3, headline=FederationSetup("per_sample", 0.5, 0.1, 3, 0),
-        headline_methods=("ours", "central_paired"), sweep_methods=("ours", "ceiling_text"),
+        rates=(0.0, 0.5),
+        missingness=("per_sample", "per_client"),
+        alphas=(0.1, 5.0),
+        seeds=(0,),
+        clients=3,
+        headline=FederationSetup("per_sample", 0.5, 0.1, 3, 0),
+        headline_methods=("ours", "central_paired"),
+        sweep_methods=("ours", "ceiling_text"),
     )
     keys = [j.key() for j in plan_jobs(plan)]
     assert len(keys) == len(set(keys))
@@ -80,13 +96,24 @@ def test_section_writer_keeps_other_sections(tmp_path: Path) -> None:
         write_section(md, "x")
 
 
-def test_smoke_suite_emits_json_markdown_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_smoke_suite_emits_json_markdown_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     emb = tmp_path / "emb.safetensors"
     clustered_embeddings(480).save(emb)
     md = tmp_path / "BENCHMARKS.md"
     rc = main(
-        ["--profile", "smoke", "--embeddings", str(emb), "--results-dir", str(tmp_path / "res"),
-         "--benchmarks-md", str(md), "--no-progress"]
+        [
+            "--profile",
+            "smoke",
+            "--embeddings",
+            str(emb),
+            "--results-dir",
+            str(tmp_path / "res"),
+            "--benchmarks-md",
+            str(md),
+            "--no-progress",
+        ]
     )
     assert rc == 0
     doc = json.loads((tmp_path / "res" / "quality.json").read_text())
@@ -102,8 +129,21 @@ def test_smoke_suite_emits_json_markdown_and_plots(tmp_path: Path, capsys: pytes
     assert SECTION_START in text and "| text_only |" in text and "### Targets" in text
     assert "### Headline" in capsys.readouterr().out
     # report-only rebuilds the same section from the records on file
-    assert main(["--profile", "smoke", "--report-only", "--results-dir", str(tmp_path / "res"),
-                 "--benchmarks-md", str(md), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--profile",
+                "smoke",
+                "--report-only",
+                "--results-dir",
+                str(tmp_path / "res"),
+                "--benchmarks-md",
+                str(md),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
