@@ -24,6 +24,7 @@ RETRY_CODES = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
+AIO_CORE_ERROR = "Internal error from Core"
 
 
 @dataclass
@@ -58,14 +59,17 @@ class LoadClient:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.md = (("x-crossfed-client-id", self.client_id),)
+        self.current = ""
 
     async def _timed(self, rpc: str, coro: object) -> object:
+        self.current = rpc
         started = time.perf_counter()
         result = await coro  # type: ignore[misc]
         self.stats.latencies[rpc].append(time.perf_counter() - started)
         return result
 
     async def _download(self, round_no: int) -> bytes:
+        self.current = "DownloadGlobalModel"
         started = time.perf_counter()
         parts, digest = [], b""
         call = self.stub.DownloadGlobalModel(
@@ -166,9 +170,17 @@ class LoadClient:
                         registered = False
                     await asyncio.sleep((hb.poll_after_ms or 500) / 1000.0)
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.INTERNAL and exc.details() == AIO_CORE_ERROR:
+                        # grpc.aio client race: the server ended a client-streaming call early
+                        # (e.g. RESOURCE_EXHAUSTED at its RPC limit) while the request iterator
+                        # was still being written; no server-side error. Retried, counted.
+                        self.stats.retried[f"INTERNAL(aio core) on {self.current}"] += 1
+                        await asyncio.sleep(0.2)
+                        continue
                     if exc.code() not in RETRY_CODES:
-                        self.stats.errors.append(f"{self.client_id}: {exc.code().name}: "
-                                                 f"{exc.details()}")  # fmt: skip
+                        self.stats.errors.append(
+                            f"{self.client_id} {self.current}: {exc.code().name}: {exc.details()}"
+                        )
                         return
                     self.stats.retried[exc.code().name] += 1
                     await asyncio.sleep(0.2)
