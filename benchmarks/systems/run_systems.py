@@ -101,8 +101,15 @@ def _profiles(name: str) -> Profile:
     return Profile(name, runners, skip)
 
 
-def run_suite(profile: Profile, only: list[str], progress: bool, console: Console) -> SuiteRun:
-    """Run the selected benchmarks; a failing one is recorded and the rest still run."""
+def run_suite(
+    profile: Profile,
+    only: list[str],
+    progress: bool,
+    console: Console,
+    checkpoint: Callable[[SuiteRun], None] = lambda run: None,
+) -> SuiteRun:
+    """Run the selected benchmarks; a failing one is recorded and the rest still run.
+    ``checkpoint`` sees the partial run after each benchmark (long runs write JSON early)."""
     run = SuiteRun(profile.name, time.time(), machine_info())
     selected = [n for n in BENCHMARK_NAMES if n in only]
     with Progress(console=console, disable=not progress, transient=True) as bar:
@@ -124,6 +131,7 @@ def run_suite(profile: Profile, only: list[str], progress: bool, console: Consol
             else:
                 run.measurements.extend(found)
             console.log(f"{name}: done in {time.perf_counter() - started:.1f} s")
+            checkpoint(run)
             bar.remove_task(task)
             bar.advance(overall)
     run.finished_unix_s = time.time()
@@ -166,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("crossfed").setLevel(logging.ERROR)
     console = Console(stderr=True)
     show = not args.no_progress and sys.stderr.isatty()
-    run = run_suite(_profiles(args.profile), only, show, console)
+    run = run_suite(
+        _profiles(args.profile), only, show, console, lambda partial: write_json(args.json, partial)
+    )
 
     table = markdown_table(run.measurements)
     print(table)
