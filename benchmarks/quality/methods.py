@@ -24,7 +24,7 @@ class FederatedMethod:
     name: str
     description: str
     config_update: Callable[[ModelConfig], ModelConfig]
-    dropout: bool
+    dropout: str  # "none", "ours" (budget.ours_dropout) or "baseline" (budget.modality_dropout)
     exchange: bool
 
 
@@ -57,41 +57,52 @@ def _no_vlmr(cfg: ModelConfig) -> ModelConfig:
 FEDERATED_METHODS: dict[str, FederatedMethod] = {
     m.name: m
     for m in (
-        FederatedMethod("ours", "paper's method (eq. 2-16)", _same, True, True),
-        FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", _zero, False, False),
-        FederatedMethod("dropout", "FedAvg, zero-fill + modality dropout", _zero, True, False),
+        FederatedMethod("ours", "paper's method (eq. 2-16)", _same, "ours", True),
+        FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", _zero, "none", False),
         FederatedMethod(
-            "no_orth", "ours without L_orth (lambda_1=0)", _weights(orth=0.0), True, True
+            "dropout", "FedAvg, zero-fill + modality dropout", _zero, "baseline", False
+        ),
+        FederatedMethod(
+            "no_orth", "ours without L_orth (lambda_1=0)", _weights(orth=0.0), "ours", True
         ),
         FederatedMethod(
             "no_mapper",
             "ours, image-only rows get no f^_t (zero)",
             _fields(recover_text=False),
-            True,
+            "ours",
             True,
         ),
         FederatedMethod(
             "no_diffusion",
             "ours, text-only rows recovered by VLMR instead of diffusion",
             _fields(text_only_recovery="memory"),
-            True,
+            "ours",
             True,
         ),
-        FederatedMethod("no_vlmr", "ours without L_mem / memory retrieval", _no_vlmr, True, True),
+        FederatedMethod("no_vlmr", "ours without L_mem / memory retrieval", _no_vlmr, "ours", True),
         FederatedMethod(
-            "no_exchange", "ours without projection exchange (eq. 16)", _same, True, False
+            "no_exchange", "ours without projection exchange (eq. 16)", _same, "ours", False
         ),
         FederatedMethod(
             "no_unimodal_ensemble",
-            "ours, missing configs scored by the fusion head alone (Table I as written)",
+            "Table I as written: fusion head alone for missing configs, trained with the "
+            "baseline's modality dropout",
             _fields(unimodal_ensemble=False),
+            "baseline",
             True,
+        ),
+        FederatedMethod(
+            "with_dropout",
+            "ours with the baseline's modality dropout on paired rows",
+            _same,
+            "baseline",
             True,
         ),
     )
 }
 BASELINES = ("zero_fill", "dropout")
 ABLATIONS = (
+    "with_dropout",
     "no_orth",
     "no_mapper",
     "no_diffusion",
@@ -114,7 +125,11 @@ def run_federated_method(
         data.shards,
         budget,
         seed,
-        budget.modality_dropout if method.dropout else 0.0,
+        {
+            "none": 0.0,
+            "ours": budget.ours_dropout,
+            "baseline": budget.modality_dropout,
+        }[method.dropout],
         method.exchange,
     )
     return evaluate(model, data.test)
