@@ -60,8 +60,9 @@ def canonical(setup: FederationSetup, method: str) -> FederationSetup:
 
 
 def plan_jobs(plan: SweepPlan) -> list[Job]:
-    """Headline jobs first (every seed), then the grid seed by seed, so a sweep cut short
-    still holds complete tables over fewer seeds. Duplicates (see `canonical`) run once."""
+    """Jobs in priority order, so a sweep cut short still holds whole tables: the headline
+    comparison (ours, baselines, references) for every seed, then seed by seed the headline
+    ablations and the grid. Duplicates (see `canonical`) run once."""
     jobs: list[Job] = []
     seen: set[str] = set()
 
@@ -71,13 +72,18 @@ def plan_jobs(plan: SweepPlan) -> list[Job]:
             seen.add(job.key())
             jobs.append(job)
 
+    h = plan.headline
+    core = [m for m in plan.headline_methods if m in plan.sweep_methods or m == "central_paired"]
     for seed in plan.seeds:
-        h = plan.headline
-        for method in plan.headline_methods:
+        for method in core:
             add(
                 FederationSetup(h.missingness, h.rate, h.alpha, h.clients, seed), method, "headline"
             )
     for seed in plan.seeds:
+        for method in plan.headline_methods:
+            add(
+                FederationSetup(h.missingness, h.rate, h.alpha, h.clients, seed), method, "headline"
+            )
         for alpha in plan.alphas:
             for mode in plan.missingness:
                 for rate in plan.rates:
