@@ -18,6 +18,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from crossfed.common.data.data_errors import EncoderError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -222,12 +226,165 @@ class HFImageEncoder(ImageEncoder):
         return torch.cat(chunks) if chunks else torch.zeros(0, getattr(self, "dim", 0))
 
 
-class SmallCNNImageEncoder(ImageEncoder):
-    """Our default E_i: a random-feature CNN, identical on every client by construction.
+SMALL_CNN_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small_cnn.safetensors"
+# SHA-256 of the shipped file: a corrupted or swapped file is refused instead of silently
+# changing every client's features. Regenerate with the command in cnn_pretraining.py.
+SMALL_CNN_WEIGHTS_SHA256 = "PENDING"
+SMALL_CNN_FORMAT = "crossfed.SmallCNN/2"
+_META_KEY = "crossfed.small_cnn"
 
-    Weights come from a fixed seed (no download, nothing to ship); per-feature mean/std are
-    calibrated on a seed-generated reference set of smooth random images, then features are
-    scaled by 1/sqrt(dim) so their norm is ~1 like the text side.
+
+@dataclass(frozen=True)
+class SmallCNNWeights:
+    """Pretrained CNN weights as stored: a conv+ReLU stack (3x3, padding 1), the input
+    normalisation and the per-feature mean/std that standardise its mean+max pooled output."""
+
+    convs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # (weight [O, I, 3, 3], bias [O])
+    strides: tuple[int, ...]
+    input_size: int
+    input_mean: tuple[float, float, float]
+    input_std: tuple[float, float, float]
+    feature_mean: torch.Tensor  # [dim]
+    feature_std: torch.Tensor  # [dim]
+    info: dict[str, str] = field(default_factory=dict)  # provenance (recipe, pretext scores)
+
+    @property
+    def dim(self) -> int:
+        return int(self.feature_mean.numel())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"feature_mean": self.feature_mean, "feature_std": self.feature_std}
+        for i, (weight, bias) in enumerate(self.convs):
+            out[f"conv{i}.weight"], out[f"conv{i}.bias"] = weight, bias
+        return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    a, b, c = (float(x) for x in text.split(","))
+    return a, b, c
+
+
+def save_small_cnn_weights(weights: SmallCNNWeights, path: str | Path) -> str:
+    """Write weights as safetensors (tensor digest in the metadata); returns the file SHA-256."""
+    tensors = weights.tensors()
+    meta = {
+        **weights.info,
+        "format": SMALL_CNN_FORMAT,
+        "strides": ",".join(map(str, weights.strides)),
+        "input_size": str(weights.input_size),
+        "input_mean": ",".join(map(repr, weights.input_mean)),
+        "input_std": ",".join(map(repr, weights.input_std)),
+        "tensor_sha256": _tensor_digest(tensors),
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    # One metadata entry holding sorted JSON: safetensors stores the metadata map in no fixed
+    # order, and the file digest must not depend on that.
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, target)
+    return hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def load_small_cnn_weights(
+    path: str | Path, expected_sha256: str | None = None
+) -> tuple[SmallCNNWeights, str]:
+    """Read and check a weights file (safetensors only, never pickle); returns it + file SHA-256.
+
+    Raises EncoderError naming the problem: missing, wrong digest, unreadable, malformed.
+    """
+    file = Path(path)
+    hint = (
+        "regenerate it with `python -m crossfed.common.model.cnn_pretraining --out "
+        f"{file}` or ask for the seeded random CNN explicitly with image encoder 'cnn-random'"
+    )
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise EncoderError(
+            f"pretrained CNN weights not readable at {file} ({exc}); {hint}"
+        ) from exc
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise EncoderError(
+            f"pretrained CNN weights {file} are corrupt or not the shipped file: sha256 {digest}"
+            f" != expected {expected_sha256}; {hint}"
+        )
+    try:
+        tensors = {k: v.float() for k, v in safetensors_load(raw).items()}
+        with safe_open(str(file), framework="pt") as fh:
+            header = dict(fh.metadata() or {})
+        meta = json.loads(header.get(_META_KEY, "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"metadata entry {_META_KEY} is not a JSON object")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise EncoderError(
+            f"pretrained CNN weights {file} are not valid safetensors: {exc}"
+        ) from exc
+    if meta.get("format") != SMALL_CNN_FORMAT:
+        raise EncoderError(f"{file} is not a {SMALL_CNN_FORMAT} weights file: {meta.get('format')}")
+    if meta.get("tensor_sha256") != _tensor_digest(tensors):
+        raise EncoderError(f"pretrained CNN weights {file} fail their tensor digest (corrupt)")
+    try:
+        strides = tuple(int(x) for x in meta["strides"].split(","))
+        convs = tuple(
+            (tensors[f"conv{i}.weight"], tensors[f"conv{i}.bias"]) for i in range(len(strides))
+        )
+        weights = SmallCNNWeights(
+            convs=convs,
+            strides=strides,
+            input_size=int(meta["input_size"]),
+            input_mean=_floats(meta["input_mean"]),
+            input_std=_floats(meta["input_std"]),
+            feature_mean=tensors["feature_mean"],
+            feature_std=tensors["feature_std"],
+            info={k: str(v) for k, v in meta.items() if k.startswith("info.")},
+        )
+    except (KeyError, ValueError) as exc:
+        raise EncoderError(f"pretrained CNN weights {file} are malformed: {exc!r}") from exc
+    in_ch = 3
+    for i, (weight, bias) in enumerate(convs):
+        if weight.ndim != 4 or weight.shape[1] != in_ch or bias.shape != weight.shape[:1]:
+            raise EncoderError(f"pretrained CNN weights {file}: conv{i} has shape {weight.shape}")
+        in_ch = weight.shape[0]
+    if weights.dim != 2 * in_ch or weights.feature_std.shape != weights.feature_mean.shape:
+        raise EncoderError(f"pretrained CNN weights {file}: feature stats do not match the convs")
+    return weights, digest
+
+
+def small_cnn_network(weights: SmallCNNWeights) -> nn.Sequential:
+    """The frozen conv+ReLU stack of a pretrained CNN (channels-last: fastest on CPU)."""
+    layers: list[nn.Module] = []
+    for (weight, bias), stride in zip(weights.convs, weights.strides):
+        conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2], stride, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            assert conv.bias is not None
+            conv.bias.copy_(bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+    net = nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class SmallCNNImageEncoder(ImageEncoder):
+    """Our default E_i: a small CNN, identical on every client by construction.
+
+    With `weights` (build_image_encoder("cnn") passes the shipped file): pretrained on our
+    procedural primitive corpus (cnn_pretraining.py), loaded from safetensors; images are
+    resized to its input size. Without: the v1 random-feature CNN from a fixed seed (what
+    "cnn-random" asks for), calibrated on a seed-generated set of smooth random images.
+    Either way per-feature mean/std standardise the mean+max pooled features, then scaled by
+    1/sqrt(dim) so their norm is ~1 like the text side.
     """
 
     def __init__(
@@ -236,7 +393,11 @@ class SmallCNNImageEncoder(ImageEncoder):
         seed: int = 0,
         widths: tuple[int, int, int] = (48, 96, 128),
         batch_size: int = 1024,
+        weights: str | Path | None = None,
     ) -> None:
+        if weights is not None:
+            self._init_pretrained(Path(weights), out_dim, batch_size)
+            return
         if out_dim % 2:
             raise EncoderError(f"CNN out_dim must be even (mean+max pooling), got {out_dim}")
         gen = torch.Generator().manual_seed(seed)
@@ -256,12 +417,51 @@ class SmallCNNImageEncoder(ImageEncoder):
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.dim, self.batch_size = out_dim, batch_size
+        self.pretrained_weights: SmallCNNWeights | None = None
         self.mean = torch.zeros(out_dim)
         self.std = torch.ones(out_dim)
         reference = self._reference_images(gen)
         raw = self._raw(reference)
         self.mean, self.std = raw.mean(0), raw.std(0).clamp_min(1e-6)
         self.identity = f"cnn:v1:seed{seed}:widths{'-'.join(map(str, widths))}:dim{out_dim}"
+
+    @classmethod
+    def pretrained(
+        cls, weights: str | Path | None = None, out_dim: int = 256, batch_size: int = 1024
+    ) -> SmallCNNImageEncoder:
+        """The pretrained CNN from `weights` (default: the shipped, digest-pinned file)."""
+        return cls(out_dim=out_dim, batch_size=batch_size, weights=weights or SMALL_CNN_WEIGHTS)
+
+    @classmethod
+    def from_weights(
+        cls, weights: SmallCNNWeights, identity: str, batch_size: int = 1024
+    ) -> SmallCNNImageEncoder:
+        """An encoder around in-memory weights (the pretraining recipe calibrates with it)."""
+        enc = cls.__new__(cls)
+        enc._setup_pretrained(weights, identity, batch_size)
+        return enc
+
+    def _init_pretrained(self, path: Path, out_dim: int, batch_size: int) -> None:
+        shipped = path.resolve() == SMALL_CNN_WEIGHTS
+        weights, digest = load_small_cnn_weights(
+            path, SMALL_CNN_WEIGHTS_SHA256 if shipped else None
+        )
+        if weights.dim != out_dim:
+            raise EncoderError(
+                f"pretrained CNN {path} gives {weights.dim}-d features, asked for {out_dim}"
+                " (set image_dim to match, or use image encoder 'cnn-random')"
+            )
+        self._setup_pretrained(weights, f"cnn:v2:pretrained:{digest}:dim{weights.dim}", batch_size)
+
+    def _setup_pretrained(self, weights: SmallCNNWeights, identity: str, batch_size: int) -> None:
+        self.pretrained_weights = weights
+        self.net = small_cnn_network(weights)
+        self.dim, self.batch_size = weights.dim, batch_size
+        self.mean, self.std = weights.feature_mean, weights.feature_std.clamp_min(1e-6)
+        std = torch.tensor(weights.input_std).view(1, 3, 1, 1)
+        self._in_scale = 1.0 / (255.0 * std)
+        self._in_shift = -torch.tensor(weights.input_mean).view(1, 3, 1, 1) / std
+        self.identity = identity
 
     @staticmethod
     def _reference_images(gen: torch.Generator, count: int = 512, size: int = 32) -> np.ndarray:
@@ -272,20 +472,32 @@ class SmallCNNImageEncoder(ImageEncoder):
         noisy = (smooth + 0.15 * torch.randn(count, 3, size, size, generator=gen)).clamp(0, 1)
         return (noisy.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
+    def _prepare(self, batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+        weights = self.pretrained_weights
+        if weights is None:  # v1 random features: per-image mean removed
+            x = x / 255.0
+            return x - x.mean(dim=(2, 3), keepdim=True)
+        size = weights.input_size
+        if x.shape[2:] != (size, size):
+            x = nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return (x * self._in_scale + self._in_shift).contiguous(memory_format=torch.channels_last)
+
     @torch.no_grad()
     def _raw(self, images: np.ndarray) -> torch.Tensor:
         chunks = []
         for start in range(0, len(images), self.batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start : start + self.batch_size]))
-            x = x.permute(0, 3, 1, 2).float() / 255.0
-            x = x - x.mean(dim=(2, 3), keepdim=True)
-            h = self.net(x)
+            h = self.net(self._prepare(images[start : start + self.batch_size]))
             chunks.append(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
         return torch.cat(chunks) if chunks else torch.zeros(0, self.dim)
 
     def encode(self, images: np.ndarray) -> torch.Tensor:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise EncoderError(f"images must be [N, H, W, 3], got shape {images.shape}")
+        if images.dtype != np.uint8:
+            raise EncoderError(f"images must be uint8 (0..255), got dtype {images.dtype}")
         return ((self._raw(images) - self.mean) / self.std) / math.sqrt(self.dim)
 
 
@@ -300,10 +512,12 @@ def build_text_encoder(spec: str = "minilm") -> TextEncoder:
 
 
 def build_image_encoder(spec: str = "cnn", out_dim: int = 256) -> ImageEncoder:
-    """'cnn' (our seeded CNN) or a local HF model directory."""
-    if spec == "cnn":
+    """'cnn' (our seeded CNN), 'cnn-random' (the same, asked for explicitly) or a local HF dir."""
+    if spec in ("cnn", "cnn-random"):
         return SmallCNNImageEncoder(out_dim=out_dim)
     path = Path(spec)
     if not path.is_dir():
-        raise EncoderError(f"image encoder '{spec}' is neither 'cnn' nor a local directory")
+        raise EncoderError(
+            f"image encoder '{spec}' is neither 'cnn', 'cnn-random' nor a local directory"
+        )
     return HFImageEncoder(path)
