@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = 3
@@ -44,15 +45,28 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The built-in dataset encoded once (frozen encoders, eq. 1), split into 3 label-skewed
-    shards saved as EmbeddingSet files, so client processes skip the encoders."""
-    from crossfed.client.local_data import LocalDataSpec, load_local_data
+    """Three label-skewed shards of class-clustered embeddings with the default encoders'
+    dimensions (384-d f_t, 256-d f_i), saved as EmbeddingSet files: the federation is under
+    test here, not the frozen encoders (those have their own tests), so no encoder runs."""
+    from crossfed.common.data.embeddings import EmbeddingSet
     from crossfed.common.data.label_partition import dirichlet_partition
 
+    classes, n = 12, 720
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.arange(n) % classes
+    text_centres = torch.nn.functional.normalize(torch.randn(classes, 384, generator=gen), dim=1)
+    image_centres = torch.nn.functional.normalize(torch.randn(classes, 256, generator=gen), dim=1)
+    text = text_centres[labels] + 0.2 * torch.randn(n, 384, generator=gen)
+    image = image_centres[labels] + 0.25 * torch.randn(n, 256, generator=gen)
+    data = EmbeddingSet(
+        text=text,
+        image=image,
+        has_text=torch.ones(n, dtype=torch.bool),
+        has_image=torch.ones(n, dtype=torch.bool),
+        labels=labels,
+    )
     root = tmp_path_factory.mktemp("shards")
-    spec = LocalDataSpec(num_samples=720, holdout_fraction=0.0, seed=3)
-    data = load_local_data(spec, cache_dir=root / "cache").train
-    parts = dirichlet_partition(data.labels.numpy(), 3, alpha=5.0, seed=3, min_samples=100)
+    parts = dirichlet_partition(labels.numpy(), 3, alpha=5.0, seed=3, min_samples=100)
     paths = []
     for index, part in enumerate(parts):
         path = root / f"shard{index}.safetensors"
