@@ -45,6 +45,14 @@ def start(
             "EmbeddingSet .safetensors file.",
         ),
     ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            help="Manifest data: the federation's class names in index order, comma-separated "
+            "(every client must pass the same list).",
+        ),
+    ] = None,
     modality: Annotated[
         ModalityChoice | None,
         typer.Option("--modality", help="Modalities this client holds (builtin data)."),
@@ -139,6 +147,7 @@ def start(
         **{
             "data.kind": data_kind,
             "data.path": manifest,
+            "data.class_names": [c.strip() for c in classes.split(",")] if classes else None,
             "data.modality": modality.value if modality else None,
             "data.client_index": client_index,
             "data.num_clients": num_clients,

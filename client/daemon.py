@@ -65,7 +65,12 @@ def data_spec_from_config(config: ClientConfig, options: DaemonOptions) -> Local
         "image_encoder": options.image_encoder,
     }
     if isinstance(data, ManifestDataConfig):
-        return LocalDataSpec(source=str(data.path), **common)  # type: ignore[arg-type]
+        return LocalDataSpec(
+            source=str(data.path),
+            class_names=tuple(data.class_names) if data.class_names else None,
+            skip_bad_rows=data.skip_bad_rows,
+            **common,  # type: ignore[arg-type]
+        )
     assert isinstance(data, BuiltinDataConfig)
     modality = ClientModality(data.modality)
     missing_rate = 0.0

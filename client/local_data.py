@@ -57,6 +57,9 @@ class LocalDataSpec:
     text_encoder: str = "minilm"
     image_encoder: str = "cnn"
     image_size: int = 32
+    # Manifests: the federation's shared class list, and whether bad rows are skipped.
+    class_names: tuple[str, ...] | None = None
+    skip_bad_rows: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -109,9 +112,22 @@ def _load_raw(spec: LocalDataSpec) -> RawDataset:
     if path.suffix in (".csv", ".jsonl"):
         from crossfed.common.data.manifest import load_manifest
 
-        result = load_manifest(path, image_size=spec.image_size)
+        result = load_manifest(
+            path,
+            class_names=spec.class_names,
+            image_size=spec.image_size,
+            strict=not spec.skip_bad_rows,
+        )
         for issue in result.issues[:10]:
             log.warning("%s: skipped %s", path, issue)
+        names = result.dataset.class_names
+        if spec.class_names is None and names != [str(i) for i in range(len(names))]:
+            # Indices derived from this file's own labels differ between clients.
+            raise ClientConfigError(
+                f"{path}: labels are names ({', '.join(names[:4])}, ...); give the federation's "
+                "class list (data.class_names, or --classes a,b,c) so every client maps them to "
+                "the same class indices"
+            )
         return result.dataset
     raise ClientConfigError(
         f"data source {spec.source!r} is not {BUILTIN_SOURCE!r}, a .csv/.jsonl manifest "

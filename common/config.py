@@ -248,6 +248,12 @@ class ManifestDataConfig(_Section):
     skip_bad_rows: bool = Field(
         default=False, description="skip unreadable rows instead of failing"
     )
+    class_names: list[str] | None = Field(
+        default=None,
+        min_length=2,
+        description="the federation's class list, in index order; every client must use the "
+        "same one (needed when manifest labels are names rather than class indices)",
+    )
 
 
 def _data_kind(value: Any) -> str:
