@@ -7,9 +7,9 @@ image-side twin, not in the paper), fusion (eq. 12), head (eq. 13) and memory (V
 buffers only, never shared).
 
 Departures from the paper (measured in BENCHMARKS.md, quality section):
-- Classifier(f_t) of eq. 9 is a small MLP with an input LayerNorm (a bare linear layer on
-  unit-norm sentence embeddings stayed near chance after federated training, so VLMR picked
-  the wrong class);
+- Classifier(f_t) of eq. 9 is an MLP with an input LayerNorm and the fusion path's depth (a
+  bare linear layer on unit-norm sentence embeddings stayed near chance after federated
+  training, so VLMR picked the wrong class);
 - with `unimodal_ensemble`, a row missing a modality is scored by the fusion head AND by the
   unimodal classifier of the modality it has (eq. 9 read as "the classifier predicts a label
   based on the available features"), log-probabilities added. The unimodal classifiers are
@@ -44,11 +44,16 @@ class Recovery:
 
 
 def unimodal_classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Sequential:
-    """Classifier over one modality's embedding (eq. 9); LayerNorm first so the scale of a
-    frozen encoder's output does not set the learning speed."""
+    """Classifier over one modality's embedding (eq. 9): LayerNorm first, so the scale of a
+    frozen encoder's output does not set the learning speed, then the fusion path's depth
+    (two LayerNorm/SiLU layers) so it is no weaker than the fusion head on that modality."""
     return nn.Sequential(
         nn.LayerNorm(in_dim),
         nn.Linear(in_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
+        nn.SiLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.LayerNorm(hidden_dim),
         nn.SiLU(),
         nn.Linear(hidden_dim, num_classes),
     )
