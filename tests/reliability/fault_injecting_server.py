@@ -106,17 +106,26 @@ def install_faults() -> None:
         _crash_if_due("commit_average")
         return original_result(self)
 
-    original_write: Callable[..., None] = checkpoints.write_bytes_atomic
+    # every file write of the checkpoint module ends in its lowest-level atomic writer
+    # (write_pieces_atomic where it exists; write_bytes_atomic delegates to it)
+    writer = (
+        "write_pieces_atomic"
+        if hasattr(checkpoints, "write_pieces_atomic")
+        else ("write_bytes_atomic")
+    )
+    original_write: Callable[..., None] = getattr(checkpoints, writer)
 
-    def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    def write_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
         path = Path(path)
         if _is_round_checkpoint(path) and os.environ.get(FAULT_ENV) == "checkpoint_write":
+            blob = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             with open(tmp, "wb") as handle:  # the real writer's temp name, half the bytes
-                handle.write(data[: len(data) // 2])
+                handle.write(blob[: len(blob) // 2])
                 handle.flush()
                 os.fsync(handle.fileno())
             _crash_if_due("checkpoint_write")
+            data = blob if writer == "write_bytes_atomic" else (blob,)
         if path.name.startswith("prototypes-"):
             _crash_if_due("prototypes_write")
         original_write(path, data, mode)
@@ -133,8 +142,9 @@ def install_faults() -> None:
     servicer.receive_payload = receive_payload
     StreamingFedAvg.add = add  # type: ignore[method-assign]
     StreamingFedAvg.result = result  # type: ignore[method-assign]
-    checkpoints.write_bytes_atomic = write_bytes_atomic
-    round_engine.write_bytes_atomic = write_bytes_atomic
+    setattr(checkpoints, writer, write_atomic)
+    if writer == "write_bytes_atomic":  # the engine imported it by name
+        round_engine.write_bytes_atomic = write_atomic
     SqliteStateStore.commit_round = commit_round  # type: ignore[method-assign]
 
 

@@ -39,6 +39,7 @@ RESULTS_DIR = Path(
 )
 SMALL_MODEL = {"text_dim": 16, "image_dim": 8, "hidden_dim": 16, "num_classes": 3}
 CHECKPOINTS = "checkpoints"
+EXACT_FLOAT32_INT = 2**24  # integers below this are exact in float32
 STATE_DB = "state.db"
 
 
@@ -252,13 +253,13 @@ def upload_value(client_index: int, round_no: int) -> float:
     """The constant every float tensor of client ``client_index``'s round-``round_no``
     update holds. Small integers: all weighted sums stay exact in float32, so the server's
     average can be compared bit for bit with `expected_average`."""
-    return float(1 + client_index + 7 * round_no)
+    return float(1 + client_index % 97 + 7 * round_no)
 
 
 def samples_of(client_index: int) -> int:
-    """Distinct |D_i| per client (eq. 15 weights): a double-counted or lost upload shifts the
-    average."""
-    return 3 + 2 * client_index
+    """|D_i| per client (eq. 15 weights), distinct among 64 neighbours: a double-counted or
+    lost upload shifts the average. Bounded so 300+ clients keep float32 sums exact."""
+    return 3 + 2 * (client_index % 64)
 
 
 def constant_update(template: Mapping[str, torch.Tensor], value: float) -> dict[str, torch.Tensor]:
@@ -281,7 +282,13 @@ def expected_average(
             out[key] = glob.clone()
             continue
         total = sum(n for _, n in contributions)
-        acc = torch.full_like(glob, sum(v * n for v, n in contributions))
+        weighted = sum(v * n for v, n in contributions)
+        if weighted >= EXACT_FLOAT32_INT:
+            raise ScenarioFailure(
+                f"sum n_i*v_i = {weighted:g} >= 2^24: float32 sums are no longer exact, the "
+                "bit-for-bit check would be order dependent; use fewer clients or rounds"
+            )
+        acc = torch.full_like(glob, weighted)
         out[key] = (acc / float(total)).to(glob.dtype)
     return out
 

@@ -247,13 +247,16 @@ def test_daemons_ride_out_random_fault_schedules(
 
     rng = random.Random(seed)
 
-    def schedule() -> list[int | None]:
-        return [rng.choice([None, rng.randrange(200, 12_000)]) for _ in range(4)]
+    def schedule(first: bool) -> list[int | None]:
+        # the first connection is always cut in one direction, so every proxy injects a fault
+        head: list[int | None] = [rng.randrange(200, 12_000) if first else None]
+        return head + [rng.choice([None, rng.randrange(200, 12_000)]) for _ in range(3)]
 
-    plans = [
-        (rng.choice([0.0, 0.0, 0.01]), CutPlan(upstream=schedule(), downstream=schedule()))
-        for _ in range(4)
-    ]
+    plans = []
+    for _ in range(4):
+        up_first = rng.random() < 0.5
+        plan = CutPlan(upstream=schedule(up_first), downstream=schedule(not up_first))
+        plans.append((rng.choice([0.0, 0.0, 0.01]), plan))
     counts = _run_faulty_federation(tmp_path, monkeypatch, plans, rounds=3)
     record_result(f"network_faults_random_{seed}", rounds=3, daemons=4, **counts)
 
