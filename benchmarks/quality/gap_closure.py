@@ -42,6 +42,8 @@ class MeanStd:
     def text(self, digits: int = 3) -> str:
         if self.n == 0:
             return "n/a"
+        if self.n == 1:
+            return f"{self.mean:.{digits}f} (1 seed)"
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
     def as_dict(self) -> dict[str, float]:

@@ -57,7 +57,9 @@ def _no_vlmr(cfg: ModelConfig) -> ModelConfig:
 FEDERATED_METHODS: dict[str, FederatedMethod] = {
     m.name: m
     for m in (
-        FederatedMethod("ours", "paper's method (eq. 2-16)", _same, "ours", True),
+        FederatedMethod(
+            "ours", "paper's method (eq. 2-16) with the changes below", _same, "ours", True
+        ),
         FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", _zero, "none", False),
         FederatedMethod(
             "dropout", "FedAvg, zero-fill + modality dropout", _zero, "baseline", False

@@ -178,6 +178,17 @@ def _ms(d: dict[str, dict[str, MeanStd]]) -> dict[str, dict[str, dict[str, float
     return {c: {k: v.as_dict() for k, v in row.items()} for c, row in d.items()}
 
 
+def coverage_line(rows: list[dict[str, Any]], seeds: int) -> str:
+    """How complete the grid is (a sweep cut short by its deadline says so here)."""
+    full = sum(len(r["seeds"]) == seeds for r in rows)
+    partial = sum(0 < len(r["seeds"]) < seeds for r in rows)
+    missing = sum(not r["seeds"] for r in rows)
+    return (
+        f"Grid coverage: {full} of {len(rows)} cells with all {seeds} seeds, {partial} with "
+        f"fewer (see the seeds column), {missing} not run."
+    )
+
+
 def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Markdown body and JSON document from the records on file."""
     h = s.headline()
@@ -202,7 +213,8 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
             f"Table I configurations hide a modality at inference). {s.clients} clients, "
             f"Dirichlet(α) label split; {b.rounds} rounds × {b.local_epochs} local epoch(s), "
             f"batch {b.batch_size}, lr {b.lr:g}, hidden {s.hidden_dim}; modality dropout "
-            f"{b.modality_dropout:g} for ours and the dropout baseline; central references "
+            f"{b.modality_dropout:g} for the dropout baseline, {b.ours_dropout:g} for ours "
+            f"(see the method changes below); central references "
             f"{b.central_epochs} epochs. Seeds {s.seeds}."
         ),
         "",
@@ -226,6 +238,8 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
         *ablation_table(head_acc, ABLATIONS),
         "",
         "### Sweep: ours vs best baseline vs ceiling (accuracy, mean over seeds)",
+        "",
+        coverage_line(rows, len(s.seeds)),
         "",
         *sweep_table(rows),
         "",
