@@ -98,6 +98,7 @@ class StreamingFedAvg:
         self._max_weight: dict[str, float] = {m: 0.0 for m in self.modules}
         self.num_updates = 0
         self.total_samples = 0
+        self._result: dict[str, torch.Tensor] | None = None
 
     @property
     def module_weight_totals(self) -> dict[str, float]:
@@ -108,6 +109,8 @@ class StreamingFedAvg:
         self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float], num_samples: int
     ) -> None:
         """Fold one already-validated update into the running sum (one fused pass per tensor)."""
+        if self._result is not None:
+            raise RuntimeError("this round's running sum was already turned into its result")
         scale = self._clip_scale(update, weights) if self.central_dp is not None else 1.0
         for key, glob in self._global.items():
             if not is_averaged(glob):
@@ -153,7 +156,13 @@ class StreamingFedAvg:
         return dp.noise_multiplier * dp.clip_norm * self._max_weight[module] / total
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The new global state: averaged where some client trained the module, else kept."""
+        """The new global state: averaged where some client trained the module, else kept.
+
+        Divides the running sum in place (no second model-sized buffer at commit time), so the
+        aggregator is finished afterwards: ``add`` refuses, ``result`` returns the same state.
+        """
+        if self._result is not None:
+            return dict(self._result)
         out: dict[str, torch.Tensor] = {}
         for key, glob in self._global.items():
             acc = self._acc.get(key)
@@ -162,10 +171,12 @@ class StreamingFedAvg:
             if acc is None or total <= 0.0 or not is_averaged(glob):
                 out[key] = glob
                 continue
-            mean = acc / total
+            mean = acc.div_(total)
             std = self.noise_std(module)
             if std > 0.0:
                 noise = torch.randn(mean.shape, generator=self._generator, dtype=mean.dtype)
-                mean = mean + noise * std
+                mean.add_(noise, alpha=std)
             out[key] = mean.to(glob.dtype)
-        return out
+        self._acc = {}
+        self._result = out
+        return dict(out)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from crossfed.common.wire.errors import WireError
-from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
+from crossfed.common.wire.tensor_codec import decode_tensors, payload_pieces
 from crossfed.server.errors import CheckpointError
 
 _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
@@ -19,12 +20,20 @@ _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` durably: temp file in the same dir, fsync, rename, fsync dir."""
+    write_pieces_atomic(path, (data,), mode)
+
+
+def write_pieces_atomic(
+    path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o644
+) -> None:
+    """`write_bytes_atomic` of the concatenated ``pieces``, never joined in memory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for piece in pieces:
+                handle.write(piece)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -71,9 +80,10 @@ class CheckpointStore:
         """Write the global model of ``round_no`` atomically, then (``prune``) prune old
         checkpoints. A caller that records the commit elsewhere passes ``prune=False`` and
         prunes after its commit: until then the previous checkpoint is the committed one."""
-        payload = encode_tensors(state, metadata={"round": str(round_no), "run_id": run_id})
+        # written piece by piece from the tensors' memory: no model-sized payload at commit
+        pieces = payload_pieces(state, metadata={"round": str(round_no), "run_id": run_id})
         path = self.path_of(round_no)
-        write_bytes_atomic(path, payload)
+        write_pieces_atomic(path, pieces)
         if prune:
             self.prune(protect=round_no)
         return path

@@ -5,7 +5,9 @@ codes with their human-readable messages."""
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -14,7 +16,12 @@ from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, en
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.caller_identity import caller_client_id
-from crossfed.server.errors import InvalidUpdateError, ServerError, UnknownClientError
+from crossfed.server.errors import (
+    InvalidUpdateError,
+    ServerError,
+    UnknownClientError,
+    WrongRoundError,
+)
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
 from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
@@ -64,7 +71,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._upload_admission = UploadAdmission(max_concurrent_uploads, max_upload_bytes_in_flight)
         self.upload_slot_wait_s = upload_slot_wait_s
         # sha256 of each served model version: hashing 100 MB per download request cost every
-        # client ~55 ms of server CPU (checkpoint bytes of a run's version never change)
+        # client ~55 ms of server CPU (a run's checkpoint of a version never changes)
         self._model_digests: dict[tuple[str, int], bytes] = {}
         self.upload_policy = upload_policy
         self.chunk_size = chunk_size
@@ -154,34 +161,41 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         client_id = self._caller(context)
         try:
             self.engine.require_known(client_id)
-            version, payload = self.engine.global_model_bytes(int(request.round))
+            version, path = self.engine.global_model_file(int(request.round))
+            # opened now: a checkpoint pruned meanwhile stays readable through this handle
+            handle = path.open("rb")
+        except FileNotFoundError:
+            abort_with(
+                context,
+                WrongRoundError(f"the input model of round {request.round} is no longer kept"),
+            )
         except ServerError as exc:
             abort_with(context, exc)
-        size = len(payload)
-        cs = self.chunk_size
-        total = max(1, -(-size // cs))
-        if request.start_chunk >= total and size:
-            context.abort(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"start_chunk {request.start_chunk} is past the last chunk ({total - 1})",
-            )
-        digest = self._model_digest(version, payload)
-        view = memoryview(payload)
-        for index in range(int(request.start_chunk), total):
-            yield common_pb2.TensorChunk(
-                index=index,
-                total=total,
-                data=bytes(view[index * cs : (index + 1) * cs]),
-                payload_sha256=digest,
-                payload_size=size,
-                round=int(request.round),
-            )
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            cs = self.chunk_size
+            total = max(1, -(-size // cs))
+            if request.start_chunk >= total and size:
+                context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"start_chunk {request.start_chunk} is past the last chunk ({total - 1})",
+                )
+            digest = self._model_digest(version, handle)
+            for index in range(int(request.start_chunk), total):
+                yield common_pb2.TensorChunk(
+                    index=index,
+                    total=total,
+                    data=os.pread(handle.fileno(), cs, index * cs),
+                    payload_sha256=digest,
+                    payload_size=size,
+                    round=int(request.round),
+                )
 
-    def _model_digest(self, version: int, payload: bytes) -> bytes:
+    def _model_digest(self, version: int, handle: io.BufferedReader) -> bytes:
         key = (self.engine.run.run_id, version)
         digest = self._model_digests.get(key)
         if digest is None:
-            digest = hashlib.sha256(payload).digest()
+            digest = hashlib.file_digest(handle, "sha256").digest()
             if len(self._model_digests) >= 8:  # only the newest versions are downloaded
                 self._model_digests.pop(next(iter(self._model_digests)))
             self._model_digests[key] = digest

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from crossfed.common.wire.errors import WireError
@@ -791,6 +792,24 @@ class RoundEngine:
             raise WrongRoundError(
                 f"the input model of round {round_no} is no longer kept: {exc}"
             ) from exc
+
+    def global_model_file(self, round_no: int) -> tuple[int, Path]:
+        """Checkpoint file of the model round ``round_no`` trains from (same versions as
+        `global_model_bytes`); downloads stream it chunk by chunk instead of holding a copy
+        of the serialized model in server memory for the whole round."""
+        with self._lock:
+            last = self._run.last_committed_round
+            version = last if round_no == 0 else round_no - 1
+            if version > last:
+                raise WrongRoundError(
+                    f"round {round_no} has not started; the latest committed round is {last}"
+                )
+        path = self.checkpoints.path_of(version)
+        if not path.is_file():
+            raise WrongRoundError(
+                f"the input model of round {round_no} is no longer kept (no {path.name})"
+            )
+        return version, path
 
     # ------------------------------------------------------------------ uploads
     def begin_upload(
