@@ -134,6 +134,32 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def measurement_from_json(data: dict[str, Any]) -> Measurement:
+    """Inverse of `Measurement.to_json` (None numbers come back as NaN)."""
+
+    def num(value: Any) -> float:
+        return float("nan") if value is None else float(value)
+
+    target = data.get("target")
+    load = data["load"]
+    return Measurement(
+        key=data["key"],
+        title=data["title"],
+        value=num(data["value"]),
+        unit=data["unit"],
+        baseline=num(data["baseline"]),
+        baseline_unit=data["baseline_unit"],
+        baseline_label=data["baseline_label"],
+        ratio=num(data["ratio"]),
+        ratio_definition=data["ratio_definition"],
+        target=None if target is None else Target(**target),
+        load=LoadSample(num(load["before"]), num(load["after"])),
+        samples=[num(v) for v in data.get("samples", [])],
+        baseline_samples=[num(v) for v in data.get("baseline_samples", [])],
+        details=dict(data.get("details", {})),
+    )
+
+
 @dataclass
 class SuiteRun:
     """A whole run of the systems suite: settings, machine, measurements, and failures."""
@@ -145,6 +171,21 @@ class SuiteRun:
     failures: dict[str, str] = field(default_factory=dict)  # benchmark -> error line
     skipped: dict[str, str] = field(default_factory=dict)  # benchmark -> why
     finished_unix_s: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SuiteRun:
+        """Read back what `to_json` wrote (to re-render plots and markdown without re-running)."""
+        if data.get("suite") != "systems":
+            raise BenchmarkError(f"not a systems suite result (suite={data.get('suite')!r})")
+        return cls(
+            profile=str(data["profile"]),
+            started_unix_s=float(data["started_unix_s"]),
+            machine=dict(data["machine"]),
+            measurements=[measurement_from_json(m) for m in data["measurements"]],
+            failures=dict(data.get("failures", {})),
+            skipped=dict(data.get("skipped", {})),
+            finished_unix_s=float(data.get("finished_unix_s") or 0.0),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -145,6 +145,7 @@ def write_plots(directory: Path, run: SuiteRun) -> list[Path]:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.legend()
         fig.tight_layout()

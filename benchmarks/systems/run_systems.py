@@ -9,6 +9,7 @@ section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -164,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-markdown", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: re-render table, plots and markdown from --json",
+    )
     args = parser.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(only) - set(BENCHMARK_NAMES))
@@ -174,9 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("crossfed").setLevel(logging.ERROR)
     console = Console(stderr=True)
     show = not args.no_progress and sys.stderr.isatty()
-    run = run_suite(
-        _profiles(args.profile), only, show, console, lambda partial: write_json(args.json, partial)
-    )
+    if args.render_only:
+        try:
+            run = SuiteRun.from_json(json.loads(args.json.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, BenchmarkError) as exc:
+            parser.error(f"--render-only: cannot read {args.json}: {exc}")
+    else:
+        run = run_suite(
+            _profiles(args.profile),
+            only,
+            show,
+            console,
+            lambda partial: write_json(args.json, partial),
+        )
 
     table = markdown_table(run.measurements)
     print(table)
@@ -184,14 +200,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED {name}: {why}")
     for name, why in run.skipped.items():
         print(f"skipped {name}: {why}")
-    write_json(args.json, run)
+    if not args.render_only:
+        write_json(args.json, run)
     print(f"JSON: {args.json}")
     if not args.no_plots:
         for path in write_plots(args.plots_dir, run):
             print(f"plot: {path}")
     if not args.no_markdown:
-        command = "python benchmarks/systems/run_systems.py " + shlex.join(
-            a for a in (argv if argv is not None else sys.argv[1:])
+        command = "python benchmarks/systems/run_systems.py " + (
+            f"--profile {run.profile}"
+            if args.render_only
+            else shlex.join(a for a in (argv if argv is not None else sys.argv[1:]))
         )
         try:
             write_section(args.markdown, section_markdown(run, command.strip()))

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "systems" / "run_systems.py"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from systems.measurement_records import SuiteRun
 from systems.report_writer import (
     SECTION_END,
     SECTION_START,
@@ -81,6 +82,7 @@ def test_smoke_suite_emits_json_markdown_and_plots(tmp_path: Path) -> None:
             assert m["target_met"] is None
         else:
             assert isinstance(m["target_met"], bool) and m["target_text"]
+    assert SuiteRun.from_json(result).to_json() == result  # --render-only reads it back
     coordination = by_key["coordination_2_clients"]["details"]
     assert coordination["timed_rounds"] == 1
     memory = by_key["server_peak_rss_2_clients"]["details"]
