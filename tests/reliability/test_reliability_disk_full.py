@@ -160,3 +160,10 @@ def test_disk_that_stays_full_ends_the_run_as_failed_with_the_good_checkpoint(
     assert [r.state for r in rounds_of(state_dir)] == ["failed", "failed"]
     assert checkpoint_digests(state_dir) == initial
     assert not [e for t in threads for e in t.errors]
+    record_result(
+        "disk_full_stays_full",
+        run_state=run.state,
+        failed_attempts=2,
+        initial_checkpoint_intact=True,
+        clients_told_done=len(threads),
+    )

@@ -8,6 +8,7 @@ the server's peak RSS (VmHWM)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -86,6 +87,7 @@ def _run_load(root: Path, clients: int, rounds: int, timeout_s: float) -> dict[s
         "uploads_accepted": stats.uploads_accepted,
         "duplicates": stats.duplicates,
         "retried": dict(stats.retried),  # type: ignore[dict-item]
+        "host_load_1min": round(os.getloadavg()[0], 1),
     }
 
 
