@@ -171,7 +171,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         ),
         _row(
             [
-                "fuzzed RPC cases (Coordinator + Admin)",
+                "fuzzed RPC cases (Coordinator + Admin; insecure + unauthenticated TLS)",
                 f"{fuzz_cases} cases, {improper} improper answers",
             ]
         ),
