@@ -63,6 +63,13 @@ def seed_summary(
         row: dict[str, float] = {}
         for name, scores in by_method.items():
             row[name] = float(scores[c][metric])
+        if "ours" in row:
+            for name in by_method:
+                if name not in ("ours", "zero_fill", "dropout") and not name.startswith(
+                    ("ceiling", "central")
+                ):
+                    # ours minus an ablation on the same seed (paired comparison)
+                    row[f"delta:{name}"] = row["ours"] - row[name]
         base = [row[b] for b in ("zero_fill", "dropout") if b in row]
         row["best_baseline"] = max(base) if base else float("nan")
         if c in CEILING_OF and CEILING_OF[c] in row and "ours" in row:

@@ -102,6 +102,25 @@ def ablation_table(agg: dict[str, dict[str, MeanStd]], ablations: Sequence[str])
     return lines
 
 
+def ablation_reading(agg: dict[str, dict[str, MeanStd]], ablations: Sequence[str]) -> list[str]:
+    """Per configuration, how much each component is worth: ours minus each ablation on the
+    same seeds (mean accuracy points), largest first; <= 0 means it did not help here."""
+    out = []
+    for c in CONFIGS:
+        row = agg.get(c, {})
+        deltas = []
+        for m in ablations:
+            d = row.get(f"delta:{m}")
+            if d is not None and d.n:
+                deltas.append((d.mean, m, d.n))
+        if not deltas:
+            continue
+        deltas.sort(reverse=True)
+        parts = [f"{m} {d * 100:+.1f} ({n} seed{'s' if n > 1 else ''})" for d, m, n in deltas]
+        out.append(f"- {c}: ours minus ablation, points: " + ", ".join(parts))
+    return out
+
+
 def sweep_rows(
     records: Sequence[dict[str, Any]],
     modes: Sequence[str],

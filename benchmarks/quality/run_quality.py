@@ -31,6 +31,7 @@ from quality.methods import ABLATIONS, BASELINES
 from quality.quality_data import FederationSetup, Missingness
 from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import (
+    ablation_reading,
     ablation_table,
     headline_table,
     summarise_point,
@@ -236,6 +237,8 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
         "### Ablations at the headline setting (accuracy)",
         "",
         *ablation_table(head_acc, ABLATIONS),
+        "",
+        *ablation_reading(head_acc, ABLATIONS),
         "",
         "### Sweep: ours vs best baseline vs ceiling (accuracy, mean over seeds)",
         "",

@@ -60,6 +60,7 @@ def test_gap_closure_hand_example() -> None:
     assert row["text_only"]["best_baseline"] == pytest.approx(0.64)
     assert row["text_only"]["gap_closure"] == pytest.approx(0.6)
     assert row["image_only"]["gap_closure:no_mapper"] == pytest.approx(0.5)
+    assert row["both"]["delta:no_mapper"] == pytest.approx(0.01)
     assert "gap_closure" not in row["both"]
     ms = MeanStd.of([0.5, 0.7, float("nan")])
     assert ms.n == 2 and ms.mean == pytest.approx(0.6) and ms.std == pytest.approx(0.1414, abs=1e-3)
