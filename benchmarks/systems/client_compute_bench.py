@@ -44,6 +44,7 @@ class ClientComputeSettings:
     batch_size: int = 256
     train_repeats: int = 3
     threads: int = 2
+    warmup: bool = True  # one untimed training run first (allocator, kernels)
 
 
 def _encode_timed(
@@ -109,7 +110,8 @@ def measure_client_compute(
         before = load_average()
         ours, zero, ours_cpu, zero_cpu = [], [], [], []
         recover, zero_fill = ModelConfig(), ModelConfig(missing_fill="zero")
-        _train_rate(recover, data, settings)  # warm-up (allocator, kernels)
+        if settings.warmup:
+            _train_rate(recover, data, settings)
         for _ in range(settings.train_repeats):
             wall, cpu = _train_rate(zero_fill, data, settings)
             zero.append(wall)

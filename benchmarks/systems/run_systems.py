@@ -68,11 +68,12 @@ def _profiles(name: str) -> Profile:
     )
     client = (
         ClientComputeSettings(
-            num_samples=300,
+            num_samples=120,
             text_encoder="minilm",
             encode_repeats=1,
             epochs=1,
             train_repeats=1,
+            warmup=False,
         )
         if smoke
         else ClientComputeSettings()
