@@ -20,9 +20,8 @@ def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
 
 def generate(out_dir: Path, root: Path = PROTO_ROOT) -> list[Path]:
     """Run protoc (via grpc_tools) into out_dir; return the generated files."""
-    from grpc_tools import protoc  # dev dependency, imported only when generating
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency, imported only when generating
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
