@@ -58,9 +58,11 @@ def start_grpc_server(
         ("grpc.so_reuseport", 0),
         # no BDP probing: it grows every stream's receive window without bound, and each
         # client-streamed upload waiting for admission was buffered whole in the transport
-        # (measured: 30 waiting 100 MB uploads = +3.4 GB); the default 64 KiB windows keep
-        # loopback uploads as fast
+        # (measured: 30 waiting 100 MB uploads = +3.4 GB). A fixed 1 MiB stream window
+        # instead: <= 1 MiB buffered per waiting upload, and up to 1 MiB per round trip on
+        # a WAN link (~20 MB/s per upload at 50 ms RTT; gRPC's 64 KiB default: ~1.3 MB/s)
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 1024 * 1024),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="crossfed-rpc"),
