@@ -74,7 +74,8 @@ def start_raw_server(service: RawBytesService, max_message_bytes: int) -> tuple[
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.so_reuseport", 0),
-        ("grpc.http2.bdp_probe", 0),  # as crossfed.server.grpc_server sets it
+        ("grpc.http2.bdp_probe", 0),  # as crossfed.server.grpc_server sets them
+        ("grpc.http2.lookahead_bytes", 1024 * 1024),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     handler = grpc.method_handlers_generic_handler(
