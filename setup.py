@@ -23,4 +23,11 @@ for name, folder in ROOTS.items():
         packages.append(f"{name}.{sub}")
         package_dir[f"{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir, package_data={"crossfed.v1": ["*.proto", "*.pyi"]})
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={
+        "crossfed.v1": ["*.proto", "*.pyi"],
+        "crossfed.common.model": ["weights/*.safetensors"],  # pretrained default image CNN
+    },
+)

@@ -2,13 +2,14 @@
 
 Supervised multi-task pretext on our generic procedural corpus (primitive_corpus.py): from
 the mean+max pooled CNN features, linear heads predict the main object's primitive type, hue
-bin, size bin and quadrant. Fresh seeded draws every step (no epochs, no overfitting); fixed
-seed, fixed thread count and deterministic kernels make a rerun on the same machine byte-
-identical. On export, feature mean/std are calibrated on held-out draws, and the result is written as safetensors (never pickle).
+bin, size bin and quadrant. Fresh seeded draws every step (no epochs, no overfitting). A
+fixed seed, a fixed thread count and deterministic kernels make a rerun in the same
+environment byte-identical (another CPU or torch build may differ in the last bits). On
+export the feature mean/std are calibrated on held-out draws; the file is safetensors.
 
-Regenerate the shipped weights (about 5-10 minutes on 2 cores):
+Regenerate the shipped weights:
     python -m crossfed.common.model.cnn_pretraining --out common/model/weights/small_cnn.safetensors
-then update SMALL_CNN_WEIGHTS_SHA256 in encoders.py to the printed digest.
+then set SMALL_CNN_WEIGHTS_SHA256 in encoders.py to the printed digest.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,7 @@ def export_weights(cfg: PretrainConfig, net: PretextNet) -> SmallCNNWeights:
     """Conv stack + feature mean/std calibrated on held-out draws (through the encoder's path)."""
     convs = _conv_weights(net)
     dim = 2 * cfg.widths[-1]
-    weights = SmallCNNWeights(
+    uncalibrated = SmallCNNWeights(
         convs=convs,
         strides=cfg.strides,
         input_size=cfg.corpus.image_size,
@@ -209,16 +210,8 @@ def export_weights(cfg: PretrainConfig, net: PretextNet) -> SmallCNNWeights:
         feature_std=torch.ones(dim),
     )
     calib = generate_primitives(cfg.rng(STREAM_CALIBRATION), cfg.calibration_samples, cfg.corpus)
-    raw = _encoder_of(weights)._raw(calib.images)
-    return SmallCNNWeights(
-        convs=convs,
-        strides=cfg.strides,
-        input_size=cfg.corpus.image_size,
-        input_mean=_INPUT_MEAN,
-        input_std=_INPUT_STD,
-        feature_mean=raw.mean(0),
-        feature_std=raw.std(0).clamp_min(1e-6),
-    )
+    raw = _encoder_of(uncalibrated).pooled_features(calib.images)
+    return replace(uncalibrated, feature_mean=raw.mean(0), feature_std=raw.std(0).clamp_min(1e-6))
 
 
 def _encoder_of(weights: SmallCNNWeights) -> SmallCNNImageEncoder:
@@ -274,8 +267,7 @@ def pretrain(
         "info.torch": torch.__version__,
         "info.heldout_ridge_probe": json.dumps({k: round(v, 4) for k, v in scores.items()}),
     }
-    final = SmallCNNWeights(**{**weights.__dict__, "info": info})
-    digest = save_small_cnn_weights(final, out)
+    digest = save_small_cnn_weights(replace(weights, info=info), out)
     scores["seconds"] = seconds
     return digest, scores
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from crossfed.common.data.data_errors import EncoderError
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import nn
@@ -229,7 +229,7 @@ class HFImageEncoder(ImageEncoder):
 SMALL_CNN_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small_cnn.safetensors"
 # SHA-256 of the shipped file: a corrupted or swapped file is refused instead of silently
 # changing every client's features. Regenerate with the command in cnn_pretraining.py.
-SMALL_CNN_WEIGHTS_SHA256 = "PENDING"
+SMALL_CNN_WEIGHTS_SHA256 = "093197686b3176ca6ab7de7bc3970ee034e81173f29957af11c50de406b8ad6a"
 SMALL_CNN_FORMAT = "crossfed.SmallCNN/2"
 _META_KEY = "crossfed.small_cnn"
 
@@ -320,17 +320,15 @@ def load_small_cnn_weights(
         )
     try:
         tensors = {k: v.float() for k, v in safetensors_load(raw).items()}
-        with safe_open(str(file), framework="pt") as fh:
-            header = dict(fh.metadata() or {})
-        meta = json.loads(header.get(_META_KEY, "{}"))
-        if not isinstance(meta, dict):
-            raise ValueError(f"metadata entry {_META_KEY} is not a JSON object")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        # header: u64 length + JSON, read from the bytes already digested (no second read)
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        meta = json.loads(header.get("__metadata__", {}).get(_META_KEY, "{}"))
+    except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
         raise EncoderError(
             f"pretrained CNN weights {file} are not valid safetensors: {exc}"
         ) from exc
-    if meta.get("format") != SMALL_CNN_FORMAT:
-        raise EncoderError(f"{file} is not a {SMALL_CNN_FORMAT} weights file: {meta.get('format')}")
+    if not isinstance(meta, dict) or meta.get("format") != SMALL_CNN_FORMAT:
+        raise EncoderError(f"{file} is not a {SMALL_CNN_FORMAT} weights file")
     if meta.get("tensor_sha256") != _tensor_digest(tensors):
         raise EncoderError(f"pretrained CNN weights {file} fail their tensor digest (corrupt)")
     try:
@@ -484,6 +482,10 @@ class SmallCNNImageEncoder(ImageEncoder):
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
             )
         return (x * self._in_scale + self._in_shift).contiguous(memory_format=torch.channels_last)
+
+    def pooled_features(self, images: np.ndarray) -> torch.Tensor:
+        """Mean+max pooled CNN outputs before standardisation (what mean/std calibrate)."""
+        return self._raw(images)
 
     @torch.no_grad()
     def _raw(self, images: np.ndarray) -> torch.Tensor:
