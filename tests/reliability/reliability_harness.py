@@ -469,6 +469,8 @@ class ResilientClientThread(threading.Thread):
         self.stop = stop
         self.errors: list[str] = []
         self.accepted: list[int] = []
+        self.asked: list[int] = []  # rounds the server asked this client to train
+        self.ride_outs: list[str] = []
         self.done = False
 
     def run(self) -> None:
@@ -485,6 +487,7 @@ class ResilientClientThread(threading.Thread):
                 if hb.action == coordinator_pb2.ACTION_REGISTER:
                     registered = False
                 elif hb.action == coordinator_pb2.ACTION_TRAIN:
+                    self.asked.append(int(hb.round))
                     reply = client.train_and_upload(int(hb.round))
                     if reply.accepted:
                         self.accepted.append(int(hb.round))
@@ -497,6 +500,7 @@ class ResilientClientThread(threading.Thread):
                 elif code not in RIDE_OUT_CODES:
                     self.errors.append(f"{code.name}: {exc.details()}")  # type: ignore[attr-defined]
                     return
+                self.ride_outs.append(code.name)
                 time.sleep(0.1)
 
 

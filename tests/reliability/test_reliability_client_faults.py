@@ -206,7 +206,13 @@ def test_too_few_uploads_fail_the_attempt_and_the_same_round_is_retried(
     ], rounds
     assert rounds[0].received == 2 and "min_clients is 3" in rounds[0].message
     assert sorted(c for c, _, _ in uploads_of(state_dir, 1, 2)) == ["c0", "c1", "c2"]
-    assert all(t.accepted.count(1) == 2 for t in threads[:2])  # asked twice for round 1
+    # asked twice for round 1 (once per attempt). Counting accepted replies instead was flaky:
+    # the upload that completes attempt 2 also completes the run, and the test then stops the
+    # server while that reply is in flight (CANCELLED) although the server counted the upload
+    # (uploads_of above proves it).
+    assert all(t.asked.count(1) >= 2 for t in threads[:2]), [
+        (t.asked, t.accepted, t.ride_outs) for t in threads
+    ]
     assert verify_committed_history(state_dir, _initial(), _index) == 1
     record_result(
         "client_faults_retry",
