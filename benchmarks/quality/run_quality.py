@@ -106,6 +106,7 @@ class QualitySettings(BaseModel):
     records: Path | None = None
     benchmarks_md: Path = _REPO / "BENCHMARKS.md"
     report_only: bool = False
+    note: str = Field("", description="run-specific remark printed under the section title")
     progress: bool = True
 
     def budget(self) -> TrainingBudget:
@@ -206,6 +207,7 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
     lines = [
         "## Quality (federated, in-process)",
         "",
+        *([s.note, ""] if s.note else []),
         (
             f"In-process federated simulation: real `train_local` on each client, real "
             f"module-aware `StreamingFedAvg` (eq. 15) and `ProjectionAggregator` (eq. 16, no DP "
@@ -231,7 +233,9 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
         (
             "Best baseline = better of zero-fill and dropout FedAvg per seed and configuration; "
             "gap-closure = (ours − best) / (ceiling − best) per seed; ceiling = central "
-            "classifier on every training sample holding the modality."
+            "classifier on every training sample holding the modality. Where ceiling − best "
+            "is under a point, per-seed gap-closure divides by almost nothing and swings "
+            "wildly (sweep table); read ours vs best there."
         ),
         "",
         "### Ablations at the headline setting (accuracy)",
@@ -295,6 +299,7 @@ def parse(argv: list[str] | None) -> QualitySettings:
     p.add_argument("--records", type=Path)
     p.add_argument("--benchmarks-md", type=Path)
     p.add_argument("--report-only", action="store_true", default=None)
+    p.add_argument("--note", help="run-specific remark for the report (how it was run)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     if args.get("profile") == "smoke":
