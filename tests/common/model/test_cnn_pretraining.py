@@ -50,7 +50,14 @@ def pretrained() -> SmallCNNImageEncoder:
     return SmallCNNImageEncoder.pretrained()
 
 
-def test_shipped_weights_match_pinned_digest(pretrained: SmallCNNImageEncoder) -> None:
+@pytest.fixture(scope="module")
+def random_cnn() -> SmallCNNImageEncoder:
+    return build_image_encoder("cnn-random")  # type: ignore[return-value]
+
+
+def test_shipped_weights_match_pinned_digest(
+    pretrained: SmallCNNImageEncoder, random_cnn: SmallCNNImageEncoder
+) -> None:
     digest = hashlib.sha256(SMALL_CNN_WEIGHTS.read_bytes()).hexdigest()
     assert digest == SMALL_CNN_WEIGHTS_SHA256
     weights, loaded = load_small_cnn_weights(SMALL_CNN_WEIGHTS, SMALL_CNN_WEIGHTS_SHA256)
@@ -61,7 +68,7 @@ def test_shipped_weights_match_pinned_digest(pretrained: SmallCNNImageEncoder) -
     assert "info.recipe" in weights.info  # provenance travels with the file
     default = build_image_encoder("cnn")
     assert default.identity == pretrained.identity
-    assert build_image_encoder("cnn-random").identity == SmallCNNImageEncoder().identity
+    assert random_cnn.identity == "cnn:v1:seed0:widths48-96-128:dim256"  # unchanged v1 CNN
 
 
 def test_pretrained_encoder_is_deterministic(pretrained: SmallCNNImageEncoder) -> None:
@@ -82,11 +89,11 @@ def test_pretrained_encoder_is_deterministic(pretrained: SmallCNNImageEncoder) -
 
 
 def test_pretrained_beats_random_on_held_out_corpus_probe(
-    pretrained: SmallCNNImageEncoder,
+    pretrained: SmallCNNImageEncoder, random_cnn: SmallCNNImageEncoder
 ) -> None:
     cfg = PretrainConfig()
     ours = pretext_probe_scores(pretrained, cfg, 600, stream=HELD_OUT_STREAM)
-    rand = pretext_probe_scores(SmallCNNImageEncoder(), cfg, 600, stream=HELD_OUT_STREAM)
+    rand = pretext_probe_scores(random_cnn, cfg, 600, stream=HELD_OUT_STREAM)
     chance = 1.0 / len(PRIMITIVES)
     assert ours["primitive"] > max(rand["primitive"] + 0.15, 3 * chance), (ours, rand)
     assert ours["hue_bin"] > rand["hue_bin"] + 0.1, (ours, rand)
@@ -94,11 +101,11 @@ def test_pretrained_beats_random_on_held_out_corpus_probe(
 
 
 def test_cache_never_reuses_random_cnn_features(
-    tmp_path: Path, pretrained: SmallCNNImageEncoder
+    tmp_path: Path, pretrained: SmallCNNImageEncoder, random_cnn: SmallCNNImageEncoder
 ) -> None:
     images = generate_primitives(np.random.default_rng(4), 8).images
     cache = EmbeddingCache(tmp_path)
-    rand = encode_images(SmallCNNImageEncoder(), images, cache)
+    rand = encode_images(random_cnn, images, cache)
     ours = encode_images(pretrained, images, cache)
     assert cache.stats.misses == 2 and cache.stats.hits == 0
     assert not torch.allclose(rand, ours)
