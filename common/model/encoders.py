@@ -351,7 +351,7 @@ def load_small_cnn_weights(
         raise EncoderError(f"pretrained CNN weights {file} are malformed: {exc!r}") from exc
     in_ch = 3
     for i, (weight, bias) in enumerate(convs):
-        if weight.ndim != 4 or weight.shape[1] != in_ch or bias.shape != weight.shape[:1]:
+        if weight.shape[1:] != (in_ch, 3, 3) or bias.shape != weight.shape[:1]:
             raise EncoderError(f"pretrained CNN weights {file}: conv{i} has shape {weight.shape}")
         in_ch = weight.shape[0]
     if weights.dim != 2 * in_ch or weights.feature_std.shape != weights.feature_mean.shape:
@@ -369,7 +369,8 @@ def small_cnn_network(weights: SmallCNNWeights) -> nn.Sequential:
             assert conv.bias is not None
             conv.bias.copy_(bias)
         layers += [conv, nn.ReLU(inplace=True)]
-    net = nn.Sequential(*layers).eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net = nn.Sequential(*layers).eval()
+    net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     for p in net.parameters():
         p.requires_grad_(False)
     return net
