@@ -7,8 +7,8 @@ fixed seed, a fixed thread count and deterministic kernels make a rerun in the s
 environment byte-identical (another CPU or torch build may differ in the last bits). On
 export the feature mean/std are calibrated on held-out draws; the file is safetensors.
 
-Regenerate the shipped weights (1200 steps x 192 images; ~4 min on 2 uncontended x86 cores
-for this size of network, 44 min measured on the shared 2-core dev box at load ~8):
+Regenerate the shipped weights (1200 steps x 192 images; measured on the shared 2-core dev
+box: 3.4 min wall, 5.3 CPU-min, 0.7 GB RSS at load ~2-3; 20-44 min when it was at load 6-10):
     python -m crossfed.common.model.cnn_pretraining --out common/model/weights/small_cnn.safetensors
 then set SMALL_CNN_WEIGHTS_SHA256 in encoders.py to the printed digest.
 """
