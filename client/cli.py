@@ -107,7 +107,7 @@ def start(
     text_encoder: Annotated[
         str, typer.Option("--text-encoder", help="'minilm' or HF dir.")
     ] = "minilm",
-    image_encoder: Annotated[str, typer.Option("--image-encoder", help="'cnn' or HF dir.")] = "cnn",
+    image_encoder: Annotated[str, typer.Option("--image-encoder", help="'cnn' (pretrained), 'cnn-random' or HF dir.")] = "cnn",
     give_up_after: Annotated[
         float,
         typer.Option(
