@@ -7,6 +7,8 @@ imported here; groups keep heavy imports (torch, grpc) inside their commands so 
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import typer
@@ -63,10 +65,33 @@ def _register_groups() -> None:
 _register_groups()
 
 
+EXIT_INTERRUPTED = 130
+
+
+def _exit_interrupted() -> None:
+    """Leave with status 130 after Ctrl-C, whatever the interpreter remembers.
+
+    CPython turns the exit status into "killed by SIGINT" when a KeyboardInterrupt escaped
+    some code it ran on the way (a flag it never clears), even if we caught it later; a
+    caller that waits for 130 would then see -2. Flush what we wrote and exit directly.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _exit_interrupted()
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            _exit_interrupted()
+        raise

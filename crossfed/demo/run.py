@@ -70,7 +70,13 @@ class DemoError(RuntimeError):
     """The demo could not finish; the message says what and where the logs are."""
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """First Ctrl-C/SIGTERM: ignore the next ones (cleanup must finish), then unwind."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -83,13 +89,23 @@ def run_demo(options: DemoOptions) -> DemoResult:
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     supervisor = ProcessSupervisor(run_dir / "logs")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in _STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # `nohup`/background launches keep ignoring it
+            signal.signal(sig, _interrupt)
     result = DemoResult(options=options, run_dir=run_dir)
     try:
         _federate(options, run_dir, supervisor, result)
     finally:
-        supervisor.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C must not cut the cleanup short: the children live in their own
+        # sessions, so an interrupted stop_all would leave them running.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            supervisor.stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     result.wall_s = time.monotonic() - started
     from crossfed.demo.report import write_report
 

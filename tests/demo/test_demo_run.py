@@ -34,6 +34,9 @@ def _demo(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen[str]:
         text=True,
         env=env,
         start_new_session=True,
+        # A runner that started us in the background may have SIGINT ignored; the child
+        # would inherit that and never see the Ctrl-C this file sends.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
 
 
@@ -82,6 +85,8 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert pids.exists(), "demo never started its children"
     os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)  # an impatient second Ctrl-C must not cut cleanup short
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert "interrupted" in out
