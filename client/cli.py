@@ -101,13 +101,22 @@ def start(
     no_projections: Annotated[
         bool, typer.Option("--no-projections", help="Skip eq. 16 exchange.")
     ] = False,
+    dp_sgd_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--dp-sgd-epsilon",
+            help="Train with Opacus DP-SGD at this epsilon per round (delta from config).",
+        ),
+    ] = None,
     holdout: Annotated[
         float, typer.Option("--holdout", help="Local share held out for eval.")
     ] = 0.2,
     text_encoder: Annotated[
         str, typer.Option("--text-encoder", help="'minilm' or HF dir.")
     ] = "minilm",
-    image_encoder: Annotated[str, typer.Option("--image-encoder", help="'cnn' (pretrained), 'cnn-random' or HF dir.")] = "cnn",
+    image_encoder: Annotated[
+        str, typer.Option("--image-encoder", help="'cnn' (pretrained), 'cnn-random' or HF dir.")
+    ] = "cnn",
     give_up_after: Annotated[
         float,
         typer.Option(
@@ -160,6 +169,8 @@ def start(
             "tls.cert_dir": str(cert_dir) if cert_dir else None,
             "privacy.projection_dp": False if no_projection_dp else None,
             "privacy.noise_multiplier": noise_multiplier,
+            "privacy.dp_sgd": True if dp_sgd_epsilon is not None else None,
+            "privacy.dp_sgd_target_epsilon": dp_sgd_epsilon,
         },
     )
     try:

@@ -8,6 +8,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crossfed.client.errors import ClientError
 from crossfed.client.local_data import LocalData
@@ -24,6 +25,9 @@ from crossfed.common.model.prototypes import ClassPrototypes
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors_with_digest
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from crossfed.client.private_training import DPSGDLedger, PrivateTrainResult
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,11 @@ class ModelRoundWorker:
         self.model: CrossModalNet | None = None
         self.prototypes: ClassPrototypes | None = None
         self.releaser = ProjectionReleaser(settings.privacy, settings.state_dir)
+        self.dp_ledger: DPSGDLedger | None = None
+        if settings.privacy.dp_sgd:  # opacus is imported only by clients that use it
+            from crossfed.client.private_training import DPSGDLedger
+
+            self.dp_ledger = DPSGDLedger(settings.state_dir)
         self._global_metrics: dict[str, float] = {}
         self.last_peak_rss_bytes = 0
 
@@ -114,7 +123,18 @@ class ModelRoundWorker:
         model = self._require_model()
         base = self.settings.train
         cfg = replace(base, epochs=local_epochs or base.epochs, seed=base.seed + round_id)
-        result = train_local(model, self.data.train, cfg, self.prototypes, self.settings.progress)
+        dp_metrics: dict[str, float] = {}
+        if self.settings.privacy.dp_sgd:
+            result = self._train_private(model, cfg)
+            dp_metrics = {
+                "dp_sgd_epsilon_round": result.epsilon_round,
+                "dp_sgd_epsilon_total": self._dp_epsilon_total(),
+                "dp_sgd_noise_multiplier": result.noise_multiplier,
+            }
+        else:
+            result = train_local(
+                model, self.data.train, cfg, self.prototypes, self.settings.progress
+            )
         local = _accuracy_metrics("local", evaluate(model, self.data.holdout))
         encoded = encode_tensors_with_digest(model.shareable_state_dict())
         self.last_peak_rss_bytes = peak_rss_bytes()
@@ -124,6 +144,7 @@ class ModelRoundWorker:
             **local,
             "train_seconds": result.seconds,
             "peak_rss_mib": self.last_peak_rss_bytes / 2**20,
+            **dp_metrics,
         }
         return LocalUpdate(
             payload=encoded.data,
@@ -132,6 +153,42 @@ class ModelRoundWorker:
             metrics=metrics,
             payload_sha256=encoded.sha256,
         )
+
+    def _train_private(self, model: CrossModalNet, cfg: TrainConfig) -> PrivateTrainResult:
+        """One round of DP-SGD (Opacus); epsilon is composed over rounds in the ledger."""
+        from crossfed.client.private_training import DPSGDSettings, train_private
+        from crossfed.common.privacy.dp_sgd import DPSGDError
+
+        assert self.dp_ledger is not None
+        privacy = self.settings.privacy
+        dp = DPSGDSettings(
+            target_epsilon=privacy.dp_sgd_target_epsilon,
+            target_delta=privacy.dp_sgd_target_delta,
+            max_grad_norm=privacy.dp_sgd_max_grad_norm,
+        )
+        try:
+            result = train_private(
+                model,
+                self.data.train,
+                cfg,
+                dp,
+                self.dp_ledger,
+                self.prototypes,
+                self.settings.progress,
+            )
+        except DPSGDError as exc:
+            raise ClientError(f"DP-SGD: {exc}") from exc
+        log.info(
+            "DP-SGD epsilon: %.3g this round, %.3g over all rounds (delta %.1e)",
+            result.epsilon_round,
+            self._dp_epsilon_total(),
+            privacy.dp_sgd_target_delta,
+        )
+        return result
+
+    def _dp_epsilon_total(self) -> float:
+        assert self.dp_ledger is not None
+        return self.dp_ledger.epsilon(self.settings.privacy.dp_sgd_target_delta)
 
     def projections(self, round_id: int) -> ProjectionUpload | None:
         if not self.settings.share_projections:

@@ -51,3 +51,9 @@ def test_missing_embedding_file_is_reported(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "none.safetensors" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_non_positive_dp_sgd_epsilon_is_one_line_exit_2(tmp_path: Path) -> None:
+    out = _run("start", "--dp-sgd-epsilon", "0", "--insecure", "--state-dir", str(tmp_path))
+    assert out.returncode == 2
+    assert "dp_sgd_target_epsilon" in out.stderr and "Traceback" not in out.stderr

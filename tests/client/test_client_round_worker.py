@@ -157,3 +157,20 @@ def test_dp_release_stops_at_the_epsilon_budget(tmp_path: Path) -> None:
     assert releaser.release(model, data) is not None
     assert releaser.release(model, data) is None
     assert releaser.epsilon() <= budget
+
+
+def test_dp_sgd_round_reports_epsilon_and_leaves_unused_modules_alone(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(dp_sgd=True, dp_sgd_target_epsilon=3.0)
+    worker = _worker(ClientModality.TEXT_ONLY, tmp_path, privacy)
+    global_state = CrossModalNet(CONFIG).shareable_state_dict()
+    worker.load_global(1, encode_tensors(global_state))
+    first = worker.train(1, local_epochs=1)
+    assert 0 < first.metrics["dp_sgd_epsilon_round"] <= 3.0
+    assert first.metrics["dp_sgd_noise_multiplier"] > 0
+    received = decode_tensors(first.payload)
+    mapper_keys = [k for k in global_state if k.startswith("mapper.")]
+    assert mapper_keys and all(torch.equal(received[k], global_state[k]) for k in mapper_keys)
+    assert not torch.equal(received["head.weight"], global_state["head.weight"])
+    second = worker.train(2, local_epochs=1)
+    assert second.metrics["dp_sgd_epsilon_total"] > first.metrics["dp_sgd_epsilon_total"]
+    assert (tmp_path / "dp_sgd_accountant.json").exists()
