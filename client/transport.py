@@ -41,8 +41,17 @@ TRANSIENT_CODES = frozenset(
 )
 # The server moved on (round closed, not selected, run paused): the round's work is void.
 ROUND_ABANDON_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE})
-# Substrings of INTERNAL/UNKNOWN details that are really a dropped connection.
-_RESET_MARKERS = ("rst_stream", "connection reset", "socket closed", "broken pipe", "goaway")
+# Substrings of INTERNAL/UNKNOWN details that are really a dropped or refused connection.
+# "internal error from core": gRPC's client core reports a stream the server refused under
+# load (RESOURCE_EXHAUSTED beyond maximum_concurrent_rpcs) this way; retrying is right.
+_RESET_MARKERS = (
+    "rst_stream",
+    "connection reset",
+    "socket closed",
+    "broken pipe",
+    "goaway",
+    "internal error from core",
+)
 
 
 class CoordinatorTransport(Protocol):

@@ -32,7 +32,12 @@ from crossfed.client.loop import (
     Registered,
     Registration,
 )
-from crossfed.client.transport import CallDeadlines, ChannelSecurity, GrpcTransport
+from crossfed.client.transport import (
+    CallDeadlines,
+    ChannelSecurity,
+    GrpcTransport,
+    classify_rpc_error,
+)
 from crossfed.client.update_upload import LocalUpdate
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -285,3 +290,30 @@ def test_tls_channel_from_certs_dir_and_missing_ca_is_a_config_error(tmp_path: P
     assert response.client_id == "edge-1"
     with pytest.raises(ClientConfigError, match="TLS"):
         GrpcTransport.connect("127.0.0.1:1", ChannelSecurity(cert_dir=tmp_path / "nothing"))
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@pytest.mark.parametrize(
+    ("details", "error"),
+    [
+        ("Internal error from Core", TransientTransportError),
+        ("Received RST_STREAM with error code 2", TransientTransportError),
+        ("Exception deserializing request!", FatalServerError),
+    ],
+)
+def test_internal_errors_that_are_really_the_connection_are_retried(
+    details: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match="UploadUpdate: INTERNAL"):
+        classify_rpc_error(_FakeRpcError(grpc.StatusCode.INTERNAL, details), "UploadUpdate")

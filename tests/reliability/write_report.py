@@ -79,7 +79,7 @@ KNOWN_GAPS = [
         "(4 x 32 workers); clients must retry (the daemon does, as transient). The retry counts "
         "are in the load section. grpc.aio clients (not the daemon, which is sync grpc) "
         "sometimes see that refusal of a client stream as INTERNAL 'Internal error from Core'; "
-        "the daemon's classify_rpc_error would treat such an INTERNAL as fatal."
+        "the daemon's classify_rpc_error retries that INTERNAL as transient (with backoff)."
     ),
     (
         "Crash points live in a launcher that wraps server functions (no hook in server code). "
