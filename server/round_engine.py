@@ -32,6 +32,7 @@ from crossfed.server.errors import (
     NotSelectedError,
     PrivacyBudgetExceededError,
     RunNotActiveError,
+    StateStoreError,
     UnknownClientError,
     WrongRoundError,
 )
@@ -707,9 +708,8 @@ class RoundEngine:
         except OSError as exc:  # disk full, read-only state dir, ...
             self._checkpoint_failed_locked(record.round, exc)
             return
-        if published is not None and pending is not None:
-            self._prototypes = published
-            self._projections = ProjectionAggregator(pending.spec)
+        before = (record.state, record.ended_unix_s, record.message, record.metrics)
+        last_before = self._run.last_committed_round
         record.state = ROUND_COMMITTED
         record.ended_unix_s = self.clock()
         record.message = reason
@@ -719,7 +719,22 @@ class RoundEngine:
             if opened.metric_weights[k] > 0
         }
         self._run.last_committed_round = record.round
-        self.store.commit_round(record, self._run)
+        try:
+            self.store.commit_round(record, self._run)
+        except StateStoreError as exc:
+            # Memory must not run ahead of the database: undo, and fail the attempt like a
+            # checkpoint that could not be written (the new checkpoint file is overwritten
+            # by the retry; a restart reads the last round the database committed).
+            record.state, record.ended_unix_s, record.message, record.metrics = before
+            self._run.last_committed_round = last_before
+            message = f"round {record.round} could not be recorded ({exc}); not committed"
+            log.error(message)
+            self._event("commit_failed", round_no=record.round, message=message)
+            self._fail_open_locked(message, retry=True)
+            return
+        if published is not None and pending is not None:
+            self._prototypes = published
+            self._projections = ProjectionAggregator(pending.spec)
         self.checkpoints.prune(protect=record.round)
         self._global = new_state
         self._global_bytes = None

@@ -11,6 +11,7 @@ from crossfed.server.errors import (
     AlreadyUploadedError,
     InvalidUpdateError,
     NotSelectedError,
+    StateStoreError,
     UnknownClientError,
     WrongRoundError,
 )
@@ -23,7 +24,8 @@ from crossfed.server.round_engine import (
     UploadOutcome,
     UploadTicket,
 )
-from crossfed.server.state.records import RoundRecord
+from crossfed.server.state.memory import InMemoryStateStore
+from crossfed.server.state.records import RoundRecord, RunRecord
 from crossfed.server.state.sqlite import SqliteStateStore
 from engine_fixtures import BOTH, IMAGE_ONLY, FakeClock, make_engine, small_state
 
@@ -285,3 +287,45 @@ def test_pause_resume_stop(tmp_path: Path) -> None:
     assert engine.store.list_rounds()[0].state == "failed"
     kinds = [e.kind for e in engine.store.events_after(0)]
     assert kinds.index("run_paused") < kinds.index("round_started") < kinds.index("run_stopped")
+
+
+class _CommitFailsOnce(InMemoryStateStore):
+    """A store whose first commit_round fails like a full disk or a locked database."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    def commit_round(self, record: RoundRecord, run: RunRecord) -> None:
+        if self.failures == 0:
+            self.failures += 1
+            raise StateStoreError("state database: database or disk is full")
+        super().commit_round(record, run)
+
+
+def test_a_commit_the_database_refuses_is_undone_in_memory_and_retried(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = _CommitFailsOnce()
+    engine = make_engine(tmp_path, clock, store=store, total_rounds=1)
+    _register(engine, "a", "b")
+    engine.tick()
+    for cid in "ab":
+        _upload(engine, cid, 1, small_state(5))
+    assert store.failures == 1
+    assert engine.run.last_committed_round == 0  # memory did not run ahead of the database
+    assert (store.get_run() or engine.run).last_committed_round == 0
+    failed = [r for r in store.list_rounds() if r.round == 1]
+    assert [r.state for r in failed] == ["failed"] and "could not be recorded" in failed[0].message
+    assert any(e.kind == "commit_failed" for e in store.events_after(0, 100))
+    version, _ = engine.global_model_bytes(0)
+    assert version == 0  # clients are still served the last committed model
+    # The retried attempt commits normally.
+    clock.advance(1)
+    for cid in "ab":
+        engine.heartbeat(cid)
+    engine.tick()
+    opened = engine.open_round
+    assert opened is not None and opened.round == 1
+    for cid in opened.selected:
+        _upload(engine, cid, 1, small_state(5), upload_id=f"{cid}-retry")
+    assert engine.run.state == "completed" and _committed(engine, 1).received == 2
