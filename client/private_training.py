@@ -126,6 +126,23 @@ def _term_weights(model: CrossModalNet) -> torch.Tensor:
     return torch.tensor([1.0, 1.0, 1.0, lam.orth, lam.align, lam.diff])
 
 
+class WeightedTerms(nn.Module):
+    """Eq. 14's weighted sum of the per-sample terms, in the criterion form Opacus' ghost
+    clipping expects: per-sample losses when ``reduction`` is "none", else their mean/sum."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights = weights
+        self.reduction = "mean"
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        per_sample = rows @ self.weights
+        if self.reduction == "none":
+            return per_sample
+        total = per_sample.sum()
+        return total / max(rows.shape[0], 1) if self.reduction == "mean" else total
+
+
 class DPSGDLedger:
     """Epsilon of DP-SGD over all rounds of one client, persisted as plain JSON."""
 
@@ -173,6 +190,17 @@ def _trainable_for(model: CrossModalNet, data: EmbeddingSet) -> list[nn.Paramete
         for name, p in model.named_parameters()
         if p.requires_grad and counts.get(model.module_of(name), 1) > 0
     ]
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """Step the DP optimizer on a zero gradient: it adds the noise and the accountant counts
+    the step, as the mechanism requires (Opacus' ghost clipping cannot run an empty batch)."""
+    optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
 
 
 def train_private(
@@ -226,7 +254,9 @@ def train_private(
             epochs=cfg.epochs,
             max_grad_norm=dp.max_grad_norm,
             accountant=dp.accountant,
+            criterion=WeightedTerms(weights),
         )
+        assert private.criterion is not None
         sample_rate = 1.0 / len(private.data_loader)
         with make_progress(progress) as bar:
             task = bar.add_task("local training (DP-SGD)", total=cfg.epochs * len(data))
@@ -234,10 +264,14 @@ def train_private(
                 sums = torch.zeros(len(TERMS))
                 for batch in private.data_loader:
                     size = int(batch[0].shape[0])
+                    if size == 0:  # Poisson sampling drew nobody: still a (noise-only) step
+                        _noise_only_step(private.optimizer)
+                        steps += 1
+                        continue
                     rows = private.module(*batch)
-                    loss = (rows @ weights).sum() / max(size, 1)
+                    loss = private.criterion(rows)
                     private.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss.backward()  # ghost clipping: norms pass, then clipped-sum pass
                     private.optimizer.step()  # an empty Poisson batch still adds noise
                     steps += 1
                     sums += rows.detach().sum(dim=0)

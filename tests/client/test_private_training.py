@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from crossfed.client.private_training import (
     DPSGDLedger,
     DPSGDSettings,
     PerSampleObjective,
+    WeightedTerms,
+    _noise_only_step,
+    _term_weights,
     train_private,
 )
 from crossfed.common.data.embeddings import EmbeddingSet
@@ -19,7 +23,9 @@ from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.privacy.dp_sgd import DPSGDError
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountantError
+from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
 
 SMALL = ModelConfig(text_dim=16, image_dim=12, hidden_dim=32, num_classes=4)
 
@@ -62,6 +68,66 @@ def test_each_row_of_the_objective_depends_on_its_own_sample_only() -> None:
     assert not torch.allclose(before[j], after[j])
     # Masked terms: a text-only row has no image-side terms, an image-only row no text term.
     assert before[1, 2] == 0 and before[1, 3] == 0 and before[2, 1] == 0
+
+
+def test_ghost_clipped_update_is_the_mean_of_per_sample_clipped_gradients() -> None:
+    """With zero noise, Opacus' update must equal sum_j clip_C(grad of sample j) / B."""
+    data = _data(9)
+    tensors = (data.text, data.image, data.has_text, data.has_image, data.labels)
+    model = CrossModalNet(SMALL).train()
+    clip = 0.05  # small enough that every sample is clipped
+    weights = _term_weights(model)
+    twin = copy.deepcopy(model)
+    rows = PerSampleObjective(model, TrainConfig(), torch.Generator().manual_seed(3))(*tensors)
+    params = list(model.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for j in range(len(data)):
+        grads = torch.autograd.grad(rows[j] @ weights, params, retain_graph=True, allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)
+        ]
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        assert norm > clip
+        for e, g in zip(expected, grads, strict=True):
+            e += g * (clip / (norm + 1e-6))
+    before = [p.detach().clone() for p in twin.parameters()]
+    objective = PerSampleObjective(twin, TrainConfig(), torch.Generator().manual_seed(3))
+    module, optimizer, criterion, loader = PrivacyEngine().make_private(
+        module=objective,
+        optimizer=torch.optim.SGD(twin.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(*tensors), batch_size=len(data)),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        poisson_sampling=False,
+        criterion=WeightedTerms(weights),
+        grad_sample_mode="ghost",
+    )
+    loss = criterion(module(*next(iter(loader))))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for b, p, e in zip(before, twin.parameters(), expected, strict=True):
+        assert torch.allclose(b - p.detach(), e / len(data), atol=1e-6, rtol=1e-4)
+
+
+def test_an_empty_poisson_batch_is_still_a_noisy_accounted_step() -> None:
+    data = _data(10)
+    tensors = (data.text, data.image, data.has_text, data.has_image, data.labels)
+    model = CrossModalNet(SMALL).train()
+    engine = PrivacyEngine()
+    _, optimizer, _, _ = engine.make_private(
+        module=PerSampleObjective(model, TrainConfig(), torch.Generator()),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(*tensors), batch_size=5),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        criterion=WeightedTerms(_term_weights(model)),
+        grad_sample_mode="ghost",
+    )
+    before = model.head.weight.detach().clone()
+    _noise_only_step(optimizer)
+    assert engine.accountant.history == [(1.0, 0.5, 1)]
+    assert not torch.equal(model.head.weight.detach(), before)  # noise was added
 
 
 def test_private_round_learns_and_reports_epsilon_within_target(tmp_path: Path) -> None:
