@@ -135,7 +135,12 @@ def _step_losses(
     gen: torch.Generator,
     external: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 14 on one batch; returns the total and each term."""
+    """Eq. 14 on one batch; returns the total and each term.
+
+    Each module runs once on the rows it needs (no per-term float() conversions: the terms
+    leave as one stacked tensor); fixed seeds draw the same random numbers in the same order
+    as the per-module reference computation (tests/client/test_train_step_equivalence.py).
+    """
     view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
     if model.config.missing_fill == "zero":
         logits = model.classify(f_t, f_i, view_t, view_i, None)
@@ -147,32 +152,38 @@ def _step_losses(
     zero = f_t.new_zeros(())
     # D_i on every row with an image (eq. 2-3); M_it + L_align on paired rows (eq. 4-5).
     img_rows = has_i.nonzero().squeeze(1)
-    f_it, f_iv = model.disentangler(f_i[img_rows])
+    f_i_img = f_i[img_rows]
+    f_it, f_iv = model.disentangler(f_i_img)
     l_orth = orthogonality_loss(f_it, f_iv)
-    hat_t_img = model.mapper(f_it)
-    paired_in_img = paired[img_rows]
-    l_align = squared_l2(hat_t_img[paired_in_img], f_t[img_rows][paired_in_img])
+    pair_pos = paired[img_rows].nonzero().squeeze(1)  # paired rows, as positions in img_rows
+    pair_rows = img_rows[pair_pos]
+    f_t_pair, f_i_pair = f_t[pair_rows], f_i_img[pair_pos]
+    hat_t_pair = model.mapper(f_it[pair_pos])
+    l_align = squared_l2(hat_t_pair, f_t_pair)
     # Diffusion L_diff on paired rows (eq. 7).
-    l_diff = (
-        model.diffusion.loss(f_i[paired], f_t[paired], gen) if model.diffusion is not None else zero
-    )
+    l_diff = model.diffusion.loss(f_i_pair, f_t_pair, gen) if model.diffusion is not None else zero
     # VLMR L_mem (eq. 11): visual part vs. the memory's estimate for the true class.
     l_mem = zero
-    if lam.mem > 0 and bool(paired.any()):
-        y_p = y[paired]
+    if lam.mem > 0 and len(pair_rows):
+        y_p = y[pair_rows]
         ok = model.memory.has_entries(y_p)
-        if bool(ok.any()):
-            retrieved = model.memory.retrieve(f_t[paired], y_p)
-            l_mem = squared_l2(f_iv[paired_in_img][ok], retrieved[ok])
-    # Fusion input with recovery for the rows whose view misses a modality (Table I).
+        if bool(ok.all()):
+            l_mem = squared_l2(f_iv[pair_pos], model.memory.retrieve(f_t_pair, y_p))
+        elif bool(ok.any()):
+            retrieved = model.memory.retrieve(f_t_pair[ok], y_p[ok])
+            l_mem = squared_l2(f_iv[pair_pos[ok]], retrieved)
+    # Fusion input with recovery for the rows whose view misses a modality (Table I); the
+    # fusion layer reads a recovered row only where that modality is missing from the view.
     rec_t = torch.zeros_like(f_t)
     rec_i = torch.zeros_like(f_i)
     view_img_only = view_i & ~view_t
-    if bool(view_img_only.any()) and model.config.recover_text:
+    if model.config.recover_text and bool(view_img_only.any()):
         # Detached: the mapper learns only from paired rows through L_align.
-        full = torch.zeros_like(f_t)
-        full[img_rows] = hat_t_img.detach()
-        rec_t[view_img_only] = full[view_img_only]
+        rec_t[pair_rows] = hat_t_pair.detach()
+        only_pos = (~paired[img_rows]).nonzero().squeeze(1)
+        if len(only_pos):
+            with torch.no_grad():
+                rec_t[img_rows[only_pos]] = model.mapper(f_it[only_pos].detach())
     view_text_only = view_t & ~view_i
     if bool(view_text_only.any()):
         ext = None if external is None else external[view_text_only]
@@ -189,31 +200,29 @@ def _step_losses(
     )
     # Image-side twin of eq. 9 (used by the unimodal ensemble), on every row with an image.
     l_ic = (
-        nn.functional.cross_entropy(model.image_classifier(f_i[has_i]), y[has_i])
-        if bool(has_i.any())
+        nn.functional.cross_entropy(model.image_classifier(f_i_img), y[img_rows])
+        if len(img_rows)
         else zero
     )
-    # Eq. 8: admit confident paired rows (seen with both modalities) into the memory.
-    both_view = view_t & view_i
-    if bool(both_view.any()):
-        conf = logits.detach()[both_view].softmax(dim=1).gather(1, y[both_view, None]).squeeze(1)
-        model.memory.admit(f_t[both_view], f_i[both_view], y[both_view], conf)
+    # Eq. 8: admit confident paired rows (seen with both modalities) into the memory; the
+    # others get confidence -1, which no tau in [0, 1] admits.
+    with torch.no_grad():
+        conf = logits.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
+        model.memory.admit(f_t, f_i, y, conf.masked_fill(~(view_t & view_i), -1.0))
     total = (
-        l_cls + l_tc + l_ic + lam.orth * l_orth + lam.align * l_align + lam.diff * l_diff + lam.mem * l_mem
+        l_cls
+        + l_tc
+        + l_ic
+        + lam.orth * l_orth
+        + lam.align * l_align
+        + lam.diff * l_diff
+        + lam.mem * l_mem
     )
-    terms = {
-        name: float(value.detach())
-        for name, value in (
-            ("cls", l_cls),
-            ("text_cls", l_tc),
-            ("image_cls", l_ic),
-            ("orth", l_orth),
-            ("align", l_align),
-            ("diff", l_diff),
-            ("mem", l_mem),
-        )
-    }
-    return total, terms
+    values = torch.stack([l_cls, l_tc, l_ic, l_orth, l_align, l_diff, l_mem]).detach().tolist()
+    return total, dict(zip(_TERMS, values, strict=True))
+
+
+_TERMS = ("cls", "text_cls", "image_cls", "orth", "align", "diff", "mem")
 
 
 def train_local(
@@ -231,7 +240,8 @@ def train_local(
         apply_global_prototypes(model, prototypes)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    # fused: one kernel per parameter per step (foreach on CPU is a loop of ~8 ops each)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
     total_steps = cfg.epochs * steps_per_epoch

@@ -48,13 +48,21 @@ class VisualLinguisticMemory(nn.Module):
         if not bool(keep.any()):
             return 0
         f_t, f_i, labels = f_t[keep], f_i[keep], labels[keep]
-        for cls in labels.unique().tolist():
-            rows = (labels == cls).nonzero().squeeze(1)[-self.capacity :]
-            slots = (self.cursor[cls] + torch.arange(len(rows))) % self.capacity
-            self.text[cls, slots] = f_t[rows]
-            self.image[cls, slots] = f_i[rows]
-            self.cursor[cls] = (self.cursor[cls] + len(rows)) % self.capacity
-            self.count[cls] = torch.clamp(self.count[cls] + len(rows), max=self.capacity)
+        # All classes at once: a row's rank among the kept rows of its class fixes its slot
+        # (the newest `capacity` rows per class survive, written from the class's cursor on).
+        onehot = nn.functional.one_hot(labels, self.num_classes)
+        per_class = onehot.sum(dim=0)
+        rank = onehot.cumsum(dim=0).gather(1, labels[:, None]).squeeze(1) - 1
+        j = rank - (per_class - self.capacity).clamp(min=0)[labels]
+        if not bool((j >= 0).all()):
+            survive = j >= 0
+            f_t, f_i, labels, j = f_t[survive], f_i[survive], labels[survive], j[survive]
+        slots = (self.cursor[labels] + j) % self.capacity
+        self.text[labels, slots] = f_t
+        self.image[labels, slots] = f_i
+        stored = per_class.clamp(max=self.capacity)
+        self.cursor.copy_((self.cursor + stored) % self.capacity)
+        self.count.copy_((self.count + stored).clamp(max=self.capacity))
         return int(keep.sum())
 
     @torch.no_grad()
@@ -77,20 +85,49 @@ class VisualLinguisticMemory(nn.Module):
         Classes with fewer than K entries average what they have; classes with none give 0
         (check has_entries first).
         """
-        out = torch.zeros(f_t.shape[0], self.image.shape[2], dtype=self.image.dtype)
-        queries = nn.functional.normalize(f_t, dim=1)
-        # One small matmul per queried class (capacity entries + its prototype) instead of
-        # scoring every query against the whole memory.
-        for cls in classes.unique().tolist():
-            rows = (classes == cls).nonzero().squeeze(1)
-            n = int(self.count[cls])
-            keys, values = self.text[cls, :n], self.image[cls, :n]
-            if bool(self.proto_valid[cls]):
-                keys = torch.cat([keys, self.proto_text[cls : cls + 1]])
-                values = torch.cat([values, self.proto_image[cls : cls + 1]])
-            if keys.shape[0] == 0:
-                continue
-            sims = queries[rows] @ nn.functional.normalize(keys, dim=1).T
-            top = sims.topk(min(self.top_k, keys.shape[0]), dim=1).indices
-            out[rows] = values[top].mean(dim=1)
+        n, dim = f_t.shape[0], self.image.shape[2]
+        if n == 0:
+            return torch.zeros(0, dim, dtype=self.image.dtype)
+        # Queries grouped by class into a padded [G, rows, d] block, so one batched matmul
+        # scores every query against its own class's entries only. G is every class (no copy
+        # of the memory) unless padding would waste over 4x the queries' own work.
+        sizes = torch.bincount(classes, minlength=self.num_classes)
+        rows = int(sizes.max())
+        if self.num_classes * rows <= 4 * n:
+            cls, group_of, texts = torch.arange(self.num_classes), classes, self.text
+        else:
+            cls = sizes.nonzero().squeeze(1)
+            group_of = (sizes > 0).cumsum(0)[classes] - 1
+            sizes, texts = sizes[cls], self.text[cls]
+        order = group_of.argsort(stable=True)
+        row_group = group_of[order]
+        pos = torch.arange(n) - (sizes.cumsum(0) - sizes)[row_group]
+        block = f_t.new_zeros(len(cls), rows, f_t.shape[1])
+        block[row_group, pos] = nn.functional.normalize(f_t[order], dim=1)
+        # Cosine similarity to the capacity slots, then to the prototype slot (index capacity).
+        norms = torch.linalg.vector_norm(texts, dim=2).clamp_min(1e-12)
+        sims = (block @ texts.transpose(1, 2)) / norms[:, None, :]
+        protos = nn.functional.normalize(self.proto_text[cls], dim=1)
+        sims = torch.cat([sims, block @ protos[:, :, None]], dim=2)
+        valid = torch.cat(
+            [torch.arange(self.capacity) < self.count[cls, None], self.proto_valid[cls, None]],
+            dim=1,
+        )
+        # Back to one row per query (padding dropped); average only real entries (fewer than
+        # K: what exists; none: 0).
+        sims = sims[row_group, pos].masked_fill_(~valid[row_group], float("-inf"))
+        top_sims, top = sims.topk(min(self.top_k, self.capacity + 1), dim=1)
+        weight = torch.isfinite(top_sims)
+        query_cls = cls[row_group]
+        is_proto = top == self.capacity
+        weight = weight.to(self.image.dtype)
+        slot_weight = weight.masked_fill(is_proto, 0.0)
+        flat = query_cls[:, None] * self.capacity + top.masked_fill(is_proto, 0)
+        total = nn.functional.embedding_bag(
+            flat, self.image.reshape(-1, dim), per_sample_weights=slot_weight, mode="sum"
+        )
+        proto_weight = (weight * is_proto).sum(dim=1, keepdim=True)
+        total = total + proto_weight * self.proto_image[query_cls]
+        out = torch.empty(n, dim, dtype=total.dtype)
+        out[order] = total / weight.sum(dim=1, keepdim=True).clamp(min=1.0)
         return out

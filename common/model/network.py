@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from crossfed.common.model.disentangler import Disentangler
 from crossfed.common.model.feature_diffusion import FeatureDiffusion
-from crossfed.common.model.fusion import FusionMLP, fusion_slots
+from crossfed.common.model.fusion import FusionMLP
 from crossfed.common.model.mapper import CrossModalMapper
 from crossfed.common.model.memory import VisualLinguisticMemory
 from crossfed.common.model.model_config import ModelConfig
@@ -155,8 +155,8 @@ class CrossModalNet(nn.Module):
         has_image: torch.Tensor,
         recovery: Recovery | None,
     ) -> torch.Tensor:
-        """Eq. 12-13: logits from the four fusion slots."""
-        slots = fusion_slots(
+        """Eq. 12-13: logits from the four fusion slots (built implicitly, see forward_views)."""
+        hidden = self.fusion.forward_views(
             f_t,
             f_i,
             has_text,
@@ -164,7 +164,7 @@ class CrossModalNet(nn.Module):
             None if recovery is None else recovery.text,
             None if recovery is None else recovery.image,
         )
-        return self.head(self.fusion(slots))
+        return self.head(hidden)
 
     def forward(
         self,
