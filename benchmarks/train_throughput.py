@@ -49,7 +49,7 @@ def nn_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def rate(
-    data: EmbeddingSet, batch: int, threads: int, epochs: int, zero: bool
+    data: EmbeddingSet, batch: int, threads: int, epochs: int, zero: bool, intra_op: bool = False
 ) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second) of one fresh-model train_local run.
 
@@ -58,7 +58,8 @@ def rate(
     """
     torch.manual_seed(0)
     model = CrossModalNet(ModelConfig(missing_fill="zero") if zero else ModelConfig())
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, num_threads=threads)
+    extra = {"branch_threads": False} if intra_op else {}  # a field older checkouts lack
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, num_threads=threads, **extra)
     t0, c0 = time.perf_counter(), time.process_time()
     res = train_local(model, data, cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -76,13 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--zero-fill", action="store_true", help="zero-fill baseline model")
     ap.add_argument("--label", default="")
+    ap.add_argument(
+        "--intra-op", action="store_true", help="split each op over the threads (no branches)"
+    )
     args = ap.parse_args(argv)
     data = synthetic_set(args.samples, args.missing_rate)
     rate(data, 256, 1, 1, args.zero_fill)  # warm-up: allocator, first-call overheads
     for threads in args.threads:
         for batch in args.batch:
             runs = [
-                rate(data, batch, threads, args.epochs, args.zero_fill) for _ in range(args.repeats)
+                rate(data, batch, threads, args.epochs, args.zero_fill, args.intra_op)
+                for _ in range(args.repeats)
             ]
             wall, cpu = [r[0] for r in runs], [r[1] for r in runs]
             row = {
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                 "batch": batch,
                 "threads": threads,
                 "zero_fill": args.zero_fill,
+                "intra_op": args.intra_op,
                 "median": round(statistics.median(wall)),
                 "runs": [round(r) for r in wall],
                 "median_per_cpu_s": round(statistics.median(cpu)),

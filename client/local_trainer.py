@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +53,10 @@ class TrainConfig:
     train_recovery_steps: int | None = 1
     max_grad_norm: float | None = 5.0
     num_threads: int | None = None
+    # With >= 2 threads (num_threads, or torch's count when None): run the generative and
+    # visual halves of eq. 14 on two threads (each with half the intra-op threads) instead of
+    # splitting every operation; same gradients, no per-operation barrier.
+    branch_threads: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0:
@@ -124,6 +130,149 @@ def _dropout_view(
     return has_t & ~(drop & ~hide_image), has_i & ~(drop & hide_image)
 
 
+@dataclass
+class _Batch:
+    """One batch, with the row subsets the eq.-14 terms use (computed once per step)."""
+
+    f_t: torch.Tensor
+    f_i: torch.Tensor
+    has_t: torch.Tensor
+    has_i: torch.Tensor
+    y: torch.Tensor
+    view_t: torch.Tensor  # what the fusion MLP sees (after modality dropout)
+    view_i: torch.Tensor
+    external: torch.Tensor | None
+    img_rows: torch.Tensor  # rows with an image
+    pair_pos: torch.Tensor  # paired rows, as positions in img_rows
+    pair_rows: torch.Tensor
+
+    @property
+    def paired(self) -> torch.Tensor:
+        return self.has_t & self.has_i
+
+
+def _batch(
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    has_t: torch.Tensor,
+    has_i: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    external: torch.Tensor | None,
+) -> _Batch:
+    """Draw the modality-dropout view (the step's first random numbers) and index the rows."""
+    view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
+    img_rows = has_i.nonzero().squeeze(1)
+    pair_pos = has_t[img_rows].nonzero().squeeze(1)
+    return _Batch(
+        f_t, f_i, has_t, has_i, y, view_t, view_i, external, img_rows, pair_pos,
+        img_rows[pair_pos],
+    )  # fmt: skip
+
+
+@dataclass
+class _Recovered:
+    """What the visual half needs from the generative half (no gradient in either)."""
+
+    image: torch.Tensor  # f^_i on text-only views (zeros elsewhere)
+    mem_target: torch.Tensor | None  # VLMR estimate (eq. 10) for the rows at mem_pos
+    mem_pos: torch.Tensor | None  # paired rows whose class has entries, as img_rows positions
+
+
+def _generative_terms(
+    model: CrossModalNet,
+    b: _Batch,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    publish: Callable[[_Recovered], None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L_diff (eq. 7), the recovered f^_i of text-only views and the VLMR targets of L_mem
+    (handed to `publish` as soon as they exist; the memory is read before the visual half
+    admits this batch), and the unimodal classifiers' losses. After the dropout view, only
+    this part draws from `gen`: the diffusion loss first, then the recovery."""
+    zero = b.f_t.new_zeros(())
+    f_t_pair, f_i_pair = b.f_t[b.pair_rows], b.f_i[b.pair_rows]
+    l_diff = model.diffusion.loss(f_i_pair, f_t_pair, gen) if model.diffusion is not None else zero
+    rec_i = torch.zeros_like(b.f_i)
+    view_text_only = b.view_t & ~b.view_i
+    if bool(view_text_only.any()):
+        ext = None if b.external is None else b.external[view_text_only]
+        rec_i[view_text_only] = model.recover_image(
+            b.f_t[view_text_only], gen, ext, steps=cfg.train_recovery_steps
+        )
+    # VLMR estimate for the true class of each paired row (target of L_mem, eq. 11).
+    mem_target = mem_pos = None
+    if model.config.loss_weights.mem > 0 and len(b.pair_rows):
+        y_p = b.y[b.pair_rows]
+        ok = model.memory.has_entries(y_p)
+        if bool(ok.all()):
+            mem_pos, mem_target = b.pair_pos, model.memory.retrieve(f_t_pair, y_p)
+        elif bool(ok.any()):
+            mem_pos, mem_target = b.pair_pos[ok], model.memory.retrieve(f_t_pair[ok], y_p[ok])
+    publish(_Recovered(rec_i, mem_target, mem_pos))
+    # Classifier(f_t) of eq. 9 (selects the VLMR class), trained on every row with text.
+    l_tc = (
+        nn.functional.cross_entropy(model.text_classifier(b.f_t[b.has_t]), b.y[b.has_t])
+        if bool(b.has_t.any())
+        else zero
+    )
+    # Image-side twin of eq. 9 (used by the unimodal ensemble), on every row with an image.
+    l_ic = (
+        nn.functional.cross_entropy(model.image_classifier(b.f_i[b.img_rows]), b.y[b.img_rows])
+        if len(b.img_rows)
+        else zero
+    )
+    return l_diff, l_tc, l_ic
+
+
+def _visual_terms(
+    model: CrossModalNet, b: _Batch, recovered: Callable[[], _Recovered]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L_cls (eq. 13), L_orth (eq. 3), L_align (eq. 5), L_mem (eq. 11) and the VLMR admission
+    (eq. 8); `recovered()` supplies _generative_terms' results when they are needed."""
+    # D_i on every row with an image (eq. 2-3); M_it + L_align on paired rows (eq. 4-5).
+    f_it, f_iv = model.disentangler(b.f_i[b.img_rows])
+    l_orth = orthogonality_loss(f_it, f_iv)
+    hat_t_pair = model.mapper(f_it[b.pair_pos])
+    l_align = squared_l2(hat_t_pair, b.f_t[b.pair_rows])
+    # Fusion input with recovery for the rows whose view misses a modality (Table I); the
+    # fusion layer reads a recovered row only where that modality is missing from the view.
+    rec_t = torch.zeros_like(b.f_t)
+    if model.config.recover_text and bool((b.view_i & ~b.view_t).any()):
+        # Detached: the mapper learns only from paired rows through L_align.
+        rec_t[b.pair_rows] = hat_t_pair.detach()
+        only_pos = (~b.has_t[b.img_rows]).nonzero().squeeze(1)
+        if len(only_pos):
+            with torch.no_grad():
+                rec_t[b.img_rows[only_pos]] = model.mapper(f_it[only_pos].detach())
+    got = recovered()
+    # VLMR L_mem (eq. 11): visual part vs. the memory's estimate for the true class.
+    l_mem = b.f_t.new_zeros(())
+    if got.mem_target is not None and got.mem_pos is not None:
+        l_mem = squared_l2(f_iv[got.mem_pos], got.mem_target)
+    logits = model.classify(b.f_t, b.f_i, b.view_t, b.view_i, Recovery(rec_t, got.image))
+    l_cls = nn.functional.cross_entropy(logits, b.y)
+    # Eq. 8: admit confident paired rows (seen with both modalities) into the memory; the
+    # others get confidence -1, which no tau in [0, 1] admits.
+    with torch.no_grad():
+        conf = logits.softmax(dim=1).gather(1, b.y[:, None]).squeeze(1)
+        model.memory.admit(b.f_t, b.f_i, b.y, conf.masked_fill(~(b.view_t & b.view_i), -1.0))
+    return l_cls, l_orth, l_align, l_mem
+
+
+def _terms(
+    visual: tuple[torch.Tensor, ...], generative: tuple[torch.Tensor, ...]
+) -> dict[str, float]:
+    """The eq.-14 terms by name, converted in one go."""
+    (l_cls, l_orth, l_align, l_mem), (l_diff, l_tc, l_ic) = visual, generative
+    values = torch.stack([l_cls, l_tc, l_ic, l_orth, l_align, l_diff, l_mem]).detach().tolist()
+    return dict(zip(_TERMS, values, strict=True))
+
+
+_TERMS = ("cls", "text_cls", "image_cls", "orth", "align", "diff", "mem")
+
+
 def _step_losses(
     model: CrossModalNet,
     f_t: torch.Tensor,
@@ -137,92 +286,77 @@ def _step_losses(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 14 on one batch; returns the total and each term.
 
-    Each module runs once on the rows it needs (no per-term float() conversions: the terms
-    leave as one stacked tensor); fixed seeds draw the same random numbers in the same order
-    as the per-module reference computation (tests/client/test_train_step_equivalence.py).
+    Each module runs once on the rows it needs; fixed seeds draw the same random numbers in
+    the same order as the per-module reference step (tests/client/test_train_step_equivalence.py).
     """
-    view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
     if model.config.missing_fill == "zero":
+        view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
         logits = model.classify(f_t, f_i, view_t, view_i, None)
         l_cls = nn.functional.cross_entropy(logits, y)
         return l_cls, {"cls": float(l_cls.detach())}
+    b = _batch(f_t, f_i, has_t, has_i, y, cfg, gen, external)
+    published: list[_Recovered] = []
+    generative = _generative_terms(model, b, cfg, gen, published.append)
+    visual = _visual_terms(model, b, lambda: published[0])
+    total = _visual_total(model, visual) + _generative_total(model, generative)
+    return total, _terms(visual, generative)
 
+
+def _visual_total(model: CrossModalNet, visual: tuple[torch.Tensor, ...]) -> torch.Tensor:
     lam = model.config.loss_weights
-    paired = has_t & has_i
-    zero = f_t.new_zeros(())
-    # D_i on every row with an image (eq. 2-3); M_it + L_align on paired rows (eq. 4-5).
-    img_rows = has_i.nonzero().squeeze(1)
-    f_i_img = f_i[img_rows]
-    f_it, f_iv = model.disentangler(f_i_img)
-    l_orth = orthogonality_loss(f_it, f_iv)
-    pair_pos = paired[img_rows].nonzero().squeeze(1)  # paired rows, as positions in img_rows
-    pair_rows = img_rows[pair_pos]
-    f_t_pair, f_i_pair = f_t[pair_rows], f_i_img[pair_pos]
-    hat_t_pair = model.mapper(f_it[pair_pos])
-    l_align = squared_l2(hat_t_pair, f_t_pair)
-    # Diffusion L_diff on paired rows (eq. 7).
-    l_diff = model.diffusion.loss(f_i_pair, f_t_pair, gen) if model.diffusion is not None else zero
-    # VLMR L_mem (eq. 11): visual part vs. the memory's estimate for the true class.
-    l_mem = zero
-    if lam.mem > 0 and len(pair_rows):
-        y_p = y[pair_rows]
-        ok = model.memory.has_entries(y_p)
-        if bool(ok.all()):
-            l_mem = squared_l2(f_iv[pair_pos], model.memory.retrieve(f_t_pair, y_p))
-        elif bool(ok.any()):
-            retrieved = model.memory.retrieve(f_t_pair[ok], y_p[ok])
-            l_mem = squared_l2(f_iv[pair_pos[ok]], retrieved)
-    # Fusion input with recovery for the rows whose view misses a modality (Table I); the
-    # fusion layer reads a recovered row only where that modality is missing from the view.
-    rec_t = torch.zeros_like(f_t)
-    rec_i = torch.zeros_like(f_i)
-    view_img_only = view_i & ~view_t
-    if model.config.recover_text and bool(view_img_only.any()):
-        # Detached: the mapper learns only from paired rows through L_align.
-        rec_t[pair_rows] = hat_t_pair.detach()
-        only_pos = (~paired[img_rows]).nonzero().squeeze(1)
-        if len(only_pos):
-            with torch.no_grad():
-                rec_t[img_rows[only_pos]] = model.mapper(f_it[only_pos].detach())
-    view_text_only = view_t & ~view_i
-    if bool(view_text_only.any()):
-        ext = None if external is None else external[view_text_only]
-        rec_i[view_text_only] = model.recover_image(
-            f_t[view_text_only], gen, ext, steps=cfg.train_recovery_steps
-        )
-    logits = model.classify(f_t, f_i, view_t, view_i, Recovery(rec_t, rec_i))
-    l_cls = nn.functional.cross_entropy(logits, y)
-    # Classifier(f_t) of eq. 9 (selects the VLMR class), trained on every row with text.
-    l_tc = (
-        nn.functional.cross_entropy(model.text_classifier(f_t[has_t]), y[has_t])
-        if bool(has_t.any())
-        else zero
-    )
-    # Image-side twin of eq. 9 (used by the unimodal ensemble), on every row with an image.
-    l_ic = (
-        nn.functional.cross_entropy(model.image_classifier(f_i_img), y[img_rows])
-        if len(img_rows)
-        else zero
-    )
-    # Eq. 8: admit confident paired rows (seen with both modalities) into the memory; the
-    # others get confidence -1, which no tau in [0, 1] admits.
-    with torch.no_grad():
-        conf = logits.softmax(dim=1).gather(1, y[:, None]).squeeze(1)
-        model.memory.admit(f_t, f_i, y, conf.masked_fill(~(view_t & view_i), -1.0))
-    total = (
-        l_cls
-        + l_tc
-        + l_ic
-        + lam.orth * l_orth
-        + lam.align * l_align
-        + lam.diff * l_diff
-        + lam.mem * l_mem
-    )
-    values = torch.stack([l_cls, l_tc, l_ic, l_orth, l_align, l_diff, l_mem]).detach().tolist()
-    return total, dict(zip(_TERMS, values, strict=True))
+    l_cls, l_orth, l_align, l_mem = visual
+    return l_cls + lam.orth * l_orth + lam.align * l_align + lam.mem * l_mem
 
 
-_TERMS = ("cls", "text_cls", "image_cls", "orth", "align", "diff", "mem")
+def _generative_total(model: CrossModalNet, generative: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    l_diff, l_tc, l_ic = generative
+    return l_tc + l_ic + model.config.loss_weights.diff * l_diff
+
+
+def _backward_two_threads(
+    model: CrossModalNet,
+    pool: ThreadPoolExecutor,
+    f_t: torch.Tensor,
+    f_i: torch.Tensor,
+    has_t: torch.Tensor,
+    has_i: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    external: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """_step_losses + backward, with the generative half (diffusion, recovery, unimodal
+    classifiers) on `pool`'s thread and the visual half (D_i, M_it, VLMR, fusion) here.
+
+    The halves train disjoint modules, so the two backward passes leave the same gradients
+    as one over the total; the random numbers are drawn in _step_losses' order (dropout view
+    here, before the other thread starts). No barrier per operation, unlike intra-op threads.
+    """
+    b = _batch(f_t, f_i, has_t, has_i, y, cfg, gen, external)
+    recovered: Future[_Recovered] = Future()
+
+    def generative_half() -> tuple[torch.Tensor, ...]:
+        try:
+            terms = _generative_terms(model, b, cfg, gen, recovered.set_result)
+        except BaseException as exc:
+            if not recovered.done():
+                recovered.set_exception(exc)
+            raise
+        _backward_if_trainable(_generative_total(model, terms))
+        return terms
+
+    job = pool.submit(generative_half)
+    try:
+        visual = _visual_terms(model, b, recovered.result)
+        _backward_if_trainable(_visual_total(model, visual))
+    finally:
+        generative = job.result()
+    return _terms(visual, generative)
+
+
+def _backward_if_trainable(loss: torch.Tensor) -> None:
+    if loss.requires_grad:
+        loss.backward()
 
 
 def train_local(
@@ -256,35 +390,48 @@ def train_local(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     model.train()
     history: list[dict[str, float]] = []
+    threads = cfg.num_threads or torch.get_num_threads()
+    pool: ThreadPoolExecutor | None = None
+    if cfg.branch_threads and threads >= 2 and model.config.missing_fill != "zero":
+        torch.set_num_threads(threads // 2)
+        pool = ThreadPoolExecutor(
+            1, "crossfed-train", initializer=torch.set_num_threads, initargs=(threads // 2,)
+        )
     start = time.perf_counter()
-    with make_progress(progress) as bar:
-        task = bar.add_task("local training", total=cfg.epochs * n)
-        for _epoch in range(cfg.epochs):
-            sums: dict[str, float] = {}
-            order = torch.randperm(n, generator=gen)
-            for b in range(steps_per_epoch):
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                total, terms = _step_losses(
-                    model,
-                    data.text[idx],
-                    data.image[idx],
-                    data.has_text[idx],
-                    data.has_image[idx],
-                    data.labels[idx],
-                    cfg,
-                    gen,
-                    None if data.recovered_image is None else data.recovered_image[idx],
-                )
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.max_grad_norm:
-                    nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                bar.advance(task, len(idx))
-            history.append({k: v / max(n, 1) for k, v in sums.items()})
+    try:
+        with make_progress(progress) as bar:
+            task = bar.add_task("local training", total=cfg.epochs * n)
+            for _epoch in range(cfg.epochs):
+                sums: dict[str, float] = {}
+                order = torch.randperm(n, generator=gen)
+                for b in range(steps_per_epoch):
+                    idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                    batch = (
+                        data.text[idx],
+                        data.image[idx],
+                        data.has_text[idx],
+                        data.has_image[idx],
+                        data.labels[idx],
+                    )
+                    ext = None if data.recovered_image is None else data.recovered_image[idx]
+                    opt.zero_grad(set_to_none=True)
+                    if pool is None:
+                        total, terms = _step_losses(model, *batch, cfg, gen, ext)
+                        total.backward()
+                    else:
+                        terms = _backward_two_threads(model, pool, *batch, cfg, gen, ext)
+                    if cfg.max_grad_norm:
+                        nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(idx)
+                    bar.advance(task, len(idx))
+                history.append({k: v / max(n, 1) for k, v in sums.items()})
+    finally:
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     model.eval()
     metrics = dict(history[-1]) if history else {}

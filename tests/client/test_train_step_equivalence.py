@@ -351,12 +351,14 @@ def test_step_losses_and_gradients_match_reference(dropout: float) -> None:
         )
 
 
-def test_training_matches_reference_training() -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_matches_reference_training(threads: int) -> None:
     """Same seeds: the loss history and the accuracy of every Table I configuration agree
     with the earlier loop (float rounding is the only difference: fused vs foreach AdamW,
-    summed vs separate fusion weight blocks; measured ~1e-7 relative after 4 epochs)."""
+    summed vs separate fusion weight blocks; measured ~1e-7 relative after 4 epochs). With 2
+    threads the step runs as two concurrent halves (branch_threads)."""
     train, test = toy_set(900, 3), toy_set(400, 4, 0.0, 0.0)
-    cfg = TrainConfig(epochs=4, batch_size=128, lr=3e-3)
+    cfg = TrainConfig(epochs=4, batch_size=128, lr=3e-3, num_threads=threads)
     torch.manual_seed(2)
     fast = CrossModalNet(CFG)
     ref = copy.deepcopy(fast)
@@ -369,3 +371,32 @@ def test_training_matches_reference_training() -> None:
     for name in ("both", "text_only", "image_only"):  # at most one of 400 rows differs
         assert abs(acc_fast[name]["accuracy"] - acc_ref[name]["accuracy"]) <= 1 / 400, name
     assert acc_fast["both"]["accuracy"] > 0.8  # it learned: the comparison is not vacuous
+
+
+def test_two_thread_step_matches_one_thread_step() -> None:
+    """Branch threads change where the halves run, not what they compute."""
+    data = toy_set(300, 8, text_only=0.3, image_only=0.2)
+    torch.manual_seed(3)
+    one = CrossModalNet(CFG.model_copy(update={"text_only_recovery": "memory"}))
+    two = copy.deepcopy(one)
+    train_local(one, data, TrainConfig(epochs=3, batch_size=100, num_threads=1))
+    train_local(two, data, TrainConfig(epochs=3, batch_size=100, num_threads=2))
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), name
+
+
+def test_two_thread_step_reports_a_failure_and_restores_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = CrossModalNet(CFG)
+    assert model.diffusion is not None
+
+    def broken(*_args: object, **_kwargs: object) -> torch.Tensor:
+        raise RuntimeError("diffusion exploded")
+
+    monkeypatch.setattr(model.diffusion, "loss", broken)
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="diffusion exploded"):
+        train_local(model, toy_set(50, 9), TrainConfig(epochs=1, batch_size=25, num_threads=2))
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
