@@ -93,8 +93,9 @@ class RoundWorker(Protocol):
     def on_registered(self, registered: Registered) -> None:
         """Learn the server's answer (e.g. its ModelConfig when the client has none)."""
 
-    def load_global(self, round_id: int, payload: bytes) -> None:
-        """Load the downloaded global weights (safetensors bytes)."""
+    def load_global(self, round_id: int, payload: bytes | memoryview) -> None:
+        """Load the downloaded global weights (safetensors bytes; a read-only view of the
+        download buffer, valid as long as it is referenced)."""
 
     def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
         """Train locally (with the last global prototypes) and serialize the update."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crossfed.client.errors import PayloadIntegrityError
+from crossfed.common.wire.chunk_frames import ChunkFrame
 from crossfed.common.wire.chunking import Chunk, ChunkAssembler
 from crossfed.common.wire.errors import WireError
 from crossfed.v1 import common_pb2
@@ -41,33 +42,39 @@ class DownloadProgress:
         """True once every announced chunk has arrived."""
         return self._assembler.complete
 
-    def add(self, chunk: common_pb2.TensorChunk) -> None:
-        """Accept the next chunk; refuse a chunk of another round or an inconsistent one."""
+    def add(self, chunk: common_pb2.TensorChunk | ChunkFrame) -> None:
+        """Accept the next chunk; refuse a chunk of another round or an inconsistent one.
+
+        A ``ChunkFrame`` (what GrpcTransport yields) is copied once, straight into the
+        payload buffer; ``data`` of a protobuf chunk is read once (each access copies it).
+        """
         if chunk.round and chunk.round != self.round_id:
             raise PayloadIntegrityError(
                 f"chunk belongs to round {chunk.round}, expected round {self.round_id}"
             )
+        data = chunk.data
         try:
             self._assembler.add(
                 Chunk(
                     index=int(chunk.index),
                     total=int(chunk.total),
-                    data=bytes(chunk.data),
+                    data=data,
                     payload_sha256=bytes(chunk.payload_sha256),
                     payload_size=int(chunk.payload_size),
                 )
             )
         except WireError as exc:
             raise PayloadIntegrityError(f"global model of round {self.round_id}: {exc}") from exc
-        self.bytes_received += len(chunk.data)
+        self.bytes_received += len(data)
 
     def reset(self) -> None:
         """Drop everything received (after an integrity failure)."""
         self._assembler = ChunkAssembler(self.max_payload_bytes)
 
-    def payload(self) -> bytes:
-        """The whole verified payload; raises if incomplete or corrupted."""
+    def payload(self) -> memoryview:
+        """The whole verified payload, a read-only view of the reassembly buffer (no copy:
+        ``decode_tensors`` reads it directly); raises if incomplete or corrupted."""
         try:
-            return self._assembler.result()
+            return self._assembler.result_view()
         except WireError as exc:
             raise PayloadIntegrityError(f"global model of round {self.round_id}: {exc}") from exc

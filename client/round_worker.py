@@ -23,7 +23,7 @@ from crossfed.common.model.model_errors import ModelError
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes
 from crossfed.common.wire.errors import WireError
-from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors_with_digest
+from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class ModelRoundWorker:
             raise ModelMismatchError("no model: the client has not registered yet")
         return self.model
 
-    def load_global(self, round_id: int, payload: bytes) -> None:
+    def load_global(self, round_id: int, payload: bytes | memoryview) -> None:
         reset_peak_rss()  # this round's peak starts here
         model = self._require_model()
         try:
@@ -136,7 +136,9 @@ class ModelRoundWorker:
                 model, self.data.train, cfg, self.prototypes, self.settings.progress
             )
         local = _accuracy_metrics("local", evaluate(model, self.data.holdout))
-        encoded = encode_tensors_with_digest(model.shareable_state_dict())
+        # no whole-payload SHA-256 here: an encrypted upload authenticates every chunk, and
+        # prepare_upload hashes the payload itself when it has to go in clear
+        payload = encode_tensors(model.shareable_state_dict())
         self.last_peak_rss_bytes = peak_rss_bytes()
         metrics = {
             **{f"loss_{k}": v for k, v in result.metrics.items()},
@@ -147,11 +149,10 @@ class ModelRoundWorker:
             **dp_metrics,
         }
         return LocalUpdate(
-            payload=encoded.data,
+            payload=payload,
             num_samples=result.num_samples,
             module_samples=result.module_samples,
             metrics=metrics,
-            payload_sha256=encoded.sha256,
         )
 
     def _train_private(self, model: CrossModalNet, cfg: TrainConfig) -> PrivateTrainResult:

@@ -24,6 +24,7 @@ from crossfed.common.crypto.certificates import CertificateError
 from crossfed.common.crypto.grpc_credentials import channel_credentials, warn_insecure
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.crypto.rpc_auth import authenticated_channel
+from crossfed.common.wire.chunk_frames import ChunkFrame, chunk_frame_from_wire, wire_bytes
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ _RESET_MARKERS = (
     "goaway",
     "internal error from core",
 )
+# Method path prefix of the Coordinator service (the two bulk calls are built by hand).
+_SERVICE = "/crossfed.v1.Coordinator/"
 
 
 class CoordinatorTransport(Protocol):
@@ -79,7 +82,7 @@ class CoordinatorTransport(Protocol):
 
     def download(
         self, request: coordinator_pb2.DownloadRequest
-    ) -> Iterator[common_pb2.TensorChunk]:
+    ) -> Iterator[common_pb2.TensorChunk | ChunkFrame]:
         """Stream the global model's chunks from ``request.start_chunk`` on."""
 
     def upload(
@@ -207,6 +210,20 @@ class GrpcTransport:
         # sends the client id); without one, the bare client-id header is all we have.
         calls = authenticated_channel(channel, credential) if credential else channel
         self._stub = coordinator_pb2_grpc.CoordinatorStub(calls)
+        # the two bulk calls with zero-copy framing (crossfed.common.wire.chunk_frames): chunk
+        # data arrives as a view of gRPC's message, uploads go out pre-serialized
+        self._download_call = calls.unary_stream(
+            _SERVICE + "DownloadGlobalModel",
+            request_serializer=coordinator_pb2.DownloadRequest.SerializeToString,
+            response_deserializer=chunk_frame_from_wire,
+            _registered_method=True,
+        )
+        self._upload_call = calls.stream_unary(
+            _SERVICE + "UploadUpdate",
+            request_serializer=wire_bytes,
+            response_deserializer=coordinator_pb2.UploadResponse.FromString,
+            _registered_method=True,
+        )
         self._deadlines = deadlines or CallDeadlines()
         self._credential = credential
         self._client_id = credential.client_id if credential else client_id
@@ -271,11 +288,9 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             classify_rpc_error(exc, "Heartbeat")
 
-    def download(
-        self, request: coordinator_pb2.DownloadRequest
-    ) -> Iterator[common_pb2.TensorChunk]:
+    def download(self, request: coordinator_pb2.DownloadRequest) -> Iterator[ChunkFrame]:
         try:
-            stream = self._stub.DownloadGlobalModel(
+            stream = self._download_call(
                 request,
                 timeout=self._deadlines.transfer_s,
                 metadata=self._metadata(),
@@ -291,9 +306,11 @@ class GrpcTransport:
     def upload(
         self, messages: Iterable[coordinator_pb2.UploadMessage]
     ) -> coordinator_pb2.UploadResponse:
+        frames = getattr(messages, "wire_frames", None)
+        requests: Iterator[object] = frames() if callable(frames) else iter(messages)
         try:
-            return self._stub.UploadUpdate(  # type: ignore[no-any-return]
-                iter(messages),
+            return self._upload_call(  # type: ignore[no-any-return]
+                requests,
                 timeout=self._deadlines.transfer_s,
                 metadata=self._metadata(),
                 credentials=self._call_credentials,

@@ -8,11 +8,17 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import grpc
 from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, enroll
+from crossfed.common.wire.chunk_frames import (
+    ChunkFrame,
+    tensor_chunk_prefix,
+    upload_message_from_wire,
+    wire_bytes,
+)
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.caller_identity import caller_client_id
@@ -25,7 +31,8 @@ from crossfed.server.errors import (
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
 from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
-from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
+from google.protobuf.message_factory import GetMessageClass
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,80 @@ def abort_with(context: grpc.ServicerContext, exc: ServerError) -> NoReturn:
     """End the call with the status code the error class names and its message."""
     context.abort(getattr(grpc.StatusCode, exc.status.value), str(exc))
     raise AssertionError("unreachable: context.abort raises")
+
+
+class CheckpointChangedError(Exception):
+    """The checkpoint file being served ended early (it changed under its open handle)."""
+
+
+def model_chunk_frames(
+    fd: int, size: int, chunk_size: int, start: int, digest: bytes, round_no: int
+) -> Iterator[bytes]:
+    """Serialized ``TensorChunk`` messages of the file ``fd`` from chunk ``start`` on: each
+    chunk is read straight behind its framing into a reused buffer, then copied once into the
+    message gRPC sends (protobuf would copy it three times)."""
+    total = max(1, -(-size // chunk_size))
+    scratch = bytearray()
+    for index in range(start, total):
+        offset = index * chunk_size
+        length = min(chunk_size, size - offset)
+        prefix = tensor_chunk_prefix(index, total, length, digest, size, round_no)
+        frame_len = len(prefix) + length
+        if len(scratch) < frame_len:
+            scratch = bytearray(frame_len)
+        frame = memoryview(scratch)[:frame_len]
+        frame[: len(prefix)] = prefix
+        _read_exactly(fd, frame[len(prefix) :], offset)
+        yield bytes(frame)
+
+
+def _read_exactly(fd: int, out: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(out):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [out[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            data = os.pread(fd, len(out) - done, offset + done)
+            got = len(data)
+            out[done : done + got] = data
+        if got == 0:
+            raise CheckpointChangedError(
+                f"the model file ended at byte {offset + done}, expected {offset + len(out)}: "
+                "it changed while being served; download again"
+            )
+        done += got
+
+
+def add_coordinator_to_server(servicer: CoordinatorServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_CoordinatorServicer_to_server``, but
+    with zero-copy framing for the two bulk streams: DownloadGlobalModel sends pre-serialized
+    chunks, UploadUpdate reads chunk data as views of the received messages."""
+    service = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_type = GetMessageClass(method.input_type)
+        response_type = GetMessageClass(method.output_type)
+        deserialize: Callable[[bytes], object] = request_type.FromString
+        serialize: Callable[[Any], bytes] = response_type.SerializeToString
+        if method.name == "DownloadGlobalModel":
+            serialize = wire_bytes
+        elif method.name == "UploadUpdate":
+            deserialize = upload_message_from_wire
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=deserialize,
+            response_serializer=serialize,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -157,7 +238,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     # -- Download ----------------------------------------------------------------------
     def DownloadGlobalModel(
         self, request: coordinator_pb2.DownloadRequest, context: grpc.ServicerContext
-    ) -> Iterator[common_pb2.TensorChunk]:
+    ) -> Iterator[bytes]:
+        """The model's chunks as serialized ``TensorChunk`` frames (see
+        `add_coordinator_to_server`: the bulk methods skip protobuf's data copies)."""
         client_id = self._caller(context)
         try:
             self.engine.require_known(client_id)
@@ -181,15 +264,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     f"start_chunk {request.start_chunk} is past the last chunk ({total - 1})",
                 )
             digest = self._model_digest(version, handle)
-            for index in range(int(request.start_chunk), total):
-                yield common_pb2.TensorChunk(
-                    index=index,
-                    total=total,
-                    data=os.pread(handle.fileno(), cs, index * cs),
-                    payload_sha256=digest,
-                    payload_size=size,
-                    round=int(request.round),
-                )
+            frames = model_chunk_frames(
+                handle.fileno(), size, cs, int(request.start_chunk), digest, int(request.round)
+            )
+            try:
+                yield from frames
+            except CheckpointChangedError as exc:
+                context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
 
     def _model_digest(self, version: int, handle: io.BufferedReader) -> bytes:
         key = (self.engine.run.run_id, version)
@@ -204,12 +285,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     # -- Upload ------------------------------------------------------------------------
     def UploadUpdate(
         self,
-        request_iterator: Iterator[coordinator_pb2.UploadMessage],
+        request_iterator: Iterator[coordinator_pb2.UploadMessage | ChunkFrame],
         context: grpc.ServicerContext,
     ) -> coordinator_pb2.UploadResponse:
+        """One header, then chunks (``ChunkFrame``s, zero-copy, under
+        `add_coordinator_to_server`; protobuf messages also work)."""
         client_id = self._caller(context)
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if first is None or isinstance(first, ChunkFrame) or first.WhichOneof("kind") != "header":
             abort_with(context, InvalidUpdateError("an upload must start with an UploadHeader"))
         header = first.header
         round_no = min(int(header.round), MAX_WIRE_INT)  # out of range: refused below
@@ -238,19 +321,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         "server busy: too many uploads in flight; retry shortly",
                     )
-                payload = receive_payload(header, request_iterator, self.upload_policy, client_id)
+                received = receive_payload(header, request_iterator, self.upload_policy, client_id)
                 try:
                     # zero-copy: the tensors are views of the verified payload buffer
-                    tensors = decode_tensors(payload, copy=False)
+                    tensors = decode_tensors(received.view, copy=False)
                 except WireError as exc:
                     raise InvalidUpdateError(
                         f"update payload is not valid safetensors: {exc}"
                     ) from exc
-                del payload
+                digest = received.sha256.hex()
+                del received
                 outcome = self.engine.complete_upload(
                     ticket,
                     tensors,
-                    payload_sha256=bytes(header.payload_sha256).hex(),
+                    payload_sha256=digest,
                     metrics=dict(header.metrics.values),
                 )
                 del tensors

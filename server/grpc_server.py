@@ -10,10 +10,10 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from crossfed.server.coordinator_servicer import CoordinatorServicer
+from crossfed.server.coordinator_servicer import CoordinatorServicer, add_coordinator_to_server
 from crossfed.server.errors import ConfigurationError
 from crossfed.server.malloc_tuning import fix_mmap_threshold
-from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
+from crossfed.v1 import coordinator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -70,7 +70,7 @@ def start_grpc_server(
         interceptors=list(interceptors),
         maximum_concurrent_rpcs=max_workers * 4,
     )
-    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+    add_coordinator_to_server(coordinator, server)  # zero-copy framing of the bulk streams
     names = [COORDINATOR_SERVICE]
     for adder, name in extra_services:
         adder(server)  # type: ignore[operator]

@@ -151,13 +151,14 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
                 raise BenchmarkError(f"server did not open a round: {beat.message}")
             round_id, key = int(beat.round), bytes(beat.upload_public_key)
 
-            def real_download(transport: GrpcTransport) -> bytes:
+            def real_download(transport: GrpcTransport) -> memoryview:
                 progress = DownloadProgress(round_id)
                 for chunk in transport.download(coordinator_pb2.DownloadRequest(round=round_id)):
                     progress.add(chunk)
                 return progress.payload()
 
-            payload = real_download(transports[-1])  # warm-up, and the update we send back
+            # warm-up, and the update we send back (as bytes, like a trained update)
+            payload = bytes(real_download(transports[-1]))
             raw_server, raw_port = start_raw_server(
                 RawBytesService(payload, settings.chunk_size), settings.max_message_bytes
             )

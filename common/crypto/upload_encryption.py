@@ -150,8 +150,8 @@ class UploadEncryptor:
         """The ephemeral public key to send in the upload header (32 bytes)."""
         return self._client_public
 
-    def encrypt_chunk(self, index: int, total: int, plaintext: bytes) -> bytes:
-        """Encrypt chunk ``index`` of ``total``; returns ciphertext || tag."""
+    def _claim(self, index: int, total: int) -> None:
+        """Check framing and mark ``index`` used: each nonce is handed out at most once."""
         if not 0 < total <= MAX_CHUNKS:
             raise UploadEncryptionError(f"total chunks must be in [1, {MAX_CHUNKS}], got {total}")
         if self._total is not None and total != self._total:
@@ -167,9 +167,31 @@ class UploadEncryptor:
             )
         self._total = total
         self._used.add(index)
+
+    def encrypt_chunk(self, index: int, total: int, plaintext: bytes | memoryview) -> bytes:
+        """Encrypt chunk ``index`` of ``total``; returns ciphertext || tag."""
+        self._claim(index, total)
         return self._aead.encrypt(
             _nonce(index), plaintext, _aad(self._client_id, self._round_id, index, total)
         )
+
+    def encrypt_chunk_into(
+        self, index: int, total: int, plaintext: bytes | memoryview, out: bytearray | memoryview
+    ) -> int:
+        """Like encrypt_chunk, but writes ciphertext || tag into ``out`` (exactly
+        ``encrypted_size(len(plaintext))`` bytes, e.g. behind a message's framing) and returns
+        that length: no per-chunk allocation, no slice copy of the plaintext."""
+        size = encrypted_size(memoryview(plaintext).nbytes)
+        if memoryview(out).nbytes != size:
+            raise UploadEncryptionError(f"output buffer is {len(out)} bytes, need {size}")
+        self._claim(index, total)
+        nonce, aad = _nonce(index), _aad(self._client_id, self._round_id, index, total)
+        encrypt_into = getattr(self._aead, "encrypt_into", None)
+        if encrypt_into is None:  # a cryptography release without AEAD encrypt_into
+            memoryview(out)[:] = self._aead.encrypt(nonce, bytes(plaintext), aad)
+            return size
+        written: int = encrypt_into(nonce, plaintext, aad, out)
+        return written
 
 
 class UploadDecryptor:
@@ -225,7 +247,9 @@ class UploadDecryptor:
             return []
         return [i for i in range(self._total) if i not in self._received]
 
-    def _check(self, index: int, total: int, ciphertext: bytes) -> tuple[str, bytes, bytes]:
+    def _check(
+        self, index: int, total: int, ciphertext: bytes | memoryview
+    ) -> tuple[str, bytes, bytes]:
         """Validate framing before touching the cipher; returns (where, nonce, aad)."""
         where = f"chunk {index}/{total} from client {self._client_label!r} round {self._round_id}"
         if not 0 < total <= MAX_CHUNKS:
@@ -242,13 +266,18 @@ class UploadDecryptor:
             raise UploadDecryptionError(f"{where}: {len(ciphertext)} bytes is shorter than a tag")
         return where, _nonce(index), _aad(self._client_id, self._round_id, index, total)
 
+    def check_chunk(self, index: int, total: int, ciphertext: bytes | memoryview) -> None:
+        """Raise UploadDecryptionError now if the chunk's framing (index, total, repeat,
+        length) is already wrong; authentication still happens in decrypt_chunk[_into]."""
+        self._check(index, total, ciphertext)
+
     def _failed(self, where: str) -> UploadDecryptionError:
         return UploadDecryptionError(
             f"{where}: authentication failed (tampered, reordered, truncated, or "
             "encrypted for another client, round or key)"
         )
 
-    def decrypt_chunk(self, index: int, total: int, ciphertext: bytes) -> bytes:
+    def decrypt_chunk(self, index: int, total: int, ciphertext: bytes | memoryview) -> bytes:
         """Authenticate and decrypt chunk ``index`` of ``total``; raise UploadDecryptionError."""
         where, nonce, aad = self._check(index, total, ciphertext)
         try:
@@ -260,7 +289,7 @@ class UploadDecryptor:
         return plaintext
 
     def decrypt_chunk_into(
-        self, index: int, total: int, ciphertext: bytes, out: bytearray | memoryview
+        self, index: int, total: int, ciphertext: bytes | memoryview, out: bytearray | memoryview
     ) -> int:
         """Like decrypt_chunk, but writes the plaintext into ``out`` (e.g. a slice of a
         preallocated payload buffer) and returns its length; avoids one allocation per

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 
 import pytest
 import torch
@@ -301,3 +302,115 @@ def test_large_payload_uses_the_pool_and_round_trips() -> None:
     for chunk in split_payload(data, 1 << 20):
         assembler.add(chunk)
     assert assembler.result_view() == data
+
+
+def test_add_into_writes_each_chunk_in_its_place_once_checked() -> None:
+    payload = bytes(range(256)) * 10
+    digest = hashlib.sha256(payload).digest()
+    chunks = list(split_payload(payload, 700))
+    assembler = ChunkAssembler(len(payload), reorder_window=2)
+    slots: list[int] = []
+    for i in (1, 0, 3, 2):
+        c = chunks[i]
+
+        def write(dest: memoryview, data: bytes = c.data) -> None:
+            slots.append(dest.nbytes)
+            dest[:] = data
+
+        assembler.add_into(c.index, c.total, len(c.data), digest, len(payload), write)
+    assert slots == [700, 700, len(payload) - 2100, 700]
+    assert assembler.result() == payload
+
+
+def test_a_failing_write_leaves_the_chunk_uncounted() -> None:
+    payload = b"x" * 1000
+    digest = hashlib.sha256(payload).digest()
+    assembler = ChunkAssembler(len(payload))
+
+    def fail(dest: memoryview) -> None:
+        raise RuntimeError("decryption failed")
+
+    with pytest.raises(RuntimeError):
+        assembler.add_into(0, 2, 500, digest, len(payload), fail)
+    assert assembler.received_chunks == 0 and assembler.expected_chunks is None  # still fresh
+    assembler.add_into(
+        0, 2, 500, digest, len(payload), lambda d: d.__setitem__(slice(None), b"x" * 500)
+    )
+    with pytest.raises(RuntimeError):
+        assembler.add_into(1, 2, 500, digest, len(payload), fail)
+    assert assembler.received_chunks == 1 and not assembler.complete
+    called: list[int] = []
+    with pytest.raises(DuplicateChunkError):  # checks run before the write
+        assembler.add_into(0, 2, 500, digest, len(payload), lambda d: called.append(1))
+    assert not called
+
+
+def test_undeclared_digest_only_where_allowed_and_then_computed() -> None:
+    payload = bytes(range(200)) * 7
+    chunks = [dataclasses.replace(c, payload_sha256=b"") for c in split_payload(payload, 300)]
+    strict = ChunkAssembler(len(payload))
+    with pytest.raises(MalformedPayloadError, match="payload_sha256 must be 32 bytes"):
+        strict.add(chunks[0])
+    lenient = ChunkAssembler(len(payload), require_digest=False)
+    for c in chunks:
+        lenient.add(c)
+    assert lenient.result() == payload
+    assert lenient.sha256() == hashlib.sha256(payload).digest()
+    # a declared digest is still checked, and a stream cannot switch between the two
+    declared = list(split_payload(payload, 300))
+    mixed = ChunkAssembler(len(payload), require_digest=False)
+    mixed.add(declared[0])
+    with pytest.raises(MalformedPayloadError, match="payload_sha256"):
+        mixed.add(chunks[1])
+    wrong = ChunkAssembler(len(payload), require_digest=False)
+    for c in declared:
+        wrong.add(dataclasses.replace(c, data=c.data[::-1]) if c.index == 1 else c)
+    with pytest.raises(DigestMismatchError):
+        wrong.sha256()
+
+
+def test_buffer_pool_reuses_a_buffer_only_when_no_view_of_it_is_left() -> None:
+    size = chunking.HUGE_PAGE_BUFFER_MIN_BYTES
+    pool = chunking.BufferPool(max_idle=1, idle_s=60.0)
+    first = pool.take(size)
+    first[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    kept = first[:4].view(torch.int32)  # a live view (like a zero-copy decoded tensor)
+    del first
+    second = pool.take(size)  # the first buffer is still referenced: a new one
+    assert pool.reused == 0
+    second.fill_(9)
+    assert kept.view(torch.uint8).tolist() == [1, 2, 3, 4]
+    del kept
+    third = pool.take(size)  # now the first buffer is free again
+    assert pool.reused == 1
+    del second, third
+    pool.take(size + size // 2)  # too far from the idle buffers' size: not reused
+    assert pool.reused == 1
+
+
+def test_buffer_pool_keeps_few_buffers_and_not_for_long() -> None:
+    size = chunking.HUGE_PAGE_BUFFER_MIN_BYTES
+    pool = chunking.BufferPool(max_idle=1, idle_s=0.2)
+    a, b = pool.take(size), pool.take(size)
+    del a, b
+    assert len(pool._idle) == 1
+    deadline = time.monotonic() + 5
+    while pool._idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pool._idle  # the sweeper dropped it after idle_s
+    pool.take(size)
+    assert pool.reused == 0
+
+
+def test_assembler_with_a_pool_round_trips_large_payloads() -> None:
+    pool = chunking.BufferPool()
+    data = bytes(range(256)) * (chunking.HUGE_PAGE_BUFFER_MIN_BYTES // 256 + 3)
+    for _ in range(3):
+        assembler = ChunkAssembler(len(data), buffer_pool=pool)
+        for chunk in split_payload(data, 1 << 20):
+            assembler.add(chunk)
+        view = assembler.result_view(writable=True)
+        assert view == data
+        view[0] ^= 0xFF  # dirty the buffer: the next payload must overwrite it completely
+        del view, assembler
+    assert pool.reused == 2

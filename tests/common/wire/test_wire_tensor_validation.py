@@ -84,3 +84,23 @@ def test_bound_check_works_for_every_wire_dtype(dtype: torch.dtype) -> None:
 def test_bad_bound_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="max_abs"):
         validate_tensors({}, {}, max_abs=float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_large_finite_values_pass_although_their_sum_overflows(dtype: torch.dtype) -> None:
+    """The one-pass finiteness check sums the values; an overflowing sum is re-checked exactly."""
+    big = torch.full((64,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not torch.isfinite(big.sum())
+    validate_tensors({"x": big}, {"x": TensorSpec(dtype, (64,))})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_value_anywhere_in_a_large_tensor_is_caught(
+    dtype: torch.dtype, bad: float
+) -> None:
+    for position in (0, 4_097, 99_999):
+        values = torch.randn(100_000).to(dtype)
+        values[position] = bad
+        with pytest.raises(TensorValidationError, match="1 of 100000 values are NaN or infinite"):
+            validate_tensors({"x": values}, {"x": TensorSpec(dtype, (100_000,))})
