@@ -146,10 +146,6 @@ class _Batch:
     pair_pos: torch.Tensor  # paired rows, as positions in img_rows
     pair_rows: torch.Tensor
 
-    @property
-    def paired(self) -> torch.Tensor:
-        return self.has_t & self.has_i
-
 
 def _batch(
     f_t: torch.Tensor,
@@ -166,9 +162,18 @@ def _batch(
     img_rows = has_i.nonzero().squeeze(1)
     pair_pos = has_t[img_rows].nonzero().squeeze(1)
     return _Batch(
-        f_t, f_i, has_t, has_i, y, view_t, view_i, external, img_rows, pair_pos,
-        img_rows[pair_pos],
-    )  # fmt: skip
+        f_t=f_t,
+        f_i=f_i,
+        has_t=has_t,
+        has_i=has_i,
+        y=y,
+        view_t=view_t,
+        view_i=view_i,
+        external=external,
+        img_rows=img_rows,
+        pair_pos=pair_pos,
+        pair_rows=img_rows[pair_pos],
+    )
 
 
 @dataclass
@@ -286,8 +291,9 @@ def _step_losses(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 14 on one batch; returns the total and each term.
 
-    Each module runs once on the rows it needs; fixed seeds draw the same random numbers in
-    the same order as the per-module reference step (tests/client/test_train_step_equivalence.py).
+    Each module runs on the rows it needs (with gradient only where a loss uses it); fixed
+    seeds draw the same random numbers in the same order as the earlier per-module step
+    (tests/client/test_train_step_equivalence.py keeps it as the reference).
     """
     if model.config.missing_fill == "zero":
         view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)

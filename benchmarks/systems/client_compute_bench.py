@@ -129,6 +129,11 @@ def measure_client_compute(
         "missingness": f"per sample, rate {settings.missing_rate:g} (half text-only, half "
         f"image-only); counts {counts}",
         "threads": settings.threads,
+        # train_local with >= 2 threads runs the two halves of eq. 14 on two threads (each
+        # threads // 2 intra-op); the zero-fill model has one path, split per operation.
+        "parallelism": "ours: branch threads; zero-fill: intra-op threads"
+        if settings.threads >= 2
+        else "one thread",
     }
     value, baseline = median(ours), median(zero)
     cached_s, cold_s = median(cached), median(cold)
