@@ -149,3 +149,39 @@ def test_decrypt_into_preallocated_payload_buffer() -> None:
     with pytest.raises(UploadDecryptionError, match="output buffer"):
         dec2.decrypt_chunk_into(0, 3, cipher[0], bytearray(1))
     assert dec2.received == 0 and dec2.total is None
+
+
+def test_encrypt_into_matches_encrypt_and_shares_the_nonce_guard() -> None:
+    plain = [os.urandom(1000), os.urandom(17)]
+    enc = UploadEncryptor(SERVER.public_key, "c1", 9)
+    frame = bytearray(5 + encrypted_size(len(plain[0])))  # e.g. behind 5 bytes of framing
+    written = enc.encrypt_chunk_into(0, 2, memoryview(plain[0]), memoryview(frame)[5:])
+    assert written == encrypted_size(len(plain[0]))
+    second = enc.encrypt_chunk(1, 2, memoryview(plain[1]))  # views are accepted too
+    dec = UploadDecryptor(SERVER, enc.client_public_key, "c1", 9)
+    assert dec.decrypt_chunk(0, 2, memoryview(frame)[5:]) == plain[0]
+    assert dec.decrypt_chunk(1, 2, second) == plain[1]
+    with pytest.raises(UploadEncryptionError, match="nonces must never repeat"):
+        enc.encrypt_chunk_into(0, 2, plain[0], memoryview(frame)[5:])
+    with pytest.raises(UploadEncryptionError, match="nonces must never repeat"):
+        enc.encrypt_chunk(1, 2, plain[1])
+    fresh = UploadEncryptor(SERVER.public_key, "c1", 9)
+    with pytest.raises(UploadEncryptionError, match="output buffer"):
+        fresh.encrypt_chunk_into(0, 2, plain[0], bytearray(len(plain[0])))  # no room for tag
+    fresh.encrypt_chunk_into(0, 2, plain[0], bytearray(encrypted_size(len(plain[0]))))  # unused
+
+
+def test_check_chunk_rejects_bad_framing_before_any_decryption() -> None:
+    pub, plain, cipher = _upload()
+    dec = UploadDecryptor(SERVER, pub, "c1", 3)
+    dec.check_chunk(0, 4, memoryview(cipher[0]))  # fine: nothing recorded yet
+    assert dec.received == 0
+    assert dec.decrypt_chunk(0, 4, memoryview(cipher[0])) == plain[0]
+    with pytest.raises(UploadDecryptionError, match="duplicate chunk index"):
+        dec.check_chunk(0, 4, cipher[0])
+    with pytest.raises(UploadDecryptionError, match="total differs"):
+        dec.check_chunk(1, 5, cipher[1])
+    with pytest.raises(UploadDecryptionError, match="shorter than a tag"):
+        dec.check_chunk(1, 4, cipher[1][:3])
+    with pytest.raises(UploadDecryptionError, match="index outside"):
+        dec.check_chunk(4, 4, cipher[1])
