@@ -81,6 +81,7 @@ def model_chunk_frames(
 
 
 def _read_exactly(fd: int, out: memoryview, offset: int) -> None:
+    """Fill ``out`` from ``fd`` at ``offset`` (short reads retried; EOF is an error)."""
     done = 0
     while done < len(out):
         if hasattr(os, "preadv"):
