@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--missing-rate", type=float, default=0.5)
-    parser.add_argument("--text-recovery", default="diffusion", choices=["diffusion", "memory"])
+    parser.add_argument("--text-recovery", default="memory", choices=["diffusion", "memory"])
     parser.add_argument("--train-recovery-steps", type=int, default=None)
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)

@@ -87,7 +87,7 @@ _LAST_SEEN_PERSIST_S = 5.0
 # last client to notice it); the fleet's total rate of such polls stays bounded.
 _FINISHING_POLL_MIN_MS = 100
 _FINISHING_POLLS_PER_S = 100
-_PROTOTYPES_NAME = "prototypes-{:06d}.safetensors"
+PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class RoundEngine:
     def _load_prototypes(self) -> tuple[int, bytes] | None:
         last = self._run.last_committed_round
         for round_no in range(last, 0, -1):
-            path = self.checkpoints.directory / _PROTOTYPES_NAME.format(round_no)
+            path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(round_no)
             if path.exists():
                 return round_no, path.read_bytes()
         return None
@@ -702,7 +702,7 @@ class RoundEngine:
                 if self.noise_hook is not None:
                     sums = self.noise_hook(sums, record.round)
                 payload = prototypes_payload(sums)
-                path = self.checkpoints.directory / _PROTOTYPES_NAME.format(record.round)
+                path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(record.round)
                 write_bytes_atomic(path, payload)
                 published = (record.round, payload)
         except OSError as exc:  # disk full, read-only state dir, ...

@@ -43,7 +43,12 @@ class ModelConfig(BaseModel):
         "training (TrainConfig.train_recovery_steps); more steps draw a sample instead",
     )
     text_only_recovery: Literal["diffusion", "memory"] = Field(
-        "diffusion", description="Table I text-only path in feature mode: diffusion or VLMR"
+        "memory",
+        description="Table I text-only path in feature mode: VLMR (default; memory entries "
+        "of the eq.-9 class, else diffusion) or diffusion. VLMR hands the fusion head real "
+        "image features of the predicted class; the diffusion estimate E[f_i | f_t] is a "
+        "blurred mean the image classifier scores at chance. Federated headline, 3 seeds: "
+        "text-only +0.7 points (random-CNN run: +0.5)",
     )
     recover_text: bool = Field(
         True,

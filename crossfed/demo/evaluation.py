@@ -11,6 +11,7 @@ import torch
 
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.prototypes import ClassPrototypes
 
 
 @dataclass
@@ -45,13 +46,28 @@ class HeldOutEvaluator:
         )
         return cls(data=data, model_config=config)
 
-    def evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-        """Accuracy and macro-F1 of the global model `state` per configuration."""
+    @staticmethod
+    def load_prototypes(path: Path) -> ClassPrototypes | None:
+        """The server's published prototypes file of a round, if it wrote one."""
+        from crossfed.common.wire.tensor_codec import decode_tensors
+
+        if not path.is_file():
+            return None
+        return ClassPrototypes.from_tensors(decode_tensors(path.read_bytes()))
+
+    def evaluate(
+        self, state: dict[str, torch.Tensor], prototypes: ClassPrototypes | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Accuracy and macro-F1 of the global model `state` per configuration, with the
+        round's global prototypes (eq. 16) as its only VLMR entries, as a new client has."""
         from crossfed.client.local_trainer import evaluate
         from crossfed.common.model.network import CrossModalNet
+        from crossfed.common.model.prototypes import apply_global_prototypes
 
         model = CrossModalNet(self.model_config)
         model.load_shareable_state_dict(state)
+        if prototypes is not None:
+            apply_global_prototypes(model, prototypes)
         model.eval()
         with torch.no_grad():
             return evaluate(model, self.data)

@@ -117,6 +117,8 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
     from crossfed.demo.evaluation import HeldOutEvaluator
     from crossfed.demo.watch import AdminWatcher
     from crossfed.provisioning import KitSpec, ProvisionPlan, provision
+    from crossfed.server.round_engine import PROTOTYPES_FILE_NAME
+    from crossfed.server.server_app import CHECKPOINT_DIR
 
     kits = run_dir / "kits"
     names = [
@@ -214,7 +216,17 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
             options=options,
             supervisor=supervisor,
             on_commit=lambda rnd, uploads, secs: result.rounds.append(
-                RoundResult(rnd, evaluator.evaluate(watcher.export_model(rnd)), uploads, secs)
+                RoundResult(
+                    rnd,
+                    evaluator.evaluate(
+                        watcher.export_model(rnd),
+                        evaluator.load_prototypes(
+                            server_state / CHECKPOINT_DIR / PROTOTYPES_FILE_NAME.format(rnd)
+                        ),
+                    ),
+                    uploads,
+                    secs,
+                )
             ),
         )
     finally:
