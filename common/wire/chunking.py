@@ -224,7 +224,9 @@ class BufferPool:
     def __init__(self, max_idle: int = 2, idle_s: float = 30.0) -> None:
         self.max_idle = max_idle
         self.idle_s = idle_s
-        self._lock = threading.Lock()
+        # re-entrant: a finalizer (give-back) can run from the garbage collector while this
+        # thread is inside the pool already
+        self._lock = threading.RLock()
         self._idle: list[tuple[mmap.mmap, float]] = []  # (region, idle since)
         self._timer: threading.Timer | None = None
         self.reused = 0  # how many buffers were handed out again (for tests and metrics)
