@@ -33,6 +33,7 @@ from systems.measurement_records import (
 from systems.sized_model import model_for_bytes
 
 TRANSFER_TARGET = Target("ratio", ">=", 0.5)
+ENCRYPTION_COST_TARGET = Target("ratio", ">=", 0.7)  # issue 5: encrypted >= 70% of plaintext
 RAW_SERVICE = "crossfed.bench.RawBytes"
 MiB = 1024 * 1024
 
@@ -117,16 +118,23 @@ class _Timings:
     raw_upload_s: list[float]
     real_upload_s: list[float]
     encrypt_s: list[float]
+    plain_upload_s: list[float]
     payload_bytes: int
     wire_bytes: int
 
 
 def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
-    clients = settings.repeats + 2  # + 1 warm-up upload, + 1 that never uploads (round open)
+    # per repeat one encrypted and one plaintext upload, + 1 warm-up upload, + 1 client that
+    # never uploads (so the round stays open)
+    clients = 2 * settings.repeats + 2
     channel_options = ChannelOptions(max_message_bytes=settings.max_message_bytes)
     with tempfile.TemporaryDirectory(prefix="crossfed-bench-transfer-") as work:
         config = _server_config(Path(work) / "state", settings, clients)
-        options = ServerOptions(client_timeout_s=3600.0, start_timeout_s=3600.0)
+        options = ServerOptions(
+            client_timeout_s=3600.0,
+            start_timeout_s=3600.0,
+            allow_unencrypted_uploads=True,  # for the encryption-cost comparison (issue 5)
+        )
         server = CoordinatorServer.create(config, options)
         port = server.start()
         target = f"127.0.0.1:{port}"
@@ -185,7 +193,7 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
                 raise BenchmarkError("upload encryption module is not installed")
             wire_bytes = 0
 
-            def real_upload(index: int) -> float:
+            def real_upload(index: int, encrypted: bool = True) -> float:
                 nonlocal wire_bytes
                 started = time.perf_counter()
                 prepared = prepare_upload(
@@ -194,20 +202,21 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
                     f"bench-{index}",
                     f"upload-{index}",
                     settings.chunk_size,
-                    key,
-                    factory,
+                    key if encrypted else b"",
+                    factory if encrypted else None,
                 )
                 encrypted_at = time.perf_counter()
                 reply = transports[index].upload(prepared.messages)
                 if not reply.accepted or reply.duplicate:
                     raise BenchmarkError(f"upload {index} not counted: {reply.message}")
-                wire_bytes = prepared.wire_bytes
+                if encrypted:
+                    wire_bytes = prepared.wire_bytes
                 return encrypted_at - started
 
             if raw_download() != len(payload) or raw_upload() != len(payload):  # warm-up
                 raise BenchmarkError("raw baseline stream lost bytes")
             real_upload(0)
-            timings = _Timings([], [], [], [], [], len(payload), 0)
+            timings = _Timings([], [], [], [], [], [], len(payload), 0)
             for rep in range(settings.repeats):
                 timings.raw_download_s.append(_timed(raw_download))
                 started = time.perf_counter()
@@ -217,6 +226,9 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
                 started = time.perf_counter()
                 timings.encrypt_s.append(real_upload(rep + 1))
                 timings.real_upload_s.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                real_upload(settings.repeats + 1 + rep, encrypted=False)
+                timings.plain_upload_s.append(time.perf_counter() - started)
                 advance()
             timings.wire_bytes = wire_bytes
             return timings
@@ -300,4 +312,31 @@ def measure_transfer(
                 details={**common, **extra, "seconds": real, "baseline_seconds": raw},
             )
         )
+    rates = [mb / s for s in t.real_upload_s]
+    plain_rates = [mb / s for s in t.plain_upload_s]
+    results.append(
+        Measurement(
+            key="upload_encryption_cost",
+            title="Encrypted vs unencrypted upload through CoordinatorServer",
+            value=median(rates),
+            unit="MB/s",
+            baseline=median(plain_rates),
+            baseline_unit="MB/s",
+            baseline_label="the same server's plaintext UploadUpdate (allow_unencrypted_uploads), "
+            "same payload, chunks and channel",
+            ratio=safe_ratio(median(rates), median(plain_rates)),
+            ratio_definition="encrypted MB/s / unencrypted MB/s",
+            target=ENCRYPTION_COST_TARGET,
+            load=load,
+            samples=rates,
+            baseline_samples=plain_rates,
+            details={
+                **common,
+                "includes": "plaintext: client sha256 of the payload, chunks with the digest; "
+                "server: reassembly + sha256 verify, decode, validate, FedAvg fold",
+                "seconds": t.real_upload_s,
+                "baseline_seconds": t.plain_upload_s,
+            },
+        )
+    )
     return results

@@ -26,6 +26,7 @@ from systems.report_writer import (
 SMOKE_KEYS = {
     "fedavg_throughput",
     "upload_encrypted",
+    "upload_encryption_cost",
     "download_chunked",
     "coordination_2_clients",
     "server_peak_rss_2_clients",
