@@ -507,8 +507,8 @@ class ChunkAssembler:
             self._check_agrees(stream, index, total, payload_sha256, payload_size)
         index = self._check_position(stream, index)
         offset = self._place(stream, index, length)
-        if length:
-            write(stream.buffer[offset : offset + length].numpy().data)
+        # called even for an empty chunk: an AES-GCM write still has a tag to authenticate
+        write(stream.buffer[offset : offset + length].numpy().data)
         self._stream = stream  # only now: a rejected first chunk leaves the assembler fresh
         self._received += 1
         stream.ahead.add(index)
