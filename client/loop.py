@@ -499,7 +499,7 @@ class ClientLoop:
     def _finish_round(self, state: _RoundState) -> None:
         report = RoundReport(
             round_id=state.round_id,
-            metrics=dict(state.update.metrics) if state.update else {},
+            metrics={**state.update.metrics, **state.update.local_metrics} if state.update else {},
             bytes_up=state.bytes_up,
             bytes_down=state.download.bytes_received,
             seconds=self._clock() - state.started,

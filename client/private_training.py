@@ -257,7 +257,10 @@ def train_private(
             criterion=WeightedTerms(weights),
         )
         assert private.criterion is not None
-        sample_rate = 1.0 / len(private.data_loader)
+        # Opacus' own rate (its len() rounds 1/rate down, e.g. 92 batches for rate 1/93)
+        sample_rate = float(
+            getattr(private.data_loader, "sample_rate", 1 / len(private.data_loader))
+        )
         with make_progress(progress) as bar:
             task = bar.add_task("local training (DP-SGD)", total=cfg.epochs * len(data))
             for _epoch in range(cfg.epochs):

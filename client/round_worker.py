@@ -140,10 +140,16 @@ class ModelRoundWorker:
         # prepare_upload hashes the payload itself when it has to go in clear
         payload = encode_tensors(model.shareable_state_dict())
         self.last_peak_rss_bytes = peak_rss_bytes()
-        metrics = {
+        data_metrics = {
             **{f"loss_{k}": v for k, v in result.metrics.items()},
             **self._global_metrics,
             **local,
+        }
+        # Under DP-SGD only the noised weights and epsilon leave the client: exact losses and
+        # holdout accuracies are releases the DP guarantee does not cover; they stay local.
+        private = self.settings.privacy.dp_sgd
+        metrics = {
+            **({} if private else data_metrics),
             "train_seconds": result.seconds,
             "peak_rss_mib": self.last_peak_rss_bytes / 2**20,
             **dp_metrics,
@@ -153,6 +159,7 @@ class ModelRoundWorker:
             num_samples=result.num_samples,
             module_samples=result.module_samples,
             metrics=metrics,
+            local_metrics=data_metrics if private else {},
         )
 
     def _train_private(self, model: CrossModalNet, cfg: TrainConfig) -> PrivateTrainResult:

@@ -63,6 +63,9 @@ class LocalUpdate:
     module_samples: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     payload_sha256: bytes = b""  # when already known from encode_tensors_with_digest
+    # Shown and logged on the client, never uploaded (e.g. losses/accuracies under DP-SGD,
+    # whose release the privacy guarantee does not cover).
+    local_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class UploadAttempt:

@@ -167,6 +167,10 @@ def test_dp_sgd_round_reports_epsilon_and_leaves_unused_modules_alone(tmp_path: 
     first = worker.train(1, local_epochs=1)
     assert 0 < first.metrics["dp_sgd_epsilon_round"] <= 3.0
     assert first.metrics["dp_sgd_noise_multiplier"] > 0
+    # exact losses and holdout accuracies are not DP-protected: shown locally, never uploaded
+    leaky = ("loss_", "local_acc", "global_acc", "local_f1", "global_f1")
+    assert not [k for k in first.metrics if k.startswith(leaky)]
+    assert "loss_cls" in first.local_metrics and "local_acc_text_only" in first.local_metrics
     received = decode_tensors(first.payload)
     mapper_keys = [k for k in global_state if k.startswith("mapper.")]
     assert mapper_keys and all(torch.equal(received[k], global_state[k]) for k in mapper_keys)
