@@ -242,48 +242,49 @@ def train_private(
     start = time.perf_counter()
     private = None
     try:
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        private = make_private_training(
-            objective,
-            opt,
-            loader,
-            target_epsilon=dp.target_epsilon,
-            target_delta=dp.target_delta,
-            epochs=cfg.epochs,
-            max_grad_norm=dp.max_grad_norm,
-            accountant=dp.accountant,
-            criterion=WeightedTerms(weights),
-        )
-        assert private.criterion is not None
-        # Opacus' own rate (its len() rounds 1/rate down, e.g. 92 batches for rate 1/93)
-        sample_rate = float(
-            getattr(private.data_loader, "sample_rate", 1 / len(private.data_loader))
-        )
-        with make_progress(progress) as bar:
-            task = bar.add_task("local training (DP-SGD)", total=cfg.epochs * len(data))
-            for _epoch in range(cfg.epochs):
-                sums = torch.zeros(len(TERMS))
-                for batch in private.data_loader:
-                    size = int(batch[0].shape[0])
-                    if size == 0:  # Poisson sampling drew nobody: still a (noise-only) step
-                        _noise_only_step(private.optimizer)
+        with warnings.catch_warnings():  # Opacus' expected warnings, this call only
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            private = make_private_training(
+                objective,
+                opt,
+                loader,
+                target_epsilon=dp.target_epsilon,
+                target_delta=dp.target_delta,
+                epochs=cfg.epochs,
+                max_grad_norm=dp.max_grad_norm,
+                accountant=dp.accountant,
+                criterion=WeightedTerms(weights),
+            )
+            assert private.criterion is not None
+            # Opacus' own rate (its len() rounds 1/rate down, e.g. 92 batches for rate 1/93)
+            sample_rate = float(
+                getattr(private.data_loader, "sample_rate", 1 / len(private.data_loader))
+            )
+            with make_progress(progress) as bar:
+                task = bar.add_task("local training (DP-SGD)", total=cfg.epochs * len(data))
+                for _epoch in range(cfg.epochs):
+                    sums = torch.zeros(len(TERMS))
+                    for batch in private.data_loader:
+                        size = int(batch[0].shape[0])
+                        if size == 0:  # Poisson sampling drew nobody: still a (noise-only) step
+                            _noise_only_step(private.optimizer)
+                            steps += 1
+                            continue
+                        rows = private.module(*batch)
+                        loss = private.criterion(rows)
+                        private.optimizer.zero_grad(set_to_none=True)
+                        loss.backward()  # ghost clipping: norms pass, then clipped-sum pass
+                        private.optimizer.step()
                         steps += 1
-                        continue
-                    rows = private.module(*batch)
-                    loss = private.criterion(rows)
-                    private.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()  # ghost clipping: norms pass, then clipped-sum pass
-                    private.optimizer.step()  # an empty Poisson batch still adds noise
-                    steps += 1
-                    sums += rows.detach().sum(dim=0)
-                    bar.advance(task, size)
-                history.append(
-                    {name: float(v) / len(data) for name, v in zip(TERMS, sums, strict=True)}
-                )
-        epsilon_round = private.epsilon()
-        noise_multiplier = private.noise_multiplier
+                        sums += rows.detach().sum(dim=0)
+                        bar.advance(task, size)
+                    history.append(
+                        {name: float(v) / len(data) for name, v in zip(TERMS, sums, strict=True)}
+                    )
+            epsilon_round = private.epsilon()
+            noise_multiplier = private.noise_multiplier
     finally:
         if private is not None:
             private.module.remove_hooks()  # type: ignore[operator]
