@@ -42,3 +42,7 @@ class PayloadIntegrityError(ClientError):
 
 class ClientConfigError(ClientError):
     """The client's configuration or command-line input is invalid."""
+
+
+class PrivacyBudgetExhaustedError(ClientError):
+    """Another round of DP-SGD would take the client's epsilon past its configured budget."""

@@ -192,6 +192,25 @@ def _trainable_for(model: CrossModalNet, data: EmbeddingSet) -> list[nn.Paramete
     ]
 
 
+def planned_round(
+    num_samples: int, cfg: TrainConfig, dp: DPSGDSettings
+) -> tuple[float, float, int]:
+    """(noise multiplier, sample rate, steps) a round of `train_private` will spend, computed
+    the way Opacus' make_private_with_epsilon does, so a budget can be checked first."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    batches = math.ceil(num_samples / min(cfg.batch_size, num_samples))
+    sample_rate = 1 / batches
+    sigma = get_noise_multiplier(
+        target_epsilon=dp.target_epsilon,
+        target_delta=dp.target_delta,
+        sample_rate=sample_rate,
+        epochs=cfg.epochs,
+        accountant=dp.accountant,
+    )
+    return float(sigma), sample_rate, cfg.epochs * batches
+
+
 def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     """Step the DP optimizer on a zero gradient: it adds the noise and the accountant counts
     the step, as the mechanism requires (Opacus' ghost clipping cannot run an empty batch)."""

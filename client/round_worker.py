@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crossfed.client.errors import ClientError
+from crossfed.client.errors import ClientError, PrivacyBudgetExhaustedError
 from crossfed.client.local_data import LocalData
 from crossfed.client.local_trainer import TrainConfig, evaluate, train_local
 from crossfed.client.loop import ProjectionUpload, Registered, Registration
@@ -164,7 +164,8 @@ class ModelRoundWorker:
 
     def _train_private(self, model: CrossModalNet, cfg: TrainConfig) -> PrivateTrainResult:
         """One round of DP-SGD (Opacus); epsilon is composed over rounds in the ledger."""
-        from crossfed.client.private_training import DPSGDSettings, train_private
+        from crossfed.client.private_training import DPSGDSettings, planned_round, train_private
+        from crossfed.common.privacy.budget import PrivacyBudget
         from crossfed.common.privacy.dp_sgd import DPSGDError
 
         assert self.dp_ledger is not None
@@ -174,6 +175,14 @@ class ModelRoundWorker:
             target_delta=privacy.dp_sgd_target_delta,
             max_grad_norm=privacy.dp_sgd_max_grad_norm,
         )
+        if privacy.dp_sgd_epsilon_budget is not None and len(self.data.train):
+            budget = PrivacyBudget(privacy.dp_sgd_epsilon_budget, privacy.dp_sgd_target_delta)
+            planned = planned_round(len(self.data.train), cfg, dp)
+            if self.dp_ledger.accountant.would_exceed(budget, *planned):
+                raise PrivacyBudgetExhaustedError(
+                    f"DP-SGD epsilon budget {budget.epsilon:g} reached: {self._dp_epsilon_total():.3g}"
+                    " spent, and another round would go past it; this client stops training"
+                )
         try:
             result = train_private(
                 model,

@@ -173,6 +173,11 @@ class PrivacyConfig(_Section):
     dp_sgd_target_epsilon: float = Field(default=8.0, gt=0)
     dp_sgd_target_delta: float = Field(default=1e-5, gt=0, lt=1)
     dp_sgd_max_grad_norm: float = Field(default=1.0, gt=0)
+    dp_sgd_epsilon_budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="stop training once DP-SGD's epsilon over all rounds would exceed it",
+    )
     central_dp: bool = Field(default=False, description="server clips updates and adds noise")
     central_dp_clip: float = Field(default=1.0, gt=0, description="L2 clip of each client update")
     central_dp_noise_multiplier: float = Field(

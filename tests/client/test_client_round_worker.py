@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crossfed.client.errors import PrivacyBudgetExhaustedError
 from crossfed.client.local_data import ClientModality, LocalData
 from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.loop import Registered
@@ -178,3 +179,15 @@ def test_dp_sgd_round_reports_epsilon_and_leaves_unused_modules_alone(tmp_path: 
     second = worker.train(2, local_epochs=1)
     assert second.metrics["dp_sgd_epsilon_total"] > first.metrics["dp_sgd_epsilon_total"]
     assert (tmp_path / "dp_sgd_accountant.json").exists()
+
+
+def test_dp_sgd_stops_before_a_round_would_pass_the_epsilon_budget(tmp_path: Path) -> None:
+    privacy = PrivacyConfig(dp_sgd=True, dp_sgd_target_epsilon=3.0, dp_sgd_epsilon_budget=3.5)
+    worker = _worker(ClientModality.BOTH, tmp_path, privacy)
+    worker.load_global(1, encode_tensors(CrossModalNet(CONFIG).shareable_state_dict()))
+    first = worker.train(1, local_epochs=1)
+    assert first.metrics["dp_sgd_epsilon_total"] <= 3.5
+    ledger = (tmp_path / "dp_sgd_accountant.json").read_text()
+    with pytest.raises(PrivacyBudgetExhaustedError, match="budget 3.5 reached"):
+        worker.train(2, local_epochs=1)
+    assert (tmp_path / "dp_sgd_accountant.json").read_text() == ledger  # nothing spent

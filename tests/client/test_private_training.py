@@ -16,6 +16,7 @@ from crossfed.client.private_training import (
     WeightedTerms,
     _noise_only_step,
     _term_weights,
+    planned_round,
     train_private,
 )
 from crossfed.common.data.embeddings import EmbeddingSet
@@ -139,6 +140,10 @@ def test_private_round_learns_and_reports_epsilon_within_target(tmp_path: Path) 
     assert 0 < result.epsilon_round <= DP.target_epsilon
     assert result.noise_multiplier > 0.3  # calibrated, not a no-op
     assert result.steps == 3 * round(1 / result.sample_rate)
+    # what a budget check plans before training is what the round spent
+    assert planned_round(len(data), cfg, DP) == pytest.approx(
+        (result.noise_multiplier, result.sample_rate, result.steps)
+    )
     assert math.isclose(ledger.epsilon(DP.target_delta), result.epsilon_round, rel_tol=1e-6)
     scores = evaluate(model, data)
     assert scores["both"]["accuracy"] > 0.6  # well above chance (0.25) despite the noise
