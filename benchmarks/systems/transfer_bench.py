@@ -263,13 +263,18 @@ def measure_transfer(
         "repeats": settings.repeats,
         "transport": "plaintext gRPC on 127.0.0.1 (in-process server and client)",
     }
+    raw_label = "raw gRPC bytes stream, same size/chunks/channel options"
+    raw_ratio = "real path MB/s / raw bytes stream MB/s"
     results = []
-    for key, title, real, raw, extra in (
+    for key, title, real, base, label, ratio_definition, target, extra in (
         (
             "upload_encrypted",
             "Encrypted chunked upload through CoordinatorServer",
             t.real_upload_s,
             t.raw_upload_s,
+            raw_label,
+            raw_ratio,
+            TRANSFER_TARGET,
             {
                 "includes": "client: prepare_upload, then AES-GCM per chunk into pre-framed "
                 "messages made as gRPC sends them (no whole-payload sha256: every chunk is "
@@ -284,16 +289,35 @@ def measure_transfer(
             "Chunked model download from CoordinatorServer",
             t.real_download_s,
             t.raw_download_s,
+            raw_label,
+            raw_ratio,
+            TRANSFER_TARGET,
             {
                 "includes": "server: pre-framed chunks read from the checkpoint (sha256 "
                 "cached per version); client: zero-copy frame parse, ChunkAssembler copy + "
                 "sha256 verify, payload as a read-only view"
             },
         ),
+        (
+            "upload_encryption_cost",
+            "Encrypted vs unencrypted upload through CoordinatorServer",
+            t.real_upload_s,
+            t.plain_upload_s,
+            (
+                "the same server's plaintext UploadUpdate (allow_unencrypted_uploads), "
+                "same payload, chunks and channel"
+            ),
+            "encrypted MB/s / unencrypted MB/s",
+            ENCRYPTION_COST_TARGET,
+            {
+                "includes": "baseline: client sha256 of the payload, chunks with the digest; "
+                "server: reassembly + sha256 verify, decode, validate, FedAvg fold",
+            },
+        ),
     ):
         rates = [mb / s for s in real]
-        raw_rates = [mb / s for s in raw]
-        value, baseline = median(rates), median(raw_rates)
+        base_rates = [mb / s for s in base]
+        value, baseline = median(rates), median(base_rates)
         results.append(
             Measurement(
                 key=key,
@@ -302,41 +326,14 @@ def measure_transfer(
                 unit="MB/s",
                 baseline=baseline,
                 baseline_unit="MB/s",
-                baseline_label="raw gRPC bytes stream, same size/chunks/channel options",
+                baseline_label=label,
                 ratio=safe_ratio(value, baseline),
-                ratio_definition="real path MB/s / raw bytes stream MB/s",
-                target=TRANSFER_TARGET,
+                ratio_definition=ratio_definition,
+                target=target,
                 load=load,
                 samples=rates,
-                baseline_samples=raw_rates,
-                details={**common, **extra, "seconds": real, "baseline_seconds": raw},
+                baseline_samples=base_rates,
+                details={**common, **extra, "seconds": real, "baseline_seconds": base},
             )
         )
-    rates = [mb / s for s in t.real_upload_s]
-    plain_rates = [mb / s for s in t.plain_upload_s]
-    results.append(
-        Measurement(
-            key="upload_encryption_cost",
-            title="Encrypted vs unencrypted upload through CoordinatorServer",
-            value=median(rates),
-            unit="MB/s",
-            baseline=median(plain_rates),
-            baseline_unit="MB/s",
-            baseline_label="the same server's plaintext UploadUpdate (allow_unencrypted_uploads), "
-            "same payload, chunks and channel",
-            ratio=safe_ratio(median(rates), median(plain_rates)),
-            ratio_definition="encrypted MB/s / unencrypted MB/s",
-            target=ENCRYPTION_COST_TARGET,
-            load=load,
-            samples=rates,
-            baseline_samples=plain_rates,
-            details={
-                **common,
-                "includes": "plaintext: client sha256 of the payload, chunks with the digest; "
-                "server: reassembly + sha256 verify, decode, validate, FedAvg fold",
-                "seconds": t.real_upload_s,
-                "baseline_seconds": t.plain_upload_s,
-            },
-        )
-    )
     return results
