@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full quality sweep on a lent 16-core machine with no network and no crossfed install:
 # wheels carried in .whl (pydantic, diffusers, ...), crossfed's namespace assembled in /tmp/pkg
-# from the checkout (setup.py's folder mapping), results (records, JSON, plots) under $OUT.
+# from the checkout (setup.py's folder mapping), the records (one JSON line per run) under $OUT.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -17,6 +17,9 @@ nproc
 timeout "${QUALITY_TIMEOUT:-395}" python3 benchmarks/quality/run_quality.py \
     --workers "${QUALITY_WORKERS:-16}" --deadline-s "${QUALITY_DEADLINE:-320}" \
     --embeddings benchmarks/results/.cache/quality-embeddings-10000.safetensors \
-    --results-dir "$OUT" --records "$OUT/quality_records.jsonl" \
-    --benchmarks-md "$OUT/BENCHMARKS.md" --no-progress "$@"
+    --results-dir /tmp/quality-results --records "$OUT/quality_records.jsonl" \
+    --benchmarks-md /tmp/quality-results/BENCHMARKS.md --no-progress "$@" 2>&1 \
+    | tee "$OUT/quality_log.txt"
 echo "exit $?"; wc -l "$OUT/quality_records.jsonl"
+# Only the records come back (the tool returns at most 8 files); rebuild the report here with
+#   python benchmarks/quality/run_quality.py --report-only --records <them> --note "..."

@@ -12,6 +12,14 @@ from dataclasses import dataclass
 CONFIGS = ("text_only", "image_only", "both")
 MISSING_CONFIGS = ("text_only", "image_only")
 CEILING_OF = {"text_only": "ceiling_text", "image_only": "ceiling_image"}
+FED_CEILING_OF = {"text_only": "fed_ceiling_text", "image_only": "fed_ceiling_image"}
+_REFERENCES = ("ours", "zero_fill", "dropout")
+_REFERENCE_PREFIXES = ("ceiling", "central", "fed_ceiling")
+
+
+def _is_variant(name: str) -> bool:
+    """An ablation or other variant of ours (compared with ours on the same seed)."""
+    return name not in _REFERENCES and not name.startswith(_REFERENCE_PREFIXES)
 
 
 def gap_closure(ours: float, best_baseline: float, ceiling: float) -> float:
@@ -57,31 +65,31 @@ def seed_summary(
     by_method: Mapping[str, Scores], metric: str = "accuracy"
 ) -> dict[str, dict[str, float]]:
     """One seed's per-configuration numbers: ours, each baseline, the best baseline (the
-    better of zero-fill and dropout FedAvg), ceiling and gap-closure (missing configs)."""
+    better of zero-fill and dropout FedAvg), ceiling and gap-closure (missing configs), and
+    where run, the federated unimodal ceiling and the gap-closure measured against it."""
     out: dict[str, dict[str, float]] = {}
     for c in CONFIGS:
         row: dict[str, float] = {}
         for name, scores in by_method.items():
             row[name] = float(scores[c][metric])
         if "ours" in row:
-            for name in by_method:
-                if name not in ("ours", "zero_fill", "dropout") and not name.startswith(
-                    ("ceiling", "central")
-                ):
-                    # ours minus an ablation on the same seed (paired comparison)
-                    row[f"delta:{name}"] = row["ours"] - row[name]
+            for name in filter(_is_variant, by_method):
+                # ours minus an ablation on the same seed (paired comparison)
+                row[f"delta:{name}"] = row["ours"] - row[name]
         base = [row[b] for b in ("zero_fill", "dropout") if b in row]
         row["best_baseline"] = max(base) if base else float("nan")
         if c in CEILING_OF and CEILING_OF[c] in row and "ours" in row:
             row["ceiling"] = row[CEILING_OF[c]]
             row["gap_closure"] = gap_closure(row["ours"], row["best_baseline"], row["ceiling"])
-            for name in by_method:
-                if name not in ("ours", "zero_fill", "dropout") and not name.startswith(
-                    ("ceiling", "central")
-                ):
-                    row[f"gap_closure:{name}"] = gap_closure(
-                        row[name], row["best_baseline"], row["ceiling"]
-                    )
+            for name in filter(_is_variant, by_method):
+                row[f"gap_closure:{name}"] = gap_closure(
+                    row[name], row["best_baseline"], row["ceiling"]
+                )
+        if c in FED_CEILING_OF and FED_CEILING_OF[c] in row and "ours" in row:
+            row["fed_ceiling"] = row[FED_CEILING_OF[c]]
+            row["fed_gap_closure"] = gap_closure(
+                row["ours"], row["best_baseline"], row["fed_ceiling"]
+            )
         out[c] = row
     return out
 

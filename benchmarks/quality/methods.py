@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from crossfed.client.local_trainer import evaluate
 from crossfed.common.model.model_config import ModelConfig
 
 from quality.federated_simulation import TrainingBudget, run_central, run_federation
-from quality.quality_data import FederatedData, only_modality
+from quality.quality_data import FederatedData, only_modality, shards_with
 from quality.quality_errors import QualityBenchmarkError
 
 Scores = dict[str, dict[str, float]]
@@ -26,6 +27,8 @@ class FederatedMethod:
     config_update: Callable[[ModelConfig], ModelConfig]
     dropout: str  # "none", "ours" (budget.ours_dropout) or "baseline" (budget.modality_dropout)
     exchange: bool
+    # Train on this modality alone (the other hidden, clients without it left out).
+    only: Literal["text", "image"] | None = None
 
 
 def _same(cfg: ModelConfig) -> ModelConfig:
@@ -94,6 +97,22 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             True,
         ),
         FederatedMethod(
+            "fed_ceiling_text",
+            "federated unimodal ceiling: zero-fill FedAvg on the text rows alone, same budget",
+            _zero,
+            "none",
+            False,
+            "text",
+        ),
+        FederatedMethod(
+            "fed_ceiling_image",
+            "federated unimodal ceiling: zero-fill FedAvg on the image rows alone, same budget",
+            _zero,
+            "none",
+            False,
+            "image",
+        ),
+        FederatedMethod(
             "with_dropout",
             "ours with the baseline's modality dropout on paired rows",
             _same,
@@ -103,6 +122,10 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
     )
 }
 BASELINES = ("zero_fill", "dropout")
+# What any federated method restricted to the available modality reaches with this budget:
+# the part of the central ceiling that federated optimisation (client drift), not a missing
+# modality, keeps out of reach.
+FED_CEILINGS = ("fed_ceiling_text", "fed_ceiling_image")
 ABLATIONS = (
     "with_dropout",
     "no_orth",
@@ -122,9 +145,13 @@ def run_federated_method(
     if name not in FEDERATED_METHODS:
         raise QualityBenchmarkError(f"unknown method {name!r}; known: {sorted(FEDERATED_METHODS)}")
     method = FEDERATED_METHODS[name]
+    shards = data.shards if method.only is None else shards_with(data.shards, method.only)
+    if not shards:  # no client holds the modality (per-client missingness at a high rate)
+        nan = {"accuracy": float("nan"), "macro_f1": float("nan"), "count": 0.0}
+        return {c: dict(nan) for c in ("both", "text_only", "image_only")}
     model = run_federation(
         method.config_update(base),
-        data.shards,
+        shards,
         budget,
         seed,
         {

@@ -126,3 +126,11 @@ def only_modality(data: EmbeddingSet, modality: Literal["text", "image"]) -> Emb
         sub.has_text if modality == "text" else none,
         sub.has_image if modality == "image" else none,
     )
+
+
+def shards_with(
+    shards: list[EmbeddingSet], modality: Literal["text", "image"]
+) -> list[EmbeddingSet]:
+    """Each client's rows holding `modality` (the other hidden); clients without any drop out."""
+    kept = [only_modality(s, modality) for s in shards]
+    return [s for s in kept if len(s)]

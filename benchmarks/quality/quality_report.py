@@ -17,7 +17,7 @@ from quality.gap_closure import (
     aggregate_seeds,
     seed_summary,
 )
-from quality.methods import ABLATIONS, FEDERATED_METHODS
+from quality.methods import ABLATIONS, FED_CEILINGS, FEDERATED_METHODS
 from quality.quality_data import FederationSetup
 from quality.quality_errors import QualityBenchmarkError
 from quality.sweep import canonical
@@ -53,9 +53,10 @@ def summarise_point(
                 by_method[m] = scores
         if not all(m in by_method for m in ("ours", *REFERENCE_METHODS)):
             continue
-        paired = index.get(("central_paired", canonical(setup, "central_paired")))
-        if paired is not None:
-            by_method["central_paired"] = paired
+        for optional in ("central_paired", *FED_CEILINGS):  # older records lack them
+            scores = index.get((optional, canonical(setup, optional)))
+            if scores is not None:
+                by_method[optional] = scores
         per_seed.append(seed_summary(by_method, metric))
         used.append(seed)
     return aggregate_seeds(per_seed), used
@@ -68,17 +69,22 @@ def _fmt(ms: MeanStd | None) -> str:
 def headline_table(agg: dict[str, dict[str, MeanStd]], metric: str) -> list[str]:
     head = (
         f"| configuration ({metric}) | ours | zero-fill FedAvg | dropout FedAvg | best baseline "
-        "| unimodal ceiling | central paired | gap-closure |"
+        "| unimodal ceiling (central) | federated unimodal ceiling | central paired "
+        "| gap-closure | gap-closure vs federated ceiling |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for c in CONFIGS:
         row = agg.get(c, {})
+
+        def missing_only(key: str, c: str = c, row: dict[str, MeanStd] = row) -> str:
+            return _fmt(row.get(key)) if c != "both" else "—"
+
         lines.append(
             f"| {c} | {_fmt(row.get('ours'))} | {_fmt(row.get('zero_fill'))} | "
             f"{_fmt(row.get('dropout'))} | {_fmt(row.get('best_baseline'))} | "
-            f"{_fmt(row.get('ceiling')) if c != 'both' else '—'} | "
+            f"{missing_only('ceiling')} | {missing_only('fed_ceiling')} | "
             f"{_fmt(row.get('central_paired'))} | "
-            f"{_fmt(row.get('gap_closure')) if c != 'both' else '—'} |"
+            f"{missing_only('gap_closure')} | {missing_only('fed_gap_closure')} |"
         )
     return lines
 
@@ -159,8 +165,8 @@ def _m(row: dict[str, Any], c: str, k: str) -> MeanStd | None:
 def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         (
-            "| missingness | α | rate | seeds | text-only ours / best / ceiling | gap | "
-            "image-only ours / best / ceiling | gap | both ours / best |"
+            "| missingness | α | rate | seeds | text-only ours / best / fed. ceiling / ceiling "
+            "| gap | image-only ours / best / fed. ceiling / ceiling | gap | both ours / best |"
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -172,7 +178,7 @@ def sweep_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             continue
 
         def trio(c: str, r: dict[str, Any] = r) -> str:
-            vals = [_m(r, c, k) for k in ("ours", "best_baseline", "ceiling")]
+            vals = [_m(r, c, k) for k in ("ours", "best_baseline", "fed_ceiling", "ceiling")]
             return " / ".join("n/a" if v is None else f"{v.mean:.3f}" for v in vals)
 
         def gap(c: str, r: dict[str, Any] = r) -> str:
@@ -234,7 +240,8 @@ def target_checks(
 
 def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Accuracy vs missing rate, one PNG per (missingness, alpha), one panel per Table I
-    configuration: ours, best baseline, unimodal ceiling (mean over seeds, std as bars)."""
+    configuration: ours, best baseline, federated and central unimodal ceilings (mean over
+    seeds, std as bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -252,7 +259,8 @@ def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
             for key, label, style in (
                 ("ours", "ours", "o-"),
                 ("best_baseline", "best baseline", "s--"),
-                ("ceiling", "unimodal ceiling", "^:"),
+                ("fed_ceiling", "federated unimodal ceiling", "v-."),
+                ("ceiling", "unimodal ceiling (central)", "^:"),
             ):
                 pts: list[tuple[float, MeanStd]] = []
                 for r in rs:

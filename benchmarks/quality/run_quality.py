@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quality.federated_simulation import TrainingBudget
 from quality.gap_closure import MeanStd
-from quality.methods import ABLATIONS, BASELINES
+from quality.methods import ABLATIONS, BASELINES, FED_CEILINGS
 from quality.quality_data import FederationSetup, Missingness
 from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import (
@@ -164,8 +164,9 @@ def plan_of(s: QualitySettings) -> SweepPlan:
             "central_paired",
             "ceiling_text",
             "ceiling_image",
+            *FED_CEILINGS,
         ),
-        sweep_methods=("ours", *BASELINES, "ceiling_text", "ceiling_image"),
+        sweep_methods=("ours", *BASELINES, "ceiling_text", "ceiling_image", *FED_CEILINGS),
     )
 
 

@@ -66,6 +66,56 @@ def test_gap_closure_hand_example() -> None:
     assert ms.n == 2 and ms.mean == pytest.approx(0.6) and ms.std == pytest.approx(0.1414, abs=1e-3)
 
 
+def test_federated_ceiling_is_a_reference_not_an_ablation() -> None:
+    s = lambda acc: {
+        c: {"accuracy": acc, "macro_f1": acc} for c in ("text_only", "image_only", "both")
+    }
+    row = seed_summary(
+        {
+            "ours": s(0.70),
+            "zero_fill": s(0.60),
+            "dropout": s(0.64),
+            "ceiling_text": s(0.80),
+            "ceiling_image": s(0.80),
+            "fed_ceiling_text": s(0.72),
+            "fed_ceiling_image": s(0.68),
+        }
+    )
+    # (0.70 - 0.64) / (0.72 - 0.64) against the federated ceiling, /0.16 against the central one
+    assert row["text_only"]["fed_gap_closure"] == pytest.approx(0.75)
+    assert row["image_only"]["fed_gap_closure"] == pytest.approx(1.5)
+    assert row["text_only"]["gap_closure"] == pytest.approx(0.375)
+    assert not any(
+        k.endswith(("fed_ceiling_text", "fed_ceiling_image"))
+        for k in row["both"]
+        if k.startswith(("delta:", "gap_closure:"))
+    )
+
+
+def test_federated_ceiling_skips_clients_without_the_modality() -> None:
+    from crossfed.common.model.model_config import ModelConfig
+    from quality.federated_simulation import TrainingBudget
+    from quality.methods import run_federated_method
+    from quality.quality_data import FederatedData, shards_with
+
+    data = clustered_embeddings(60)
+    none = torch.zeros(60, dtype=torch.bool)
+    text_only = data.with_masks(data.has_text, none)
+    image_only = data.with_masks(none, data.has_image)
+    kept = shards_with(
+        [text_only.subset(torch.arange(30)), data.subset(torch.arange(30, 60))], "image"
+    )
+    assert [len(k) for k in kept] == [30] and not bool(kept[0].has_text.any())
+    cfg = ModelConfig(text_dim=16, image_dim=8, num_classes=4, hidden_dim=16)
+    budget = TrainingBudget(rounds=1, central_epochs=1, batch_size=32)
+    fed = FederatedData([text_only], text_only, data, data, ["text"])
+    scores = run_federated_method("fed_ceiling_image", cfg, fed, budget, 0)
+    assert all(math.isnan(v["accuracy"]) for v in scores.values())
+    fed = FederatedData([image_only], image_only, data, data, ["image"])
+    scores = run_federated_method("fed_ceiling_image", cfg, fed, budget, 0)
+    assert 0.0 <= scores["image_only"]["accuracy"] <= 1.0
+
+
 def test_plan_dedupes_equivalent_runs() -> None:
     plan = SweepPlan(
         rates=(0.0, 0.5),
@@ -124,6 +174,8 @@ def test_smoke_suite_emits_json_markdown_and_plots(
         for k in ("ours", "zero_fill", "dropout", "best_baseline", "no_exchange"):
             assert 0.0 <= acc[c][k]["mean"] <= 1.0
     assert "gap_closure" in acc["text_only"] and "central_paired" in acc["both"]
+    assert 0.0 <= acc["image_only"]["fed_ceiling"]["mean"] <= 1.0
+    assert "fed_gap_closure" in acc["text_only"] and "delta:fed_ceiling_text" not in acc["both"]
     assert {r["rate"] for r in doc["sweep"]} == {0.0, 0.5}
     assert all(Path(p).is_file() for p in doc["plots"]) and doc["plots"]
     text = md.read_text()
