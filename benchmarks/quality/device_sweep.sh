@@ -12,7 +12,7 @@ cp -r server /tmp/pkg/crossfed/server
 cp -r client /tmp/pkg/crossfed/client
 cp -r protos/crossfed/v1/. /tmp/pkg/crossfed/v1/
 export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
-python3 -c "import crossfed.client.local_trainer, crossfed.server.aggregation" || exit 1
+(cd /tmp && python3 -c "import crossfed.client.local_trainer, crossfed.server.aggregation") || exit 1
 nproc
 timeout "${QUALITY_TIMEOUT:-395}" python3 benchmarks/quality/run_quality.py \
     --workers "${QUALITY_WORKERS:-16}" --deadline-s "${QUALITY_DEADLINE:-320}" \
