@@ -11,7 +11,8 @@ cp -r common /tmp/pkg/crossfed/common
 cp -r server /tmp/pkg/crossfed/server
 cp -r client /tmp/pkg/crossfed/client
 cp -r protos/crossfed/v1/. /tmp/pkg/crossfed/v1/
-export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1
+# CPU only: a CUDA build of torch initialised in the parent breaks the forked workers.
+export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
 (cd /tmp && python3 -c "import crossfed.client.local_trainer, crossfed.server.aggregation") || exit 1
 nproc
 timeout "${QUALITY_TIMEOUT:-395}" python3 benchmarks/quality/run_quality.py \
