@@ -90,9 +90,9 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         ),
         FederatedMethod(
             "no_unimodal_ensemble",
-            "Table I as written: fusion head alone for missing configs, trained with the "
+            "Table I as written: fusion head alone for every config, trained with the "
             "baseline's modality dropout",
-            _fields(unimodal_ensemble=False),
+            _fields(unimodal_ensemble=False, paired_ensemble=False),
             "baseline",
             True,
         ),
@@ -111,6 +111,13 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             "none",
             False,
             "image",
+        ),
+        FederatedMethod(
+            "no_paired_ensemble",
+            "ours, paired rows scored by the fusion head alone",
+            _fields(paired_ensemble=False),
+            "ours",
+            True,
         ),
         FederatedMethod(
             "with_dropout",
@@ -134,6 +141,7 @@ ABLATIONS = (
     "no_vlmr",
     "no_exchange",
     "no_unimodal_ensemble",
+    "no_paired_ensemble",
 )
 CENTRAL_METHODS = ("central_paired", "ceiling_text", "ceiling_image")
 

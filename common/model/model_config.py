@@ -61,6 +61,13 @@ class ModelConfig(BaseModel):
         "classifier of the available modality (eq. 9: Classifier(f_t); its image-side twin "
         "Classifier(f_i)) to the fusion head's; see CrossModalNet.forward",
     )
+    paired_ensemble: bool = Field(
+        True,
+        description="Table I paired configuration: add both unimodal classifiers' "
+        "log-probabilities to the fusion head's. They learn from every row holding their "
+        "modality, the fusion head's paired path only from paired rows, which per-client "
+        "missingness makes rare (BENCHMARKS.md, quality section). Needs unimodal_ensemble",
+    )
     sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
     memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")

@@ -14,7 +14,12 @@ Departures from the paper (measured in BENCHMARKS.md, quality section):
   unimodal classifier of the modality it has (eq. 9 read as "the classifier predicts a label
   based on the available features"), log-probabilities added. The unimodal classifiers are
   trained on every row holding their modality, so unlike the shared fusion head they do not
-  drift when clients with different missing patterns fill the slots differently.
+  drift when clients with different missing patterns fill the slots differently;
+- with `paired_ensemble` as well, paired rows add both unimodal classifiers to the fusion
+  head: under per-client missingness few clients hold paired rows, so the fusion head's paired
+  path is the least trained part of the model, while each unimodal classifier has seen every
+  row holding its modality. A label carried only by the interaction of the modalities leaves
+  the unimodal posteriors flat, so the fusion head still decides there.
 """
 
 from __future__ import annotations
@@ -191,7 +196,8 @@ class CrossModalNet(nn.Module):
         logits = self.classify(f_t, f_i, has_text, has_image, Recovery(rec_t, rec_i))
         if not self.config.unimodal_ensemble or self.training:
             return logits
-        return self.ensemble_missing(logits, f_t, f_i, text_only, image_only)
+        paired = has_text & has_image if self.config.paired_ensemble else None
+        return self.ensemble_missing(logits, f_t, f_i, text_only, image_only, paired)
 
     def ensemble_missing(
         self,
@@ -200,11 +206,17 @@ class CrossModalNet(nn.Module):
         f_i: torch.Tensor,
         text_only: torch.Tensor,
         image_only: torch.Tensor,
+        paired: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Rows missing a modality: log p_fusion + log p_unimodal (eq. 9 for the modality
-        present); paired rows keep the fusion head's logits."""
+        present); rows in `paired` add both unimodal classifiers, the others keep the fusion
+        head's logits."""
         out = logits.clone()
         log_p = nn.functional.log_softmax
+        if paired is not None and bool(paired.any()):
+            uni_t = log_p(self.text_classifier(f_t[paired]), dim=1)
+            uni_i = log_p(self.image_classifier(f_i[paired]), dim=1)
+            out[paired] = log_p(logits[paired], dim=1) + uni_t + uni_i
         if bool(text_only.any()):
             uni = self.text_classifier(f_t[text_only])
             out[text_only] = log_p(logits[text_only], dim=1) + log_p(uni, dim=1)

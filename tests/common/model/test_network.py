@@ -104,7 +104,9 @@ def test_predict_follows_table_one(monkeypatch: pytest.MonkeyPatch) -> None:
     zero = CrossModalNet(SMALL.model_copy(update={"missing_fill": "zero"}))
     zero.load_state_dict(m.state_dict())
     assert not torch.allclose(zero.predict(f_t, None), text_only)
-    assert torch.allclose(zero.predict(f_t, f_i), both)
+    assert not torch.allclose(zero.predict(f_t, f_i), both)  # paired ensemble (on by default)
+    m.config.paired_ensemble = False
+    assert torch.allclose(zero.predict(f_t, f_i), m.predict(f_t, f_i))  # fusion head alone
     with pytest.raises(ModelInputError, match="neither"):
         m.predict(None, None)
     with pytest.raises(ModelInputError, match=r"\[N, 8\]"):

@@ -44,7 +44,56 @@ def test_missing_configs_add_unimodal_log_probs_paired_rows_do_not() -> None:
     assert torch.allclose(fused_text_only, expected, atol=1e-6)
     expected_i = log_p(plain_image_only, dim=1) + log_p(model.image_classifier(f_i), dim=1)
     assert torch.allclose(model.predict(None, f_i), expected_i, atol=1e-6)
+    model.config.paired_ensemble = False
     assert torch.equal(model.predict(f_t, f_i), plain_both)
+
+
+def test_paired_rows_add_both_unimodal_classifiers() -> None:
+    torch.manual_seed(0)
+    model = CrossModalNet(CFG).eval()
+    f_t, f_i = torch.randn(5, 12), torch.randn(5, 8)
+    log_p = nn.functional.log_softmax
+    model.config.paired_ensemble = False
+    fusion_only = model.predict(f_t, f_i)
+    model.config.paired_ensemble = True
+    expected = (
+        log_p(fusion_only, dim=1)
+        + log_p(model.text_classifier(f_t), dim=1)
+        + log_p(model.image_classifier(f_i), dim=1)
+    )
+    assert torch.allclose(model.predict(f_t, f_i), expected, atol=1e-6)
+    # a mixed batch: each row gets its own configuration's rule
+    has_t = torch.tensor([True, True, False, True, False])
+    has_i = torch.tensor([True, False, True, True, True])
+    mixed = model(f_t * has_t[:, None], f_i * has_i[:, None], has_t, has_i)
+    assert torch.allclose(mixed[0], expected[0], atol=1e-6)
+    assert torch.allclose(mixed[3], expected[3], atol=1e-6)
+
+
+def test_paired_ensemble_leaves_an_interaction_label_to_the_fusion_head() -> None:
+    """Label = (text class + image class) mod 3: each modality alone says nothing, so the
+    unimodal posteriors stay flat and the ensemble must not undo the fusion head."""
+    gen = torch.Generator().manual_seed(1)
+    n = 1800
+    a, b = torch.randint(0, 3, (n,), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    t_dirs, i_dirs = torch.randn(3, 12, generator=gen), torch.randn(3, 8, generator=gen)
+    data = EmbeddingSet(
+        text=t_dirs[a] + 0.1 * torch.randn(n, 12, generator=gen),
+        image=i_dirs[b] + 0.1 * torch.randn(n, 8, generator=gen),
+        has_text=torch.ones(n, dtype=torch.bool),
+        has_image=torch.ones(n, dtype=torch.bool),
+        labels=(a + b) % 3,
+    )
+    torch.manual_seed(0)
+    model = CrossModalNet(CFG.model_copy(update={"hidden_dim": 32}))
+    train_local(model, data.subset(torch.arange(1500)), TrainConfig(epochs=30, batch_size=64))
+    test = data.subset(torch.arange(1500, n))
+    model.config.paired_ensemble = False
+    fusion = (model.predict(test.text, test.image).argmax(1) == test.labels).float().mean()
+    model.config.paired_ensemble = True
+    ensemble = (model.predict(test.text, test.image).argmax(1) == test.labels).float().mean()
+    assert fusion > 0.9  # the fusion head learned the interaction
+    assert ensemble >= fusion - 0.02
 
 
 def test_zero_fill_baseline_never_uses_the_ensemble() -> None:
