@@ -71,7 +71,9 @@ class CentralDP:
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"central DP clip_norm must be > 0, got {self.clip_norm}")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"central DP noise_multiplier must be >= 0, got {self.noise_multiplier}")
+            raise ValueError(
+                f"central DP noise_multiplier must be >= 0, got {self.noise_multiplier}"
+            )
 
 
 class StreamingFedAvg:
@@ -133,7 +135,9 @@ class StreamingFedAvg:
         self.num_updates += 1
         self.total_samples += int(num_samples)
 
-    def _clip_scale(self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> float:
+    def _clip_scale(
+        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float]
+    ) -> float:
         """min(1, C / ||delta||) over every tensor this upload contributes to."""
         assert self.central_dp is not None
         total = 0.0

@@ -51,6 +51,10 @@ def test_unknown_label_is_fatal_unless_bad_rows_are_skipped(tmp_path: Path) -> N
 def test_class_list_from_cli_style_override() -> None:
     cfg = load_config(
         ClientConfig,
-        overrides={"data.kind": "manifest", "data.path": "x.csv", "data.class_names": list(CLASSES)},
+        overrides={
+            "data.kind": "manifest",
+            "data.path": "x.csv",
+            "data.class_names": list(CLASSES),
+        },
     )
     assert cfg.data.class_names == list(CLASSES)  # type: ignore[union-attr]

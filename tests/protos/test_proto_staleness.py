@@ -15,8 +15,12 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     fresh = GEN["generate"](tmp_path)
     assert fresh, "protoc produced nothing"
     committed_dir = REPO / "protos" / "crossfed" / "v1"
-    committed = sorted(p.name for p in committed_dir.iterdir() if p.name.endswith(GEN["GENERATED_SUFFIXES"]))
-    assert committed == [p.name for p in fresh], "generated file set differs: run python protos/generate.py"
+    committed = sorted(
+        p.name for p in committed_dir.iterdir() if p.name.endswith(GEN["GENERATED_SUFFIXES"])
+    )
+    assert committed == [p.name for p in fresh], (
+        "generated file set differs: run python protos/generate.py"
+    )
     stale = [p.name for p in fresh if p.read_bytes() != (committed_dir / p.name).read_bytes()]
     assert not stale, f"stale generated code {stale}: run python protos/generate.py"
 
@@ -39,9 +43,34 @@ def test_staleness_check_detects_an_edit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "service,methods",
     [
-        ("Coordinator", {"Enroll", "Register", "Heartbeat", "DownloadGlobalModel", "UploadUpdate", "ExchangeProjections"}),
-        ("Admin", {"GetStatus", "ListClients", "ListRounds", "StartRun", "PauseRun", "ResumeRun", "StopRun",
-                   "UpdateConfig", "ExportModel", "RemoveClient", "CreateEnrollmentToken", "StreamEvents"}),
+        (
+            "Coordinator",
+            {
+                "Enroll",
+                "Register",
+                "Heartbeat",
+                "DownloadGlobalModel",
+                "UploadUpdate",
+                "ExchangeProjections",
+            },
+        ),
+        (
+            "Admin",
+            {
+                "GetStatus",
+                "ListClients",
+                "ListRounds",
+                "StartRun",
+                "PauseRun",
+                "ResumeRun",
+                "StopRun",
+                "UpdateConfig",
+                "ExportModel",
+                "RemoveClient",
+                "CreateEnrollmentToken",
+                "StreamEvents",
+            },
+        ),
     ],
 )
 def test_services_expose_the_contract(service: str, methods: set[str]) -> None:

@@ -72,7 +72,7 @@ def test_unusable_manifest(tmp_path: Path) -> None:
 
 
 def test_integer_labels_are_indices_not_string_sorted(tmp_path: Path) -> None:
-    """"10" must stay class 10 (string sorting would put it before "2"), and a file that lacks
+    """ "10" must stay class 10 (string sorting would put it before "2"), and a file that lacks
     a class must not shift the indices after it."""
     path = tmp_path / "m.jsonl"
     rows = [{"text": f"sample {i}", "label": lab} for i, lab in enumerate(["2", "10", "3", "10"])]
