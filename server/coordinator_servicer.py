@@ -330,7 +330,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     raise InvalidUpdateError(
                         f"update payload is not valid safetensors: {exc}"
                     ) from exc
-                digest = received.sha256.hex()
+                digest = received.digest
                 del received
                 outcome = self.engine.complete_upload(
                     ticket,

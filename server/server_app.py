@@ -150,6 +150,7 @@ class CoordinatorServer:
             max_payload_bytes=config.transport.max_payload_bytes,
             allow_unencrypted=allow_plain,
             upload_key=load_or_create_upload_key(state_dir),
+            hash_encrypted_uploads=config.transport.hash_encrypted_uploads,
         )
         servicer = CoordinatorServicer(
             engine,

@@ -1,12 +1,13 @@
 """Turn an UploadUpdate stream (header, then chunks) into verified plaintext bytes: header
 sanity, transport policy (encryption required unless allowed), per-chunk AES-GCM
 decryption (in place, into the reassembly buffer), reassembly with the wire library's
-ChunkAssembler and the SHA-256 check (or, for an encrypted upload that declares no digest,
-the SHA-256 computed for the record).
+ChunkAssembler and the SHA-256 check. An encrypted upload that declares no digest gets, for
+its record, a SHA-256 of its chunks' AES-GCM tags (or of its plaintext, by policy).
 Decoding and tensor validation happen afterwards, before anything touches the model."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,13 @@ class UploadPolicy:
     max_payload_bytes: int
     allow_unencrypted: bool
     upload_key: UploadKeyPair | None
+    # SHA-256 the plaintext of an encrypted upload that declares no digest (record only);
+    # off, the record holds AEAD_TAGS_PREFIX + SHA-256 of the chunks' tags in index order.
+    hash_encrypted_uploads: bool = False
+
+
+#: Prefix of an upload record digest computed over the AES-GCM tags instead of the plaintext.
+AEAD_TAGS_PREFIX = "aead-tags-sha256:"
 
 
 def check_header(header: coordinator_pb2.UploadHeader, policy: UploadPolicy) -> None:
@@ -69,10 +77,14 @@ def check_header(header: coordinator_pb2.UploadHeader, policy: UploadPolicy) -> 
 @dataclass(frozen=True)
 class ReceivedPayload:
     """A verified upload: the plaintext (a writable view of the reassembly buffer, for
-    zero-copy decoding) and its SHA-256 (declared and checked, or computed)."""
+    zero-copy decoding) and the digest for its record: the plaintext's SHA-256 in hex
+    (declared and checked, or computed), or AEAD_TAGS_PREFIX + the hex SHA-256 of its
+    AES-GCM tags. The tags authenticate every chunk under a key only this server and the
+    uploading client hold, so they identify what was folded; unlike a plaintext hash they do
+    not bind a client that deliberately crafts a second plaintext with the same tags."""
 
     view: memoryview
-    sha256: bytes
+    digest: str
 
 
 def _as_frame(message: coordinator_pb2.UploadMessage | ChunkFrame) -> ChunkFrame:
@@ -106,13 +118,20 @@ def receive_payload(
             )
         except UploadDecryptionError as exc:
             raise InvalidUpdateError(f"cannot set up upload decryption: {exc}") from exc
+    header_digest = bytes(header.payload_sha256)
+    # An undeclared digest: the record gets the tags' digest unless the policy asks to hash.
+    tags: list[bytes] | None = (
+        [b""] * int(header.total_chunks)
+        if decryptor is not None and not header_digest and not policy.hash_encrypted_uploads
+        else None
+    )
     assembler = ChunkAssembler(
         max_payload_bytes=policy.max_payload_bytes,
         reorder_window=REORDER_WINDOW,
         require_digest=decryptor is None,
+        hash_undeclared=tags is None,
         buffer_pool=UPLOAD_BUFFERS,
     )
-    header_digest = bytes(header.payload_sha256)
     for message in messages:
         chunk = _as_frame(message)
         where = f"chunk {chunk.index}/{chunk.total}"
@@ -127,6 +146,8 @@ def receive_payload(
         if chunk.payload_sha256 != header_digest or chunk.payload_size != header.payload_size:
             raise CorruptPayloadError(f"{where}: payload digest/size differ from the header's")
         _add_chunk(assembler, decryptor, chunk)
+        if tags is not None:  # authenticated and placed: keep its tag
+            tags[chunk.index] = bytes(chunk.data[len(chunk.data) - TAG_SIZE :])
     if not assembler.complete:
         got = assembler.received_chunks
         raise CorruptPayloadError(
@@ -134,9 +155,14 @@ def receive_payload(
             "send the upload again"
         )
     try:
-        return ReceivedPayload(assembler.result_view(writable=True), assembler.sha256())
+        view = assembler.result_view(writable=True)
+        sha256 = assembler.sha256()
     except WireError as exc:
         raise CorruptPayloadError(f"upload payload failed verification: {exc}") from exc
+    if sha256 is not None:
+        return ReceivedPayload(view, sha256.hex())
+    assert tags is not None
+    return ReceivedPayload(view, AEAD_TAGS_PREFIX + hashlib.sha256(b"".join(tags)).hexdigest())
 
 
 def _add_chunk(

@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _BENCHMARKS = Path(__file__).resolve().parents[1]
@@ -81,7 +81,14 @@ def _profiles(name: str) -> Profile:
     demo = DemoSettings()
     runners: dict[str, tuple[Callable[[Callable[[], None]], list[Measurement]], int]] = {
         "fedavg": (lambda a: [measure_fedavg(fedavg, a)], fedavg.repeats),
-        "transfer": (lambda a: measure_transfer(transfer, a), transfer.repeats),
+        # deployment topology (server in its own process), then in-process for reference
+        "transfer": (
+            lambda a: [
+                *measure_transfer(transfer, a),
+                *measure_transfer(replace(transfer, separate_processes=False), a),
+            ],
+            2 * transfer.repeats,
+        ),
         "coordination": (
             lambda a: measure_coordination(coordination, a),
             coordination.rounds * len(coordination.client_counts),

@@ -1,18 +1,25 @@
 """Encrypted chunked upload and chunked download of a ~100 MB model update through the real
-server (in-process `CoordinatorServer`, real gRPC on 127.0.0.1, the client's own transport,
-download assembler and upload encryption) vs a raw gRPC bytes stream of the same size, same
-chunk size and same channel options, served by a generic service started alongside."""
+server (`crossfed server start` in its own process, as deployed, or an in-process
+`CoordinatorServer`; real gRPC on 127.0.0.1, the client's own transport, download assembler
+and upload encryption) vs a raw gRPC bytes stream of the same size, same chunk size and same
+channel options, served by a generic service placed the same way (own process or in-process).
+
+In-process, the server's Python work (decryption, reassembly, validation, FedAvg) shares one
+GIL with the benchmark's client while the raw baseline has almost none: that topology never
+occurs in deployment, so it is reported beside the separate-process figures, not instead."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import grpc
 from crossfed.client.model_download import DownloadProgress
 from crossfed.client.transport import ChannelOptions, ChannelSecurity, GrpcTransport, create_channel
 from crossfed.client.update_upload import LocalUpdate, default_encryptor_factory, prepare_upload
@@ -20,6 +27,7 @@ from crossfed.common.config import ServerConfig
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 from crossfed.v1 import coordinator_pb2
 
+from systems import raw_bytes_server
 from systems.loopback_ports import free_port
 from systems.measurement_records import (
     BenchmarkError,
@@ -30,11 +38,12 @@ from systems.measurement_records import (
     median,
     safe_ratio,
 )
+from systems.raw_bytes_server import RAW_SERVICE, RawBytesService, start_raw_server
+from systems.server_process import start_server_process
 from systems.sized_model import model_for_bytes
 
 TRANSFER_TARGET = Target("ratio", ">=", 0.5)
 ENCRYPTION_COST_TARGET = Target("ratio", ">=", 0.7)  # issue 5: encrypted >= 70% of plaintext
-RAW_SERVICE = "crossfed.bench.RawBytes"
 MiB = 1024 * 1024
 
 
@@ -46,69 +55,103 @@ class TransferSettings:
     chunk_size: int = 1 * MiB
     max_message_bytes: int = 4 * MiB
     repeats: int = 3
+    # Server and raw baseline each in their own process, as deployed; False: both in the
+    # benchmark's process (sharing its GIL with the client).
+    separate_processes: bool = True
 
 
-class RawBytesService:
-    """The baseline: stream the same bytes in the same chunk sizes, no protocol on top."""
-
-    def __init__(self, payload: bytes, chunk_size: int) -> None:
-        self.payload = payload
-        self.chunk_size = chunk_size
-
-    def download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        view = memoryview(self.payload)
-        for start in range(0, len(view), self.chunk_size):
-            yield bytes(view[start : start + self.chunk_size])
-
-    def upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        received = 0
-        for message in requests:
-            received += len(message)
-        return received.to_bytes(8, "big")
-
-
-def start_raw_server(service: RawBytesService, max_message_bytes: int) -> tuple[grpc.Server, int]:
-    """A generic-handler gRPC server with the coordinator's message-size/keepalive options."""
-    options = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.so_reuseport", 0),
-        ("grpc.http2.bdp_probe", 0),  # as crossfed.server.grpc_server sets them
-        ("grpc.http2.lookahead_bytes", 1024 * 1024),
-    ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
-    handler = grpc.method_handlers_generic_handler(
-        RAW_SERVICE,
-        {
-            "Download": grpc.unary_stream_rpc_method_handler(service.download),
-            "Upload": grpc.stream_unary_rpc_method_handler(service.upload),
+def _config(settings: TransferSettings, clients: int) -> dict[str, Any]:
+    """ServerConfig fields (listen and state_dir are added where the server starts)."""
+    return {
+        "model": model_for_bytes(settings.model_bytes).config.model_dump(),
+        # every client is selected and the round stays open while we measure: each timed
+        # upload is one more client folding into the same round
+        "rounds": {
+            "rounds": 1,
+            "min_clients": clients,
+            "round_deadline_s": 3600.0,
+            "start_timeout_s": 3600.0,
+            "client_timeout_s": 3600.0,
         },
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
+        "tls": {"insecure": True},
+        "transport": {
+            "chunk_size": settings.chunk_size,
+            "max_message_bytes": settings.max_message_bytes,
+        },
+    }
 
 
-def _server_config(state_dir: Path, settings: TransferSettings, clients: int) -> ServerConfig:
-    sized = model_for_bytes(settings.model_bytes)
-    return ServerConfig.model_validate(
+@contextmanager
+def _coordinator(settings: TransferSettings, clients: int, work: Path) -> Iterator[str]:
+    """The real server, plaintext uploads allowed (for the encryption-cost comparison,
+    issue 5); yields its host:port."""
+    if settings.separate_processes:
+        process = start_server_process(
+            work / "coordinator", _config(settings, clients), ["--allow-unencrypted-uploads"]
+        )
+        try:
+            yield process.target
+        finally:
+            process.stop()
+        return
+    config = ServerConfig.model_validate(
         {
+            **_config(settings, clients),
             "listen": f"127.0.0.1:{free_port()}",
-            "state_dir": str(state_dir),
-            "model": sized.config.model_dump(),
-            # every client is selected and the round stays open while we measure: each
-            # timed upload is one more client folding into the same round
-            "rounds": {"rounds": 1, "min_clients": clients, "round_deadline_s": 3600.0},
-            "tls": {"insecure": True},
-            "transport": {
-                "chunk_size": settings.chunk_size,
-                "max_message_bytes": settings.max_message_bytes,
-            },
+            "state_dir": str(work / "state"),
         }
     )
+    options = ServerOptions(
+        client_timeout_s=3600.0, start_timeout_s=3600.0, allow_unencrypted_uploads=True
+    )
+    server = CoordinatorServer.create(config, options)
+    port = server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _raw_baseline(settings: TransferSettings, payload: bytes, work: Path) -> Iterator[str]:
+    """The raw bytes service over ``payload``, placed like the coordinator; yields host:port."""
+    if not settings.separate_processes:
+        server, port = start_raw_server(
+            RawBytesService(payload, settings.chunk_size), settings.max_message_bytes
+        )
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            server.stop(None)
+        return
+    payload_file, port_file = work / "raw-payload.bin", work / "raw-port"
+    payload_file.write_bytes(payload)
+    command = [
+        sys.executable,
+        raw_bytes_server.__file__,
+        str(payload_file),
+        str(port_file),
+        f"--chunk-size={settings.chunk_size}",
+        f"--max-message-bytes={settings.max_message_bytes}",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if process.poll() is not None:
+                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise BenchmarkError(f"raw baseline server exited during startup: {err[-2000:]}")
+            if time.monotonic() > deadline:
+                raise BenchmarkError("raw baseline server did not start in 60 s")
+            time.sleep(0.02)
+        yield f"127.0.0.1:{port_file.read_text().strip()}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 @dataclass
@@ -128,16 +171,12 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
     # never uploads (so the round stays open)
     clients = 2 * settings.repeats + 2
     channel_options = ChannelOptions(max_message_bytes=settings.max_message_bytes)
-    with tempfile.TemporaryDirectory(prefix="crossfed-bench-transfer-") as work:
-        config = _server_config(Path(work) / "state", settings, clients)
-        options = ServerOptions(
-            client_timeout_s=3600.0,
-            start_timeout_s=3600.0,
-            allow_unencrypted_uploads=True,  # for the encryption-cost comparison (issue 5)
-        )
-        server = CoordinatorServer.create(config, options)
-        port = server.start()
-        target = f"127.0.0.1:{port}"
+    with (
+        tempfile.TemporaryDirectory(prefix="crossfed-bench-transfer-") as tmp,
+        ExitStack() as stack,
+    ):
+        work = Path(tmp)
+        target = stack.enter_context(_coordinator(settings, clients, work))
         transports = [
             GrpcTransport.connect(
                 target,
@@ -147,99 +186,87 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
             )
             for i in range(clients)
         ]
-        raw_server: grpc.Server | None = None
-        raw_channel: grpc.Channel | None = None
-        try:
-            for transport in transports:
-                transport.register(
-                    coordinator_pb2.RegisterRequest(modality=1, num_samples=10)  # type: ignore[arg-type]
-                )
-            beat = transports[0].heartbeat(coordinator_pb2.HeartbeatRequest())
-            if beat.action != coordinator_pb2.ACTION_TRAIN:
-                raise BenchmarkError(f"server did not open a round: {beat.message}")
-            round_id, key = int(beat.round), bytes(beat.upload_public_key)
-
-            def real_download(transport: GrpcTransport) -> memoryview:
-                progress = DownloadProgress(round_id)
-                for chunk in transport.download(coordinator_pb2.DownloadRequest(round=round_id)):
-                    progress.add(chunk)
-                return progress.payload()
-
-            # warm-up, and the update we send back (as bytes, like a trained update)
-            payload = bytes(real_download(transports[-1]))
-            raw_server, raw_port = start_raw_server(
-                RawBytesService(payload, settings.chunk_size), settings.max_message_bytes
+        for transport in transports:
+            stack.callback(transport.close)
+        for transport in transports:
+            transport.register(
+                coordinator_pb2.RegisterRequest(modality=1, num_samples=10)  # type: ignore[arg-type]
             )
-            raw_channel = create_channel(
-                f"127.0.0.1:{raw_port}", ChannelSecurity(insecure=True), channel_options
+        beat = transports[0].heartbeat(coordinator_pb2.HeartbeatRequest())
+        if beat.action != coordinator_pb2.ACTION_TRAIN:
+            raise BenchmarkError(f"server did not open a round: {beat.message}")
+        round_id, key = int(beat.round), bytes(beat.upload_public_key)
+
+        def real_download(transport: GrpcTransport) -> memoryview:
+            progress = DownloadProgress(round_id)
+            for chunk in transport.download(coordinator_pb2.DownloadRequest(round=round_id)):
+                progress.add(chunk)
+            return progress.payload()
+
+        # warm-up, and the update we send back (as bytes, like a trained update)
+        payload = bytes(real_download(transports[-1]))
+        raw_target = stack.enter_context(_raw_baseline(settings, payload, work))
+        raw_channel = create_channel(raw_target, ChannelSecurity(insecure=True), channel_options)
+        stack.callback(raw_channel.close)
+        raw_download_call = raw_channel.unary_stream(f"/{RAW_SERVICE}/Download")
+        raw_upload_call = raw_channel.stream_unary(f"/{RAW_SERVICE}/Upload")
+
+        def raw_download() -> int:
+            return sum(len(m) for m in raw_download_call(b"", timeout=600))
+
+        chunks = [
+            payload[i : i + settings.chunk_size]
+            for i in range(0, len(payload), settings.chunk_size)
+        ]
+
+        def raw_upload() -> int:
+            reply = raw_upload_call(iter(chunks), timeout=600)
+            return int.from_bytes(reply, "big")
+
+        factory = default_encryptor_factory()
+        if factory is None:
+            raise BenchmarkError("upload encryption module is not installed")
+        wire_bytes = 0
+
+        def real_upload(index: int, encrypted: bool = True) -> float:
+            nonlocal wire_bytes
+            started = time.perf_counter()
+            prepared = prepare_upload(
+                LocalUpdate(payload=payload, num_samples=10),
+                round_id,
+                f"bench-{index}",
+                f"upload-{index}",
+                settings.chunk_size,
+                key if encrypted else b"",
+                factory if encrypted else None,
             )
-            raw_download_call = raw_channel.unary_stream(f"/{RAW_SERVICE}/Download")
-            raw_upload_call = raw_channel.stream_unary(f"/{RAW_SERVICE}/Upload")
+            encrypted_at = time.perf_counter()
+            reply = transports[index].upload(prepared.messages)
+            if not reply.accepted or reply.duplicate:
+                raise BenchmarkError(f"upload {index} not counted: {reply.message}")
+            if encrypted:
+                wire_bytes = prepared.wire_bytes
+            return encrypted_at - started
 
-            def raw_download() -> int:
-                return sum(len(m) for m in raw_download_call(b"", timeout=600))
-
-            chunks = [
-                payload[i : i + settings.chunk_size]
-                for i in range(0, len(payload), settings.chunk_size)
-            ]
-
-            def raw_upload() -> int:
-                reply = raw_upload_call(iter(chunks), timeout=600)
-                return int.from_bytes(reply, "big")
-
-            factory = default_encryptor_factory()
-            if factory is None:
-                raise BenchmarkError("upload encryption module is not installed")
-            wire_bytes = 0
-
-            def real_upload(index: int, encrypted: bool = True) -> float:
-                nonlocal wire_bytes
-                started = time.perf_counter()
-                prepared = prepare_upload(
-                    LocalUpdate(payload=payload, num_samples=10),
-                    round_id,
-                    f"bench-{index}",
-                    f"upload-{index}",
-                    settings.chunk_size,
-                    key if encrypted else b"",
-                    factory if encrypted else None,
-                )
-                encrypted_at = time.perf_counter()
-                reply = transports[index].upload(prepared.messages)
-                if not reply.accepted or reply.duplicate:
-                    raise BenchmarkError(f"upload {index} not counted: {reply.message}")
-                if encrypted:
-                    wire_bytes = prepared.wire_bytes
-                return encrypted_at - started
-
-            if raw_download() != len(payload) or raw_upload() != len(payload):  # warm-up
-                raise BenchmarkError("raw baseline stream lost bytes")
-            real_upload(0)
-            timings = _Timings([], [], [], [], [], [], len(payload), 0)
-            for rep in range(settings.repeats):
-                timings.raw_download_s.append(_timed(raw_download))
-                started = time.perf_counter()
-                real_download(transports[rep])
-                timings.real_download_s.append(time.perf_counter() - started)
-                timings.raw_upload_s.append(_timed(raw_upload))
-                started = time.perf_counter()
-                timings.encrypt_s.append(real_upload(rep + 1))
-                timings.real_upload_s.append(time.perf_counter() - started)
-                started = time.perf_counter()
-                real_upload(settings.repeats + 1 + rep, encrypted=False)
-                timings.plain_upload_s.append(time.perf_counter() - started)
-                advance()
-            timings.wire_bytes = wire_bytes
-            return timings
-        finally:
-            for transport in transports:
-                transport.close()
-            if raw_channel is not None:
-                raw_channel.close()
-            if raw_server is not None:
-                raw_server.stop(None)
-            server.stop()
+        if raw_download() != len(payload) or raw_upload() != len(payload):  # warm-up
+            raise BenchmarkError("raw baseline stream lost bytes")
+        real_upload(0)
+        timings = _Timings([], [], [], [], [], [], len(payload), 0)
+        for rep in range(settings.repeats):
+            timings.raw_download_s.append(_timed(raw_download))
+            started = time.perf_counter()
+            real_download(transports[rep])
+            timings.real_download_s.append(time.perf_counter() - started)
+            timings.raw_upload_s.append(_timed(raw_upload))
+            started = time.perf_counter()
+            timings.encrypt_s.append(real_upload(rep + 1))
+            timings.real_upload_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            real_upload(settings.repeats + 1 + rep, encrypted=False)
+            timings.plain_upload_s.append(time.perf_counter() - started)
+            advance()
+        timings.wire_bytes = wire_bytes
+        return timings
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -261,7 +288,11 @@ def measure_transfer(
         "chunk_size": settings.chunk_size,
         "max_message_bytes": settings.max_message_bytes,
         "repeats": settings.repeats,
-        "transport": "plaintext gRPC on 127.0.0.1 (in-process server and client)",
+        "transport": (
+            "plaintext gRPC on 127.0.0.1; server and raw baseline each in their own process"
+            if settings.separate_processes
+            else "plaintext gRPC on 127.0.0.1; server, raw baseline and client in one process"
+        ),
     }
     raw_label = "raw gRPC bytes stream, same size/chunks/channel options"
     raw_ratio = "real path MB/s / raw bytes stream MB/s"
@@ -279,7 +310,9 @@ def measure_transfer(
                 "includes": "client: prepare_upload, then AES-GCM per chunk into pre-framed "
                 "messages made as gRPC sends them (no whole-payload sha256: every chunk is "
                 "AEAD-authenticated); server: decrypt in place into the (pooled) reassembly "
-                "buffer, sha256 for the upload record, decode, validate, FedAvg fold",
+                "buffer, SHA-256 of the chunks' AES-GCM tags for the upload record "
+                "(transport.hash_encrypted_uploads=false, the default), decode, validate, "
+                "FedAvg fold",
                 "client_prepare_s": t.encrypt_s,
                 "wire_bytes": t.wire_bytes,
             },
@@ -318,6 +351,8 @@ def measure_transfer(
         rates = [mb / s for s in real]
         base_rates = [mb / s for s in base]
         value, baseline = median(rates), median(base_rates)
+        if not settings.separate_processes:
+            key, title = f"{key}_in_process", f"{title} (in-process server)"
         results.append(
             Measurement(
                 key=key,

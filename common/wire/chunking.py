@@ -145,9 +145,10 @@ class _HashLane:
     is ready almost as soon as its last chunk has been copied in.
     """
 
-    def __init__(self, background: bool) -> None:
+    def __init__(self, background: bool, enabled: bool = True) -> None:
         self._hasher = hashlib.sha256()
         self._background = background
+        self.enabled = enabled
         self._lock = threading.Lock()
         self._pending: deque[memoryview] = deque()
         self._running = False
@@ -156,6 +157,8 @@ class _HashLane:
         self._error: BaseException | None = None
 
     def feed(self, data: memoryview) -> None:
+        if not self.enabled:
+            return
         if not self._background:
             self._hasher.update(data)
             return
@@ -317,7 +320,8 @@ class ChunkAssembler:
     ``BACKGROUND_HASH_MIN_BYTES``), so the final digest check costs little extra time.
     ``require_digest=False`` also accepts chunks that declare no digest (empty
     ``payload_sha256``), for streams whose every chunk is authenticated on its own (AES-GCM
-    uploads); the payload is still hashed, see :meth:`sha256`. ``buffer_pool`` supplies the
+    uploads); such a payload is still hashed unless ``hash_undeclared=False``, see
+    :meth:`sha256`. ``buffer_pool`` supplies the
     payload buffer (warm memory for receivers that take many payloads of one size).
     Not thread-safe: feed one assembler from one thread (one gRPC stream) at a time.
     """
@@ -328,6 +332,7 @@ class ChunkAssembler:
         reorder_window: int = 0,
         *,
         require_digest: bool = True,
+        hash_undeclared: bool = True,
         buffer_pool: BufferPool | None = None,
     ) -> None:
         if type(max_payload_bytes) is not int or max_payload_bytes < 0:
@@ -337,6 +342,7 @@ class ChunkAssembler:
         self.max_payload_bytes = max_payload_bytes
         self.reorder_window = reorder_window
         self.require_digest = require_digest
+        self.hash_undeclared = hash_undeclared
         self.buffer_pool = buffer_pool
         self._stream: _Stream | None = None
         self._received = 0
@@ -381,7 +387,10 @@ class ChunkAssembler:
                 f"chunk {index}: payload_sha256 must be {SHA256_BYTES} bytes, got {got}"
             )
         buffer = _payload_buffer(size, self.buffer_pool)
-        lane = _HashLane(background=size >= BACKGROUND_HASH_MIN_BYTES)
+        lane = _HashLane(
+            background=size >= BACKGROUND_HASH_MIN_BYTES,
+            enabled=bool(digest) or self.hash_undeclared,
+        )
         return _Stream(
             total=total, payload_sha256=digest, payload_size=size, buffer=buffer, hasher=lane
         )
@@ -550,7 +559,7 @@ class ChunkAssembler:
             raise MissingChunkError(
                 f"payload incomplete: {len(missing)} of {stream.total} chunks missing ({shown})"
             )
-        digest = stream.hasher.digest()
+        digest = stream.hasher.digest() if stream.hasher.enabled else b""
         if stream.payload_sha256 and digest != stream.payload_sha256:
             raise DigestMismatchError(
                 f"payload of {stream.payload_size} bytes hashes to sha256 {digest.hex()}, "
@@ -558,12 +567,12 @@ class ChunkAssembler:
             )
         return stream.buffer.numpy().data.cast("B")
 
-    def sha256(self) -> bytes:
+    def sha256(self) -> bytes | None:
         """SHA-256 of the verified payload (what its chunks declared, or computed when they
-        declared none)."""
+        declared none); None for an undeclared digest with ``hash_undeclared=False``."""
         self.result_view()
         assert self._stream is not None
-        return self._stream.hasher.digest()
+        return self._stream.hasher.digest() if self._stream.hasher.enabled else None
 
     def result(self) -> bytes:
         """The verified payload as ``bytes`` (one copy; ``result_view`` avoids it)."""

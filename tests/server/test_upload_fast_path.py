@@ -28,6 +28,7 @@ from crossfed.common.wire.chunk_frames import (
 )
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.server_app import CoordinatorServer
+from crossfed.server.upload_receiver import AEAD_TAGS_PREFIX
 from crossfed.v1 import coordinator_pb2
 from grpc_fixtures import running_server
 
@@ -90,13 +91,35 @@ def test_daemon_transport_round_trip_records_the_payload_digest(
         default_encryptor_factory(),
     )
     assert prepared.encrypted and not prepared.payload_sha256  # no client-side hash
-    reply = alice.upload(prepared.messages)
+    frames = _frames(prepared)  # one attempt's frames (a new attempt draws a new key)
+    channel = grpc.insecure_channel(target)
+    send_raw = channel.stream_unary(
+        "/crossfed.v1.Coordinator/UploadUpdate",
+        request_serializer=lambda frame: frame,
+        response_deserializer=coordinator_pb2.UploadResponse.FromString,
+    )
+    reply = send_raw(iter(frames), metadata=identity_metadata("alice"), timeout=30)
     assert reply.accepted and not reply.duplicate
     opened = srv.engine.open_round
     assert opened is not None
     (record,) = srv.engine.store.list_uploads(round_id, opened.attempt)
-    assert record.payload_sha256 == hashlib.sha256(update).hexdigest()  # hashed by the server
-    alice.close(), bob.close()
+    # the server did not hash the plaintext: the record holds the digest of the AES-GCM tags
+    tags = b"".join(bytes(_chunk(f).data)[-16:] for f in frames[1:])
+    assert record.payload_sha256 == AEAD_TAGS_PREFIX + hashlib.sha256(tags).hexdigest()
+    # and the daemon's own transport path is accepted end to end
+    reply = bob.upload(
+        prepare_upload(
+            LocalUpdate(update, 10),
+            round_id,
+            "bob",
+            "u-bob",
+            CHUNK,
+            bytes(beat.upload_public_key),
+            default_encryptor_factory(),
+        ).messages
+    )
+    assert reply.accepted and not reply.duplicate
+    channel.close(), alice.close(), bob.close()
 
 
 def _frames(prepared: PreparedUpload) -> list[bytes]:
