@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -193,12 +194,17 @@ def _generative_terms(
     publish: Callable[[_Recovered], None],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L_diff (eq. 7), the recovered f^_i of text-only views and the VLMR targets of L_mem
-    (handed to `publish` as soon as they exist; the memory is read before the visual half
-    admits this batch), and the unimodal classifiers' losses. After the dropout view, only
-    this part draws from `gen`: the diffusion loss first, then the recovery."""
+    (handed to `publish` as soon as they exist, before the diffusion forward, since the visual
+    half waits for them; the memory is read before the visual half admits this batch), and the
+    unimodal classifiers' losses. After the dropout view, only this part draws from `gen`: the
+    diffusion loss's noise first, then the recovery."""
     zero = b.f_t.new_zeros(())
     f_t_pair, f_i_pair = b.f_t[b.pair_rows], b.f_i[b.pair_rows]
-    l_diff = model.diffusion.loss(f_i_pair, f_t_pair, gen) if model.diffusion is not None else zero
+    drawn = (
+        model.diffusion.draw_loss_noise(len(b.pair_rows), gen, b.f_i.dtype)
+        if model.diffusion is not None
+        else None
+    )
     rec_i = torch.zeros_like(b.f_i)
     view_text_only = b.view_t & ~b.view_i
     if bool(view_text_only.any()):
@@ -216,6 +222,11 @@ def _generative_terms(
         elif bool(ok.any()):
             mem_pos, mem_target = b.pair_pos[ok], model.memory.retrieve(f_t_pair[ok], y_p[ok])
     publish(_Recovered(rec_i, mem_target, mem_pos))
+    l_diff = (
+        model.diffusion.loss(f_i_pair, f_t_pair, drawn=drawn)
+        if model.diffusion is not None
+        else zero
+    )
     # Classifier(f_t) of eq. 9 (selects the VLMR class), trained on every row with text.
     l_tc = (
         nn.functional.cross_entropy(model.text_classifier(b.f_t[b.has_t]), b.y[b.has_t])
@@ -330,9 +341,11 @@ def _backward_two_threads(
     cfg: TrainConfig,
     gen: torch.Generator,
     external: torch.Tensor | None = None,
+    while_waiting: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """_step_losses + backward, with the generative half (diffusion, recovery, unimodal
-    classifiers) on `pool`'s thread and the visual half (D_i, M_it, VLMR, fusion) here.
+    classifiers) on `pool`'s thread and the visual half (D_i, M_it, VLMR, fusion) here;
+    `while_waiting` runs here once the visual half is done (e.g. gathering the next batch).
 
     The halves train disjoint modules, so the two backward passes leave the same gradients
     as one over the total; the random numbers are drawn in _step_losses' order (dropout view
@@ -355,9 +368,68 @@ def _backward_two_threads(
     try:
         visual = _visual_terms(model, b, recovered.result)
         _backward_if_trainable(_visual_total(model, visual))
+        if while_waiting is not None:
+            while_waiting()
     finally:
         generative = job.result()
     return _terms(visual, generative)
+
+
+_Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _BatchGatherer:
+    """The epoch's batches (text, image, masks, labels; external f^_i) gathered by step,
+    optionally one step ahead (`prefetch`) while another thread still works on the last."""
+
+    def __init__(self, data: EmbeddingSet, order: torch.Tensor, batch_size: int) -> None:
+        self.data, self.order, self.batch_size = data, order, batch_size
+        self._ahead: dict[int, tuple[_Rows, torch.Tensor | None]] = {}
+
+    def prefetch(self, step: int) -> None:
+        self._ahead[step] = self._gather(step)
+
+    def take(self, step: int) -> tuple[_Rows, torch.Tensor | None]:
+        got = self._ahead.pop(step, None)
+        return got if got is not None else self._gather(step)
+
+    def _gather(self, step: int) -> tuple[_Rows, torch.Tensor | None]:
+        d = self.data
+        idx = self.order[step * self.batch_size : (step + 1) * self.batch_size]
+        rows = (d.text[idx], d.image[idx], d.has_text[idx], d.has_image[idx], d.labels[idx])
+        return rows, None if d.recovered_image is None else d.recovered_image[idx]
+
+
+#: Modules trained by `_generative_terms` (the other thread's half of eq. 14).
+_GENERATIVE_MODULES = ("diffusion", "text_classifier", "image_classifier")
+
+
+def _split_by_half(model: CrossModalNet, params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """`params` as [visual half's, generative half's] (empty groups dropped)."""
+    generative = {
+        id(p)
+        for name, module in model.named_children()
+        if name in _GENERATIVE_MODULES
+        for p in module.parameters()
+    }
+    groups = [
+        [p for p in params if id(p) not in generative],
+        [p for p in params if id(p) in generative],
+    ]
+    return [g for g in groups if g]
+
+
+def _schedule(
+    opt: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle LR over the run; constant for runs under 20 steps."""
+    if total_steps >= 20:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=total_steps, pct_start=0.1
+        )
+    # OneCycleLR divides by zero for some short schedules (total_steps == 10 with
+    # pct_start 0.1), which a small federated client hits; too few steps to warm up anyway.
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
 
 
 def _backward_if_trainable(loss: torch.Tensor) -> None:
@@ -380,20 +452,9 @@ def train_local(
         apply_global_prototypes(model, prototypes)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel per parameter per step (foreach on CPU is a loop of ~8 ops each)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
     total_steps = cfg.epochs * steps_per_epoch
-    sched: torch.optim.lr_scheduler.LRScheduler
-    if total_steps >= 20:
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.1
-        )
-    else:
-        # OneCycleLR divides by zero for some short schedules (total_steps == 10 with
-        # pct_start 0.1), which a small federated client hits; too few steps to warm up anyway.
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     model.train()
     history: list[dict[str, float]] = []
     threads = cfg.num_threads or torch.get_num_threads()
@@ -403,36 +464,51 @@ def train_local(
         pool = ThreadPoolExecutor(
             1, "crossfed-train", initializer=torch.set_num_threads, initargs=(threads // 2,)
         )
+    # With two threads each half's parameters get their own optimizer, stepped on its own
+    # thread (AdamW updates every parameter on its own, so the split changes no value).
+    opts = [
+        # fused: one kernel per parameter per step (foreach on CPU is a loop of ~8 ops each)
+        torch.optim.AdamW(group, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        for group in ([params] if pool is None else _split_by_half(model, params))
+    ]
+    scheds = [_schedule(opt, cfg.lr, total_steps) for opt in opts]
     start = time.perf_counter()
     try:
         with make_progress(progress) as bar:
             task = bar.add_task("local training", total=cfg.epochs * n)
             for _epoch in range(cfg.epochs):
                 sums: dict[str, float] = {}
-                order = torch.randperm(n, generator=gen)
+                gathered = _BatchGatherer(data, torch.randperm(n, generator=gen), cfg.batch_size)
                 for b in range(steps_per_epoch):
-                    idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                    batch = (
-                        data.text[idx],
-                        data.image[idx],
-                        data.has_text[idx],
-                        data.has_image[idx],
-                        data.labels[idx],
-                    )
-                    ext = None if data.recovered_image is None else data.recovered_image[idx]
-                    opt.zero_grad(set_to_none=True)
+                    batch, ext = gathered.take(b)
+                    idx_len = len(batch[0])
+                    for opt in opts:
+                        opt.zero_grad(set_to_none=True)
                     if pool is None:
                         total, terms = _step_losses(model, *batch, cfg, gen, ext)
                         total.backward()
                     else:
-                        terms = _backward_two_threads(model, pool, *batch, cfg, gen, ext)
+                        # the next batch is gathered while the other thread finishes
+                        ahead = (
+                            partial(gathered.prefetch, b + 1) if b + 1 < steps_per_epoch else None
+                        )
+                        terms = _backward_two_threads(
+                            model, pool, *batch, cfg, gen, ext, while_waiting=ahead
+                        )
                     if cfg.max_grad_norm:
                         nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
-                    sched.step()
+                    if pool is not None and len(opts) == 2:
+                        other = pool.submit(opts[1].step)
+                        opts[0].step()
+                        other.result()
+                    else:
+                        for opt in opts:
+                            opt.step()
+                    for sched in scheds:
+                        sched.step()
                     for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + v * len(idx)
-                    bar.advance(task, len(idx))
+                        sums[k] = sums.get(k, 0.0) + v * idx_len
+                    bar.advance(task, idx_len)
                 history.append({k: v / max(n, 1) for k, v in sums.items()})
     finally:
         if pool is not None:

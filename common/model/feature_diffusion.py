@@ -63,15 +63,33 @@ class FeatureDiffusion(nn.Module):
         )
         self.ddim: Any = DDIMScheduler.from_config(self.ddpm.config)
 
+    def draw_loss_noise(
+        self, rows: int, generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The noise and timesteps `loss` draws for `rows` paired rows (None for none), so a
+        caller can draw them first and run the denoiser later without changing the stream."""
+        if rows == 0:
+            return None
+        noise = torch.randn((rows, self.image_dim), generator=generator, dtype=dtype)
+        t = torch.randint(0, self.train_steps, (rows,), generator=generator)
+        return noise, t
+
     def loss(
-        self, f_i: torch.Tensor, f_t: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        f_i: torch.Tensor,
+        f_t: torch.Tensor,
+        generator: torch.Generator | None = None,
+        drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """L_diff (eq. 7) on paired rows: denoise a randomly noised f_i given f_t."""
+        """L_diff (eq. 7) on paired rows: denoise a randomly noised f_i given f_t (noise and
+        timesteps from `drawn` when given, else drawn here)."""
         if f_i.shape[0] == 0:
             return f_i.new_zeros(())
         x0 = f_i * self.scale
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        t = torch.randint(0, self.train_steps, (x0.shape[0],), generator=generator)
+        if drawn is None:
+            drawn = self.draw_loss_noise(x0.shape[0], generator, x0.dtype)
+            assert drawn is not None
+        noise, t = drawn
         x_t = self.ddpm.add_noise(x0, noise, t)
         pred = self.denoiser(x_t, t, f_t)
         return squared_l2(pred / self.scale, f_i)
