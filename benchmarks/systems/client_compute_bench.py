@@ -42,6 +42,9 @@ class ClientComputeSettings:
     encode_repeats: int = 2
     epochs: int = 3
     batch_size: int = 256
+    # A second training figure at a large batch (None: skip), with enough epochs for ~20 steps.
+    large_batch_size: int | None = 1024
+    large_batch_epochs: int = 8
     train_repeats: int = 3
     threads: int = 2
     warmup: bool = True  # one untimed training run first (allocator, kernels)
@@ -83,18 +86,53 @@ def _encode_timed(
 
 
 def _train_rate(
-    config: ModelConfig, data: EmbeddingSet, settings: ClientComputeSettings
+    config: ModelConfig, data: EmbeddingSet, threads: int, batch_size: int, epochs: int
 ) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second of this process)."""
     torch.manual_seed(0)
     model = CrossModalNet(config)
-    cfg = TrainConfig(
-        epochs=settings.epochs, batch_size=settings.batch_size, num_threads=settings.threads
-    )
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, num_threads=threads)
     cpu_started = time.process_time()
     result = train_local(model, data, cfg)
     cpu_s = time.process_time() - cpu_started
-    return result.samples_per_second, settings.epochs * len(data) / cpu_s
+    return result.samples_per_second, epochs * len(data) / cpu_s
+
+
+@dataclass
+class _TrainingRates:
+    """Wall and CPU rates of ours and the zero-fill model at one batch size."""
+
+    batch_size: int
+    epochs: int
+    ours: list[float]
+    zero: list[float]
+    ours_cpu: list[float]
+    zero_cpu: list[float]
+    load: LoadSample
+
+
+def _training_rates(
+    data: EmbeddingSet,
+    settings: ClientComputeSettings,
+    batch_size: int,
+    epochs: int,
+    advance: Callable[[], None],
+) -> _TrainingRates:
+    before = load_average()
+    recover, zero_fill = ModelConfig(), ModelConfig(missing_fill="zero")
+    rates = _TrainingRates(batch_size, epochs, [], [], [], [], LoadSample(before, before))
+    if settings.warmup:
+        _train_rate(recover, data, settings.threads, batch_size, epochs)
+    for _ in range(settings.train_repeats):
+        wall, cpu = _train_rate(zero_fill, data, settings.threads, batch_size, epochs)
+        rates.zero.append(wall)
+        rates.zero_cpu.append(cpu)
+        wall, cpu = _train_rate(recover, data, settings.threads, batch_size, epochs)
+        rates.ours.append(wall)
+        rates.ours_cpu.append(cpu)
+        advance()
+    rates.load = LoadSample(before, load_average())
+    return rates
 
 
 def measure_client_compute(
@@ -107,20 +145,17 @@ def measure_client_compute(
         before = load_average()
         data, cold, cached, setup = _encode_timed(settings, advance)
         encode_load = LoadSample(before, load_average())
-        before = load_average()
-        ours, zero, ours_cpu, zero_cpu = [], [], [], []
-        recover, zero_fill = ModelConfig(), ModelConfig(missing_fill="zero")
-        if settings.warmup:
-            _train_rate(recover, data, settings)
-        for _ in range(settings.train_repeats):
-            wall, cpu = _train_rate(zero_fill, data, settings)
-            zero.append(wall)
-            zero_cpu.append(cpu)
-            wall, cpu = _train_rate(recover, data, settings)
-            ours.append(wall)
-            ours_cpu.append(cpu)
-            advance()
-        train_load = LoadSample(before, load_average())
+        trained = [_training_rates(data, settings, settings.batch_size, settings.epochs, advance)]
+        if settings.large_batch_size is not None:
+            trained.append(
+                _training_rates(
+                    data,
+                    settings,
+                    settings.large_batch_size,
+                    settings.large_batch_epochs,
+                    advance,
+                )
+            )
     finally:
         torch.set_num_threads(previous_threads)
     counts = data.counts()
@@ -135,50 +170,55 @@ def measure_client_compute(
         if settings.threads >= 2
         else "one thread",
     }
-    value, baseline = median(ours), median(zero)
     cached_s, cold_s = median(cached), median(cold)
-    return [
-        Measurement(
-            key="client_encoding_cached",
-            title="Client encoding (eq. 1): cached vs cold",
-            value=cached_s,
-            unit="s",
-            baseline=cold_s,
-            baseline_unit="s",
-            baseline_label=f"cold encode ({settings.text_encoder} text + {settings.image_encoder}"
-            " image encoders, empty cache)",
-            ratio=safe_ratio(cold_s, cached_s),
-            ratio_definition="cold seconds / cached seconds (speed-up of the cache)",
-            target=None,
-            load=encode_load,
-            samples=cached,
-            baseline_samples=cold,
-            details={**common, **setup, "repeats": settings.encode_repeats},
-        ),
-        Measurement(
-            key="client_training_throughput",
-            title="Client local training on cached embeddings (train_local)",
-            value=value,
-            unit="samples/s",
-            baseline=baseline,
-            baseline_unit="samples/s",
-            baseline_label="same trainer, zero-fill baseline model (no recovery paths)",
-            ratio=safe_ratio(value, baseline),
-            ratio_definition="ours samples/s / zero-fill baseline samples/s",
-            target=TRAINING_TARGET,
-            load=train_load,
-            samples=ours,
-            baseline_samples=zero,
-            details={
-                **common,
-                "epochs": settings.epochs,
-                "batch_size": settings.batch_size,
-                "repeats": settings.train_repeats,
-                # load-independent view: samples per CPU-second used by this process (with
-                # N threads, N x this is the rate on N idle cores at perfect scaling)
-                "samples_per_cpu_s": ours_cpu,
-                "baseline_samples_per_cpu_s": zero_cpu,
-                "median_samples_per_cpu_s": median(ours_cpu),
-            },
-        ),
-    ]
+    encoding = Measurement(
+        key="client_encoding_cached",
+        title="Client encoding (eq. 1): cached vs cold",
+        value=cached_s,
+        unit="s",
+        baseline=cold_s,
+        baseline_unit="s",
+        baseline_label=f"cold encode ({settings.text_encoder} text + {settings.image_encoder}"
+        " image encoders, empty cache)",
+        ratio=safe_ratio(cold_s, cached_s),
+        ratio_definition="cold seconds / cached seconds (speed-up of the cache)",
+        target=None,
+        load=encode_load,
+        samples=cached,
+        baseline_samples=cold,
+        details={**common, **setup, "repeats": settings.encode_repeats},
+    )
+    return [encoding, *(_training_measurement(r, r is trained[0], common) for r in trained)]
+
+
+def _training_measurement(
+    rates: _TrainingRates, default_batch: bool, common: dict[str, object]
+) -> Measurement:
+    value, baseline = median(rates.ours), median(rates.zero)
+    suffix = "" if default_batch else f"_batch{rates.batch_size}"
+    return Measurement(
+        key=f"client_training_throughput{suffix}",
+        title=f"Client local training on cached embeddings (train_local, batch {rates.batch_size})",
+        value=value,
+        unit="samples/s",
+        baseline=baseline,
+        baseline_unit="samples/s",
+        baseline_label="same trainer, zero-fill baseline model (no recovery paths)",
+        ratio=safe_ratio(value, baseline),
+        ratio_definition="ours samples/s / zero-fill baseline samples/s",
+        target=TRAINING_TARGET,
+        load=rates.load,
+        samples=rates.ours,
+        baseline_samples=rates.zero,
+        details={
+            **common,
+            "epochs": rates.epochs,
+            "batch_size": rates.batch_size,
+            "repeats": len(rates.ours),
+            # load-independent view: samples per CPU-second used by this process (with
+            # N threads, N x this is the rate on N idle cores at perfect scaling)
+            "samples_per_cpu_s": rates.ours_cpu,
+            "baseline_samples_per_cpu_s": rates.zero_cpu,
+            "median_samples_per_cpu_s": median(rates.ours_cpu),
+        },
+    )

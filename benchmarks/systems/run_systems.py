@@ -73,6 +73,7 @@ def _profiles(name: str) -> Profile:
             encode_repeats=1,
             epochs=1,
             train_repeats=1,
+            large_batch_size=None,
             warmup=False,
         )
         if smoke
@@ -96,7 +97,8 @@ def _profiles(name: str) -> Profile:
         "memory": (lambda a: measure_memory(memory, a), len(memory.client_counts)),
         "client": (
             lambda a: measure_client_compute(client, a),
-            client.encode_repeats + client.train_repeats,
+            client.encode_repeats
+            + client.train_repeats * (1 if client.large_batch_size is None else 2),
         ),
         "demo": (lambda a: [measure_demo(demo, a)], 3),
     }
