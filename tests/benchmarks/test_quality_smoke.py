@@ -40,23 +40,22 @@ def clustered_embeddings(n: int, classes: int = 4, seed: int = 0) -> EmbeddingSe
     )
 
 
+def _same(acc: float) -> dict[str, dict[str, float]]:
+    return {c: {"accuracy": acc, "macro_f1": acc} for c in ("text_only", "image_only", "both")}
+
+
+def _summary(ceiling: float, **others: float) -> dict[str, dict[str, float]]:
+    """One seed: ours 0.70, zero-fill 0.60, dropout 0.64, both ceilings at `ceiling`."""
+    runs = {"ours": 0.70, "zero_fill": 0.60, "dropout": 0.64}
+    runs |= {"ceiling_text": ceiling, "ceiling_image": ceiling, **others}
+    return seed_summary({name: _same(acc) for name, acc in runs.items()})
+
+
 def test_gap_closure_hand_example() -> None:
     # ours 0.70, zero-fill 0.60, dropout 0.64 -> best 0.64; ceiling 0.74 -> (0.06)/(0.10)
     assert gap_closure(0.70, 0.64, 0.74) == pytest.approx(0.6)
     assert math.isnan(gap_closure(0.70, 0.74, 0.74))  # no room at the ceiling
-    s = lambda acc: {
-        c: {"accuracy": acc, "macro_f1": acc} for c in ("text_only", "image_only", "both")
-    }
-    row = seed_summary(
-        {
-            "ours": s(0.70),
-            "zero_fill": s(0.60),
-            "dropout": s(0.64),
-            "ceiling_text": s(0.74),
-            "ceiling_image": s(0.74),
-            "no_mapper": s(0.69),
-        }
-    )
+    row = _summary(0.74, no_mapper=0.69)
     assert row["text_only"]["best_baseline"] == pytest.approx(0.64)
     assert row["text_only"]["gap_closure"] == pytest.approx(0.6)
     assert row["image_only"]["gap_closure:no_mapper"] == pytest.approx(0.5)
@@ -67,20 +66,7 @@ def test_gap_closure_hand_example() -> None:
 
 
 def test_federated_ceiling_is_a_reference_not_an_ablation() -> None:
-    s = lambda acc: {
-        c: {"accuracy": acc, "macro_f1": acc} for c in ("text_only", "image_only", "both")
-    }
-    row = seed_summary(
-        {
-            "ours": s(0.70),
-            "zero_fill": s(0.60),
-            "dropout": s(0.64),
-            "ceiling_text": s(0.80),
-            "ceiling_image": s(0.80),
-            "fed_ceiling_text": s(0.72),
-            "fed_ceiling_image": s(0.68),
-        }
-    )
+    row = _summary(0.80, fed_ceiling_text=0.72, fed_ceiling_image=0.68)
     # (0.70 - 0.64) / (0.72 - 0.64) against the federated ceiling, /0.16 against the central one
     assert row["text_only"]["fed_gap_closure"] == pytest.approx(0.75)
     assert row["image_only"]["fed_gap_closure"] == pytest.approx(1.5)
