@@ -33,7 +33,10 @@ from systems.measurement_records import (
     machine_info,
 )
 
-BENCHMARK_NAMES = ("fedavg", "transfer", "coordination", "memory", "client", "demo")
+# "client" runs before "transfer": the in-process CoordinatorServer pins glibc's mmap threshold
+# for the rest of this process (server/malloc_tuning.py), which would make every training
+# activation a fresh mmap and measure the client under the server's allocator setting.
+BENCHMARK_NAMES = ("fedavg", "client", "transfer", "coordination", "memory", "demo")
 
 
 @dataclass(frozen=True)
