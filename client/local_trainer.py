@@ -384,14 +384,14 @@ class _BatchGatherer:
 
     def __init__(self, data: EmbeddingSet, order: torch.Tensor, batch_size: int) -> None:
         self.data, self.order, self.batch_size = data, order, batch_size
-        self._ahead: dict[int, tuple[_Rows, torch.Tensor | None]] = {}
+        self._ahead: tuple[int, tuple[_Rows, torch.Tensor | None]] | None = None
 
     def prefetch(self, step: int) -> None:
-        self._ahead[step] = self._gather(step)
+        self._ahead = (step, self._gather(step))
 
     def take(self, step: int) -> tuple[_Rows, torch.Tensor | None]:
-        got = self._ahead.pop(step, None)
-        return got if got is not None else self._gather(step)
+        ahead, self._ahead = self._ahead, None
+        return ahead[1] if ahead is not None and ahead[0] == step else self._gather(step)
 
     def _gather(self, step: int) -> tuple[_Rows, torch.Tensor | None]:
         d = self.data

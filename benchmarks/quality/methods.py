@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from crossfed.client.local_trainer import evaluate
+from crossfed.client.local_trainer import CONFIGURATIONS, evaluate
 from crossfed.common.model.model_config import ModelConfig
 
 from quality.federated_simulation import TrainingBudget, run_central, run_federation
@@ -156,7 +156,7 @@ def run_federated_method(
     shards = data.shards if method.only is None else shards_with(data.shards, method.only)
     if not shards:  # no client holds the modality (per-client missingness at a high rate)
         nan = {"accuracy": float("nan"), "macro_f1": float("nan"), "count": 0.0}
-        return {c: dict(nan) for c in ("both", "text_only", "image_only")}
+        return {c: dict(nan) for c in CONFIGURATIONS}
     model = run_federation(
         method.config_update(base),
         shards,

@@ -114,10 +114,25 @@ def start_server_process(
         "WARNING",
         *flags,
     ]
+    return launch_with_port_file(
+        command, port_file, log_path, state_dir, startup_timeout_s, f"127.0.0.1:{port}"
+    )
+
+
+def launch_with_port_file(
+    command: list[str],
+    port_file: Path,
+    log_path: Path,
+    state_dir: Path,
+    startup_timeout_s: float,
+    target: str | None = None,
+) -> ServerProcess:
+    """Start ``command`` (output to ``log_path``) and wait until it writes ``port_file``;
+    ``target`` defaults to 127.0.0.1 and the port written there."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(process, f"127.0.0.1:{port}", state_dir, log_path)
+    server = ServerProcess(process, target or "", state_dir, log_path)
     deadline = time.monotonic() + startup_timeout_s
     while not (port_file.is_file() and port_file.read_text().strip()):
         if not server.alive():
@@ -128,4 +143,6 @@ def start_server_process(
             server.stop()
             raise BenchmarkError(f"server did not start in {startup_timeout_s:g} s")
         time.sleep(0.05)
+    if target is None:
+        server.target = f"127.0.0.1:{port_file.read_text().strip()}"
     return server

@@ -10,7 +10,6 @@ occurs in deployment, so it is reported beside the separate-process figures, not
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from systems.measurement_records import (
     safe_ratio,
 )
 from systems.raw_bytes_server import RAW_SERVICE, RawBytesService, start_raw_server
-from systems.server_process import start_server_process
+from systems.server_process import launch_with_port_file, start_server_process
 from systems.sized_model import model_for_bytes
 
 TRANSFER_TARGET = Target("ratio", ">=", 0.5)
@@ -124,34 +123,21 @@ def _raw_baseline(settings: TransferSettings, payload: bytes, work: Path) -> Ite
         finally:
             server.stop(None)
         return
-    payload_file, port_file = work / "raw-payload.bin", work / "raw-port"
+    payload_file = work / "raw-payload.bin"
     payload_file.write_bytes(payload)
     command = [
         sys.executable,
         raw_bytes_server.__file__,
         str(payload_file),
-        str(port_file),
+        str(work / "raw-port"),
         f"--chunk-size={settings.chunk_size}",
         f"--max-message-bytes={settings.max_message_bytes}",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = launch_with_port_file(command, work / "raw-port", work / "raw.log", work, 60.0)
     try:
-        deadline = time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if process.poll() is not None:
-                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                raise BenchmarkError(f"raw baseline server exited during startup: {err[-2000:]}")
-            if time.monotonic() > deadline:
-                raise BenchmarkError("raw baseline server did not start in 60 s")
-            time.sleep(0.02)
-        yield f"127.0.0.1:{port_file.read_text().strip()}"
+        yield process.target
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        process.stop()
 
 
 @dataclass
