@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 from crossfed.server.coordinator_servicer import CoordinatorServicer, add_coordinator_to_server
 from crossfed.server.errors import ConfigurationError
-from crossfed.server.malloc_tuning import fix_mmap_threshold
+from crossfed.server.malloc_tuning import tune_server_malloc
 from crossfed.v1 import coordinator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -45,9 +45,12 @@ def start_grpc_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     extra_services: Sequence[tuple[object, str]] = (),
     max_workers: int = 32,
+    frame_bytes: int | None = None,
 ) -> RunningServer:
-    """Start serving on ``listen`` (host:port; port 0 picks a free one)."""
-    fix_mmap_threshold()  # freed upload buffers go back to the OS (see malloc_tuning)
+    """Start serving on ``listen`` (host:port; port 0 picks a free one). ``frame_bytes`` is
+    the largest chunk message the server expects (default ``max_message_bytes``)."""
+    # frames from a reused heap, everything larger mmapped and freed to the OS (see module)
+    tune_server_malloc(max_message_bytes if frame_bytes is None else frame_bytes)
     options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),

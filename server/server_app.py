@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from crossfed.common.config import ServerConfig
+from crossfed.common.config import CHUNK_ENVELOPE_BYTES, ServerConfig
 from crossfed.common.crypto.grpc_credentials import server_credentials, warn_insecure
 from crossfed.common.crypto.identity import RequestVerifier
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
@@ -186,6 +186,7 @@ class CoordinatorServer:
             self.servicer,
             self.config.listen,
             max_message_bytes=self.config.transport.max_message_bytes,
+            frame_bytes=self.config.transport.chunk_size + CHUNK_ENVELOPE_BYTES,
             server_credentials=creds,
             interceptors=interceptors,
             extra_services=[self.admin.registration()] if self.admin is not None else [],
