@@ -648,23 +648,42 @@ class RoundEngine:
         self._after_failure(round_no, record.message)
 
     def _fail_open_locked(self, message: str, retry: bool) -> None:
+        """End the open attempt as failed. Memory moves on even when the database refuses the
+        record (full disk, lock): a restart would find the attempt still open and re-run it as
+        interrupted, the same outcome, so a failing database never wedges the open round."""
         assert self._open is not None
         record = self._open.record
         record.state = ROUND_FAILED
         record.ended_unix_s = self.clock()
         record.message = message
-        self.store.put_round(record)
-        self._release_clients(record.selected)
         self._open = None
-        self._event("round_failed", round_no=record.round, message=message)
+        self._write_best_effort(f"failure of round {record.round}", self.store.put_round, record)
+        self._release_clients(record.selected)
+        self._write_best_effort(
+            "round_failed event",
+            lambda: self._event("round_failed", round_no=record.round, message=message),
+        )
         if retry:
             self._after_failure(record.round, message)
 
+    def _write_best_effort(self, what: str, write: Callable[..., object], *args: object) -> bool:
+        """Run a state write on a failure path; log (not raise) if the database refuses it."""
+        try:
+            write(*args)
+        except StateStoreError as exc:
+            log.error("could not record the %s: %s", what, exc)
+            return False
+        return True
+
     def _after_failure(self, round_no: int, message: str) -> None:
-        """Retry the round (new attempt) or end the run when attempts are used up."""
-        failures = sum(
-            1 for r in self._attempts_of(round_no) if r.state == ROUND_FAILED and r.counts_as_retry
-        )
+        """Retry the round (new attempt) or end the run when attempts are used up. Attempts
+        the database could not record do not count: they are retried like interrupted ones."""
+        try:
+            attempts = self._attempts_of(round_no)
+        except StateStoreError as exc:
+            log.error("could not read the attempts of round %d: %s", round_no, exc)
+            attempts = []
+        failures = sum(1 for r in attempts if r.state == ROUND_FAILED and r.counts_as_retry)
         if failures >= self.policy.max_round_attempts:
             self._set_run_state(
                 RUN_FAILED,
@@ -675,11 +694,19 @@ class RoundEngine:
             self._waiting_since = self.clock()
 
     def _release_clients(self, client_ids: list[str]) -> None:
-        for cid in client_ids:
-            client = self._clients.get(cid)
-            if client is not None and client.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
-                client.state = CLIENT_REGISTERED
-                self._save_client(client)
+        """Selected clients become selectable again: all in memory first, then persisted
+        (best effort: a restart re-reads every client as registered anyway)."""
+        released = [
+            c
+            for c in (self._clients.get(cid) for cid in client_ids)
+            if c is not None and c.state in (CLIENT_SELECTED, CLIENT_UPLOADED)
+        ]
+        for client in released:
+            client.state = CLIENT_REGISTERED
+        for client in released:
+            self._write_best_effort(
+                f"release of client {client.client_id}", self._save_client, client
+            )
 
     def _commit_locked(self, reason: str) -> None:
         """Finish the running sum, checkpoint, then record the commit atomically."""
@@ -729,7 +756,10 @@ class RoundEngine:
             self._run.last_committed_round = last_before
             message = f"round {record.round} could not be recorded ({exc}); not committed"
             log.error(message)
-            self._event("commit_failed", round_no=record.round, message=message)
+            self._write_best_effort(
+                "commit_failed event",
+                lambda: self._event("commit_failed", round_no=record.round, message=message),
+            )
             self._fail_open_locked(message, retry=True)
             return
         if published is not None and pending is not None:
@@ -783,7 +813,10 @@ class RoundEngine:
             "the round is not committed, the last good checkpoint is kept"
         )
         log.error(message)
-        self._event("checkpoint_failed", round_no=round_no, message=message)
+        self._write_best_effort(
+            "checkpoint_failed event",
+            lambda: self._event("checkpoint_failed", round_no=round_no, message=message),
+        )
         self._fail_open_locked(message, retry=True)
 
     # ------------------------------------------------------------------ model download
@@ -949,19 +982,26 @@ class RoundEngine:
             record = opened.record
             record.received = len(opened.uploaders)
             record.num_samples += ticket.num_samples
-            self.store.put_round(record)
             client = self._clients[ticket.client_id]
             client.state = CLIENT_UPLOADED
-            self._save_client(client)
             now = self.clock()
             if opened.min_reached_at is None and record.received >= self.policy.min_clients:
                 opened.min_reached_at = now
-            self._event(
-                "upload_accepted",
-                ticket.round,
-                ticket.client_id,
-                f"upload {ticket.upload_id}",
-                {"num_samples": float(ticket.num_samples), "fold_s": fold_s},
+            # The update is counted (its upload row is stored, the sum holds it): progress
+            # records below are best effort, the commit writes the round record again.
+            self._write_best_effort(
+                f"progress of round {record.round}", self.store.put_round, record
+            )
+            self._write_best_effort(f"upload of {client.client_id}", self._save_client, client)
+            self._write_best_effort(
+                "upload_accepted event",
+                lambda: self._event(
+                    "upload_accepted",
+                    ticket.round,
+                    ticket.client_id,
+                    f"upload {ticket.upload_id}",
+                    {"num_samples": float(ticket.num_samples), "fold_s": fold_s},
+                ),
             )
             self._tick_locked()
             closed = self._open is not opened

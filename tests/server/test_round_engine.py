@@ -4,6 +4,7 @@ straggler cut-off, completion, duplicate and late uploads, resume after restart.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,13 @@ from crossfed.server.round_engine import (
     UploadTicket,
 )
 from crossfed.server.state.memory import InMemoryStateStore
-from crossfed.server.state.records import RoundRecord, RunRecord
+from crossfed.server.state.records import (
+    ClientRecord,
+    EventRecord,
+    RoundRecord,
+    RunRecord,
+    UploadRecord,
+)
 from crossfed.server.state.sqlite import SqliteStateStore
 from engine_fixtures import BOTH, IMAGE_ONLY, FakeClock, make_engine, small_state
 
@@ -301,6 +308,76 @@ class _CommitFailsOnce(InMemoryStateStore):
             self.failures += 1
             raise StateStoreError("state database: database or disk is full")
         super().commit_round(record, run)
+
+
+class _DatabaseDown(InMemoryStateStore):
+    """A store that refuses every write (and round listing) while ``down`` is set; armed, it
+    goes down right after storing the next upload row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.armed = False
+        self.refused = 0
+
+    def add_upload(self, upload: UploadRecord) -> bool:
+        self._refuse()
+        stored = super().add_upload(upload)
+        self.down, self.armed = self.down or self.armed, False
+        return stored
+
+    def _refuse(self) -> None:
+        if self.down:
+            self.refused += 1
+            raise StateStoreError("state database: database is locked")
+
+    def commit_round(self, record: RoundRecord, run: RunRecord) -> None:
+        self._refuse()
+        super().commit_round(record, run)
+
+    def put_round(self, record: RoundRecord) -> None:
+        self._refuse()
+        super().put_round(record)
+
+    def put_client(self, client: ClientRecord) -> None:
+        self._refuse()
+        super().put_client(client)
+
+    def list_rounds(self) -> list[RoundRecord]:
+        self._refuse()
+        return super().list_rounds()
+
+    def append_event(self, *args: Any, **kwargs: Any) -> EventRecord:
+        self._refuse()
+        return super().append_event(*args, **kwargs)
+
+
+def test_a_database_that_stays_down_does_not_wedge_the_open_round(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = _DatabaseDown()
+    engine = make_engine(tmp_path, clock, store=store, total_rounds=1)
+    _register(engine, "a", "b")
+    engine.tick()
+    _upload(engine, "a", 1, small_state(5))
+    store.armed = True
+    # counted, then every write fails: progress, commit, failure record, events; none raises
+    _upload(engine, "b", 1, small_state(5))
+    assert store.refused >= 5
+    assert engine.open_round is None
+    assert engine.run.last_committed_round == 0
+    assert all(c.state == "registered" for c in engine.clients())
+    store.down = False
+    # the database is back: the next attempt opens and commits as usual
+    clock.advance(1)
+    for cid in "ab":
+        engine.heartbeat(cid)
+    engine.tick()
+    opened = engine.open_round
+    assert opened is not None and opened.round == 1
+    for cid in opened.selected:
+        _upload(engine, cid, 1, small_state(5), upload_id=f"{cid}-retry")
+    assert engine.run.state == "completed"
+    assert (store.get_run() or engine.run).last_committed_round == 1
 
 
 def test_a_commit_the_database_refuses_is_undone_in_memory_and_retried(tmp_path: Path) -> None:
