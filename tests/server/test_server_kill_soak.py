@@ -23,7 +23,7 @@ from grpc_fixtures import SMALL_MODEL, free_port
 from scripted_client import ScriptedClient
 from test_server_kill_resume import _start
 
-ROUNDS = 40  # enough that the run is still going when the 4th kill lands (rounds take ~0.1-0.5 s)
+ROUNDS = 120  # the run must outlast 4 kills ~6-9 s apart; rounds take ~0.05-0.5 s (40 ran out)
 
 
 def _client_loop(client: ScriptedClient, stop: threading.Event, errors: list[str]) -> None:
