@@ -296,6 +296,19 @@ def test_pause_resume_stop(tmp_path: Path) -> None:
     assert kinds.index("run_paused") < kinds.index("round_started") < kinds.index("run_stopped")
 
 
+def _retry_commits_round_1(engine: RoundEngine, clock: FakeClock) -> None:
+    """Clients a and b come back; the next attempt of round 1 opens, both upload, it commits."""
+    clock.advance(1)
+    for cid in "ab":
+        engine.heartbeat(cid)
+    engine.tick()
+    opened = engine.open_round
+    assert opened is not None and opened.round == 1
+    for cid in opened.selected:
+        _upload(engine, cid, 1, small_state(5), upload_id=f"{cid}-retry")
+    assert engine.run.state == "completed" and _committed(engine, 1).received == 2
+
+
 class _CommitFailsOnce(InMemoryStateStore):
     """A store whose first commit_round fails like a full disk or a locked database."""
 
@@ -367,16 +380,7 @@ def test_a_database_that_stays_down_does_not_wedge_the_open_round(tmp_path: Path
     assert engine.run.last_committed_round == 0
     assert all(c.state == "registered" for c in engine.clients())
     store.down = False
-    # the database is back: the next attempt opens and commits as usual
-    clock.advance(1)
-    for cid in "ab":
-        engine.heartbeat(cid)
-    engine.tick()
-    opened = engine.open_round
-    assert opened is not None and opened.round == 1
-    for cid in opened.selected:
-        _upload(engine, cid, 1, small_state(5), upload_id=f"{cid}-retry")
-    assert engine.run.state == "completed"
+    _retry_commits_round_1(engine, clock)  # the database is back
     assert (store.get_run() or engine.run).last_committed_round == 1
 
 
@@ -396,13 +400,4 @@ def test_a_commit_the_database_refuses_is_undone_in_memory_and_retried(tmp_path:
     assert any(e.kind == "commit_failed" for e in store.events_after(0, 100))
     version, _ = engine.global_model_bytes(0)
     assert version == 0  # clients are still served the last committed model
-    # The retried attempt commits normally.
-    clock.advance(1)
-    for cid in "ab":
-        engine.heartbeat(cid)
-    engine.tick()
-    opened = engine.open_round
-    assert opened is not None and opened.round == 1
-    for cid in opened.selected:
-        _upload(engine, cid, 1, small_state(5), upload_id=f"{cid}-retry")
-    assert engine.run.state == "completed" and _committed(engine, 1).received == 2
+    _retry_commits_round_1(engine, clock)
