@@ -99,8 +99,7 @@ def start(
     try:
         cfg = load_config(ServerConfig, config, overrides=overrides)
         configure_logging(log_level, json_lines=cfg.log_json)
-        options = ServerOptions.from_config(
-            cfg,
+        options = ServerOptions(
             standin_model=standin_model,
             exit_when_done=exit_when_done,
             auto_start=autostart,

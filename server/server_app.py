@@ -8,7 +8,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from crossfed.common.config import CHUNK_ENVELOPE_BYTES, ServerConfig
@@ -37,42 +36,54 @@ CHECKPOINT_DIR = "checkpoints"
 CREDENTIALS_DB = "credentials.db"
 
 
+#: ServerOptions override fields and the ServerConfig setting each one replaces.
+_CONFIG_OVERRIDES = {
+    "allow_unencrypted_uploads": ("allow_unencrypted_uploads",),
+    "seed": ("seed",),
+    "keep_checkpoints": ("keep_checkpoints",),
+    "start_timeout_s": ("rounds", "start_timeout_s"),
+    "client_timeout_s": ("rounds", "client_timeout_s"),
+    "heartbeat_interval_ms": ("rounds", "heartbeat_ms"),
+    "wait_after_min_s": ("rounds", "wait_after_min_s"),
+    "torch_threads": ("torch_threads",),
+}
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """Settings beyond `ServerConfig` (CLI flags): safety switches and engine timings."""
+    """Run-time switches that are not part of `ServerConfig`, plus overrides of config values
+    for code that embeds the server (tests, benchmarks): an override left None keeps the
+    config's value, so defaults live in one place, the config model."""
 
-    allow_unencrypted_uploads: bool = False
     standin_model: bool = False
-    seed: int = 0
-    keep_checkpoints: int = 3
     tick_interval_s: float = 0.25
-    start_timeout_s: float = 300.0
-    client_timeout_s: float = 60.0
-    heartbeat_interval_ms: int = 1000
-    wait_after_min_s: float | None = None
     exit_when_done: bool = False
     done_linger_s: float = 5.0
     shutdown_grace_s: float = 5.0
     auto_start: bool = True  # False: the run waits idle for `crossfed admin start`
-    # the server parallelises across uploads (one per RPC thread); intra-op threads on top
-    # oversubscribe the cores (measured: 13x slower aggregation on a loaded 2-core host)
-    torch_threads: int = 1
+    # overrides (None: the config's value)
+    allow_unencrypted_uploads: bool | None = None
+    seed: int | None = None
+    keep_checkpoints: int | None = None
+    start_timeout_s: float | None = None
+    client_timeout_s: float | None = None
+    heartbeat_interval_ms: int | None = None
+    wait_after_min_s: float | None = None
+    torch_threads: int | None = None
 
-    @classmethod
-    def from_config(cls, config: ServerConfig, **switches: Any) -> ServerOptions:
-        """Options whose values live in the config file/env/flags, plus run-time switches."""
-        rounds = config.rounds
-        return cls(
-            allow_unencrypted_uploads=config.allow_unencrypted_uploads,
-            seed=config.seed,
-            keep_checkpoints=config.keep_checkpoints,
-            start_timeout_s=rounds.start_timeout_s,
-            client_timeout_s=rounds.client_timeout_s,
-            heartbeat_interval_ms=rounds.heartbeat_ms,
-            wait_after_min_s=rounds.wait_after_min_s,
-            torch_threads=config.torch_threads,
-            **switches,
-        )
+    def apply_to(self, config: ServerConfig) -> ServerConfig:
+        """``config`` with the overrides that are set, validated like the config file."""
+        overrides = {n: getattr(self, n) for n in _CONFIG_OVERRIDES if getattr(self, n) is not None}
+        if not overrides:
+            return config
+        data = config.model_dump()
+        for name, value in overrides.items():
+            path = _CONFIG_OVERRIDES[name]
+            section = data
+            for key in path[:-1]:
+                section = section[key]
+            section[path[-1]] = value
+        return ServerConfig.model_validate(data)
 
 
 def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
@@ -83,8 +94,8 @@ def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
     return CentralDP(privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
 
 
-def round_policy_from_config(config: ServerConfig, options: ServerOptions) -> RoundPolicy:
-    """Map the config's `rounds` section (plus CLI-only timings) onto the engine's policy."""
+def round_policy_from_config(config: ServerConfig, auto_start: bool = True) -> RoundPolicy:
+    """Map the config's `rounds` section onto the engine's policy."""
     rounds = config.rounds
     return RoundPolicy(
         total_rounds=rounds.rounds,
@@ -92,14 +103,14 @@ def round_policy_from_config(config: ServerConfig, options: ServerOptions) -> Ro
         fraction=rounds.fraction,
         round_deadline_s=rounds.round_deadline_s,
         straggler_fraction=rounds.straggler_cutoff,
-        wait_after_min_s=options.wait_after_min_s,
-        start_timeout_s=options.start_timeout_s,
+        wait_after_min_s=rounds.wait_after_min_s,
+        start_timeout_s=rounds.start_timeout_s,
         max_round_attempts=rounds.max_retries_on_failed_round + 1,
-        client_timeout_s=options.client_timeout_s,
-        heartbeat_interval_ms=options.heartbeat_interval_ms,
-        poll_after_ms=options.heartbeat_interval_ms,
-        selection_seed=options.seed,
-        auto_start=options.auto_start,
+        client_timeout_s=rounds.client_timeout_s,
+        heartbeat_interval_ms=rounds.heartbeat_ms,
+        poll_after_ms=rounds.heartbeat_ms,
+        selection_seed=config.seed,
+        auto_start=auto_start,
     )
 
 
@@ -120,19 +131,21 @@ class CoordinatorServer:
 
     @classmethod
     def create(cls, config: ServerConfig, options: ServerOptions) -> CoordinatorServer:
-        """Open (or resume) the state in ``config.state_dir`` and build the servicer."""
+        """Open (or resume) the state in ``config.state_dir`` and build the servicer; the
+        server's ``config`` is ``config`` with the options' overrides applied."""
+        config = options.apply_to(config)
         state_dir = Path(config.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(options.torch_threads)
-        model = build_initial_model(config.model, options.seed, options.standin_model)
+        torch.set_num_threads(config.torch_threads)
+        model = build_initial_model(config.model, config.seed, options.standin_model)
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
         epsilon_budget = config.privacy.epsilon_budget or 0.0
         engine = RoundEngine(
             open_state_store(state_dir),
-            CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=options.keep_checkpoints),
+            CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=config.keep_checkpoints),
             model.state,
             model.module_of,
-            round_policy_from_config(config, options),
+            round_policy_from_config(config, options.auto_start),
             projection_spec=ProjectionSpec(
                 config.model.num_classes, config.model.text_dim, config.model.image_dim
             ),
@@ -145,10 +158,9 @@ class CoordinatorServer:
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)
         if credential_store is not None:
             ensure_admin_credential(credential_store, state_dir)
-        allow_plain = options.allow_unencrypted_uploads
         policy = UploadPolicy(
             max_payload_bytes=config.transport.max_payload_bytes,
-            allow_unencrypted=allow_plain,
+            allow_unencrypted=config.allow_unencrypted_uploads,
             upload_key=load_or_create_upload_key(state_dir),
             hash_encrypted_uploads=config.transport.hash_encrypted_uploads,
         )

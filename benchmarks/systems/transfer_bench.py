@@ -73,6 +73,7 @@ def _config(settings: TransferSettings, clients: int) -> dict[str, Any]:
             "client_timeout_s": 3600.0,
         },
         "tls": {"insecure": True},
+        "allow_unencrypted_uploads": True,  # the encryption-cost comparison (issue 5)
         "transport": {
             "chunk_size": settings.chunk_size,
             "max_message_bytes": settings.max_message_bytes,
@@ -85,9 +86,7 @@ def _coordinator(settings: TransferSettings, clients: int, work: Path) -> Iterat
     """The real server, plaintext uploads allowed (for the encryption-cost comparison,
     issue 5); yields its host:port."""
     if settings.separate_processes:
-        process = start_server_process(
-            work / "coordinator", _config(settings, clients), ["--allow-unencrypted-uploads"]
-        )
+        process = start_server_process(work / "coordinator", _config(settings, clients), [])
         try:
             yield process.target
         finally:
@@ -100,10 +99,7 @@ def _coordinator(settings: TransferSettings, clients: int, work: Path) -> Iterat
             "state_dir": str(work / "state"),
         }
     )
-    options = ServerOptions(
-        client_timeout_s=3600.0, start_timeout_s=3600.0, allow_unencrypted_uploads=True
-    )
-    server = CoordinatorServer.create(config, options)
+    server = CoordinatorServer.create(config, ServerOptions())
     port = server.start()
     try:
         yield f"127.0.0.1:{port}"
