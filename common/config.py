@@ -60,6 +60,11 @@ class ConfigError(ValueError):
     """A configuration that cannot be loaded; ``str()`` is one line naming field and problem."""
 
 
+#: Upper bound of round and client counts: far above any real federation, and small enough
+#: for every integer column of the state database (SQLite INTEGER is 64-bit).
+MAX_COUNT = 1_000_000
+
+
 class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are re-validated."""
 
@@ -92,9 +97,9 @@ class TLSConfig(_Section):
 class RoundPolicy(_Section):
     """When rounds start, close and fail (design: min_clients, fraction, deadline, stragglers)."""
 
-    rounds: int = Field(default=10, gt=0, description="federated rounds to run")
+    rounds: int = Field(default=10, gt=0, le=MAX_COUNT, description="federated rounds to run")
     min_clients: int = Field(
-        default=2, gt=0, description="a round needs at least this many updates"
+        default=2, gt=0, le=MAX_COUNT, description="a round needs at least this many updates"
     )
     fraction: float = Field(
         default=1.0, gt=0, le=1, description="share of connected clients selected"
@@ -112,6 +117,7 @@ class RoundPolicy(_Section):
     max_retries_on_failed_round: int = Field(
         default=3,
         ge=0,
+        le=MAX_COUNT,
         description="a round that misses min_clients is retried this often, then the run ends",
     )
     start_timeout_s: float = Field(
@@ -121,7 +127,10 @@ class RoundPolicy(_Section):
         default=60.0, gt=0, description="a client silent this long counts as offline"
     )
     heartbeat_ms: int = Field(
-        default=1000, ge=10, description="how often clients poll for the next action"
+        default=1000,
+        ge=10,
+        le=3_600_000,
+        description="how often clients poll for the next action (at most an hour)",
     )
     wait_after_min_s: float | None = Field(
         default=None,
@@ -205,10 +214,17 @@ class ServerConfig(_Section):
         default=None, ge=1, le=65535, description="Prometheus /metrics"
     )
     log_json: bool = Field(default=False, description="structured JSON logs instead of text")
-    keep_checkpoints: int = Field(default=3, ge=1, description="global-model checkpoints kept")
-    seed: int = Field(default=0, ge=0, description="initial model and client selection seed")
+    keep_checkpoints: int = Field(
+        default=3, ge=1, le=MAX_COUNT, description="global-model checkpoints kept"
+    )
+    seed: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="initial model and client selection seed"
+    )
     torch_threads: int = Field(
-        default=1, ge=1, description="intra-op threads (the server parallelises across uploads)"
+        default=1,
+        ge=1,
+        le=1024,
+        description="intra-op threads (the server parallelises across uploads)",
     )
     allow_unencrypted_uploads: bool = Field(
         default=False, description="accept plaintext uploads (tests and insecure dev runs only)"

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -515,10 +515,11 @@ class RoundEngine:
                 )
             before = vars(self.policy)
             changed = {k: v for k, v in vars(policy).items() if before.get(k) != v}
-            self.policy = policy
             if self._run.total_rounds != policy.total_rounds:
+                # the database first: if it refuses, memory keeps the old policy too
+                self.store.put_run(replace(self._run, total_rounds=policy.total_rounds))
                 self._run.total_rounds = policy.total_rounds
-                self.store.put_run(self._run)
+            self.policy = policy
             message = " ".join(f"{k}={v}" for k, v in changed.items()) or "no change"
             self._event("policy_updated", round_no=last, message=message)
             return self.run

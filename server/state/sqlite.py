@@ -100,7 +100,7 @@ class SqliteStateStore(StateStore):
                     self._conn.execute("ROLLBACK")
                     raise
                 self._conn.execute("COMMIT")
-            except sqlite3.DatabaseError as exc:
+            except (sqlite3.DatabaseError, OverflowError) as exc:  # Overflow: int > 64 bits
                 raise StateStoreError(f"state database {self.path}: {exc}") from exc
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -43,6 +43,9 @@ def test_valid_values_are_validated_and_normalised() -> None:
         ({"tls.insecure": "true"}, "cannot be changed"),
         ({"state_dir": "/tmp/x"}, "cannot be changed"),
         ({"rounds.rounds": "3", "rounds.fraction": "7"}, "rounds.fraction"),
+        # past SQLite's 64-bit INTEGER (found by the long admin fuzz run: it was UNKNOWN)
+        ({"rounds.rounds": str(2**63)}, "rounds.rounds"),
+        ({"rounds.max_retries_on_failed_round": "10000000"}, "max_retries_on_failed_round"),
         ({}, "no KEY=VALUE"),
     ],
 )

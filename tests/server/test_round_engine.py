@@ -3,6 +3,7 @@ straggler cut-off, completion, duplicate and late uploads, resume after restart.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +383,27 @@ def test_a_database_that_stays_down_does_not_wedge_the_open_round(tmp_path: Path
     store.down = False
     _retry_commits_round_1(engine, clock)  # the database is back
     assert (store.get_run() or engine.run).last_committed_round == 1
+
+
+class _RunWritesFail(InMemoryStateStore):
+    """Refuses run updates once ``armed``."""
+
+    armed = False
+
+    def put_run(self, run: RunRecord) -> None:
+        if self.armed:
+            raise StateStoreError("state database: database or disk is full")
+        super().put_run(run)
+
+
+def test_a_policy_change_the_database_refuses_leaves_memory_unchanged(tmp_path: Path) -> None:
+    store = _RunWritesFail()
+    engine = make_engine(tmp_path, FakeClock(), store=store, total_rounds=3)
+    before = engine.policy
+    store.armed = True
+    with pytest.raises(StateStoreError):
+        engine.update_policy(replace(before, total_rounds=9, min_clients=5))
+    assert engine.policy is before and engine.run.total_rounds == 3
 
 
 def test_a_commit_the_database_refuses_is_undone_in_memory_and_retried(tmp_path: Path) -> None:
