@@ -115,6 +115,8 @@ def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int)
         "image_classifier": 0 if zero else with_image,
         "fusion": n,
         "head": n,
+        "image_calibration": 0,  # fitted by the server (CCVR), never trained by a client
+        "head_calibration": 0,
     }
     return {m: counts.get(m, n) for m in sorted(modules)}
 

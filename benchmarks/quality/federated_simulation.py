@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import torch
 from crossfed.client.local_trainer import TrainConfig, train_local
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.classifier_calibration import (
+    CalibrationStats,
+    calibrate_image_only,
+    image_only_stats,
+)
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import (
@@ -59,7 +64,8 @@ def run_federation(
     on_round: Callable[[int], None] | None = None,
 ) -> CrossModalNet:
     """FedAvg over `shards` for budget.rounds rounds; returns the global model with the last
-    global prototypes installed in its (otherwise empty) VLMR memory."""
+    global prototypes installed in its (otherwise empty) VLMR memory and, with
+    `calibrate_image_classifier`, its image-only last layers refit by CCVR."""
     if not shards or any(len(s) == 0 for s in shards):
         raise QualityBenchmarkError("every client needs at least one training sample")
     torch.manual_seed(seed)
@@ -99,10 +105,25 @@ def run_federation(
         if on_round is not None:
             on_round(rnd)
     global_model.load_shareable_state_dict(global_state)
+    if model_cfg.calibrate_image_classifier and model_cfg.missing_fill != "zero":
+        calibrate_after_training(global_model, shards, seed)
     if prototypes is not None:
         apply_global_prototypes(global_model, prototypes)
     global_model.eval()
     return global_model
+
+
+def calibrate_after_training(model: CrossModalNet, shards: list[EmbeddingSet], seed: int) -> None:
+    """CCVR after the last round: each client's per-class feature statistics under the final
+    global model, summed as the server would, then the server-side refit of the image-only
+    last layers (common/model/classifier_calibration.py)."""
+    stats: CalibrationStats | None = None
+    for shard in shards:
+        if bool(shard.has_image.any()):
+            part = image_only_stats(model, shard)
+            stats = part if stats is None else stats + part
+    if stats is not None:
+        calibrate_image_only(model, stats, seed=seed)
 
 
 def run_central(

@@ -120,6 +120,14 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             True,
         ),
         FederatedMethod(
+            "no_calibrate_image_classifier",
+            "ours without the server's CCVR refit of the image classifier's last layer "
+            "for image-only rows",
+            _fields(calibrate_image_classifier=False),
+            "ours",
+            True,
+        ),
+        FederatedMethod(
             "with_dropout",
             "ours with the baseline's modality dropout on paired rows",
             _same,
@@ -142,6 +150,7 @@ ABLATIONS = (
     "no_exchange",
     "no_unimodal_ensemble",
     "no_paired_ensemble",
+    "no_calibrate_image_classifier",
 )
 CENTRAL_METHODS = ("central_paired", "ceiling_text", "ceiling_image")
 

@@ -19,7 +19,13 @@ Departures from the paper (measured in BENCHMARKS.md, quality section):
   head: under per-client missingness few clients hold paired rows, so the fusion head's paired
   path is the least trained part of the model, while each unimodal classifier has seen every
   row holding its modality. A label carried only by the interaction of the modalities leaves
-  the unimodal posteriors flat, so the fusion head still decides there.
+  the unimodal posteriors flat, so the fusion head still decides there;
+- with `calibrate_image_classifier`, image-only rows read the image classifier's body through
+  `image_calibration` and the fusion output through `head_calibration`: last layers the server
+  refits after federated training on virtual features from the clients' per-class feature
+  statistics (CCVR; see common/model/classifier_calibration.py). Clients never train them
+  (buffers only, module weight 0 in FedAvg); until fitted (`ready` False) the federated
+  layers are used. Paired and text-only rows always use the federated layers.
 """
 
 from __future__ import annotations
@@ -64,6 +70,30 @@ def unimodal_classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Se
     )
 
 
+class CalibratedLayer(nn.Module):
+    """A server-fitted copy of a last layer (image classifier or fusion head) that replaces
+    it for image-only rows (CCVR, common/model/classifier_calibration.py).
+
+    Weight and bias are buffers, not parameters: no local optimizer or DP engine sees them,
+    and clients report 0 samples for the module, so FedAvg keeps the server's value. They
+    start at zero without drawing random numbers (every other module keeps its seeded
+    initialisation) and are only used once `ready` (a bool buffer) is set.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    ready: torch.Tensor
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_classes, in_dim))
+        self.register_buffer("bias", torch.zeros(num_classes))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden, self.weight, self.bias)
+
+
 class CrossModalNet(nn.Module):
     """The paper's network; `predict` implements the inference strategies of Table I."""
 
@@ -85,6 +115,12 @@ class CrossModalNet(nn.Module):
         self.memory = VisualLinguisticMemory(
             cfg.num_classes, cfg.memory_capacity, d_t, d_i, cfg.memory_tau, cfg.memory_top_k
         )
+        # Last, and without random numbers: the modules above keep their seeded init.
+        # image_calibration replaces image_classifier[-1], head_calibration replaces head,
+        # both for image-only rows only (CCVR, see calibrate_image_classifier).
+        calibrate = cfg.calibrate_image_classifier
+        self.image_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate else None
+        self.head_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate else None
 
     # -- federation interface -------------------------------------------------------------
     @staticmethod
@@ -193,7 +229,11 @@ class CrossModalNet(nn.Module):
         if bool(text_only.any()):
             ext = None if external_image is None else external_image[text_only]
             rec_i[text_only] = self.recover_image(f_t[text_only], generator, ext)
-        logits = self.classify(f_t, f_i, has_text, has_image, Recovery(rec_t, rec_i))
+        hidden = self.fusion.forward_views(f_t, f_i, has_text, has_image, rec_t, rec_i)
+        logits = self.head(hidden)  # = classify(..., Recovery(rec_t, rec_i))
+        cal = self.head_calibration
+        if cal is not None and bool(cal.ready) and not self.training and bool(image_only.any()):
+            logits[image_only] = cal(hidden[image_only])
         if not self.config.unimodal_ensemble or self.training:
             return logits
         paired = has_text & has_image if self.config.paired_ensemble else None
@@ -221,9 +261,17 @@ class CrossModalNet(nn.Module):
             uni = self.text_classifier(f_t[text_only])
             out[text_only] = log_p(logits[text_only], dim=1) + log_p(uni, dim=1)
         if bool(image_only.any()):
-            uni = self.image_classifier(f_i[image_only])
+            uni = self.image_only_logits(f_i[image_only])
             out[image_only] = log_p(logits[image_only], dim=1) + log_p(uni, dim=1)
         return out
+
+    def image_only_logits(self, f_i: torch.Tensor) -> torch.Tensor:
+        """The image classifier's logits for image-only rows: through the server-calibrated
+        last layer once it is fitted (`calibrate_image_classifier`), else the federated one."""
+        cal = self.image_calibration
+        if cal is None or not bool(cal.ready):
+            return self.image_classifier(f_i)
+        return cal(self.image_classifier[:-1](f_i))
 
     @torch.no_grad()
     def predict(

@@ -1,0 +1,210 @@
+"""Classifier calibration with virtual representations (CCVR, Luo et al., NeurIPS 2021) for
+the image-only inference path: the image-side unimodal classifier (eq. 9's twin,
+`CrossModalNet.image_classifier`) and the fusion head (eq. 13) on the image-only view.
+
+Not in the paper. Under Dirichlet label skew each client's local steps pull the last layers
+toward its own label mix, and FedAvg of those layers keeps a bias that the shared feature
+layers below them do not have (client drift is concentrated in the classifier, Luo et al.
+sec. 3). CCVR fixes the last layers after federated training:
+
+1. every client runs the final global model on its rows holding an image, as at image-only
+   inference, and reports for the inputs of the two last layers (image classifier body
+   output; fusion output on (f_i, f^_t)), per class, the count, the sum and the sum of outer
+   products (`image_only_stats`) -- sufficient statistics, like the per-class sums of the
+   projection exchange (eq. 16), no per-sample features;
+2. the server adds them, which gives the exact pooled per-class means and covariances, draws
+   the same number of virtual features per class from those Gaussians and refits copies of
+   the two last layers on them (`calibrate_image_only`), stored in
+   `CrossModalNet.image_calibration` / `head_calibration` and used for image-only rows only
+   (refitting the shared image classifier layer in place cost paired inputs 0.4 points: the
+   paired ensemble was tuned to the federated layer's posteriors).
+
+Per-class statistics of two 128-wide hidden layers are 2 x C x (1 + h + h^2) floats per
+client (12 classes: ~400k float64, ~3 MB), sent once after the last round; they reveal class-conditional feature moments (like eq. 16's class
+means, plus second moments), not samples. The in-process simulation
+(benchmarks/quality/federated_simulation.py) runs this step; the gRPC coordinator does not yet
+have a calibration round. See `ModelConfig.calibrate_image_classifier` for the measured effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.model_errors import ModelInputError
+from crossfed.common.model.network import CrossModalNet
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-class sufficient statistics of penultimate features: count [C], sum [C, h] and
+    sum of outer products [C, h, h] (float64 so that adding many clients stays exact)."""
+
+    count: torch.Tensor
+    total: torch.Tensor
+    outer: torch.Tensor
+
+    def __post_init__(self) -> None:
+        c = self.count.shape[0]
+        if (
+            self.count.dim() != 1
+            or self.total.dim() != 2
+            or self.total.shape[0] != c
+            or self.outer.shape != (c, self.total.shape[1], self.total.shape[1])
+        ):
+            raise ModelInputError(
+                f"feature stats shapes do not fit: count {tuple(self.count.shape)}, "
+                f"sum {tuple(self.total.shape)}, outer {tuple(self.outer.shape)}"
+            )
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(
+            self.count + other.count, self.total + other.total, self.outer + other.outer
+        )
+
+    def gaussians(self, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(classes with >= 2 samples, their means [K, h], covariances [K, h, h])."""
+        present = (self.count >= 2).nonzero().squeeze(1)
+        n = self.count[present][:, None]
+        mean = self.total[present] / n
+        cov = self.outer[present] / n[:, :, None] - mean[:, :, None] * mean[:, None, :]
+        cov = cov * (n / (n - 1))[:, :, None]  # unbiased, as torch.cov
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+        cov = 0.5 * (cov + cov.transpose(1, 2)) + ridge * eye
+        return present, mean, cov
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What a client sends after the last round: per-class stats of the two image-only
+    last-layer inputs (the image classifier's body output and the fusion output on the
+    image-only view (f_i, f^_t))."""
+
+    classifier: FeatureStats
+    head: FeatureStats
+
+    def __add__(self, other: CalibrationStats) -> CalibrationStats:
+        return CalibrationStats(self.classifier + other.classifier, self.head + other.head)
+
+
+def _body_and_last(classifier: nn.Sequential) -> tuple[nn.Module, nn.Linear]:
+    last = classifier[-1]
+    if not isinstance(last, nn.Linear):
+        raise ModelInputError(f"classifier must end in nn.Linear, got {type(last).__name__}")
+    return classifier[:-1], last
+
+
+def class_stats(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> FeatureStats:
+    """Per-class count, sum and sum of outer products of `feats` [N, h] (float64)."""
+    f = feats.to(torch.float64)
+    h = f.shape[1]
+    count = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    total = torch.zeros(num_classes, h, dtype=torch.float64).index_add_(0, labels, f)
+    outer = torch.zeros(num_classes, h, h, dtype=torch.float64)
+    outer.index_add_(0, labels, f[:, :, None] * f[:, None, :])
+    return FeatureStats(count, total, outer)
+
+
+def image_only_hidden(model: CrossModalNet, f_i: torch.Tensor) -> torch.Tensor:
+    """Fusion output (the head's input) for image-only rows, as `CrossModalNet.forward`
+    builds it: text slot empty, recovered slot f^_t = M_it(f_i->t) (zero without
+    recover_text)."""
+    n = len(f_i)
+    f_t = f_i.new_zeros(n, model.config.text_dim)
+    rec_t = model.recover_text(f_i) if model.config.recover_text else f_t
+    has_i = torch.ones(n, dtype=torch.bool)
+    return model.fusion.forward_views(f_t, f_i, ~has_i, has_i, rec_t, torch.zeros_like(f_i))
+
+
+@torch.no_grad()
+def image_only_stats(
+    model: CrossModalNet, data: EmbeddingSet, batch_size: int = 4096
+) -> CalibrationStats:
+    """Client side: per-class stats of both image-only last-layer inputs on the rows of
+    `data` holding an image (their text, if any, hidden as at image-only inference)."""
+    body, last = _body_and_last(model.image_classifier)
+    c = model.config.num_classes
+    rows = data.has_image.nonzero().squeeze(1)
+    zero_cls = class_stats(torch.zeros(0, last.in_features), rows[:0], c)
+    zero_head = class_stats(torch.zeros(0, model.head.in_features), rows[:0], c)
+    out = CalibrationStats(zero_cls, zero_head)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            idx = rows[s : s + batch_size]
+            f_i, y = data.image[idx], data.labels[idx]
+            out = out + CalibrationStats(
+                class_stats(body(f_i), y, c), class_stats(image_only_hidden(model, f_i), y, c)
+            )
+    finally:
+        model.train(was_training)
+    return out
+
+
+def refit_linear(
+    last: nn.Linear,
+    stats: FeatureStats,
+    samples_per_class: int = 2000,
+    steps: int = 200,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> nn.Linear | None:
+    """A copy of `last` refit on `samples_per_class` virtual features per class drawn from
+    the class Gaussians of `stats` (full-batch Adam from `last`'s weights; equal class counts,
+    as CCVR). Classes with fewer than 2 samples are left out; None if fewer than 2 remain."""
+    present, mean, cov = stats.gaussians()
+    if len(present) < 2:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(cov)
+    noise = torch.randn(len(present), samples_per_class, mean.shape[1], generator=gen)
+    virtual = mean[:, None, :] + torch.einsum("khj,knj->knh", chol, noise.to(cov.dtype))
+    feats = virtual.reshape(-1, mean.shape[1]).to(last.weight.dtype)
+    labels = present.repeat_interleave(samples_per_class)
+    layer = nn.Linear(last.in_features, last.out_features)
+    with torch.no_grad():
+        layer.weight.copy_(last.weight)
+        layer.bias.copy_(last.bias)
+    opt = torch.optim.Adam(layer.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(layer(feats), labels).backward()
+            opt.step()
+    return layer
+
+
+def calibrate_image_only(
+    model: CrossModalNet,
+    stats: CalibrationStats,
+    samples_per_class: int = 2000,
+    steps: int = 200,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> bool:
+    """Server side: fit `model.image_calibration` (from image_classifier[-1]) and
+    `model.head_calibration` (from head) on virtual features (`refit_linear`) and mark them
+    ready. Returns False (nothing changed) when fewer than two classes are present."""
+    targets = (
+        (model.image_calibration, _body_and_last(model.image_classifier)[1], stats.classifier),
+        (model.head_calibration, model.head, stats.head),
+    )
+    fitted = []
+    for cal, last, part in targets:
+        if cal is None:
+            raise ModelInputError(
+                "model has no calibration layers (calibrate_image_classifier=False)"
+            )
+        layer = refit_linear(last, part, samples_per_class, steps, lr, seed)
+        if layer is None:
+            return False
+        fitted.append((cal, layer))
+    with torch.no_grad():
+        for cal, layer in fitted:
+            cal.weight.copy_(layer.weight)
+            cal.bias.copy_(layer.bias)
+            cal.ready.fill_(True)
+    return True

@@ -1,0 +1,154 @@
+"""CCVR for the image-only path (`ModelConfig.calibrate_image_classifier`): exact pooled
+class statistics, the server-side refit of label-skew-biased last layers, image-only rows
+only, and calibration layers that clients never train and FedAvg never averages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from crossfed.client.local_trainer import TrainConfig, module_samples_of, train_local
+from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.classifier_calibration import (
+    FeatureStats,
+    calibrate_image_only,
+    image_only_hidden,
+    image_only_stats,
+)
+from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_errors import ModelInputError
+from crossfed.common.model.network import CrossModalNet, Recovery
+from crossfed.server.aggregation import StreamingFedAvg, module_weights_of
+
+CFG = ModelConfig(text_dim=12, image_dim=8, hidden_dim=16, num_classes=3, diffusion_train_steps=10)
+
+
+def clustered(n: int, seed: int, labels: torch.Tensor | None = None) -> EmbeddingSet:
+    """Paired rows whose image features sit around a per-class centre (separable classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3 if labels is None else labels
+    centres = 3.0 * torch.eye(3, 8)
+    return EmbeddingSet(
+        text=torch.randn(n, 12, generator=gen),
+        image=centres[y] + 0.5 * torch.randn(n, 8, generator=gen),
+        has_text=torch.ones(n, dtype=torch.bool),
+        has_image=torch.ones(n, dtype=torch.bool),
+        labels=y,
+    )
+
+
+def test_summed_client_stats_give_the_pooled_class_moments() -> None:
+    torch.manual_seed(0)
+    model = CrossModalNet(CFG).eval()
+    a, b = clustered(30, 1), clustered(45, 2)
+    summed = image_only_stats(model, a) + image_only_stats(model, b)
+    pooled = EmbeddingSet(
+        text=torch.cat([a.text, b.text]),
+        image=torch.cat([a.image, b.image]),
+        has_text=torch.cat([a.has_text, b.has_text]),
+        has_image=torch.cat([a.has_image, b.has_image]),
+        labels=torch.cat([a.labels, b.labels]),
+    )
+    with torch.no_grad():
+        body = model.image_classifier[:-1](pooled.image).double()
+        hidden = image_only_hidden(model, pooled.image).double()
+        # the head's input at image-only inference is what image_only_hidden builds
+        assert torch.allclose(
+            model.head(hidden.float()),
+            model.classify(
+                torch.zeros(len(pooled), 12),
+                pooled.image,
+                torch.zeros(len(pooled), dtype=torch.bool),
+                pooled.has_image,
+                Recovery(model.recover_text(pooled.image), torch.zeros_like(pooled.image)),
+            ),
+            atol=1e-5,
+        )
+    for part, feats in ((summed.classifier, body), (summed.head, hidden)):
+        present, mean, cov = part.gaussians(ridge=0.0)
+        assert present.tolist() == [0, 1, 2]
+        for c in range(3):
+            fc = feats[pooled.labels == c]
+            assert int(part.count[c]) == len(fc)
+            assert torch.allclose(mean[c], fc.mean(0), atol=1e-8)
+            assert torch.allclose(cov[c], torch.cov(fc.T), atol=1e-8)
+    with pytest.raises(ModelInputError, match="shapes"):
+        FeatureStats(part.count, part.total, part.outer[:, :2])
+
+
+def test_calibration_undoes_a_skewed_last_layer_for_image_only_rows_only() -> None:
+    torch.manual_seed(0)
+    model = CrossModalNet(CFG)
+    train_local(model, clustered(300, 0), TrainConfig(epochs=5, batch_size=32, seed=0))
+    test = clustered(150, 9)
+    # Label skew: clients holding mostly class 0 leave its logit inflated in the FedAvg'd
+    # last layers (image classifier and fusion head).
+    with torch.no_grad():
+        model.image_classifier[-1].bias[0] += 8.0
+        model.head.bias[0] += 8.0
+    model.eval()
+
+    def acc(logits: torch.Tensor) -> float:
+        return float((logits.argmax(1) == test.labels).float().mean())
+
+    def fusion_image_only() -> torch.Tensor:
+        model.config.unimodal_ensemble = False
+        try:
+            return model.predict(None, test.image)
+        finally:
+            model.config.unimodal_ensemble = True
+
+    skewed = acc(model.predict(None, test.image))
+    assert skewed < 0.5  # mostly class 0
+    assert acc(model.image_only_logits(test.image)) < 0.5
+    assert acc(fusion_image_only()) < 0.5
+    paired_before = model.predict(test.text, test.image)
+    text_before = model.predict(test.text, None)
+    assert model.image_calibration is not None and not bool(model.image_calibration.ready)
+    stats = image_only_stats(model, clustered(90, 3)) + image_only_stats(model, clustered(90, 4))
+    assert calibrate_image_only(model, stats, samples_per_class=200, steps=100)
+    assert model.head_calibration is not None and bool(model.head_calibration.ready)
+    assert acc(model.image_only_logits(test.image)) > 0.9
+    assert acc(fusion_image_only()) > 0.9
+    assert acc(model.predict(None, test.image)) > 0.9 > skewed
+    # Paired and text-only rows keep the federated last layers.
+    assert torch.equal(model.predict(test.text, test.image), paired_before)
+    assert torch.equal(model.predict(test.text, None), text_before)
+
+
+def test_calibration_layer_is_not_trained_by_clients_nor_averaged() -> None:
+    data = clustered(40, 0)
+    model = CrossModalNet(CFG)
+    assert model.image_calibration is not None
+    assert not list(model.image_calibration.parameters())  # buffers: no optimizer sees them
+    assert module_samples_of(model, data, 1)["image_calibration"] == 0
+    start = model.shareable_state_dict()
+    fold = StreamingFedAvg(start, CrossModalNet.module_of)
+    result = train_local(model, data, TrainConfig(epochs=1, batch_size=8))
+    with torch.no_grad():  # even a client that changed it cannot move the global value
+        model.image_calibration.weight.add_(1.0)
+        model.image_calibration.ready.fill_(True)
+    weights = module_weights_of(result.num_samples, result.module_samples, fold.modules)
+    fold.add(model.shareable_state_dict(), weights, result.num_samples)
+    out = fold.result()
+    for module in ("image_calibration", "head_calibration"):
+        assert module_samples_of(model, data, 1)[module] == 0
+        for key in ("weight", "bias", "ready"):
+            assert torch.equal(out[f"{module}.{key}"], start[f"{module}.{key}"])
+    assert not bool(out["image_calibration.ready"])
+
+
+def test_flag_off_has_no_calibration_layer_and_same_initialisation() -> None:
+    torch.manual_seed(0)
+    on = CrossModalNet(CFG)
+    torch.manual_seed(0)
+    off = CrossModalNet(CFG.model_copy(update={"calibrate_image_classifier": False}))
+    assert off.image_calibration is None and off.head_calibration is None
+    on_state, off_state = on.shareable_state_dict(), off.shareable_state_dict()
+    assert set(on_state) - set(off_state) == {
+        f"{m}.{k}"
+        for m in ("image_calibration", "head_calibration")
+        for k in ("weight", "bias", "ready")
+    }
+    assert all(torch.equal(v, on_state[k]) for k, v in off_state.items())
+    with pytest.raises(ModelInputError, match="no calibration layers"):
+        calibrate_image_only(off, image_only_stats(off, clustered(30, 0)))
