@@ -183,3 +183,11 @@ def test_override_cannot_descend_into_a_value(tmp_path: Path) -> None:
 def test_load_config_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CROSSFED_ROUNDS__ROUNDS", "12")
     assert load_config(ServerConfig).rounds.rounds == 12
+
+
+def test_server_refuses_image_calibration_it_cannot_run() -> None:
+    """The CCVR calibration round exists only in the quality simulation: a live server with the
+    flag on would silently never calibrate, so the config says so instead."""
+    assert "calibration round" in _error(
+        ServerConfig, None, overrides={"model.calibrate_image_classifier": True}
+    )

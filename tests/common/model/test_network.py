@@ -47,8 +47,6 @@ def test_shareable_state_excludes_memory_and_round_trips() -> None:
         "image_classifier",
         "fusion",
         "head",
-        "image_calibration",
-        "head_calibration",
     }
     assert a.module_of("mapper.net.0.weight") == "mapper"
     b.memory.count[0] = 3
