@@ -195,7 +195,14 @@ def plan_of(s: QualitySettings) -> SweepPlan:
             "ceiling_image",
             *FED_CEILINGS,
         ),
-        sweep_methods=("ours", *BASELINES, "ceiling_text", "ceiling_image", *FED_CEILINGS),
+        sweep_methods=(
+            "ours",
+            *BASELINES,
+            "ceiling_text",
+            "ceiling_image",
+            *FED_CEILINGS,
+            *VARIANTS,
+        ),
     )
 
 
