@@ -401,7 +401,7 @@ class ClientLoop:
                     f"download of round {state.round_id} ended early at chunk "
                     f"{progress.next_chunk}/{progress.total}"
                 )
-            payload = progress.payload()
+            payload = progress.payload(writable=True)  # decoded in place by the worker
         except PayloadIntegrityError as exc:
             progress.reset()
             self._integrity_failures += 1

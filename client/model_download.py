@@ -71,10 +71,11 @@ class DownloadProgress:
         """Drop everything received (after an integrity failure)."""
         self._assembler = ChunkAssembler(self.max_payload_bytes)
 
-    def payload(self) -> memoryview:
-        """The whole verified payload, a read-only view of the reassembly buffer (no copy:
-        ``decode_tensors`` reads it directly); raises if incomplete or corrupted."""
+    def payload(self, *, writable: bool = False) -> memoryview:
+        """The whole verified payload, a view of the reassembly buffer (no copy:
+        ``decode_tensors`` reads it directly; ``writable=True`` lets it decode zero-copy);
+        raises if incomplete or corrupted."""
         try:
-            return self._assembler.result_view()
+            return self._assembler.result_view(writable=writable)
         except WireError as exc:
             raise PayloadIntegrityError(f"global model of round {self.round_id}: {exc}") from exc

@@ -112,8 +112,11 @@ class ModelRoundWorker:
     def load_global(self, round_id: int, payload: bytes | memoryview) -> None:
         reset_peak_rss()  # this round's peak starts here
         model = self._require_model()
+        view = memoryview(payload)
         try:
-            model.load_shareable_state_dict(decode_tensors(payload))
+            # a writable buffer (the download's) is decoded in place: loading copies into the
+            # model anyway, so a decoded copy would only cost time and a model's worth of memory
+            model.load_shareable_state_dict(decode_tensors(view, copy=view.readonly))
         except (WireError, ModelError) as exc:
             raise ModelMismatchError(f"global model of round {round_id}: {exc}") from exc
         model.eval()

@@ -90,6 +90,20 @@ def test_round_produces_update_with_global_keys_and_table1_metrics(
     assert registration.num_samples == 30 and registration.modality == modality.proto
 
 
+def test_a_writable_download_buffer_is_decoded_in_place_without_aliasing(
+    tmp_path: Path,
+) -> None:
+    """load_global decodes the download's writable buffer zero-copy; the model must still own
+    its weights, so reusing or freeing that buffer afterwards cannot change the model."""
+    worker = _worker(ClientModality.BOTH, tmp_path)
+    global_state = {k: v + 0.5 for k, v in CrossModalNet(CONFIG).shareable_state_dict().items()}
+    buffer = bytearray(encode_tensors(global_state))
+    worker.load_global(1, memoryview(buffer))
+    buffer[-4096:] = bytes(4096)  # overwrite the tail, where the last tensors' bytes are
+    loaded = worker._require_model().shareable_state_dict()
+    assert all(torch.equal(loaded[k], global_state[k]) for k in global_state)
+
+
 def test_text_only_client_never_trains_the_mapper(tmp_path: Path) -> None:
     worker = _worker(ClientModality.TEXT_ONLY, tmp_path)
     worker.load_global(1, encode_tensors(CrossModalNet(CONFIG).shareable_state_dict()))
