@@ -259,8 +259,8 @@ def target_checks(
 
 def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Accuracy vs missing rate, one PNG per (missingness, alpha), one panel per Table I
-    configuration: ours, best baseline, federated and central unimodal ceilings (mean over
-    seeds, std as bars)."""
+    configuration: ours, best baseline, federated and central unimodal ceilings and the
+    variants where they ran (mean over seeds, std as bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,6 +280,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                 ("best_baseline", "best baseline", "s--"),
                 ("fed_ceiling", "federated unimodal ceiling", "v-."),
                 ("ceiling", "unimodal ceiling (central)", "^:"),
+                *((m, f"{m} (simulation only)", "d:") for m in VARIANTS),
             ):
                 pts: list[tuple[float, MeanStd]] = []
                 for r in rs:
