@@ -196,7 +196,8 @@ class CrossModalNet(nn.Module):
         has_image: torch.Tensor,
         recovery: Recovery | None,
     ) -> torch.Tensor:
-        """Eq. 12-13: logits from the four fusion slots (built implicitly, see forward_views)."""
+        """Eq. 12-13: logits from the four fusion slots (built implicitly, see forward_views);
+        at inference, image-only rows go through ``head_calibration`` once it is fitted."""
         hidden = self.fusion.forward_views(
             f_t,
             f_i,
@@ -205,7 +206,13 @@ class CrossModalNet(nn.Module):
             None if recovery is None else recovery.text,
             None if recovery is None else recovery.image,
         )
-        return self.head(hidden)
+        logits = self.head(hidden)
+        cal = self.head_calibration
+        if cal is not None and bool(cal.ready) and not self.training:
+            image_only = has_image & ~has_text
+            if bool(image_only.any()):
+                logits[image_only] = cal(hidden[image_only])
+        return logits
 
     def forward(
         self,
@@ -229,11 +236,7 @@ class CrossModalNet(nn.Module):
         if bool(text_only.any()):
             ext = None if external_image is None else external_image[text_only]
             rec_i[text_only] = self.recover_image(f_t[text_only], generator, ext)
-        hidden = self.fusion.forward_views(f_t, f_i, has_text, has_image, rec_t, rec_i)
-        logits = self.head(hidden)  # = classify(..., Recovery(rec_t, rec_i))
-        cal = self.head_calibration
-        if cal is not None and bool(cal.ready) and not self.training and bool(image_only.any()):
-            logits[image_only] = cal(hidden[image_only])
+        logits = self.classify(f_t, f_i, has_text, has_image, Recovery(rec_t, rec_i))
         if not self.config.unimodal_ensemble or self.training:
             return logits
         paired = has_text & has_image if self.config.paired_ensemble else None
