@@ -101,6 +101,13 @@ def start(
     no_projections: Annotated[
         bool, typer.Option("--no-projections", help="Skip eq. 16 exchange.")
     ] = False,
+    no_calibration_stats: Annotated[
+        bool,
+        typer.Option(
+            "--no-calibration-stats",
+            help="Send empty statistics in the calibration round (not noised by any DP).",
+        ),
+    ] = False,
     dp_sgd_epsilon: Annotated[
         float | None,
         typer.Option(
@@ -192,6 +199,7 @@ def start(
             image_encoder=image_encoder,
             give_up_after_s=give_up_after if give_up_after > 0 else None,
             share_projections=not no_projections,
+            share_calibration_stats=not no_calibration_stats,
             progress=not no_progress,
             max_rounds=max_rounds,
         )

@@ -52,6 +52,7 @@ class DaemonOptions:
     image_encoder: str = "cnn"
     give_up_after_s: float | None = 600.0
     share_projections: bool = True
+    share_calibration_stats: bool = True  # calibration round (un-noised class statistics)
     progress: bool = True
     max_rounds: int | None = None  # leave after this many completed rounds (tests, demos)
 
@@ -264,6 +265,7 @@ class ClientDaemon:
                 state_dir=options.state_dir,
                 progress=options.progress,
                 share_projections=options.share_projections,
+                share_calibration_stats=options.share_calibration_stats,
             ),
         )
         encryptor = default_encryptor_factory()

@@ -1,7 +1,8 @@
 """The client daemon's state machine: register -> heartbeat -> download -> train -> exchange
 projections (eq. 16) -> upload -> heartbeat ..., with every network step retried under one
 backoff policy. Projections go before the upload because the server only takes them while the
-round is open, and the last upload closes it. It talks to the server only through a CoordinatorTransport and to the model
+round is open, and the last upload closes it. A calibration round (ACTION_CALIBRATE, after the
+last training round) runs the same steps with statistics in place of training and no exchange. It talks to the server only through a CoordinatorTransport and to the model
 only through a RoundWorker, so it is unit-tested with fakes of both."""
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class RoundWorker(Protocol):
     def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
         """Train locally (with the last global prototypes) and serialize the update."""
 
+    def calibration_stats(self, round_id: int) -> LocalUpdate:
+        """The calibration round's upload: statistics of the loaded (final) global model on
+        the local data (server/calibration_round.py), num_samples = the rows they cover."""
+
     def projections(self, round_id: int) -> ProjectionUpload | None:
         """Local per-class projections to exchange, or None to skip the exchange."""
 
@@ -144,6 +149,7 @@ class _RoundState:
     started: float
     download: DownloadProgress
     upload_id: str
+    calibrate: bool = False  # ACTION_CALIBRATE: statistics instead of training, no exchange
     update: LocalUpdate | None = None
     prepared: PreparedUpload | None = None
     projections: ProjectionUpload | None = None
@@ -321,7 +327,7 @@ class ClientLoop:
             self._round = None
             self.phase = Phase.REGISTER
             return
-        if action == coordinator_pb2.ACTION_TRAIN:
+        if action in (coordinator_pb2.ACTION_TRAIN, coordinator_pb2.ACTION_CALIBRATE):
             self._begin_or_resume_round(response)
             return
         # ACTION_WAIT (or unknown): any half-done round is no longer wanted.
@@ -332,6 +338,7 @@ class ClientLoop:
 
     def _begin_or_resume_round(self, response: coordinator_pb2.HeartbeatResponse) -> None:
         round_id = int(response.round)
+        calibrate = response.action == coordinator_pb2.ACTION_CALIBRATE
         key = bytes(response.upload_public_key)
         last = self._last_upload
         if self._round is None and last is not None and last.round_id == round_id:
@@ -346,6 +353,7 @@ class ClientLoop:
                 started=self._clock(),
                 download=DownloadProgress(round_id),
                 upload_id=last.upload_id,
+                calibrate=calibrate,
                 update=last.update,
                 projections=ProjectionUpload(b""),
             )
@@ -376,6 +384,7 @@ class ClientLoop:
             started=self._clock(),
             download=DownloadProgress(round_id),
             upload_id=upload_id,
+            calibrate=calibrate,
         )
         self._integrity_failures = 0
         self.phase = Phase.DOWNLOAD
@@ -416,6 +425,10 @@ class ClientLoop:
 
     def _train(self) -> None:
         state = self._require_round()
+        if state.calibrate:
+            state.update = self.worker.calibration_stats(state.round_id)
+            self.phase = Phase.UPLOAD
+            return
         state.update = self.worker.train(state.round_id, state.local_epochs)
         self.phase = Phase.EXCHANGE
 

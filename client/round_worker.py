@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ class WorkerSettings:
     state_dir: Path | None = None
     progress: bool = False
     share_projections: bool = True
+    share_calibration_stats: bool = True
 
 
 def _accuracy_metrics(prefix: str, scores: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -163,6 +165,36 @@ class ModelRoundWorker:
             module_samples=result.module_samples,
             metrics=metrics,
             local_metrics=data_metrics if private else {},
+        )
+
+    def calibration_stats(self, round_id: int) -> LocalUpdate:
+        """Per-class statistics of the image-only last-layer inputs under the loaded final
+        model (CCVR, common/model/classifier_calibration.py), on the training rows holding an
+        image. A client under DP-SGD sends empty statistics (num_samples 0): its guarantee
+        covers everything it releases, and these are not noised."""
+        from crossfed.common.model.classifier_calibration import (
+            empty_stats,
+            image_only_stats,
+            stats_to_tensors,
+        )
+
+        model = self._require_model()
+        if model.image_calibration is None:
+            raise ModelMismatchError(
+                f"round {round_id} is a calibration round but this model has no calibration "
+                "layers (model.calibrate_image_classifier is off)"
+            )
+        started = time.perf_counter()
+        if self.settings.privacy.dp_sgd or not self.settings.share_calibration_stats:
+            log.info("calibration round %d: empty statistics (DP-SGD or opted out)", round_id)
+            stats = empty_stats(model)
+        else:
+            stats = image_only_stats(model, self.data.train)
+        rows = int(stats.classifier.count.sum())
+        return LocalUpdate(
+            payload=encode_tensors(stats_to_tensors(stats)),
+            num_samples=rows,
+            metrics={"calibration_seconds": time.perf_counter() - started},
         )
 
     def _train_private(self, model: CrossModalNet, cfg: TrainConfig) -> PrivateTrainResult:

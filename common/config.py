@@ -232,16 +232,6 @@ class ServerConfig(_Section):
 
     _listen = field_validator("listen")(_check_address)
 
-    @model_validator(mode="after")
-    def _no_calibration_round_yet(self) -> ServerConfig:
-        if self.model.calibrate_image_classifier:
-            raise ValueError(
-                "model.calibrate_image_classifier needs a calibration round after the last "
-                "round, which the coordinator does not run yet (only the quality benchmark's "
-                "in-process simulation does); set it to false"
-            )
-        return self
-
 
 class MissingModalityConfig(_Section):
     """How the builtin dataset simulates missing modalities (always stated with results)."""

@@ -2,6 +2,10 @@
 cut-off, failure + retry, streaming aggregation (eq. 15), projection exchange (eq. 16),
 checkpoints and resume. Plain Python, no network: the gRPC servicer is a thin shell on top.
 
+With a `CalibrationStep`, round total_rounds+1 is a calibration round (server/calibration_round.py):
+clients holding images send feature statistics instead of weights, the server fits the
+image-only last layers once, and that commit completes the run.
+
 Round r trains from the global model of round r-1 (round 0 = the initial model). A failed or
 interrupted attempt of round r is retried as a new attempt of the same round, from the same
 input model, so no round is ever counted twice.
@@ -23,6 +27,7 @@ import torch
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
+from crossfed.server.calibration_round import CalibrationStep, StatsSum
 from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
 from crossfed.server.errors import (
     AlreadyUploadedError,
@@ -76,10 +81,12 @@ ACTION_WAIT = 1
 ACTION_TRAIN = 2
 ACTION_DONE = 3
 ACTION_REGISTER = 4
+ACTION_CALIBRATE = 5
 
 # Modalities (crossfed.v1.ModalityConfig).
 MODALITY_UNSPECIFIED = 0
 _VALID_MODALITIES = {1, 2, 3}
+_IMAGE_MODALITIES = {1, 3}  # BOTH, IMAGE_ONLY
 
 _LAST_SEEN_PERSIST_S = 5.0
 # A client whose update is in is needed again the moment the round commits, so it polls
@@ -126,6 +133,7 @@ class UploadTicket:
     module_samples: dict[str, int]
     weights: dict[str, float]
     spec: Mapping[str, TensorSlot]
+    calibration: bool = False  # statistics for the calibration round, not weights
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,14 @@ class _OpenRound:
     min_reached_at: float | None = None
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weights: dict[str, float] = field(default_factory=dict)
+    stats: StatsSum | None = None  # set for the calibration round (which folds no weights)
+
+
+def holds_images(client: ClientRecord) -> bool:
+    """Whether a client registered rows with an image (what the calibration round needs)."""
+    if client.num_paired or client.num_image_only or client.num_text_only:
+        return client.num_paired + client.num_image_only > 0
+    return client.modality in _IMAGE_MODALITIES
 
 
 class RoundEngine:
@@ -169,9 +185,11 @@ class RoundEngine:
         noise_hook: ProjectionNoiseHook | None = None,
         central_dp: CentralDP | None = None,
         central_dp_delta: float = 1e-5,
+        calibration: CalibrationStep | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
+        self.calibration = calibration
         self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
         self.checkpoints = checkpoints
@@ -306,6 +324,15 @@ class RoundEngine:
     def _next_round(self) -> int:
         return self._run.last_committed_round + 1
 
+    def _final_round(self) -> int:
+        """The round whose commit completes the run: the last training round, or the
+        calibration round after it."""
+        return self._run.total_rounds + (1 if self.calibration is not None else 0)
+
+    def is_calibration_round(self, round_no: int) -> bool:
+        """Whether ``round_no`` is the run's calibration round (none without calibration)."""
+        return self.calibration is not None and round_no == self._run.total_rounds + 1
+
     def _attempts_of(self, round_no: int) -> list[RoundRecord]:
         return [r for r in self.store.list_rounds() if r.round == round_no]
 
@@ -437,6 +464,17 @@ class RoundEngine:
                 )
             opened = self._open
             if opened is not None and client_id in opened.record.selected:
+                if client_id not in opened.uploaders and opened.stats is not None:
+                    return NextAction(
+                        ACTION_CALIBRATE,
+                        round=opened.record.round,
+                        attempt=opened.record.attempt,
+                        poll_after_ms=poll,
+                        deadline_unix_s=opened.record.deadline_unix_s,
+                        run_state=run.state,
+                        message=f"send calibration statistics of the final model (round "
+                        f"{opened.record.round}, attempt {opened.record.attempt})",
+                    )
                 if client_id not in opened.uploaders:
                     return NextAction(
                         ACTION_TRAIN,
@@ -522,6 +560,19 @@ class RoundEngine:
             self.policy = policy
             message = " ".join(f"{k}={v}" for k, v in changed.items()) or "no change"
             self._event("policy_updated", round_no=last, message=message)
+            opened = self._open
+            if opened is not None and (opened.stats is not None) != self.is_calibration_round(
+                opened.record.round
+            ):
+                # the open round changed kind (calibration <-> training): drop it uncounted,
+                # the next tick opens the right one from the same input model
+                opened.record.counts_as_retry = False
+                self._fail_open_locked(
+                    f"rounds changed to {policy.total_rounds} while round "
+                    f"{opened.record.round} was open; it is re-run as a "
+                    f"{'training' if opened.stats is not None else 'calibration'} round",
+                    retry=False,
+                )
             return self.run
 
     def stop(self, reason: str = "") -> RunRecord:
@@ -552,14 +603,17 @@ class RoundEngine:
         # a paused run still closes its open round (commit/fail); it only opens no new one
         if run.state != RUN_RUNNING and not (run.state == RUN_PAUSED and self._open is not None):
             return
-        if run.last_committed_round >= run.total_rounds:
+        if run.last_committed_round >= self._final_round():
             self._set_run_state(RUN_COMPLETED, f"all {run.total_rounds} rounds committed")
             return
         now = self.clock()
         if self._open is None:
             available = [c.client_id for c in self._clients.values() if self._online(c, now)]
             if len(available) >= self.policy.min_clients:
-                self._open_round_locked(available, now)
+                if self.is_calibration_round(self._next_round()):
+                    self._open_calibration_locked(available, now)
+                else:
+                    self._open_round_locked(available, now)
                 return
             if self._waiting_since is None:
                 self._waiting_since = now
@@ -569,6 +623,7 @@ class RoundEngine:
         opened = self._open
         received = len(opened.uploaders)
         selected = len(opened.record.selected)
+        needed = self._min_uploads(opened)
         if received >= selected:
             self._commit_locked("every selected client uploaded")
         elif self.policy.straggler_fraction < 1.0 and self.policy.enough_to_close(
@@ -579,7 +634,7 @@ class RoundEngine:
                 f"(straggler_fraction={self.policy.straggler_fraction:g})"
             )
         elif (
-            received >= self.policy.min_clients
+            received >= needed
             and self.policy.wait_after_min_s is not None
             and opened.min_reached_at is not None
             and now - opened.min_reached_at >= self.policy.wait_after_min_s
@@ -589,19 +644,44 @@ class RoundEngine:
                 f"{self.policy.wait_after_min_s:g} s after min_clients was reached"
             )
         elif now >= opened.record.deadline_unix_s:
-            if received >= self.policy.min_clients:
+            if received >= needed:
                 self._commit_locked(f"deadline: {received}/{selected} uploaded")
             else:
                 self._fail_open_locked(
-                    f"deadline passed with {received} upload(s); min_clients is "
-                    f"{self.policy.min_clients}",
+                    f"deadline passed with {received} upload(s); {needed} needed",
                     retry=True,
                 )
 
-    def _open_round_locked(self, available: list[str], now: float) -> None:
+    def _min_uploads(self, opened: _OpenRound) -> int:
+        """Uploads a round needs to commit: min_clients, or for the calibration round (whose
+        selection is every online client holding images) at most that many."""
+        if opened.stats is not None:
+            return min(self.policy.min_clients, len(opened.record.selected))
+        return self.policy.min_clients
+
+    def _open_calibration_locked(self, available: list[str], now: float) -> None:
+        """Open the calibration round for every online client holding images; none: the
+        run completes with the last training round's model, uncalibrated."""
+        holders = sorted(cid for cid in available if holds_images(self._clients[cid]))
+        if not holders:
+            self._skip_calibration_locked(
+                f"none of the {len(available)} online client(s) holds images"
+            )
+            return
+        self._open_round_locked(holders, now, calibration=True)
+
+    def _skip_calibration_locked(self, why: str) -> None:
+        self._set_run_state(
+            RUN_COMPLETED,
+            f"all {self._run.total_rounds} rounds committed; image-only calibration skipped: {why}",
+        )
+
+    def _open_round_locked(
+        self, available: list[str], now: float, calibration: bool = False
+    ) -> None:
         round_no = self._next_round()
         attempt = 1 + max((r.attempt for r in self._attempts_of(round_no)), default=0)
-        selected = self.policy.select(available, round_no, attempt)
+        selected = available if calibration else self.policy.select(available, round_no, attempt)
         record = RoundRecord(
             round=round_no,
             attempt=attempt,
@@ -616,16 +696,19 @@ class RoundEngine:
             fedavg=StreamingFedAvg(
                 self._global, self.module_of, self.central_dp, _central_dp_generator()
             ),
+            stats=StatsSum(self.calibration.spec) if calibration and self.calibration else None,
         )
         self._waiting_since = None
         for cid in selected:
             client = self._clients[cid]
             client.state = CLIENT_SELECTED
             self._save_client(client)
+        kind = "calibration, " if calibration else ""
         self._event(
             "round_started",
             round_no=round_no,
-            message=f"attempt {attempt}: selected {len(selected)} of {len(available)} online",
+            message=f"{kind}attempt {attempt}: selected {len(selected)} of {len(available)} "
+            + ("online holding images" if calibration else "online"),
             values={"attempt": float(attempt), "selected": float(len(selected))},
         )
 
@@ -685,7 +768,9 @@ class RoundEngine:
             log.error("could not read the attempts of round %d: %s", round_no, exc)
             attempts = []
         failures = sum(1 for r in attempts if r.state == ROUND_FAILED and r.counts_as_retry)
-        if failures >= self.policy.max_round_attempts:
+        if failures >= self.policy.max_round_attempts and self.is_calibration_round(round_no):
+            self._skip_calibration_locked(f"it failed {failures} time(s); last reason: {message}")
+        elif failures >= self.policy.max_round_attempts:
             self._set_run_state(
                 RUN_FAILED,
                 f"round {round_no} failed {failures} time(s) (max_round_attempts="
@@ -718,8 +803,12 @@ class RoundEngine:
         # the serialized input model is not needed any more (a late download reloads it from
         # its checkpoint): dropping it first keeps the commit's peak memory lower
         self._global_bytes = None
-        new_state = opened.fedavg.result()
-        pending = self._projections
+        if opened.stats is not None:
+            new_state, reason = self._calibrated_state_locked(opened.stats, reason)
+            pending = None  # late projections of the last training round stay unpublished
+        else:
+            new_state = opened.fedavg.result()
+            pending = self._projections
         published: tuple[int, bytes] | None = None
         try:
             # pruned only after the DB commit: a kill in between must find the last committed
@@ -771,7 +860,7 @@ class RoundEngine:
         self._global_bytes = None
         for cid in opened.uploaders:
             client = self._clients[cid]
-            client.rounds_completed += 1
+            client.rounds_completed += 1 if opened.stats is None else 0
             client.last_round = record.round
         self._release_clients(record.selected)
         for cid in opened.uploaders:
@@ -786,11 +875,35 @@ class RoundEngine:
                 "num_samples": float(record.num_samples),
                 "aggregate_s": time.perf_counter() - started,
                 **record.metrics,
-                **self._central_dp_values(opened.fedavg, record.round),
+                **({} if opened.stats else self._central_dp_values(opened.fedavg, record.round)),
             },
         )
-        if self._run.last_committed_round >= self._run.total_rounds:
-            self._set_run_state(RUN_COMPLETED, f"all {self._run.total_rounds} rounds committed")
+        if self._run.last_committed_round >= self._final_round():
+            done = f"all {self._run.total_rounds} rounds committed"
+            self._set_run_state(
+                RUN_COMPLETED, f"{done}; calibration: {reason}" if opened.stats else done
+            )
+
+    def _calibrated_state_locked(
+        self, stats: StatsSum, reason: str
+    ) -> tuple[dict[str, torch.Tensor], str]:
+        """The calibration round's new global model and commit message: the fitted model
+        when it validates against the global spec, else the last training round's model."""
+        assert self.calibration is not None
+        started = time.perf_counter()
+        fitted = self.calibration.fit(self._global, stats.result())
+        took = f"{time.perf_counter() - started:.1f} s"
+        if fitted is None:
+            return dict(self._global), f"{reason}; too few classes, left uncalibrated ({took})"
+        try:
+            validate_update(fitted, self._spec, what="calibrated model")
+        except InvalidUpdateError as exc:
+            log.error("calibration produced an unusable model: %s", exc)
+            return dict(self._global), f"{reason}; the fit failed ({exc}), left uncalibrated"
+        return fitted, (
+            f"{reason}; image-only last layers fitted on statistics of "
+            f"{stats.contributors} client(s) ({took})"
+        )
 
     def _central_dp_values(self, fedavg: StreamingFedAvg, round_no: int) -> dict[str, float]:
         """Central-DP figures of a commit: clipped updates and epsilon after `round_no` rounds
@@ -897,7 +1010,12 @@ class RoundEngine:
                     f"num_samples={num_samples} exceeds the {client.num_samples} samples this "
                     "client registered"
                 )
-            weights = module_weights_of(num_samples, module_samples, opened.fedavg.modules)
+            calibration = opened.stats is not None and self.calibration is not None
+            weights = (
+                {}
+                if calibration
+                else module_weights_of(num_samples, module_samples, opened.fedavg.modules)
+            )
             return UploadTicket(
                 client_id=client_id,
                 upload_id=upload_id,
@@ -906,7 +1024,8 @@ class RoundEngine:
                 num_samples=num_samples,
                 module_samples=dict(module_samples),
                 weights=weights,
-                spec=self._spec,
+                spec=self.calibration.spec if calibration and self.calibration else self._spec,
+                calibration=calibration,
             )
 
     def _require_open(self, round_no: int) -> _OpenRound:
@@ -936,6 +1055,9 @@ class RoundEngine:
         """Validate the decoded update fully, then (and only then) fold it into the sum."""
         try:
             validate_update(tensors, ticket.spec)
+            if ticket.calibration:
+                assert self.calibration is not None
+                self.calibration.check(tensors, ticket.num_samples)
         except InvalidUpdateError as exc:
             self._event("upload_rejected", ticket.round, ticket.client_id, str(exc))
             raise
@@ -970,7 +1092,10 @@ class RoundEngine:
             if not self.store.add_upload(upload):
                 return UploadOutcome(True, True, f"upload {ticket.upload_id} already counted")
             fold_started = time.perf_counter()
-            opened.fedavg.add(tensors, ticket.weights, ticket.num_samples)
+            if opened.stats is not None:
+                opened.stats.add(tensors)
+            else:
+                opened.fedavg.add(tensors, ticket.weights, ticket.num_samples)
             fold_s = time.perf_counter() - fold_started
             opened.uploaders[ticket.client_id] = ticket.upload_id
             for key, value in (metrics or {}).items():
@@ -986,7 +1111,7 @@ class RoundEngine:
             client = self._clients[ticket.client_id]
             client.state = CLIENT_UPLOADED
             now = self.clock()
-            if opened.min_reached_at is None and record.received >= self.policy.min_clients:
+            if opened.min_reached_at is None and record.received >= self._min_uploads(opened):
                 opened.min_reached_at = now
             # The update is counted (its upload row is stored, the sum holds it): progress
             # records below are best effort, the commit writes the round record again.
@@ -1076,6 +1201,10 @@ class RoundEngine:
             raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
         opened = self._open
         if opened is not None and opened.record.round == round_no:
+            if opened.stats is not None:
+                raise WrongRoundError(
+                    f"round {round_no} is the calibration round; it exchanges no projections"
+                )
             if client_id not in opened.record.selected:
                 raise NotSelectedError(
                     f"client {client_id!r} was not selected for round {round_no}"

@@ -16,9 +16,11 @@ from crossfed.common.crypto.identity import RequestVerifier
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
 from crossfed.server.admin_servicer import AdminServicer, ensure_admin_credential
 from crossfed.server.aggregation import CentralDP
+from crossfed.server.calibration_round import CalibrationStep, ccvr_calibration_step
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.coordinator_servicer import CoordinatorServicer
 from crossfed.server.credential_store import SqliteCredentialStore
+from crossfed.server.errors import ConfigurationError
 from crossfed.server.grpc_server import RunningServer, start_grpc_server
 from crossfed.server.metrics import ServerMetrics
 from crossfed.server.model_bootstrap import build_initial_model, model_config_digest
@@ -94,6 +96,18 @@ def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
     return CentralDP(privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
 
 
+def calibration_step_from_config(config: ServerConfig, model_source: str) -> CalibrationStep | None:
+    """The calibration round after the last training round, when the model asks for it."""
+    if not config.model.calibrate_image_classifier:
+        return None
+    if model_source != "CrossModalNet":
+        raise ConfigurationError(
+            "model.calibrate_image_classifier needs the real network; the stand-in model has "
+            "no calibration layers"
+        )
+    return ccvr_calibration_step(config.model, config.seed)
+
+
 def round_policy_from_config(config: ServerConfig, auto_start: bool = True) -> RoundPolicy:
     """Map the config's `rounds` section onto the engine's policy."""
     rounds = config.rounds
@@ -153,6 +167,7 @@ class CoordinatorServer:
             epsilon_budget=epsilon_budget,
             central_dp=central_dp_from_config(config),
             central_dp_delta=config.privacy.delta,
+            calibration=calibration_step_from_config(config, model.source),
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)

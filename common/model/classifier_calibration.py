@@ -22,16 +22,20 @@ sec. 3). CCVR fixes the last layers after federated training:
 Per-class statistics of two 128-wide hidden layers are 2 x C x (1 + h + h^2) floats per
 client (12 classes: ~400k float64, ~3 MB), sent once after the last round; they reveal class-conditional feature moments (like eq. 16's class
 means, plus second moments), not samples. The in-process simulation
-(benchmarks/quality/federated_simulation.py) runs this step; the gRPC coordinator does not yet
-have a calibration round. See `ModelConfig.calibrate_image_classifier` for the measured effect.
+(benchmarks/quality/federated_simulation.py) and the coordinator's calibration round
+(server/calibration_round.py, after the last training round) run this step; on the wire the
+statistics travel as the tensors of `stats_to_tensors`. See
+`ModelConfig.calibrate_image_classifier` for the measured effect.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelInputError
 from crossfed.common.model.network import CrossModalNet
 from torch import nn
@@ -118,18 +122,26 @@ def image_only_hidden(model: CrossModalNet, f_i: torch.Tensor) -> torch.Tensor:
     return model.fusion.forward_views(f_t, f_i, ~has_i, has_i, rec_t, torch.zeros_like(f_i))
 
 
+def empty_stats(model: CrossModalNet) -> CalibrationStats:
+    """All-zero statistics of the right shapes (what a client that declines sends)."""
+    c, no_rows = model.config.num_classes, torch.zeros(0, dtype=torch.long)
+    last = _body_and_last(model.image_classifier)[1]
+    return CalibrationStats(
+        class_stats(torch.zeros(0, last.in_features), no_rows, c),
+        class_stats(torch.zeros(0, model.head.in_features), no_rows, c),
+    )
+
+
 @torch.no_grad()
 def image_only_stats(
     model: CrossModalNet, data: EmbeddingSet, batch_size: int = 4096
 ) -> CalibrationStats:
     """Client side: per-class stats of both image-only last-layer inputs on the rows of
     `data` holding an image (their text, if any, hidden as at image-only inference)."""
-    body, last = _body_and_last(model.image_classifier)
+    body, _ = _body_and_last(model.image_classifier)
     c = model.config.num_classes
     rows = data.has_image.nonzero().squeeze(1)
-    zero_cls = class_stats(torch.zeros(0, last.in_features), rows[:0], c)
-    zero_head = class_stats(torch.zeros(0, model.head.in_features), rows[:0], c)
-    out = CalibrationStats(zero_cls, zero_head)
+    out = empty_stats(model)
     was_training = model.training
     model.eval()
     try:
@@ -208,3 +220,75 @@ def calibrate_image_only(
             cal.bias.copy_(layer.bias)
             cal.ready.fill_(True)
     return True
+
+
+_PARTS = ("classifier", "head")
+_FIELDS = ("count", "sum", "outer")
+
+
+def stats_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Wire names and shapes of a client's calibration statistics (all float64): for each
+    last layer ("classifier", "head"), ``<part>.count`` [C], ``.sum`` [C, h], ``.outer``
+    [C, h, h], with h the width both last layers read (`CrossModalNet` hidden_dim)."""
+    c, h = config.num_classes, config.hidden_dim
+    shapes = {"count": (c,), "sum": (c, h), "outer": (c, h, h)}
+    return {f"{part}.{name}": shapes[name] for part in _PARTS for name in _FIELDS}
+
+
+def stats_to_tensors(stats: CalibrationStats) -> dict[str, torch.Tensor]:
+    """The tensors a client uploads in the calibration round (names of `stats_shapes`)."""
+    out: dict[str, torch.Tensor] = {}
+    for part, fs in zip(_PARTS, (stats.classifier, stats.head), strict=True):
+        for name, tensor in zip(_FIELDS, (fs.count, fs.total, fs.outer), strict=True):
+            out[f"{part}.{name}"] = tensor.to(torch.float64).contiguous()
+    return out
+
+
+def stats_from_tensors(tensors: Mapping[str, torch.Tensor]) -> CalibrationStats:
+    """Inverse of `stats_to_tensors` (shapes checked by `FeatureStats`)."""
+    missing = sorted(f"{p}.{n}" for p in _PARTS for n in _FIELDS if f"{p}.{n}" not in tensors)
+    if missing:
+        raise ModelInputError(f"calibration statistics lack {', '.join(missing)}")
+    parts = [
+        FeatureStats(*(tensors[f"{part}.{name}"].to(torch.float64) for name in _FIELDS))
+        for part in _PARTS
+    ]
+    return CalibrationStats(parts[0], parts[1])
+
+
+def check_client_stats(tensors: Mapping[str, torch.Tensor], num_samples: int) -> None:
+    """Plausibility of one client's statistics before the server adds them: whole,
+    non-negative counts that add up to the ``num_samples`` it declared (<= what it
+    registered, so one client cannot outweigh the rest) in both parts, and sums of outer
+    products with a non-negative diagonal. Raises `ModelInputError` naming the problem."""
+    stats = stats_from_tensors(tensors)
+    for part, fs in zip(_PARTS, (stats.classifier, stats.head), strict=True):
+        count = fs.count
+        if bool((count < 0).any()) or not torch.equal(count, count.round()):
+            raise ModelInputError(f"{part}.count must hold whole numbers >= 0")
+        if int(count.sum()) != num_samples:
+            raise ModelInputError(
+                f"{part}.count adds up to {int(count.sum())} rows but the upload declares "
+                f"num_samples={num_samples}"
+            )
+        if bool((fs.outer.diagonal(dim1=1, dim2=2) < 0).any()):
+            raise ModelInputError(f"{part}.outer has a negative diagonal (not a sum of squares)")
+        empty = count == 0
+        if bool(fs.total[empty].any()) or bool(fs.outer[empty].any()):
+            raise ModelInputError(f"{part}: a class with count 0 has non-zero sums")
+
+
+def calibrated_state(
+    config: ModelConfig,
+    global_state: Mapping[str, torch.Tensor],
+    stats: CalibrationStats,
+    seed: int = 0,
+) -> dict[str, torch.Tensor] | None:
+    """Server side of the calibration round: the global shareable state with its
+    calibration layers fitted on ``stats`` (`calibrate_image_only`), or None when fewer
+    than two classes have statistics (the model is left uncalibrated)."""
+    model = CrossModalNet(config)
+    model.load_shareable_state_dict(global_state)
+    if not calibrate_image_only(model, stats, seed=seed):
+        return None
+    return model.shareable_state_dict()

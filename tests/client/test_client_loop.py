@@ -53,6 +53,7 @@ class FakeServer:
     upload_headers: list[coordinator_pb2.UploadHeader] = field(default_factory=list)
     exchanges: list[int] = field(default_factory=list)
     decrypt: object = None
+    calibration_round: int | None = None  # answered with ACTION_CALIBRATE
 
     def current_round(self) -> int | None:
         done = {r for r, _ in self.counted}
@@ -93,8 +94,13 @@ class FakeTransport:
         current = self.server.current_round()
         if current is None:
             return coordinator_pb2.HeartbeatResponse(action=coordinator_pb2.ACTION_DONE)
+        action = (
+            coordinator_pb2.ACTION_CALIBRATE
+            if current == self.server.calibration_round
+            else coordinator_pb2.ACTION_TRAIN
+        )
         return coordinator_pb2.HeartbeatResponse(
-            action=coordinator_pb2.ACTION_TRAIN, round=current, upload_public_key=self.server.key
+            action=action, round=current, upload_public_key=self.server.key
         )
 
     def download(
@@ -179,6 +185,7 @@ class FakeWorker:
     prototypes: bytes | None = None
     projection_calls: int = 0
     registered: list[Registered] = field(default_factory=list)
+    calibrated: list[int] = field(default_factory=list)
 
     def registration(self) -> Registration:
         return Registration(
@@ -204,6 +211,10 @@ class FakeWorker:
             module_samples={"mapper": 4},
             metrics={"loss": 1.0 / (1 + len(self.trained))},
         )
+
+    def calibration_stats(self, round_id: int) -> LocalUpdate:
+        self.calibrated.append(round_id)
+        return LocalUpdate(payload=b"stats-" + self.loaded[round_id], num_samples=7)
 
     def projections(self, round_id: int) -> ProjectionUpload | None:
         self.projection_calls += 1
@@ -263,6 +274,20 @@ def test_happy_path_trains_every_round_and_exits_on_done() -> None:
     assert server.client_id_seen and all(c == "c-7" for c in server.client_id_seen)
     assert server.upload_headers[0].module_samples["mapper"] == 4
     assert server.upload_headers[0].num_samples == 10
+
+
+def test_calibration_round_sends_statistics_of_the_final_model_without_exchange() -> None:
+    server = FakeServer(rounds=[1, 2, 3], calibration_round=3)
+    loop, worker, _, reports = _loop(server)
+    stats = loop.run()
+    assert worker.trained == [1, 2] and worker.calibrated == [3]
+    assert worker.loaded[3] == _model_payload(3)  # downloaded like a training round
+    counted = {r: payload for (r, _), payload in server.counted.items()}
+    assert counted[3] == b"stats-" + _model_payload(3)
+    assert server.exchanges == [1, 2]  # no projections in the calibration round
+    assert server.upload_headers[-1].num_samples == 7
+    assert not server.upload_headers[-1].module_samples
+    assert stats.rounds_completed == [1, 2, 3] and reports[-1].round_id == 3
 
 
 def test_global_prototypes_reach_the_next_local_training() -> None:

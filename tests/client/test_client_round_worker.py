@@ -205,3 +205,33 @@ def test_dp_sgd_stops_before_a_round_would_pass_the_epsilon_budget(tmp_path: Pat
     with pytest.raises(PrivacyBudgetExhaustedError, match="budget 3.5 reached"):
         worker.train(2, local_epochs=1)
     assert (tmp_path / "dp_sgd_accountant.json").read_text() == ledger  # nothing spent
+
+
+def test_calibration_stats_cover_the_image_rows_and_decline_under_dp_sgd(
+    tmp_path: Path,
+) -> None:
+    """The calibration round's upload: statistics of the loaded model on the rows holding an
+    image (num_samples = those rows); a DP-SGD client sends zeros, and a model without
+    calibration layers cannot be asked for them."""
+    from crossfed.common.model.classifier_calibration import stats_shapes
+
+    config = CONFIG.model_copy(update={"calibrate_image_classifier": True})
+    for modality, rows in ((ClientModality.BOTH, 30), (ClientModality.TEXT_ONLY, 0)):
+        worker = _worker(modality, tmp_path / modality.value)
+        worker.on_registered(Registered("c", "r", 1, config.model_dump_json(), 1.0, 1024))
+        worker.load_global(3, encode_tensors(CrossModalNet(config).shareable_state_dict()))
+        update = worker.calibration_stats(3)
+        sent = decode_tensors(update.payload)
+        assert {k: tuple(v.shape) for k, v in sent.items()} == stats_shapes(config)
+        assert update.num_samples == rows == int(sent["head.count"].sum())
+        assert bool(sent["head.outer"].any()) == (rows > 0)
+
+    private = _worker(ClientModality.BOTH, tmp_path / "dp", PrivacyConfig(dp_sgd=True))
+    private.on_registered(Registered("c", "r", 1, config.model_dump_json(), 1.0, 1024))
+    update = private.calibration_stats(3)
+    assert update.num_samples == 0
+    assert not any(bool(t.any()) for t in decode_tensors(update.payload).values())
+
+    plain = _worker(ClientModality.BOTH, tmp_path / "plain")
+    with pytest.raises(ModelMismatchError, match="calibration"):
+        plain.calibration_stats(3)

@@ -144,7 +144,9 @@ class Federation:
         return "\n".join(parts)
 
 
-def _start_server(root: Path, *flags: str, exit_when_done: bool = True) -> Federation:
+def _start_server(
+    root: Path, *flags: str, exit_when_done: bool = True, env: dict[str, str] | None = None
+) -> Federation:
     port = _free_port()
     log_path = root / "server.log"
     server = subprocess.Popen(
@@ -169,7 +171,7 @@ def _start_server(root: Path, *flags: str, exit_when_done: bool = True) -> Feder
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env={**_env(), **(env or {})},
     )
     return Federation(root, port, server, log_path)
 
@@ -232,6 +234,67 @@ def test_three_modality_clients_federate_and_global_accuracy_rises(
     # model aggregated from everyone's updates.
     assert sum(last) / 3 > sum(first) / 3 + 0.15, (first, last)
     assert all(b > a for a, b in zip(first, last, strict=True)), (first, last)
+
+
+def _image_only_accuracy(state: dict[str, torch.Tensor], shards: list[Path]) -> float:
+    from crossfed.common.data.embeddings import EmbeddingSet
+    from crossfed.common.model.model_config import ModelConfig
+    from crossfed.common.model.network import CrossModalNet
+
+    model = CrossModalNet(ModelConfig(calibrate_image_classifier=True))
+    model.load_shareable_state_dict(state)
+    model.eval()
+    correct = total = 0
+    for path in shards:
+        data = EmbeddingSet.load(path)
+        with torch.no_grad():
+            logits = model.predict(None, data.image)  # Table I image-only path
+        correct += int((logits.argmax(1) == data.labels).sum())
+        total += len(data)
+    return correct / total
+
+
+def test_calibration_round_after_training_fits_the_image_only_layers(
+    shards: list[Path], tmp_path: Path
+) -> None:
+    """With model.calibrate_image_classifier the run ends with a calibration round: the two
+    clients holding images send statistics of the final model, the server fits the image-only
+    last layers, and that model is the run's last checkpoint."""
+    from crossfed.server.checkpoints import CheckpointStore
+    from crossfed.server.server_app import CHECKPOINT_DIR
+
+    rounds = 2
+    fed = _start_server(
+        tmp_path,
+        "--rounds",
+        str(rounds),
+        "--min-clients",
+        "3",
+        "--round-deadline-s",
+        "90",
+        env={"CROSSFED_MODEL__CALIBRATE_IMAGE_CLASSIFIER": "true"},
+    )
+    clients = {
+        modality: fed.start_client(modality, shard)
+        for modality, shard in zip(MODALITIES, shards, strict=True)
+    }
+    codes = _wait({**clients, "server": fed.server}, fed)
+    assert codes == {"text_only": 0, "image_only": 0, "both": 0, "server": 0}, fed.diagnostics()
+    for modality in MODALITIES:
+        expected = [1, 2] if modality == "text_only" else [1, 2, 3]
+        assert [r["round"] for r in fed.rounds_of(modality)] == expected, fed.diagnostics()
+        assert all(r["encrypted"] for r in fed.rounds_of(modality))
+    store = CheckpointStore(tmp_path / "server" / CHECKPOINT_DIR, keep_last=10)
+    trained, calibrated = store.load(rounds), store.load(rounds + 1)
+    assert not bool(trained["image_calibration.ready"])
+    assert bool(calibrated["image_calibration.ready"]) and bool(
+        calibrated["head_calibration.ready"]
+    )
+    shared = [k for k in trained if "_calibration." not in k]
+    assert all(torch.equal(trained[k], calibrated[k]) for k in shared)
+    before = _image_only_accuracy(trained, shards)
+    after = _image_only_accuracy(calibrated, shards)
+    assert after > 0.5 and after >= before - 0.02, (before, after)
 
 
 def _admin(fed: Federation, *args: str, tolerate: bool = False) -> object:

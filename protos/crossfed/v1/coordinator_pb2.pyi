@@ -15,11 +15,13 @@ class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTION_TRAIN: _ClassVar[Action]
     ACTION_DONE: _ClassVar[Action]
     ACTION_REGISTER: _ClassVar[Action]
+    ACTION_CALIBRATE: _ClassVar[Action]
 ACTION_UNSPECIFIED: Action
 ACTION_WAIT: Action
 ACTION_TRAIN: Action
 ACTION_DONE: Action
 ACTION_REGISTER: Action
+ACTION_CALIBRATE: Action
 
 class EnrollRequest(_message.Message):
     __slots__ = ("enrollment_token", "requested_client_id")

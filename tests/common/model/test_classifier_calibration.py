@@ -11,8 +11,13 @@ from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.classifier_calibration import (
     FeatureStats,
     calibrate_image_only,
+    calibrated_state,
+    check_client_stats,
     image_only_hidden,
     image_only_stats,
+    stats_from_tensors,
+    stats_shapes,
+    stats_to_tensors,
 )
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelInputError
@@ -159,3 +164,46 @@ def test_flag_off_has_no_calibration_layer_and_same_initialisation() -> None:
     assert all(torch.equal(v, on_state[k]) for k, v in off_state.items())
     with pytest.raises(ModelInputError, match="no calibration layers"):
         calibrate_image_only(off, image_only_stats(off, clustered(30, 0)))
+
+
+def test_wire_statistics_roundtrip_match_the_spec_and_are_checked() -> None:
+    """What a client uploads in the calibration round: the tensors of `stats_shapes`, whole
+    counts adding up to the rows it declares, and nothing for classes it does not hold."""
+    model = CrossModalNet(CFG).eval()
+    data = clustered(20, 4, labels=torch.tensor([0, 1] * 10))  # class 2 absent
+    tensors = stats_to_tensors(image_only_stats(model, data))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == stats_shapes(CFG)
+    assert all(v.dtype == torch.float64 for v in tensors.values())
+    back = stats_from_tensors(tensors)
+    assert torch.equal(back.head.outer, tensors["head.outer"])
+    check_client_stats(tensors, 20)
+    with pytest.raises(ModelInputError, match="adds up to 20"):
+        check_client_stats(tensors, 21)
+    bad = {**tensors, "classifier.count": tensors["classifier.count"] + 0.5}
+    with pytest.raises(ModelInputError, match="whole numbers"):
+        check_client_stats(bad, 20)
+    ghost = dict(tensors)
+    ghost["head.sum"] = ghost["head.sum"].clone()
+    ghost["head.sum"][2] = 1.0  # sums for a class with count 0
+    with pytest.raises(ModelInputError, match="count 0"):
+        check_client_stats(ghost, 20)
+    negative = dict(tensors)
+    negative["classifier.outer"] = -negative["classifier.outer"]
+    with pytest.raises(ModelInputError, match="negative diagonal"):
+        check_client_stats(negative, 20)
+    with pytest.raises(ModelInputError, match="lack"):
+        stats_from_tensors({k: v for k, v in tensors.items() if k != "head.count"})
+
+
+def test_server_fit_marks_the_layers_ready_and_keeps_the_rest() -> None:
+    torch.manual_seed(1)
+    model = CrossModalNet(CFG).eval()
+    state = model.shareable_state_dict()
+    fitted = calibrated_state(CFG, state, image_only_stats(model, clustered(60, 5)))
+    assert fitted is not None and set(fitted) == set(state)
+    assert bool(fitted["image_calibration.ready"]) and bool(fitted["head_calibration.ready"])
+    assert not torch.equal(fitted["image_calibration.weight"], state["image_calibration.weight"])
+    untouched = [k for k in state if not k.split(".")[0].endswith("_calibration")]
+    assert all(torch.equal(fitted[k], state[k]) for k in untouched)
+    one_class = clustered(10, 6, labels=torch.zeros(10, dtype=torch.long))
+    assert calibrated_state(CFG, state, image_only_stats(model, one_class)) is None
