@@ -367,10 +367,15 @@ def status(ctx: typer.Context, json_output: JsonOpt = False) -> None:
         table.add_column(style="bold")
         table.add_column()
         table.add_row("run", f"{data['run_id']} ({data['run_state']})")
+        current, total = data["current_round"], data["total_rounds"]
         table.add_row(
             "round",
-            f"{data['current_round']} of {data['total_rounds']} "
-            f"(last committed {data['last_committed_round']})",
+            (
+                f"{current}: calibration after {total} rounds"
+                if current > total
+                else f"{current} of {total}"
+            )
+            + f" (last committed {data['last_committed_round']})",
         )
         clients = data["clients_by_state"]
         table.add_row("clients", " ".join(f"{k}={v}" for k, v in sorted(clients.items())) or "none")

@@ -647,9 +647,13 @@ class RoundEngine:
             if received >= needed:
                 self._commit_locked(f"deadline: {received}/{selected} uploaded")
             else:
+                why = (
+                    f"min_clients is {needed}"
+                    if needed == self.policy.min_clients
+                    else f"{needed} needed (every selected client)"
+                )
                 self._fail_open_locked(
-                    f"deadline passed with {received} upload(s); {needed} needed",
-                    retry=True,
+                    f"deadline passed with {received} upload(s); {why}", retry=True
                 )
 
     def _min_uploads(self, opened: _OpenRound) -> int:

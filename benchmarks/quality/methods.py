@@ -122,7 +122,7 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         FederatedMethod(
             "ours_calibrated",
             "ours + CCVR refit of the image-only last layers after the last round "
-            "(simulation only: no live calibration round yet)",
+            "(opt-in: model.calibrate_image_classifier)",
             _fields(calibrate_image_classifier=True),
             "ours",
             True,

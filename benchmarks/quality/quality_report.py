@@ -280,7 +280,7 @@ def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
                 ("best_baseline", "best baseline", "s--"),
                 ("fed_ceiling", "federated unimodal ceiling", "v-."),
                 ("ceiling", "unimodal ceiling (central)", "^:"),
-                *((m, f"{m} (simulation only)", "d:") for m in VARIANTS),
+                *((m, f"{m} (opt-in)", "d:") for m in VARIANTS),
             ):
                 pts: list[tuple[float, MeanStd]] = []
                 for r in rs:

@@ -68,8 +68,8 @@ Changes to the method relative to the paper (each explained in the module docstr
   headline 0.991 → 0.995. A label carried only by the interaction of the modalities leaves the
   unimodal posteriors flat, so the fusion head still decides there (unit test: (text class +
   image class) mod 3). Ablation `no_paired_ensemble`.
-- **CCVR calibration of the image-only path: reported as the variant `ours_calibrated`, not
-  part of ours** (`ModelConfig.calibrate_image_classifier`, default off; not in the paper;
+- **CCVR calibration of the image-only path: reported as the variant `ours_calibrated`, an
+  opt-in beside ours** (`ModelConfig.calibrate_image_classifier`, default off; not in the paper;
   CCVR is Luo et al., NeurIPS 2021). Image-only accuracy was
   held back by client drift under label skew, not by the missing text: the federated
   image-only ceiling matched the baselines, and an oracle refit of the image classifier's last
@@ -82,8 +82,13 @@ Changes to the method relative to the paper (each explained in the module docstr
   (refitting the shared image classifier layer in place cost paired inputs 0.4 points).
   Headline: image-only 0.745 -> 0.763 (image classifier alone 0.762), text-only and paired
   unchanged; per-client rate 0.5 α 0.5: 0.739 -> 0.766; per-sample rate 0.7 α 0.1: 0.714 ->
-  0.756. Only the in-process simulation runs the calibration step; the gRPC coordinator has
-  no calibration round yet (and refuses the flag), which is why ours stays without it.
+  0.756. The gRPC coordinator runs the same step as a calibration round after the last
+  training round (server/calibration_round.py; end-to-end test in
+  tests/integration/test_federation_run.py). It stays off by default, so ours is measured
+  without it: the statistics are per-class feature means and second moments that no DP
+  mechanism noises, while the default already noises the (coarser) projections of eq. 16.
+  A noised variant (clip + Gaussian noise on count / sum / outer products) is not built or
+  measured.
   Stats computed instead on the locally trained models of the last round (what the
   projection exchange could carry today) gave 0.747, and on the last round's downloaded
   model 0.757: the refit needs the final model's features, i.e. a round of its own.

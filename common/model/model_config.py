@@ -77,9 +77,10 @@ class ModelConfig(BaseModel):
         "`head_calibration`), paired and text-only rows the federated layers. Label skew "
         "biases the FedAvg'd last layers toward the clients' label mixes. Federated headline, "
         "3 seeds: image-only 0.745 -> 0.763, text-only and paired unchanged; see "
-        "common/model/classifier_calibration.py. Off by default and refused by the "
-        "coordinator: only the in-process quality simulation runs the calibration step so "
-        "far (the gRPC calibration round is not built)",
+        "common/model/classifier_calibration.py. The coordinator runs it as a calibration "
+        "round after the last training round (server/calibration_round.py). Off by default: "
+        "clients then release per-class feature means and second moments that no DP "
+        "mechanism noises (DP-SGD clients send empty statistics)",
     )
     sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")

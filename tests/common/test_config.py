@@ -185,9 +185,21 @@ def test_load_config_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch
     assert load_config(ServerConfig).rounds.rounds == 12
 
 
-def test_server_refuses_image_calibration_it_cannot_run() -> None:
-    """The CCVR calibration round exists only in the quality simulation: a live server with the
-    flag on would silently never calibrate, so the config says so instead."""
-    assert "calibration round" in _error(
-        ServerConfig, None, overrides={"model.calibrate_image_classifier": True}
+def test_image_calibration_gives_the_server_a_calibration_round() -> None:
+    """With the flag on the server runs a calibration round (spec of the statistics from the
+    model config); the stand-in model has no calibration layers, which is a clear error."""
+    import torch
+    from crossfed.server.errors import ConfigurationError
+    from crossfed.server.server_app import calibration_step_from_config
+
+    config = load_config(
+        ServerConfig, None, overrides={"model.calibrate_image_classifier": True}, env={}
     )
+    step = calibration_step_from_config(config, "CrossModalNet")
+    assert step is not None
+    c, h = config.model.num_classes, config.model.hidden_dim
+    assert step.spec["head.outer"].shape == (c, h, h)
+    assert step.spec["classifier.count"].dtype == torch.float64
+    assert calibration_step_from_config(ServerConfig(), "CrossModalNet") is None
+    with pytest.raises(ConfigurationError, match="stand-in"):
+        calibration_step_from_config(config, "stand-in")
