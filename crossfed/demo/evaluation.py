@@ -55,6 +55,18 @@ class HeldOutEvaluator:
             return None
         return ClassPrototypes.from_tensors(decode_tensors(path.read_bytes()))
 
+    @classmethod
+    def latest_prototypes(
+        cls, directory: Path, name_format: str, round_no: int
+    ) -> ClassPrototypes | None:
+        """The prototypes a client holds after round ``round_no``: the latest published at or
+        before it (a calibration round publishes none)."""
+        for rnd in range(round_no, 0, -1):
+            path = directory / name_format.format(rnd)
+            if path.is_file():
+                return cls.load_prototypes(path)
+        return None
+
     def evaluate(
         self, state: dict[str, torch.Tensor], prototypes: ClassPrototypes | None = None
     ) -> dict[str, dict[str, float]]:

@@ -11,6 +11,12 @@ if TYPE_CHECKING:
 LABELS = {"both": "both present", "text_only": "text only", "image_only": "image only"}
 
 
+def _round_label(result: DemoResult, index: int) -> str:
+    """The round number; the one after the last training round is the calibration round."""
+    rnd = result.rounds[index].round
+    return f"{rnd} (calibration)" if rnd > result.options.rounds else str(rnd)
+
+
 def _final_rows(result: DemoResult) -> list[tuple[str, float, float]]:
     if not result.rounds:
         return []
@@ -21,7 +27,7 @@ def _final_rows(result: DemoResult) -> list[tuple[str, float, float]]:
 def summary_table(result: DemoResult) -> str:
     """Final held-out accuracy per Table I configuration, as a markdown table."""
     lines = [
-        f"Held-out accuracy of the global model after round {result.rounds[-1].round}"
+        f"Held-out accuracy of the global model after round {_round_label(result, -1)}"
         if result.rounds
         else "No round was committed.",
         "",
@@ -65,9 +71,9 @@ def write_report(result: DemoResult) -> None:
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     per_round += [
-        f"| {r.round} | {r.uploads} | {r.scores['both']['accuracy']:.3f} | "
+        f"| {_round_label(result, i)} | {r.uploads} | {r.scores['both']['accuracy']:.3f} | "
         f"{r.scores['text_only']['accuracy']:.3f} | {r.scores['image_only']['accuracy']:.3f} |"
-        for r in result.rounds
+        for i, r in enumerate(result.rounds)
     ]
     clients = "\n".join(
         f"- `{name}`: {modality}" for name, modality in result.client_modalities.items()

@@ -200,11 +200,16 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
                 "--no-progress",
             ],
         )
+    from crossfed.common.config import ServerConfig, load_config
+
     evaluator = HeldOutEvaluator.build(
         num_samples=options.test_samples,
         seed=options.seed + 1_000_003,
         cache_dir=options.cache_dir.resolve(),
+        # the server's model as it builds it (CROSSFED_MODEL__* settings included)
+        model_config=load_config(ServerConfig, None).model,
     )
+    prototypes_dir = server_state / CHECKPOINT_DIR
     watcher = AdminWatcher.connect(
         address,
         certs_dir=kits / "admin" / "kit" / "tls",
@@ -220,9 +225,7 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
                     rnd,
                     evaluator.evaluate(
                         watcher.export_model(rnd),
-                        evaluator.load_prototypes(
-                            server_state / CHECKPOINT_DIR / PROTOTYPES_FILE_NAME.format(rnd)
-                        ),
+                        evaluator.latest_prototypes(prototypes_dir, PROTOTYPES_FILE_NAME, rnd),
                     ),
                     uploads,
                     secs,
