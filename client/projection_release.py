@@ -87,6 +87,23 @@ class ProjectionReleaser:
         """Epsilon spent by the releases so far, at the configured delta."""
         return self.accountant.epsilon(self.privacy.delta)
 
+    def spend(self, noise_multiplier: float, what: str) -> bool:
+        """Account one more Gaussian release at sample rate 1 (e.g. the calibration
+        statistics); False, with nothing spent, when it would pass the epsilon budget."""
+        if self.privacy.epsilon_budget is not None:
+            budget = PrivacyBudget(self.privacy.epsilon_budget, self.privacy.delta)
+            if self.accountant.would_exceed(budget, noise_multiplier, 1.0):
+                log.warning(
+                    "%s not released: epsilon budget %.3g (spent %.3g)",
+                    what,
+                    budget.epsilon,
+                    self.epsilon(),
+                )
+                return False
+        self.accountant.step(noise_multiplier, 1.0)
+        self._save()
+        return True
+
     def release(self, model: CrossModalNet, data: EmbeddingSet) -> Release | None:
         """The next projection payload, or None when the epsilon budget would be exceeded."""
         prototypes = compute_class_projections(model, data)

@@ -170,12 +170,18 @@ class ModelRoundWorker:
     def calibration_stats(self, round_id: int) -> LocalUpdate:
         """Per-class statistics of the image-only last-layer inputs under the loaded final
         model (CCVR, common/model/classifier_calibration.py), on the training rows holding an
-        image. A client under DP-SGD sends empty statistics (num_samples 0): its guarantee
-        covers everything it releases, and these are not noised."""
+        image. Under projection DP they are clipped, noised and accounted with the projection
+        releases (common/privacy/calibration_dp.py); a DP-SGD client, a client past its
+        epsilon budget or one that opted out sends empty statistics (num_samples 0)."""
         from crossfed.common.model.classifier_calibration import (
             empty_stats,
             image_only_stats,
             stats_to_tensors,
+        )
+        from crossfed.common.privacy.calibration_dp import (
+            CalibrationDPParams,
+            default_clip_norm,
+            privatize_calibration_stats,
         )
 
         model = self._require_model()
@@ -185,16 +191,28 @@ class ModelRoundWorker:
                 "layers (model.calibrate_image_classifier is off)"
             )
         started = time.perf_counter()
-        if self.settings.privacy.dp_sgd or not self.settings.share_calibration_stats:
+        privacy = self.settings.privacy
+        noised = privacy.projection_dp and privacy.noise_multiplier > 0
+        metrics: dict[str, float] = {}
+        if privacy.dp_sgd or not self.settings.share_calibration_stats:
             log.info("calibration round %d: empty statistics (DP-SGD or opted out)", round_id)
             stats = empty_stats(model)
+        elif noised and not self.releaser.spend(privacy.noise_multiplier, "calibration stats"):
+            stats = empty_stats(model)
+        elif noised:
+            params = CalibrationDPParams(
+                default_clip_norm(model.config.hidden_dim), privacy.noise_multiplier
+            )
+            clipped = image_only_stats(model, self.data.train, clip_norm=params.clip_norm)
+            stats = privatize_calibration_stats(clipped, params)
+            metrics["calibration_dp_epsilon_total"] = self.releaser.epsilon()
         else:
+            log.warning("projection DP is off: exact calibration statistics leave this client")
             stats = image_only_stats(model, self.data.train)
         rows = int(stats.classifier.count.sum())
+        metrics["calibration_seconds"] = time.perf_counter() - started
         return LocalUpdate(
-            payload=encode_tensors(stats_to_tensors(stats)),
-            num_samples=rows,
-            metrics={"calibration_seconds": time.perf_counter() - started},
+            payload=encode_tensors(stats_to_tensors(stats)), num_samples=rows, metrics=metrics
         )
 
     def _train_private(self, model: CrossModalNet, cfg: TrainConfig) -> PrivateTrainResult:

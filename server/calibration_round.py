@@ -22,7 +22,8 @@ from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.update_validation import TensorSlot
 
 FitCalibration = Callable[
-    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor] | None
+    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
+    tuple[dict[str, torch.Tensor] | None, str],
 ]
 CheckStats = Callable[[Mapping[str, torch.Tensor], int], None]
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class CalibrationStep:
     """What the engine needs for a calibration round: the statistics' tensor spec, a
     plausibility check of one client's statistics against its declared sample count
     (raises `InvalidUpdateError`), and the fit from (global state, summed statistics) to
-    the calibrated global state (None: too little data, the model stays as it is)."""
+    (the calibrated global state, what was done); state None: too little or too noisy
+    data, the model stays as it is, and the message says why."""
 
     spec: Mapping[str, TensorSlot]
     check: CheckStats
@@ -78,11 +80,11 @@ def ccvr_calibration_step(config: ModelConfig, seed: int = 0) -> CalibrationStep
 
     def fit(
         global_state: Mapping[str, torch.Tensor], summed: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor] | None:
+    ) -> tuple[dict[str, torch.Tensor] | None, str]:
         try:
             return calibrated_state(config, global_state, stats_from_tensors(summed), seed)
         except (ModelError, torch.linalg.LinAlgError) as exc:
             log.error("calibration fit failed, the model stays uncalibrated: %s", exc)
-            return None
+            return None, f"the fit failed ({exc}); left uncalibrated"
 
     return CalibrationStep(spec=spec, check=check, fit=fit)

@@ -895,19 +895,17 @@ class RoundEngine:
         when it validates against the global spec, else the last training round's model."""
         assert self.calibration is not None
         started = time.perf_counter()
-        fitted = self.calibration.fit(self._global, stats.result())
-        took = f"{time.perf_counter() - started:.1f} s"
+        fitted, what = self.calibration.fit(self._global, stats.result())
+        what = f"{reason}; {stats.contributors} client(s): {what}"
+        took = f" ({time.perf_counter() - started:.1f} s)"
         if fitted is None:
-            return dict(self._global), f"{reason}; too few classes, left uncalibrated ({took})"
+            return dict(self._global), what + took
         try:
             validate_update(fitted, self._spec, what="calibrated model")
         except InvalidUpdateError as exc:
             log.error("calibration produced an unusable model: %s", exc)
             return dict(self._global), f"{reason}; the fit failed ({exc}), left uncalibrated"
-        return fitted, (
-            f"{reason}; image-only last layers fitted on statistics of "
-            f"{stats.contributors} client(s) ({took})"
-        )
+        return fitted, what + took
 
     def _central_dp_values(self, fedavg: StreamingFedAvg, round_no: int) -> dict[str, float]:
         """Central-DP figures of a commit: clipped updates and epsilon after `round_no` rounds

@@ -30,6 +30,7 @@ statistics travel as the tensors of `stats_to_tensors`. See
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,21 +77,69 @@ class FeatureStats:
         cov = self.outer[present] / n[:, :, None] - mean[:, :, None] * mean[:, None, :]
         cov = cov * (n / (n - 1))[:, :, None]  # unbiased, as torch.cov
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-        cov = 0.5 * (cov + cov.transpose(1, 2)) + ridge * eye
-        return present, mean, cov
+        cov = 0.5 * (cov + cov.transpose(1, 2))
+        _, not_psd = torch.linalg.cholesky_ex(cov + ridge * eye)
+        if bool(not_psd.any()):  # DP noise (common/privacy/calibration_dp.py): nearest PSD
+            values, vectors = torch.linalg.eigh(cov)
+            cov = vectors @ torch.diag_embed(values.clamp_min(0.0)) @ vectors.transpose(1, 2)
+        return present, mean, cov + ridge * eye
+
+
+@dataclass(frozen=True)
+class NoiseVariance:
+    """Per-coordinate variance of the DP noise in a count, a sum and a sum of outer products
+    (0: exact statistics). Independent noise adds up over clients like the statistics, so
+    the server knows how noisy the pooled statistics are (common/privacy/calibration_dp.py)."""
+
+    count: float = 0.0
+    total: float = 0.0
+    outer: float = 0.0
+
+    def __add__(self, other: NoiseVariance) -> NoiseVariance:
+        return NoiseVariance(
+            self.count + other.count, self.total + other.total, self.outer + other.outer
+        )
+
+    @property
+    def exact(self) -> bool:
+        return self.count == self.total == self.outer == 0.0
 
 
 @dataclass(frozen=True)
 class CalibrationStats:
     """What a client sends after the last round: per-class stats of the two image-only
     last-layer inputs (the image classifier's body output and the fusion output on the
-    image-only view (f_i, f^_t))."""
+    image-only view (f_i, f^_t)), and the variance of the DP noise in them, if any."""
 
     classifier: FeatureStats
     head: FeatureStats
+    noise: NoiseVariance = NoiseVariance()
 
     def __add__(self, other: CalibrationStats) -> CalibrationStats:
-        return CalibrationStats(self.classifier + other.classifier, self.head + other.head)
+        return CalibrationStats(
+            self.classifier + other.classifier, self.head + other.head, self.noise + other.noise
+        )
+
+
+#: Least bias-corrected ratio of the class means' spread to the DP noise in them for which
+#: the server fits: below it the virtual features mostly describe noise.
+MIN_SIGNAL_TO_NOISE = 1.0
+
+
+def signal_to_noise(stats: FeatureStats, noise: NoiseVariance) -> float:
+    """Spread of the per-class means around the overall mean (count-weighted, minus the noise
+    it contains in expectation) over the expected noise energy in the means; inf when exact.
+    A mean over n_c rows carries noise of variance noise.total / n_c^2 per coordinate."""
+    present = stats.count >= 2
+    n = stats.count[present]
+    if len(n) == 0 or noise.total == 0.0:
+        return math.inf
+    h = stats.total.shape[1]
+    means = stats.total[present] / n[:, None]
+    grand = stats.total[present].sum(0) / n.sum()
+    spread = float((n * (means - grand).pow(2).sum(1)).sum() / n.sum())
+    noise_energy = h * noise.total * float((1.0 / n).sum()) / float(n.sum())
+    return (spread - noise_energy) / noise_energy
 
 
 def _body_and_last(classifier: nn.Sequential) -> tuple[nn.Module, nn.Linear]:
@@ -122,6 +171,13 @@ def image_only_hidden(model: CrossModalNet, f_i: torch.Tensor) -> torch.Tensor:
     return model.fusion.forward_views(f_t, f_i, ~has_i, has_i, rec_t, torch.zeros_like(f_i))
 
 
+def _clipped(feats: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
+    if clip_norm is None:
+        return feats
+    norms = feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return feats * torch.clamp(clip_norm / norms, max=1.0)
+
+
 def empty_stats(model: CrossModalNet) -> CalibrationStats:
     """All-zero statistics of the right shapes (what a client that declines sends)."""
     c, no_rows = model.config.num_classes, torch.zeros(0, dtype=torch.long)
@@ -134,10 +190,15 @@ def empty_stats(model: CrossModalNet) -> CalibrationStats:
 
 @torch.no_grad()
 def image_only_stats(
-    model: CrossModalNet, data: EmbeddingSet, batch_size: int = 4096
+    model: CrossModalNet,
+    data: EmbeddingSet,
+    batch_size: int = 4096,
+    clip_norm: float | None = None,
 ) -> CalibrationStats:
     """Client side: per-class stats of both image-only last-layer inputs on the rows of
-    `data` holding an image (their text, if any, hidden as at image-only inference)."""
+    `data` holding an image (their text, if any, hidden as at image-only inference); with
+    ``clip_norm``, each feature vector is first scaled to L2 <= clip_norm (bounded
+    sensitivity for the DP mechanism of common/privacy/calibration_dp.py)."""
     body, _ = _body_and_last(model.image_classifier)
     c = model.config.num_classes
     rows = data.has_image.nonzero().squeeze(1)
@@ -148,9 +209,9 @@ def image_only_stats(
         for s in range(0, len(rows), batch_size):
             idx = rows[s : s + batch_size]
             f_i, y = data.image[idx], data.labels[idx]
-            out = out + CalibrationStats(
-                class_stats(body(f_i), y, c), class_stats(image_only_hidden(model, f_i), y, c)
-            )
+            body_out = _clipped(body(f_i), clip_norm)
+            hidden = _clipped(image_only_hidden(model, f_i), clip_norm)
+            out = out + CalibrationStats(class_stats(body_out, y, c), class_stats(hidden, y, c))
     finally:
         model.train(was_training)
     return out
@@ -232,7 +293,8 @@ def stats_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     [C, h, h], with h the width both last layers read (`CrossModalNet` hidden_dim)."""
     c, h = config.num_classes, config.hidden_dim
     shapes = {"count": (c,), "sum": (c, h), "outer": (c, h, h)}
-    return {f"{part}.{name}": shapes[name] for part in _PARTS for name in _FIELDS}
+    out = {f"{part}.{name}": shapes[name] for part in _PARTS for name in _FIELDS}
+    return {**out, **{f"noise.{name}_var": () for name in _FIELDS}}
 
 
 def stats_to_tensors(stats: CalibrationStats) -> dict[str, torch.Tensor]:
@@ -241,19 +303,24 @@ def stats_to_tensors(stats: CalibrationStats) -> dict[str, torch.Tensor]:
     for part, fs in zip(_PARTS, (stats.classifier, stats.head), strict=True):
         for name, tensor in zip(_FIELDS, (fs.count, fs.total, fs.outer), strict=True):
             out[f"{part}.{name}"] = tensor.to(torch.float64).contiguous()
+    noise = stats.noise
+    for name, value in zip(_FIELDS, (noise.count, noise.total, noise.outer), strict=True):
+        out[f"noise.{name}_var"] = torch.tensor(value, dtype=torch.float64)
     return out
 
 
 def stats_from_tensors(tensors: Mapping[str, torch.Tensor]) -> CalibrationStats:
     """Inverse of `stats_to_tensors` (shapes checked by `FeatureStats`)."""
-    missing = sorted(f"{p}.{n}" for p in _PARTS for n in _FIELDS if f"{p}.{n}" not in tensors)
+    names = [f"{p}.{n}" for p in _PARTS for n in _FIELDS] + [f"noise.{n}_var" for n in _FIELDS]
+    missing = sorted(name for name in names if name not in tensors)
     if missing:
         raise ModelInputError(f"calibration statistics lack {', '.join(missing)}")
     parts = [
         FeatureStats(*(tensors[f"{part}.{name}"].to(torch.float64) for name in _FIELDS))
         for part in _PARTS
     ]
-    return CalibrationStats(parts[0], parts[1])
+    noise = NoiseVariance(*(float(tensors[f"noise.{name}_var"]) for name in _FIELDS))
+    return CalibrationStats(parts[0], parts[1], noise)
 
 
 def check_client_stats(tensors: Mapping[str, torch.Tensor], num_samples: int) -> None:
@@ -262,6 +329,9 @@ def check_client_stats(tensors: Mapping[str, torch.Tensor], num_samples: int) ->
     registered, so one client cannot outweigh the rest) in both parts, and sums of outer
     products with a non-negative diagonal. Raises `ModelInputError` naming the problem."""
     stats = stats_from_tensors(tensors)
+    noise = stats.noise
+    if min(noise.count, noise.total, noise.outer) < 0:
+        raise ModelInputError("noise variances must be >= 0")
     for part, fs in zip(_PARTS, (stats.classifier, stats.head), strict=True):
         count = fs.count
         if bool((count < 0).any()) or not torch.equal(count, count.round()):
@@ -283,12 +353,18 @@ def calibrated_state(
     global_state: Mapping[str, torch.Tensor],
     stats: CalibrationStats,
     seed: int = 0,
-) -> dict[str, torch.Tensor] | None:
-    """Server side of the calibration round: the global shareable state with its
-    calibration layers fitted on ``stats`` (`calibrate_image_only`), or None when fewer
-    than two classes have statistics (the model is left uncalibrated)."""
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Server side of the calibration round: (the global shareable state with its calibration
+    layers fitted on ``stats``, what was done), or (None, why not) when fewer than two
+    classes have statistics or DP noise swamps them (`MIN_SIGNAL_TO_NOISE`)."""
+    snr = min(
+        signal_to_noise(stats.classifier, stats.noise), signal_to_noise(stats.head, stats.noise)
+    )
+    noisy = "" if math.isinf(snr) else f" (DP-noised statistics, signal-to-noise {snr:.3g})"
+    if snr < MIN_SIGNAL_TO_NOISE:
+        return None, f"DP noise swamps the class statistics{noisy}; left uncalibrated"
     model = CrossModalNet(config)
     model.load_shareable_state_dict(global_state)
     if not calibrate_image_only(model, stats, seed=seed):
-        return None
-    return model.shareable_state_dict()
+        return None, "fewer than two classes have statistics; left uncalibrated"
+    return model.shareable_state_dict(), f"image-only last layers fitted{noisy}"

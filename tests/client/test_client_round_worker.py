@@ -235,3 +235,26 @@ def test_calibration_stats_cover_the_image_rows_and_decline_under_dp_sgd(
     plain = _worker(ClientModality.BOTH, tmp_path / "plain")
     with pytest.raises(ModelMismatchError, match="calibration"):
         plain.calibration_stats(3)
+
+
+def test_calibration_stats_are_noised_and_accounted_under_projection_dp(tmp_path: Path) -> None:
+    config = CONFIG.model_copy(update={"calibrate_image_classifier": True})
+    global_bytes = encode_tensors(CrossModalNet(config).shareable_state_dict())
+    sent = {}
+    for name, privacy in (
+        ("exact", PrivacyConfig(projection_dp=False)),
+        ("noised", PrivacyConfig(noise_multiplier=1.0)),
+        ("over_budget", PrivacyConfig(noise_multiplier=1.0, epsilon_budget=1e-3)),
+    ):
+        worker = _worker(ClientModality.BOTH, tmp_path / name, privacy)
+        worker.on_registered(Registered("c", "r", 1, config.model_dump_json(), 1.0, 1024))
+        worker.load_global(3, global_bytes)
+        update = worker.calibration_stats(3)
+        sent[name] = (update, decode_tensors(update.payload))
+    exact, noised = sent["exact"][1], sent["noised"][1]
+    assert exact["head.count"].tolist() == [10.0, 10.0, 10.0]  # 30 rows, labels i % 3
+    assert sent["noised"][0].num_samples == 30 == int(noised["head.count"].sum())
+    assert not torch.allclose(noised["head.sum"], exact["head.sum"])
+    assert sent["noised"][0].metrics["calibration_dp_epsilon_total"] > 0
+    assert (tmp_path / "noised" / ACCOUNTANT_FILE).exists()  # spent with the projections
+    assert sent["over_budget"][0].num_samples == 0  # nothing released past the budget

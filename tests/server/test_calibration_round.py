@@ -35,13 +35,13 @@ def _check(tensors: Mapping[str, torch.Tensor], num_samples: int) -> None:
 
 def _fit(
     state: Mapping[str, torch.Tensor], summed: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor] | None:
+) -> tuple[dict[str, torch.Tensor] | None, str]:
     """Toy fit: fusion.bias[:2] = per-class means of the summed statistics."""
     if int((summed["count"] > 0).sum()) < 2:
-        return None
+        return None, "too few classes; left uncalibrated"
     out = {k: v.clone() for k, v in state.items()}
     out["fusion.bias"][:2] = (summed["sum"] / summed["count"]).float()
-    return out
+    return out, "fitted"
 
 
 STEP = CalibrationStep(spec=SPEC, check=_check, fit=_fit)
@@ -102,7 +102,7 @@ def test_image_holders_calibrate_and_the_fitted_model_completes_the_run(tmp_path
     assert torch.equal(final["mapper.weight"], engine.checkpoints.load(1)["mapper.weight"])
     run = engine.run
     assert run.state == "completed" and run.last_committed_round == 2
-    assert "calibration" in run.message and "2 client(s)" in run.message
+    assert "calibration" in run.message and "2 client(s): fitted" in run.message
     assert engine.heartbeat("txt").action == ACTION_DONE
     assert engine.clients()[1].rounds_completed == 1  # calibration is not a training round
 

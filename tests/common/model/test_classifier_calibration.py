@@ -173,6 +173,7 @@ def test_wire_statistics_roundtrip_match_the_spec_and_are_checked() -> None:
     data = clustered(20, 4, labels=torch.tensor([0, 1] * 10))  # class 2 absent
     tensors = stats_to_tensors(image_only_stats(model, data))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == stats_shapes(CFG)
+    assert float(tensors["noise.outer_var"]) == 0.0  # exact statistics
     assert all(v.dtype == torch.float64 for v in tensors.values())
     back = stats_from_tensors(tensors)
     assert torch.equal(back.head.outer, tensors["head.outer"])
@@ -199,11 +200,11 @@ def test_server_fit_marks_the_layers_ready_and_keeps_the_rest() -> None:
     torch.manual_seed(1)
     model = CrossModalNet(CFG).eval()
     state = model.shareable_state_dict()
-    fitted = calibrated_state(CFG, state, image_only_stats(model, clustered(60, 5)))
-    assert fitted is not None and set(fitted) == set(state)
+    fitted, what = calibrated_state(CFG, state, image_only_stats(model, clustered(60, 5)))
+    assert fitted is not None and set(fitted) == set(state) and what.endswith("fitted")
     assert bool(fitted["image_calibration.ready"]) and bool(fitted["head_calibration.ready"])
     assert not torch.equal(fitted["image_calibration.weight"], state["image_calibration.weight"])
     untouched = [k for k in state if not k.split(".")[0].endswith("_calibration")]
     assert all(torch.equal(fitted[k], state[k]) for k in untouched)
     one_class = clustered(10, 6, labels=torch.zeros(10, dtype=torch.long))
-    assert calibrated_state(CFG, state, image_only_stats(model, one_class)) is None
+    assert calibrated_state(CFG, state, image_only_stats(model, one_class))[0] is None
