@@ -26,7 +26,7 @@ from crossfed.client.errors import (
     ServerUnreachableError,
     TransientTransportError,
 )
-from crossfed.client.model_download import DownloadProgress
+from crossfed.client.model_download import DownloadProgress, download_buffer_pool
 from crossfed.client.transport import CoordinatorTransport
 from crossfed.client.update_upload import (
     EncryptorFactory,
@@ -167,6 +167,7 @@ class LoopSettings:
     max_poll_s: float = 30.0
     chunk_size: int = 1024 * 1024
     max_integrity_failures: int = 3
+    download_buffer_idle_s: float = 600.0  # keep the model download buffer warm (0: never)
 
 
 class ClientLoop:
@@ -206,6 +207,7 @@ class ClientLoop:
         self._round: _RoundState | None = None
         self._upload_ids: dict[int, str] = {}
         self._integrity_failures = 0
+        self._download_buffers = download_buffer_pool(self.settings.download_buffer_idle_s)
 
     # -- driving --------------------------------------------------------------------------
 
@@ -351,7 +353,7 @@ class ClientLoop:
                 server_public_key=key,
                 local_epochs=last.local_epochs,
                 started=self._clock(),
-                download=DownloadProgress(round_id),
+                download=DownloadProgress(round_id, buffer_pool=self._download_buffers),
                 upload_id=last.upload_id,
                 calibrate=calibrate,
                 update=last.update,
@@ -382,7 +384,7 @@ class ClientLoop:
             server_public_key=key,
             local_epochs=int(response.local_epochs) or None,
             started=self._clock(),
-            download=DownloadProgress(round_id),
+            download=DownloadProgress(round_id, buffer_pool=self._download_buffers),
             upload_id=upload_id,
             calibrate=calibrate,
         )

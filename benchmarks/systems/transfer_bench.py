@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossfed.client.model_download import DownloadProgress
+from crossfed.client.loop import LoopSettings
+from crossfed.client.model_download import DownloadProgress, download_buffer_pool
 from crossfed.client.transport import ChannelOptions, ChannelSecurity, GrpcTransport, create_channel
 from crossfed.client.update_upload import LocalUpdate, default_encryptor_factory, prepare_upload
 from crossfed.common.config import ServerConfig
@@ -179,8 +180,11 @@ def _run(settings: TransferSettings, advance: Callable[[], None]) -> _Timings:
             raise BenchmarkError(f"server did not open a round: {beat.message}")
         round_id, key = int(beat.round), bytes(beat.upload_public_key)
 
+        # the daemon keeps its reassembly buffer across rounds (client/model_download.py)
+        buffers = download_buffer_pool(LoopSettings().download_buffer_idle_s)
+
         def real_download(transport: GrpcTransport) -> memoryview:
-            progress = DownloadProgress(round_id)
+            progress = DownloadProgress(round_id, buffer_pool=buffers)
             for chunk in transport.download(coordinator_pb2.DownloadRequest(round=round_id)):
                 progress.add(chunk)
             return progress.payload()

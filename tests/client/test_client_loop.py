@@ -574,3 +574,13 @@ def test_a_new_run_after_reregistration_forgets_the_old_runs_uploads() -> None:
     assert worker.trained == [1, 1]
     ids = [uid for _, uid in stats.upload_attempts]
     assert len(ids) == 2 and ids[0] != ids[1]
+
+
+def test_the_download_buffer_pool_lives_as_long_as_the_loop_unless_disabled() -> None:
+    kept, _, _, _ = _loop(FakeServer())
+    pool = kept._download_buffers
+    assert pool is not None and pool.lazy_free and pool.max_idle == 1
+    off = ClientLoop(
+        FakeTransport(FakeServer()), FakeWorker(), LoopSettings(download_buffer_idle_s=0)
+    )
+    assert off._download_buffers is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import time
 
 import pytest
@@ -414,3 +415,32 @@ def test_assembler_with_a_pool_round_trips_large_payloads() -> None:
         view[0] ^= 0xFF  # dirty the buffer: the next payload must overwrite it completely
         del view, assembler
     assert pool.reused == 2
+
+
+def test_lazily_freed_pool_buffers_are_reused_and_rewritten_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client's download pool hands idle buffers back with MADV_FREE: the kernel may
+    replace their pages with zeros at any time, so each payload must overwrite every byte."""
+    advised: list[int] = []
+
+    class SpyRegion(mmap.mmap):
+        def madvise(self, option: int, *args: int) -> None:
+            advised.append(option)
+            super().madvise(option, *args)
+
+    def region(size: int) -> mmap.mmap:
+        return SpyRegion(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+    monkeypatch.setattr(chunking, "_new_region", region)
+    pool = chunking.BufferPool(max_idle=1, idle_s=60.0, lazy_free=True)
+    payloads = [bytes([i]) * (chunking.HUGE_PAGE_BUFFER_MIN_BYTES + 7) for i in (3, 5)]
+    for data in payloads:
+        assembler = ChunkAssembler(len(data), buffer_pool=pool)
+        for chunk in split_payload(data, 1 << 20):
+            assembler.add(chunk)
+        assert assembler.result_view() == data
+        del assembler
+    assert pool.reused == 1
+    if hasattr(mmap, "MADV_FREE"):
+        assert advised.count(mmap.MADV_FREE) == 2  # after each use
