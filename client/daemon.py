@@ -275,7 +275,11 @@ class ClientDaemon:
         loop = ClientLoop(
             transport,
             worker,
-            LoopSettings(retry=policy, chunk_size=config.transport.chunk_size),
+            LoopSettings(
+                retry=policy,
+                chunk_size=config.transport.chunk_size,
+                download_buffer_idle_s=config.transport.download_buffer_idle_s,
+            ),
             client_id=client_id,
             encryptor_factory=encryptor,
             backoff=backoff,
