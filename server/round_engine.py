@@ -464,28 +464,19 @@ class RoundEngine:
                 )
             opened = self._open
             if opened is not None and client_id in opened.record.selected:
-                if client_id not in opened.uploaders and opened.stats is not None:
-                    return NextAction(
-                        ACTION_CALIBRATE,
-                        round=opened.record.round,
-                        attempt=opened.record.attempt,
-                        poll_after_ms=poll,
-                        deadline_unix_s=opened.record.deadline_unix_s,
-                        run_state=run.state,
-                        message=f"send calibration statistics of the final model (round "
-                        f"{opened.record.round}, attempt {opened.record.attempt})",
-                    )
                 if client_id not in opened.uploaders:
+                    record = opened.record
+                    calibrate = opened.stats is not None
+                    what = "send calibration statistics for round" if calibrate else "train round"
                     return NextAction(
-                        ACTION_TRAIN,
-                        round=opened.record.round,
-                        attempt=opened.record.attempt,
+                        ACTION_CALIBRATE if calibrate else ACTION_TRAIN,
+                        round=record.round,
+                        attempt=record.attempt,
                         poll_after_ms=poll,
-                        deadline_unix_s=opened.record.deadline_unix_s,
-                        local_epochs=self.policy.local_epochs,
+                        deadline_unix_s=record.deadline_unix_s,
+                        local_epochs=0 if calibrate else self.policy.local_epochs,
                         run_state=run.state,
-                        message=f"train round {opened.record.round} "
-                        f"(attempt {opened.record.attempt})",
+                        message=f"{what} {record.round} (attempt {record.attempt})",
                     )
                 why = f"your update for round {opened.record.round} is in; waiting for others"
                 poll = min(

@@ -77,6 +77,17 @@ def _train_round_one(engine: RoundEngine, *cids: str) -> None:
         _send(engine, cid, 1, small_state(), 10)
 
 
+def _calibrating(tmp_path: Path, **kw: object) -> tuple[RoundEngine, FakeClock]:
+    """Two paired clients "a" and "b" after the one training round, calibration round open."""
+    clock = FakeClock()
+    engine = _engine(tmp_path, clock, **kw)
+    engine.register("a", BOTH, 10)
+    engine.register("b", BOTH, 10)
+    _train_round_one(engine, "a", "b")
+    assert engine.heartbeat("a").action == ACTION_CALIBRATE
+    return engine, clock
+
+
 def test_image_holders_calibrate_and_the_fitted_model_completes_the_run(tmp_path: Path) -> None:
     clock = FakeClock()
     engine = _engine(tmp_path, clock, min_clients=3)
@@ -108,12 +119,7 @@ def test_image_holders_calibrate_and_the_fitted_model_completes_the_run(tmp_path
 
 
 def test_bad_statistics_are_refused_and_leave_the_sum_untouched(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(tmp_path, clock)
-    engine.register("a", BOTH, 10)
-    engine.register("b", BOTH, 10)
-    _train_round_one(engine, "a", "b")
-    engine.heartbeat("a")
+    engine, _ = _calibrating(tmp_path)
     with pytest.raises(InvalidUpdateError, match="num_samples"):
         _send(engine, "a", 2, _stats((1, 1), (0, 0)), 10)  # counts claim 2 rows, not 10
     with pytest.raises(InvalidUpdateError):  # weights where statistics are expected
@@ -145,11 +151,7 @@ def test_no_online_image_holder_completes_the_run_uncalibrated(tmp_path: Path) -
 
 
 def test_failed_calibration_attempts_end_the_run_completed_not_failed(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(tmp_path, clock, max_round_attempts=2)
-    engine.register("a", BOTH, 10)
-    engine.register("b", BOTH, 10)
-    _train_round_one(engine, "a", "b")
+    engine, clock = _calibrating(tmp_path, max_round_attempts=2)
     for _ in range(2):  # two attempts, nobody sends statistics before the deadline
         engine.heartbeat("a"), engine.heartbeat("b")
         assert engine.open_round is not None and engine.open_round.round == 2
@@ -161,12 +163,7 @@ def test_failed_calibration_attempts_end_the_run_completed_not_failed(tmp_path: 
 
 
 def test_too_few_classes_commit_the_training_model_unchanged(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(tmp_path, clock)
-    engine.register("a", BOTH, 10)
-    engine.register("b", BOTH, 10)
-    _train_round_one(engine, "a", "b")
-    engine.heartbeat("a")
+    engine, _ = _calibrating(tmp_path)
     _send(engine, "a", 2, _stats((10, 0), (3, 0)), 10)
     _send(engine, "b", 2, _stats((0, 0), (0, 0)), 0)  # a client that declines sends zeros
     assert engine.run.state == "completed"
@@ -199,12 +196,7 @@ def test_a_restart_during_calibration_reruns_it_from_the_same_model(tmp_path: Pa
 
 
 def test_raising_rounds_during_calibration_turns_it_back_into_training(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(tmp_path, clock)
-    engine.register("a", BOTH, 10)
-    engine.register("b", BOTH, 10)
-    _train_round_one(engine, "a", "b")
-    assert engine.heartbeat("a").action == ACTION_CALIBRATE
+    engine, _ = _calibrating(tmp_path)
     engine.update_policy(RoundPolicy(total_rounds=2, min_clients=2, round_deadline_s=60.0))
     act = engine.heartbeat("a")
     assert act.action == ACTION_TRAIN and act.round == 2
