@@ -166,6 +166,12 @@ def format_round(report: RoundReport, modality: ClientModality) -> str:
     local = m.get(f"local_acc_{key}", float("nan"))
     glob = m.get(f"global_acc_{key}", float("nan"))
     flags = (" dup" if report.duplicate else "") + ("" if report.encrypted else " clear")
+    if report.calibration:
+        return (
+            f"round {report.round_id:>3}  calibration statistics sent  "
+            f"up {report.bytes_up / 2**20:.2f} MiB  down {report.bytes_down / 2**20:.2f} MiB  "
+            f"{report.seconds:.1f} s{flags}"
+        )
     return (
         f"round {report.round_id:>3}  loss {loss:.3f}  local acc {local:.3f}  "
         f"global acc {glob:.3f}  up {report.bytes_up / 2**20:.2f} MiB  "
@@ -209,6 +215,7 @@ class ClientDaemon:
             "bytes_down": report.bytes_down,
             "duplicate": report.duplicate,
             "encrypted": report.encrypted,
+            "calibration": report.calibration,
             "modality": self.data.modality.value,
             "metrics": report.metrics,
         }

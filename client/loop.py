@@ -2,8 +2,9 @@
 projections (eq. 16) -> upload -> heartbeat ..., with every network step retried under one
 backoff policy. Projections go before the upload because the server only takes them while the
 round is open, and the last upload closes it. A calibration round (ACTION_CALIBRATE, after the
-last training round) runs the same steps with statistics in place of training and no exchange. It talks to the server only through a CoordinatorTransport and to the model
-only through a RoundWorker, so it is unit-tested with fakes of both."""
+last training round) runs the same steps with statistics in place of training and no exchange.
+It talks to the server only through a CoordinatorTransport and to the model only through a
+RoundWorker, so it is unit-tested with fakes of both."""
 
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ class RoundReport:
     seconds: float
     duplicate: bool
     encrypted: bool
+    calibration: bool = False  # the calibration round after training (statistics, no training)
 
 
 @dataclass
@@ -520,6 +522,7 @@ class ClientLoop:
             seconds=self._clock() - state.started,
             duplicate=state.duplicate,
             encrypted=bool(state.prepared and state.prepared.encrypted),
+            calibration=state.calibrate,
         )
         self.stats.rounds_completed.append(state.round_id)
         self._round = None

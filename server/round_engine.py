@@ -870,13 +870,18 @@ class RoundEngine:
                 "num_samples": float(record.num_samples),
                 "aggregate_s": time.perf_counter() - started,
                 **record.metrics,
-                **({} if opened.stats else self._central_dp_values(opened.fedavg, record.round)),
+                **(
+                    {}
+                    if opened.stats is not None
+                    else self._central_dp_values(opened.fedavg, record.round)
+                ),
             },
         )
         if self._run.last_committed_round >= self._final_round():
             done = f"all {self._run.total_rounds} rounds committed"
             self._set_run_state(
-                RUN_COMPLETED, f"{done}; calibration: {reason}" if opened.stats else done
+                RUN_COMPLETED,
+                f"{done}; calibration: {reason}" if opened.stats is not None else done,
             )
 
     def _calibrated_state_locked(

@@ -288,6 +288,7 @@ def test_calibration_round_sends_statistics_of_the_final_model_without_exchange(
     assert server.upload_headers[-1].num_samples == 7
     assert not server.upload_headers[-1].module_samples
     assert stats.rounds_completed == [1, 2, 3] and reports[-1].round_id == 3
+    assert [r.calibration for r in reports] == [False, False, True]
 
 
 def test_global_prototypes_reach_the_next_local_training() -> None:

@@ -286,6 +286,8 @@ def test_calibration_round_after_training_fits_the_image_only_layers(
         expected = [1, 2] if modality == "text_only" else [1, 2, 3]
         assert [r["round"] for r in fed.rounds_of(modality)] == expected, fed.diagnostics()
         assert all(r["encrypted"] for r in fed.rounds_of(modality))
+        assert [r["calibration"] for r in fed.rounds_of(modality)] == [r == 3 for r in expected]
+    assert "calibration statistics sent" in fed.log_of("image_only")
     store = CheckpointStore(tmp_path / "server" / CHECKPOINT_DIR, keep_last=10)
     trained, calibrated = store.load(rounds), store.load(rounds + 1)
     assert not bool(trained["image_calibration.ready"])
