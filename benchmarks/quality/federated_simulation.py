@@ -17,9 +17,11 @@ import torch
 from crossfed.client.local_trainer import TrainConfig, train_local
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.classifier_calibration import (
+    MIN_SIGNAL_TO_NOISE,
     CalibrationStats,
     calibrate_image_only,
     image_only_stats,
+    signal_to_noise,
 )
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
@@ -62,6 +64,7 @@ def run_federation(
     modality_dropout: float,
     exchange_projections: bool,
     on_round: Callable[[int], None] | None = None,
+    calibration_noise: float = 0.0,
 ) -> CrossModalNet:
     """FedAvg over `shards` for budget.rounds rounds; returns the global model with the last
     global prototypes installed in its (otherwise empty) VLMR memory and, with
@@ -106,23 +109,45 @@ def run_federation(
             on_round(rnd)
     global_model.load_shareable_state_dict(global_state)
     if model_cfg.calibrate_image_classifier and model_cfg.missing_fill != "zero":
-        calibrate_after_training(global_model, shards, seed)
+        calibrate_after_training(global_model, shards, seed, calibration_noise)
     if prototypes is not None:
         apply_global_prototypes(global_model, prototypes)
     global_model.eval()
     return global_model
 
 
-def calibrate_after_training(model: CrossModalNet, shards: list[EmbeddingSet], seed: int) -> None:
+def calibrate_after_training(
+    model: CrossModalNet, shards: list[EmbeddingSet], seed: int, noise: float = 0.0
+) -> None:
     """CCVR after the last round: each client's per-class feature statistics under the final
-    global model, summed as the server would, then the server-side refit of the image-only
-    last layers (common/model/classifier_calibration.py)."""
+    global model (with ``noise`` > 0 clipped and noised as under projection DP, with a seeded
+    generator), summed as the server would, then the server-side refit of the image-only last
+    layers (common/model/classifier_calibration.py) unless DP noise swamps the class means."""
+    from crossfed.common.privacy.calibration_dp import (
+        CalibrationDPParams,
+        default_clip_norm,
+        privatize_calibration_stats,
+    )
+
+    params = None
+    if noise > 0:
+        params = CalibrationDPParams(default_clip_norm(model.config.hidden_dim), noise)
+    generator = torch.Generator().manual_seed(seed + 7)
     stats: CalibrationStats | None = None
     for shard in shards:
         if bool(shard.has_image.any()):
-            part = image_only_stats(model, shard)
+            if params is None:
+                part = image_only_stats(model, shard)
+            else:
+                part = image_only_stats(model, shard, clip_norm=params.clip_norm)
+                part = privatize_calibration_stats(part, params, generator)
             stats = part if stats is None else stats + part
-    if stats is not None:
+    if stats is None:
+        return
+    snr = min(
+        signal_to_noise(stats.classifier, stats.noise), signal_to_noise(stats.head, stats.noise)
+    )
+    if snr >= MIN_SIGNAL_TO_NOISE:
         calibrate_image_only(model, stats, seed=seed)
 
 

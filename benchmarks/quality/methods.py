@@ -29,6 +29,9 @@ class FederatedMethod:
     exchange: bool
     # Train on this modality alone (the other hidden, clients without it left out).
     only: Literal["text", "image"] | None = None
+    # DP noise multiplier on the calibration statistics (0: exact), as clients apply it under
+    # projection DP (common/privacy/calibration_dp.py)
+    calibration_noise: float = 0.0
 
 
 def _same(cfg: ModelConfig) -> ModelConfig:
@@ -128,6 +131,15 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             True,
         ),
         FederatedMethod(
+            "ours_calibrated_dp",
+            "ours_calibrated on DP-noised statistics (sigma 1, clip sqrt(h): what clients send "
+            "under the default projection DP; the server's signal-to-noise guard applies)",
+            _fields(calibrate_image_classifier=True),
+            "ours",
+            True,
+            calibration_noise=1.0,
+        ),
+        FederatedMethod(
             "with_dropout",
             "ours with the baseline's modality dropout on paired rows",
             _same,
@@ -152,7 +164,7 @@ ABLATIONS = (
     "no_paired_ensemble",
 )
 #: Additions to ours measured beside the ablations (not part of the deployed method).
-VARIANTS = ("ours_calibrated",)
+VARIANTS = ("ours_calibrated", "ours_calibrated_dp")
 CENTRAL_METHODS = ("central_paired", "ceiling_text", "ceiling_image")
 
 
@@ -178,6 +190,7 @@ def run_federated_method(
             "baseline": budget.modality_dropout,
         }[method.dropout],
         method.exchange,
+        calibration_noise=method.calibration_noise,
     )
     return evaluate(model, data.test)
 

@@ -80,8 +80,8 @@ class ModelConfig(BaseModel):
         "common/model/classifier_calibration.py. The coordinator runs it as a calibration "
         "round after the last training round (server/calibration_round.py). Off by default: "
         "clients release per-class feature moments, Gaussian-noised under projection DP "
-        "(common/privacy/calibration_dp.py), which keeps about half the gain (headline "
-        "image-only 0.753 at sigma 1) and none on small clients",
+        "(common/privacy/calibration_dp.py), which keeps about 40% of the gain (headline "
+        "image-only 0.752 at sigma 1) and none on small clients",
     )
     sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
