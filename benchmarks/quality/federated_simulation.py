@@ -21,7 +21,6 @@ from crossfed.common.model.classifier_calibration import (
     CalibrationStats,
     calibrate_image_only,
     image_only_stats,
-    signal_to_noise,
 )
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
@@ -144,10 +143,7 @@ def calibrate_after_training(
             stats = part if stats is None else stats + part
     if stats is None:
         return
-    snr = min(
-        signal_to_noise(stats.classifier, stats.noise), signal_to_noise(stats.head, stats.noise)
-    )
-    if snr >= MIN_SIGNAL_TO_NOISE:
+    if stats.signal_to_noise() >= MIN_SIGNAL_TO_NOISE:
         calibrate_image_only(model, stats, seed=seed)
 
 

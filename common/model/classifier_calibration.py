@@ -120,6 +120,12 @@ class CalibrationStats:
             self.classifier + other.classifier, self.head + other.head, self.noise + other.noise
         )
 
+    def signal_to_noise(self) -> float:
+        """The worse `signal_to_noise` of the two parts (inf for exact statistics)."""
+        return min(
+            signal_to_noise(self.classifier, self.noise), signal_to_noise(self.head, self.noise)
+        )
+
 
 #: Least bias-corrected ratio of the class means' spread to the DP noise in them for which
 #: the server fits: below it the virtual features mostly describe noise.
@@ -357,9 +363,7 @@ def calibrated_state(
     """Server side of the calibration round: (the global shareable state with its calibration
     layers fitted on ``stats``, what was done), or (None, why not) when fewer than two
     classes have statistics or DP noise swamps them (`MIN_SIGNAL_TO_NOISE`)."""
-    snr = min(
-        signal_to_noise(stats.classifier, stats.noise), signal_to_noise(stats.head, stats.noise)
-    )
+    snr = stats.signal_to_noise()
     noisy = "" if math.isinf(snr) else f" (DP-noised statistics, signal-to-noise {snr:.3g})"
     if snr < MIN_SIGNAL_TO_NOISE:
         return None, f"DP noise swamps the class statistics{noisy}; left uncalibrated"
