@@ -236,14 +236,27 @@ def inprocess_server(
         server.stop()
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``predicate`` every 20 ms; fail with ``what`` after ``timeout_s``."""
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    detail: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``predicate`` every 20 ms; fail with ``what`` (and ``detail()``, e.g. the server's
+    last events) after ``timeout_s``."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if predicate():
             return
         time.sleep(0.02)
-    raise ScenarioFailure(f"timed out after {timeout_s} s waiting for {what}")
+    extra = f"\n{detail()}" if detail is not None else ""
+    raise ScenarioFailure(f"timed out after {timeout_s} s waiting for {what}{extra}")
+
+
+def recent_events(server: Any, count: int = 15) -> str:
+    """The server's last ``count`` events, one per line (for failure messages)."""
+    events = server.engine.store.events_after(0, limit=100_000)[-count:]
+    return "\n".join(f"{e.kind} r{e.round} {e.client_id} {e.message}" for e in events)
 
 
 # --------------------------------------------------------------------------- known uploads

@@ -24,6 +24,7 @@ from reliability_harness import (
     ResilientClientThread,
     checkpoint_digests,
     inprocess_server,
+    recent_events,
     record_result,
     rounds_of,
     run_row,
@@ -68,7 +69,13 @@ def test_checkpoint_write_failure_is_reported_and_the_round_not_committed(
             server.engine.start()
             for t in threads:
                 t.start()
-            wait_until(lambda: server.engine.run.last_committed_round == 1, 20, "round 1")
+            # generous: a loaded 2-core CI machine once took longer than 20 s here
+            wait_until(
+                lambda: server.engine.run.last_committed_round == 1,
+                60,
+                "round 1",
+                lambda: recent_events(server) + f"\nclient errors: {[t.errors for t in threads]}",
+            )
             disk_full.set()
             good = checkpoint_digests(state_dir)
             wait_until(lambda: bool(failures), 20, "a failed checkpoint write")
