@@ -5,16 +5,20 @@ modalities this client lacks (Table I configuration), encode once through the em
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 from crossfed.client.errors import ClientConfigError
+from crossfed.common.data.class_list import ClassListError, describe_difference, relabel_map
 from crossfed.common.data.data_errors import DataError
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.data.manifest import MANIFEST_SUFFIXES, load_manifest
 from crossfed.common.data.raw_dataset import RawDataset
+from crossfed.common.model.encoder_identity import EncoderIdentity
 from crossfed.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -79,12 +83,50 @@ class LocalDataSpec:
 
 @dataclass(frozen=True)
 class LocalData:
-    """The encoded local training set and the held-out part (same modality configuration)."""
+    """The encoded local training set and the held-out part (same modality configuration),
+    with what Register declares: the class names its labels index, and the encoders."""
 
     train: EmbeddingSet
     holdout: EmbeddingSet
     modality: ClientModality
     description: str
+    # Names the label indices refer to; None for pre-encoded sets (indices as they stand).
+    class_names: tuple[str, ...] | None = None
+    # False: `class_names` is this manifest's own label set, to be mapped onto the
+    # federation's classes after registration (`for_federation`); True: already the
+    # federation's list (the built-in data, or --classes).
+    labels_final: bool = True
+    text_encoder: EncoderIdentity | None = None
+    image_encoder: EncoderIdentity | None = None
+
+    def for_federation(self, class_names: Sequence[str]) -> LocalData:
+        """This data with labels indexing the federation's ``class_names`` (from Register);
+        raises ClientConfigError naming the labels or list entries that do not fit."""
+        if self.class_names is None or (self.labels_final and not class_names):
+            return self
+        if not class_names:
+            raise ClientConfigError(
+                "the server sent no class list to map this manifest's label names onto; "
+                "give the federation's classes (--classes a,b,c)"
+            )
+        if self.labels_final:
+            difference = describe_difference(self.class_names, class_names)
+            if difference:
+                raise ClientConfigError(
+                    f"this client's class list {difference} compared with the federation's"
+                )
+            return self
+        try:
+            mapping = torch.tensor(relabel_map(self.class_names, class_names), dtype=torch.long)
+        except ClassListError as exc:
+            raise ClientConfigError(str(exc)) from None
+        return replace(
+            self,
+            train=replace(self.train, labels=mapping[self.train.labels]),
+            holdout=replace(self.holdout, labels=mapping[self.holdout.labels]),
+            class_names=tuple(class_names),
+            labels_final=True,
+        )
 
 
 def _builtin_shard(spec: LocalDataSpec) -> RawDataset:
@@ -106,28 +148,22 @@ def _builtin_shard(spec: LocalDataSpec) -> RawDataset:
 
 
 def _load_raw(spec: LocalDataSpec) -> RawDataset:
+    """The raw rows; a manifest without a class list keeps its own label names (mapped onto
+    the federation's classes after registration), and skipped rows are summed up in one line."""
     if spec.source == BUILTIN_SOURCE:
         return _builtin_shard(spec)
     path = Path(spec.source)
-    if path.suffix in (".csv", ".jsonl"):
-        from crossfed.common.data.manifest import load_manifest
-
+    if path.suffix.lower() in MANIFEST_SUFFIXES:
         result = load_manifest(
             path,
             class_names=spec.class_names,
             image_size=spec.image_size,
             strict=not spec.skip_bad_rows,
         )
-        for issue in result.issues[:10]:
-            log.warning("%s: skipped %s", path, issue)
-        names = result.dataset.class_names
-        if spec.class_names is None and names != [str(i) for i in range(len(names))]:
-            # Indices derived from this file's own labels differ between clients.
-            raise ClientConfigError(
-                f"{path}: labels are names ({', '.join(names[:4])}, ...); give the federation's "
-                "class list (data.class_names, or --classes a,b,c) so every client maps them to "
-                "the same class indices"
-            )
+        for issue in result.issues:
+            log.debug("%s: skipped %s", path, issue)
+        if result.issues:
+            log.warning("%s", result.skipped_summary(path))
         return result.dataset
     raise ClientConfigError(
         f"data source {spec.source!r} is not {BUILTIN_SOURCE!r}, a .csv/.jsonl manifest "
@@ -156,7 +192,8 @@ def _modality_masks(
 
 def _encode(
     raw: RawDataset, spec: LocalDataSpec, cache_dir: Path | None, progress: bool
-) -> EmbeddingSet:
+) -> tuple[EmbeddingSet, EncoderIdentity | None, EncoderIdentity | None]:
+    """Eq. 1 over the rows this client holds, with the identities of the encoders used."""
     from crossfed.common.data.embedding_cache import EmbeddingCache, encode_dataset
     from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
 
@@ -169,12 +206,15 @@ def _encode(
     raw.has_text = has_text.numpy().copy()
     raw.has_image = has_image.numpy().copy()
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
-    return encode_dataset(
-        raw,
-        build_text_encoder(spec.text_encoder),
-        build_image_encoder(spec.image_encoder),
-        cache=cache,
-        progress=progress,
+    text_encoder = build_text_encoder(spec.text_encoder)
+    image_encoder = build_image_encoder(spec.image_encoder)
+    data = encode_dataset(raw, text_encoder, image_encoder, cache=cache, progress=progress)
+    text_id = EncoderIdentity(spec.text_encoder, text_encoder.identity)
+    image_id = EncoderIdentity(spec.image_encoder, image_encoder.identity, spec.image_size)
+    return (
+        data,
+        text_id if bool(has_text.any()) else None,
+        image_id if bool(has_image.any()) else None,
     )
 
 
@@ -193,13 +233,19 @@ def load_local_data(
     spec: LocalDataSpec, cache_dir: Path | None = None, progress: bool = False
 ) -> LocalData:
     """Build this client's encoded train/holdout sets; bad input raises ClientConfigError."""
+    class_names: tuple[str, ...] | None = None
+    labels_final = True
+    text_id = image_id = None
     try:
         if spec.source.endswith(".safetensors"):
             loaded = EmbeddingSet.load(spec.source)
             masks = _modality_masks(loaded.has_text, loaded.has_image, spec)
             data = loaded.with_masks(*masks)
         else:
-            data = _encode(_load_raw(spec), spec, cache_dir, progress)
+            raw = _load_raw(spec)
+            class_names = tuple(raw.class_names) or None
+            labels_final = spec.source == BUILTIN_SOURCE or spec.class_names is not None
+            data, text_id, image_id = _encode(raw, spec, cache_dir, progress)
     except DataError as exc:
         raise ClientConfigError(f"cannot load local data from {spec.source}: {exc}") from exc
     keep = data.has_text | data.has_image
@@ -211,9 +257,28 @@ def load_local_data(
         )
     train, holdout = _split_holdout(data, spec.holdout_fraction, spec.seed + spec.client_index)
     counts = train.counts()
+    modality = modality_of(counts)
     description = (
-        f"{spec.source} [{spec.modality.value}] train={len(train)} holdout={len(holdout)} "
+        f"{spec.source} [{modality.value}] train={len(train)} holdout={len(holdout)} "
         f"paired={counts['paired']} text_only={counts['text_only']} "
         f"image_only={counts['image_only']}"
     )
-    return LocalData(train=train, holdout=holdout, modality=spec.modality, description=description)
+    return LocalData(
+        train=train,
+        holdout=holdout,
+        modality=modality,
+        description=description,
+        class_names=class_names,
+        labels_final=labels_final,
+        text_encoder=text_id,
+        image_encoder=image_id,
+    )
+
+
+def modality_of(counts: dict[str, int]) -> ClientModality:
+    """The Table I configuration a set of rows amounts to (a manifest's rows decide it)."""
+    text = counts["paired"] + counts["text_only"] > 0
+    image = counts["paired"] + counts["image_only"] > 0
+    if text and image:
+        return ClientModality.BOTH
+    return ClientModality.TEXT_ONLY if text else ClientModality.IMAGE_ONLY

@@ -21,6 +21,7 @@ from typing import Protocol
 from crossfed.client.backoff import Backoff, RetryPolicy
 from crossfed.client.errors import (
     AlreadyUploadedError,
+    FatalServerError,
     NotRegisteredError,
     PayloadIntegrityError,
     RoundAbandonedError,
@@ -35,6 +36,7 @@ from crossfed.client.update_upload import (
     PreparedUpload,
     prepare_upload,
 )
+from crossfed.common.model.encoder_identity import EncoderIdentity
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,10 @@ class Registration:
     num_text_only: int
     num_image_only: int
     model_config_digest: str = ""
+    class_names: tuple[str, ...] = ()  # an explicit class list (built-in data, --classes)
+    label_names: tuple[str, ...] = ()  # else the labels a manifest holds
+    text_encoder: EncoderIdentity | None = None
+    image_encoder: EncoderIdentity | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Registered:
     model_config_json: str
     heartbeat_interval_s: float
     chunk_size: int
+    class_names: tuple[str, ...] = ()  # the federation's classes in index order
 
 
 @dataclass(frozen=True)
@@ -274,17 +281,27 @@ class ClientLoop:
 
     def _register(self) -> None:
         info = self.worker.registration()
-        response = self.transport.register(
-            coordinator_pb2.RegisterRequest(
-                modality=info.modality,  # type: ignore[arg-type]
-                num_samples=info.num_samples,
-                num_paired=info.num_paired,
-                num_text_only=info.num_text_only,
-                num_image_only=info.num_image_only,
-                model_config_digest=info.model_config_digest,
-                daemon_version=DAEMON_VERSION,
-            )
+        request = coordinator_pb2.RegisterRequest(
+            modality=info.modality,  # type: ignore[arg-type]
+            num_samples=info.num_samples,
+            num_paired=info.num_paired,
+            num_text_only=info.num_text_only,
+            num_image_only=info.num_image_only,
+            model_config_digest=info.model_config_digest,
+            daemon_version=DAEMON_VERSION,
+            class_names=info.class_names,
+            label_names=info.label_names,
         )
+        if info.text_encoder is not None:
+            request.text_encoder.CopyFrom(info.text_encoder.to_proto())
+        if info.image_encoder is not None:
+            request.image_encoder.CopyFrom(info.image_encoder.to_proto())
+        try:
+            response = self.transport.register(request)
+        except RoundAbandonedError as exc:
+            # FAILED_PRECONDITION at registration: this client does not fit the federation
+            # (model config, classes, encoders); retrying cannot change that
+            raise FatalServerError(f"the server refused this client: {exc}") from exc
         self.stats.registrations += 1
         if response.client_id:
             self.client_id = response.client_id
@@ -308,6 +325,7 @@ class ClientLoop:
                 model_config_json=response.model_config_json,
                 heartbeat_interval_s=self._poll_s,
                 chunk_size=self._chunk_size,
+                class_names=tuple(response.class_names),
             )
         )
         log.info("registered as %s (run %s)", self.client_id, self.run_id)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from crossfed.client.errors import ClientError, PrivacyBudgetExhaustedError
 from crossfed.client.local_data import LocalData
 from crossfed.client.local_trainer import TrainConfig, evaluate, train_local
@@ -77,16 +78,29 @@ class ModelRoundWorker:
         self.last_peak_rss_bytes = 0
 
     def registration(self) -> Registration:
-        counts = self.data.train.counts()
+        data = self.data
+        counts = data.train.counts()
+        names = data.class_names or ()
         return Registration(
-            modality=self.data.modality.proto,
-            num_samples=len(self.data.train),
+            modality=data.modality.proto,
+            num_samples=len(data.train),
             num_paired=counts["paired"],
             num_text_only=counts["text_only"],
             num_image_only=counts["image_only"],
+            class_names=names if data.labels_final else (),
+            label_names=() if data.labels_final else self._held_label_names(),
+            text_encoder=data.text_encoder,
+            image_encoder=data.image_encoder,
         )
 
+    def _held_label_names(self) -> tuple[str, ...]:
+        """The distinct labels this client's rows hold (a manifest's own names)."""
+        names = self.data.class_names or ()
+        held = torch.cat([self.data.train.labels, self.data.holdout.labels]).unique().tolist()
+        return tuple(names[i] for i in held)
+
     def on_registered(self, registered: Registered) -> None:
+        self.data = self.data.for_federation(registered.class_names)
         if not registered.model_config_json:
             if self.model is None:
                 log.warning("server sent no ModelConfig; using the defaults")
@@ -103,6 +117,12 @@ class ModelRoundWorker:
             raise ModelMismatchError(
                 f"server model expects text_dim={config.text_dim}, image_dim={config.image_dim} "
                 f"but the local encoders give {data.text_dim}, {data.image_dim}"
+            )
+        top = int(torch.cat([data.labels, self.data.holdout.labels]).max())
+        if top >= config.num_classes:
+            raise ModelMismatchError(
+                f"local label index {top} is outside the server model's {config.num_classes} "
+                "classes; the federation's class list must cover every label"
             )
         self.model = CrossModalNet(config)
 

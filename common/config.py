@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+from crossfed.common.data.class_list import check_class_names, default_class_names
 from crossfed.common.model.model_config import ModelConfig
 from pydantic import (
     BaseModel,
@@ -213,6 +214,13 @@ class ServerConfig(_Section):
     listen: str = Field(default="127.0.0.1:50051", description="host:port to serve gRPC on")
     state_dir: Path = Field(default=Path("state"), description="SQLite state and checkpoints")
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    classes: list[str] | None = Field(
+        default=None,
+        description="the federation's class names in index order; model.num_classes follows "
+        "from it, and a client whose labels or class list do not fit is refused at "
+        "registration. Unset: the built-in dataset's 12 classes ('0'..'n-1' when "
+        "model.num_classes is set to another count)",
+    )
     rounds: RoundPolicy = Field(default_factory=lambda: RoundPolicy())
     transport: TransportConfig = Field(default_factory=lambda: TransportConfig())
     tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
@@ -238,6 +246,30 @@ class ServerConfig(_Section):
     )
 
     _listen = field_validator("listen")(_check_address)
+
+    @field_validator("classes")
+    @classmethod
+    def _clean_classes(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_class_names(value)
+
+    @model_validator(mode="after")
+    def _classes_set_num_classes(self) -> ServerConfig:
+        if self.classes is None or self.model.num_classes == len(self.classes):
+            return self
+        if "num_classes" in self.model.model_fields_set:
+            raise ValueError(
+                f"classes names {len(self.classes)} classes but model.num_classes is "
+                f"{self.model.num_classes}; drop model.num_classes (it follows from classes)"
+            )
+        self.model.num_classes = len(self.classes)
+        return self
+
+    @property
+    def class_names(self) -> list[str]:
+        """The federation's classes in index order (configured, or the defaults)."""
+        if self.classes is not None:
+            return list(self.classes)
+        return default_class_names(self.model.num_classes)
 
 
 class MissingModalityConfig(_Section):

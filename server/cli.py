@@ -29,6 +29,13 @@ def start(
     allow_unencrypted_uploads: bool = typer.Option(
         False, "--allow-unencrypted-uploads", help="Accept plaintext uploads (tests only)."
     ),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help="The federation's class names in index order, comma-separated (or a file with "
+        "one per line, @classes.txt); the model's class count follows. Default: the built-in "
+        "dataset's 12 classes.",
+    ),
     rounds: int | None = typer.Option(None, "--rounds", help="Rounds to run."),
     min_clients: int | None = typer.Option(None, "--min-clients"),
     fraction: float | None = typer.Option(None, "--fraction", help="Share of clients selected."),
@@ -67,6 +74,8 @@ def start(
 ) -> None:
     """Start (or resume, with the same --state-dir) the coordination server."""
     from crossfed.common.config import ConfigError, ServerConfig, load_config
+    from crossfed.common.data.class_list import parse_class_list
+    from crossfed.common.data.data_errors import DataError
     from crossfed.server.errors import ServerError
     from crossfed.server.server_app import CoordinatorServer, ServerOptions
     from crossfed.server.structured_logging import LoggingSetupError, configure_logging
@@ -97,6 +106,8 @@ def start(
     if allow_unencrypted_uploads:
         overrides["allow_unencrypted_uploads"] = True
     try:
+        if classes is not None:
+            overrides["classes"] = parse_class_list(classes)
         cfg = load_config(ServerConfig, config, overrides=overrides)
         configure_logging(log_level, json_lines=cfg.log_json)
         options = ServerOptions(
@@ -107,7 +118,7 @@ def start(
         )
         server = CoordinatorServer.create(cfg, options)
         port = server.start()
-    except (ConfigError, ServerError, LoggingSetupError) as exc:
+    except (ConfigError, ServerError, LoggingSetupError, DataError) as exc:
         typer.echo(f"crossfed server: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -28,6 +28,7 @@ from crossfed.server.errors import (
     UnknownClientError,
     WrongRoundError,
 )
+from crossfed.server.federation_contract import ClientFacts
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
 from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
@@ -208,9 +209,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 checked_count(request.num_image_only, "num_image_only"),
                 request.model_config_digest,
                 request.daemon_version,
+                facts=ClientFacts.from_request(request),
             )
         except ServerError as exc:
             abort_with(context, exc)
+        contract = self.engine.contract
         return coordinator_pb2.RegisterResponse(
             client_id=reg.client_id,
             run_id=reg.run_id,
@@ -218,6 +221,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             model_config_json=self.model_config_json,
             heartbeat_interval_ms=reg.heartbeat_interval_ms,
             chunk_size=self.chunk_size,
+            class_names=contract.class_names if contract is not None else (),
         )
 
     def Heartbeat(

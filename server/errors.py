@@ -86,6 +86,12 @@ class ModelMismatchError(ServerError):
     status = StatusKind.FAILED_PRECONDITION
 
 
+class FederationMismatchError(ServerError):
+    """A registering client's class list, labels or encoders do not fit the federation."""
+
+    status = StatusKind.FAILED_PRECONDITION
+
+
 class StateStoreError(ServerError):
     """The persistent state (SQLite database, checkpoints) is unreadable or inconsistent."""
 

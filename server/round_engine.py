@@ -41,6 +41,7 @@ from crossfed.server.errors import (
     UnknownClientError,
     WrongRoundError,
 )
+from crossfed.server.federation_contract import ClientFacts, FederationContract
 from crossfed.server.projection_exchange import (
     ProjectionAggregator,
     ProjectionNoiseHook,
@@ -186,9 +187,11 @@ class RoundEngine:
         central_dp: CentralDP | None = None,
         central_dp_delta: float = 1e-5,
         calibration: CalibrationStep | None = None,
+        contract: FederationContract | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
+        self.contract = contract
         self.calibration = calibration
         self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
@@ -382,8 +385,10 @@ class RoundEngine:
         num_image_only: int = 0,
         model_config_digest: str = "",
         daemon_version: str = "",
+        facts: ClientFacts | None = None,
     ) -> Registration:
-        """Register (or re-register after a reconnect) a client; idempotent."""
+        """Register (or re-register after a reconnect) a client; idempotent. With a federation
+        contract, ``facts`` (classes, labels, encoders) must fit it first."""
         if not client_id:
             raise UnknownClientError("no client id on the request; authenticate first")
         if modality not in _VALID_MODALITIES:
@@ -407,6 +412,8 @@ class RoundEngine:
                 f"client model config digest {model_config_digest[:16]}... does not match the "
                 f"server's {self.model_config_digest[:16]}...; use the server's ModelConfig"
             )
+        if self.contract is not None:
+            self.contract.admit(client_id, facts or ClientFacts())
         with self._lock:
             now = self.clock()
             existing = self._clients.get(client_id)

@@ -21,6 +21,7 @@ from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.coordinator_servicer import CoordinatorServicer
 from crossfed.server.credential_store import SqliteCredentialStore
 from crossfed.server.errors import ConfigurationError
+from crossfed.server.federation_contract import FederationContract
 from crossfed.server.grpc_server import RunningServer, start_grpc_server
 from crossfed.server.metrics import ServerMetrics
 from crossfed.server.model_bootstrap import build_initial_model, model_config_digest
@@ -154,8 +155,9 @@ class CoordinatorServer:
         model = build_initial_model(config.model, config.seed, options.standin_model)
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
         epsilon_budget = config.privacy.epsilon_budget or 0.0
+        store = open_state_store(state_dir)
         engine = RoundEngine(
-            open_state_store(state_dir),
+            store,
             CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=config.keep_checkpoints),
             model.state,
             model.module_of,
@@ -168,6 +170,7 @@ class CoordinatorServer:
             central_dp=central_dp_from_config(config),
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
+            contract=FederationContract(config.class_names, store),
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)

@@ -1,8 +1,12 @@
-"""Manifest loader for real datasets: CSV or JSONL rows of (image path, text, label).
+"""Manifest loader for a user's own data: CSV or JSONL rows of (image path, text, label).
 
-An empty image or text cell means that modality is missing for the sample. Bad rows (missing
-or unreadable image file, unknown or empty label, both modalities absent) are reported with
-their line numbers and either skipped or made fatal (`strict`).
+An empty image or text cell means that modality is missing for the row: a row's Table I
+configuration (both, text only, image only) comes from its cells, not from a flag. Bad rows
+(missing or unreadable image, unknown or empty label, both cells empty) are reported with
+file, line and column, and either skipped or made fatal (`strict`).
+
+`iter_manifest_rows` streams rows without loading images (what `crossfed predict` batches
+over); `load_manifest` loads a whole file into a RawDataset (what a client trains on).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from crossfed.common.data.class_list import label_index
 from crossfed.common.data.data_errors import ManifestError
 from crossfed.common.data.raw_dataset import RawDataset
 from PIL import Image, UnidentifiedImageError
@@ -22,17 +27,40 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_KEYS = ("image", "image_path", "img")
 TEXT_KEYS = ("text", "caption")
 LABEL_KEYS = ("label", "class", "y")
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+#: Images whose header declares more pixels than this are refused before decoding (a
+#: decompression bomb: a tiny file declaring 100000 x 100000 would take tens of GB).
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclass(frozen=True)
 class ManifestIssue:
-    """One rejected row: the file line it came from and why."""
+    """One rejected row: the file line it came from, the column at fault, and why."""
 
     line: int
     reason: str
+    column: str = ""
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.reason}"
+        where = f"line {self.line}" + (f", column '{self.column}'" if self.column else "")
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One well-formed row: image file (None when the cell is empty), caption, label cell."""
+
+    line: int
+    image: Path | None
+    text: str
+    label: str
+
+    @property
+    def configuration(self) -> str:
+        """Table I configuration of the row: 'both', 'text_only' or 'image_only'."""
+        if self.image is not None and self.text:
+            return "both"
+        return "text_only" if self.text else "image_only"
 
 
 @dataclass
@@ -41,47 +69,149 @@ class ManifestResult:
 
     dataset: RawDataset
     issues: list[ManifestIssue]
+    rows: int = 0  # data rows read (good and rejected)
+
+    def skipped_summary(self, path: str | Path, shown: int = 5) -> str:
+        """One line: how many rows were skipped, which lines, and the first reasons."""
+        if not self.issues:
+            return ""
+        lines = ", ".join(str(i.line) for i in self.issues[:shown])
+        more = ", ..." if len(self.issues) > shown else ""
+        return (
+            f"{path}: skipped {len(self.issues)} of {self.rows} rows (lines {lines}{more}); "
+            f"first: {self.issues[0]}"
+        )
 
 
-def _pick(row: dict[str, Any], keys: Sequence[str]) -> str:
+def _pick(row: dict[str, Any], keys: Sequence[str]) -> tuple[str, str]:
+    """(value, column name) of the first of ``keys`` present in the row."""
     for key in keys:
         if key in row and row[key] is not None:
-            return str(row[key]).strip()
-    return ""
+            return str(row[key]).strip(), key
+    return "", keys[0]
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
-    """(line number, row or None, parse problem)."""
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield line_no, None, f"invalid JSON ({exc.msg})"
-                    continue
-                if not isinstance(obj, dict):
-                    yield line_no, None, "JSON line is not an object"
-                    continue
-                yield line_no, obj, ""
-    elif path.suffix.lower() == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = {f.strip() for f in (reader.fieldnames or [])}
-            if not fields & set(LABEL_KEYS):
-                raise ManifestError(f"{path}: header has no label column (one of {LABEL_KEYS})")
-            for row in reader:
-                yield reader.line_num, {k.strip(): v for k, v in row.items() if k}, ""
-    else:
+def _check_utf8(path: Path) -> None:
+    """Fail with file, line and byte column when the manifest is not UTF-8 text."""
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ManifestError(
+                    f"{path}: line {line_no}, byte {exc.start + 1}: not UTF-8 text "
+                    f"({exc.reason}); save the manifest as UTF-8"
+                ) from None
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line number, row or None, parse problem) for every data row."""
+    suffix = path.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
         raise ManifestError(f"{path}: unsupported manifest type (use .csv or .jsonl)")
+    _check_utf8(path)
+    if suffix == ".csv":
+        # utf-8-sig: a byte-order mark (spreadsheet exports) must not become part of a header
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            try:
+                for row in reader:
+                    yield reader.line_num, {k.strip(): v for k, v in row.items() if k}, ""
+            except csv.Error as exc:
+                raise ManifestError(f"{path}: line {reader.line_num}: bad CSV: {exc}") from None
+        return
+    with path.open(encoding="utf-8-sig") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_no, None, f"invalid JSON at character {exc.pos + 1} ({exc.msg})"
+                continue
+            if not isinstance(obj, dict):
+                yield line_no, None, "JSON line is not an object"
+                continue
+            yield line_no, obj, ""
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
+def _check_header(path: Path, require_label: bool) -> None:
+    """A CSV must name its columns: an image or text column, and a label one when needed."""
+    if path.suffix.lower() != ".csv":
+        return
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        fields = {f.strip() for f in (csv.DictReader(fh).fieldnames or [])}
+    if require_label and not fields & set(LABEL_KEYS):
+        raise ManifestError(f"{path}: line 1: header has no label column (one of {LABEL_KEYS})")
+    if not fields & set(IMAGE_KEYS + TEXT_KEYS):
+        raise ManifestError(
+            f"{path}: line 1: header has neither an image column {IMAGE_KEYS} nor a text "
+            f"column {TEXT_KEYS}"
+        )
+
+
+def iter_manifest_rows(
+    path: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    require_label: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> Iterator[ManifestRow | ManifestIssue]:
+    """Stream a manifest's rows in file order; a bad row comes out as a ManifestIssue.
+
+    Images are not opened here (only checked to exist). Relative image paths resolve against
+    ``base_dir`` (default: the manifest's folder). With ``class_names``, a label that names
+    no class is an issue; ``require_label`` False accepts rows without one (predict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    _check_header(path, require_label)
+    root = Path(base_dir) if base_dir is not None else path.parent
+    known = {name: i for i, name in enumerate(class_names)} if class_names is not None else None
+    for line, row, problem in _raw_rows(path):
+        if row is None:
+            yield ManifestIssue(line, problem)
+            continue
+        image_cell, image_col = _pick(row, IMAGE_KEYS)
+        text, text_col = _pick(row, TEXT_KEYS)
+        label, label_col = _pick(row, LABEL_KEYS)
+        if require_label and not label:
+            yield ManifestIssue(line, "empty label", label_col)
+            continue
+        if label and known is not None and label_index(label, known) is None:
+            yield ManifestIssue(line, f"unknown label '{label}'", label_col)
+            continue
+        if not image_cell and not text:
+            yield ManifestIssue(
+                line, f"both modalities absent (empty '{image_col}' and '{text_col}')"
+            )
+            continue
+        image: Path | None = None
+        if image_cell:
+            image = Path(image_cell)
+            image = image if image.is_absolute() else root / image
+            if not image.is_file():
+                yield ManifestIssue(line, f"image file not found: {image}", image_col)
+                continue
+        yield ManifestRow(line, image, text, label)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """An image file as uint8 RGB [size, size, 3]; raises ValueError/OSError when unreadable
+    or when its header declares more than MAX_IMAGE_PIXELS (never decoded then)."""
     with Image.open(path) as img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"declares {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+            )
         rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
+
+
+#: What a damaged or hostile image file raises while it is opened or decoded.
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def load_manifest(
@@ -95,78 +225,52 @@ def load_manifest(
 
     `class_names` fixes the label set (labels may be names or indices into it); without it,
     integer labels are used as class indices, and names become the sorted distinct labels of
-    the good rows (meaningful for this file only: federated clients must share one list). With `strict`, the first bad
-    row raises ManifestError; otherwise bad rows are skipped and returned in `issues`.
+    the good rows (this file's own list: a federated client maps them onto the federation's
+    classes after registering). With `strict`, the first bad row raises ManifestError naming
+    file, line and column; otherwise bad rows are skipped and returned in `issues`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest not found: {path}")
-    root = Path(base_dir) if base_dir is not None else path.parent
     known = {name: i for i, name in enumerate(class_names)} if class_names is not None else None
     issues: list[ManifestIssue] = []
     images: list[np.ndarray] = []
     texts: list[str] = []
     raw_labels: list[str] = []
-    has_text: list[bool] = []
     has_image: list[bool] = []
+    rows = 0
 
-    def reject(line: int, reason: str) -> None:
-        issue = ManifestIssue(line, reason)
+    def reject(issue: ManifestIssue) -> None:
         if strict:
-            raise ManifestError(f"{path}: {issue}")
+            raise ManifestError(
+                f"{path}: {issue} (skip_bad_rows / --skip-bad-rows skips such rows)"
+            )
         issues.append(issue)
 
-    for line, row, problem in _rows(path):
-        if row is None:
-            reject(line, problem)
-            continue
-        image_cell, text, label = (
-            _pick(row, IMAGE_KEYS),
-            _pick(row, TEXT_KEYS),
-            _pick(row, LABEL_KEYS),
-        )
-        if not label:
-            reject(line, "empty label")
-            continue
-        if (
-            known is not None
-            and label not in known
-            and not (label.isdigit() and int(label) < len(known))
-        ):
-            reject(line, f"unknown label '{label}'")
-            continue
-        if not image_cell and not text:
-            reject(line, "both modalities absent (empty image and text)")
+    for item in iter_manifest_rows(path, base_dir=base_dir, class_names=class_names):
+        rows += 1
+        if isinstance(item, ManifestIssue):
+            reject(item)
             continue
         pixels = np.zeros((image_size, image_size, 3), dtype=np.uint8)
-        if image_cell:
-            file = Path(image_cell)
-            file = file if file.is_absolute() else root / file
-            if not file.is_file():
-                reject(line, f"image file not found: {file}")
-                continue
+        if item.image is not None:
             try:
-                pixels = _load_image(file, image_size)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                reject(line, f"unreadable image {file}: {exc}")
+                pixels = load_image(item.image, image_size)
+            except IMAGE_ERRORS as exc:
+                reject(ManifestIssue(item.line, f"unreadable image {item.image}: {exc}", "image"))
                 continue
         images.append(pixels)
-        texts.append(text)
-        raw_labels.append(label)
-        has_text.append(bool(text))
-        has_image.append(bool(image_cell))
+        texts.append(item.text)
+        raw_labels.append(item.label)
+        has_image.append(item.image is not None)
 
     if known is not None:
         names = list(known)
-        labels = [known[lab] if lab in known else int(lab) for lab in raw_labels]
+        labels = [int(label_index(lab, known) or 0) for lab in raw_labels]  # all known here
     elif raw_labels and all(lab.isdigit() for lab in raw_labels):
         # Integer labels are class indices as they stand: sorting them as strings would map
         # "10" before "2", and a client missing a class would shift every index after it.
         labels = [int(lab) for lab in raw_labels]
         names = [str(i) for i in range(max(labels) + 1)]
     else:
-        # Names without a fixed class list: indices are only meaningful for this one file, so
-        # federated clients must pass `class_names` (the federation's shared list).
         names = sorted(set(raw_labels))
         index = {name: i for i, name in enumerate(names)}
         labels = [index[lab] for lab in raw_labels]
@@ -178,8 +282,8 @@ def load_manifest(
         images=np.stack(images),
         texts=texts,
         labels=np.asarray(labels, dtype=np.int64),
-        has_text=np.asarray(has_text, dtype=bool),
+        has_text=np.asarray([bool(t) for t in texts], dtype=bool),
         has_image=np.asarray(has_image, dtype=bool),
         class_names=names,
     )
-    return ManifestResult(dataset=dataset, issues=issues)
+    return ManifestResult(dataset=dataset, issues=issues, rows=rows)

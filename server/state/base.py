@@ -90,6 +90,15 @@ class StateStore(ABC):
     def events_after(self, after_event_id: int, limit: int = 1000) -> list[EventRecord]:
         """Events with id > after_event_id, oldest first."""
 
+    # -- run settings ------------------------------------------------------------------
+    @abstractmethod
+    def get_setting(self, key: str) -> str | None:
+        """A named setting the run pinned (e.g. the federation's encoders), or None."""
+
+    @abstractmethod
+    def put_setting(self, key: str, value: str) -> None:
+        """Create or replace a named setting."""
+
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
         """Release resources (database connection)."""

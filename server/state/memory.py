@@ -25,6 +25,15 @@ class InMemoryStateStore(StateStore):
         self._rounds: dict[tuple[int, int], RoundRecord] = {}
         self._uploads: dict[tuple[int, int], dict[str, UploadRecord]] = {}
         self._events: list[EventRecord] = []
+        self._settings: dict[str, str] = {}
+
+    def get_setting(self, key: str) -> str | None:
+        with self._lock:
+            return self._settings.get(key)
+
+    def put_setting(self, key: str, value: str) -> None:
+        with self._lock:
+            self._settings[key] = value
 
     def get_run(self) -> RunRecord | None:
         with self._lock:

@@ -354,6 +354,17 @@ class SqliteStateStore(StateStore):
             for r in rows
         ]
 
+    # -- run settings (the meta table, beside schema_version) ---------------------------
+    def get_setting(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (f"setting:{key}",))
+        return str(rows[0][0]) if rows else None
+
+    def put_setting(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"setting:{key}", value)
+            )
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()

@@ -45,7 +45,7 @@ class GetStatusResponse(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., run_state: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., clients_by_state: _Optional[_Mapping[str, int]] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., last_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., server_version: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class ClientInfo(_message.Message):
-    __slots__ = ("client_id", "modality", "num_samples", "state", "last_seen_unix_s", "last_round", "rounds_completed")
+    __slots__ = ("client_id", "modality", "num_samples", "state", "last_seen_unix_s", "last_round", "rounds_completed", "num_paired", "num_text_only", "num_image_only")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,9 @@ class ClientInfo(_message.Message):
     LAST_SEEN_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAIRED_FIELD_NUMBER: _ClassVar[int]
+    NUM_TEXT_ONLY_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     modality: _common_pb2.ModalityConfig
     num_samples: int
@@ -60,7 +63,10 @@ class ClientInfo(_message.Message):
     last_seen_unix_s: float
     last_round: int
     rounds_completed: int
-    def __init__(self, client_id: _Optional[str] = ..., modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_s: _Optional[float] = ..., last_round: _Optional[int] = ..., rounds_completed: _Optional[int] = ...) -> None: ...
+    num_paired: int
+    num_text_only: int
+    num_image_only: int
+    def __init__(self, client_id: _Optional[str] = ..., modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., state: _Optional[str] = ..., last_seen_unix_s: _Optional[float] = ..., last_round: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., num_paired: _Optional[int] = ..., num_text_only: _Optional[int] = ..., num_image_only: _Optional[int] = ...) -> None: ...
 
 class ListClientsRequest(_message.Message):
     __slots__ = ()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rossfed/v1/common.proto\x12\x0b\x63rossfed.v1\"v\n\x0bTensorChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\x0c\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\x12\r\n\x05round\x18\x06 \x01(\x04\"<\n\rTensorPayload\x12\x13\n\x0bsafetensors\x18\x01 \x01(\x0c\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\x0c\"j\n\x07Metrics\x12\x30\n\x06values\x18\x01 \x03(\x0b\x32 .crossfed.v1.Metrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x8a\x01\n\x0eModalityConfig\x12\x1f\n\x1bMODALITY_CONFIG_UNSPECIFIED\x10\x00\x12\x18\n\x14MODALITY_CONFIG_BOTH\x10\x01\x12\x1d\n\x19MODALITY_CONFIG_TEXT_ONLY\x10\x02\x12\x1e\n\x1aMODALITY_CONFIG_IMAGE_ONLY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rossfed/v1/common.proto\x12\x0b\x63rossfed.v1\"v\n\x0bTensorChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\x0c\x12\x14\n\x0cpayload_size\x18\x05 \x01(\x04\x12\r\n\x05round\x18\x06 \x01(\x04\"<\n\rTensorPayload\x12\x13\n\x0bsafetensors\x18\x01 \x01(\x0c\x12\x16\n\x0epayload_sha256\x18\x02 \x01(\x0c\"A\n\x0b\x45ncoderInfo\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x12\n\nimage_size\x18\x03 \x01(\r\"j\n\x07Metrics\x12\x30\n\x06values\x18\x01 \x03(\x0b\x32 .crossfed.v1.Metrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x8a\x01\n\x0eModalityConfig\x12\x1f\n\x1bMODALITY_CONFIG_UNSPECIFIED\x10\x00\x12\x18\n\x14MODALITY_CONFIG_BOTH\x10\x01\x12\x1d\n\x19MODALITY_CONFIG_TEXT_ONLY\x10\x02\x12\x1e\n\x1aMODALITY_CONFIG_IMAGE_ONLY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICS_VALUESENTRY']._loaded_options = None
   _globals['_METRICS_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_MODALITYCONFIG']._serialized_start=332
-  _globals['_MODALITYCONFIG']._serialized_end=470
+  _globals['_MODALITYCONFIG']._serialized_start=399
+  _globals['_MODALITYCONFIG']._serialized_end=537
   _globals['_TENSORCHUNK']._serialized_start=41
   _globals['_TENSORCHUNK']._serialized_end=159
   _globals['_TENSORPAYLOAD']._serialized_start=161
   _globals['_TENSORPAYLOAD']._serialized_end=221
-  _globals['_METRICS']._serialized_start=223
-  _globals['_METRICS']._serialized_end=329
-  _globals['_METRICS_VALUESENTRY']._serialized_start=284
-  _globals['_METRICS_VALUESENTRY']._serialized_end=329
+  _globals['_ENCODERINFO']._serialized_start=223
+  _globals['_ENCODERINFO']._serialized_end=288
+  _globals['_METRICS']._serialized_start=290
+  _globals['_METRICS']._serialized_end=396
+  _globals['_METRICS_VALUESENTRY']._serialized_start=351
+  _globals['_METRICS_VALUESENTRY']._serialized_end=396
 # @@protoc_insertion_point(module_scope)

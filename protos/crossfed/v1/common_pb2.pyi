@@ -42,6 +42,16 @@ class TensorPayload(_message.Message):
     payload_sha256: bytes
     def __init__(self, safetensors: _Optional[bytes] = ..., payload_sha256: _Optional[bytes] = ...) -> None: ...
 
+class EncoderInfo(_message.Message):
+    __slots__ = ("spec", "identity", "image_size")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    spec: str
+    identity: str
+    image_size: int
+    def __init__(self, spec: _Optional[str] = ..., identity: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
+
 class Metrics(_message.Message):
     __slots__ = ("values",)
     class ValuesEntry(_message.Message):

@@ -3,7 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -42,7 +42,7 @@ class EnrollResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_secret: _Optional[bytes] = ..., server_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("modality", "num_samples", "num_paired", "num_text_only", "num_image_only", "model_config_digest", "daemon_version")
+    __slots__ = ("modality", "num_samples", "num_paired", "num_text_only", "num_image_only", "model_config_digest", "daemon_version", "class_names", "label_names", "text_encoder", "image_encoder")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_PAIRED_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,10 @@ class RegisterRequest(_message.Message):
     NUM_IMAGE_ONLY_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DAEMON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODER_FIELD_NUMBER: _ClassVar[int]
     modality: _common_pb2.ModalityConfig
     num_samples: int
     num_paired: int
@@ -57,23 +61,29 @@ class RegisterRequest(_message.Message):
     num_image_only: int
     model_config_digest: str
     daemon_version: str
-    def __init__(self, modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., num_paired: _Optional[int] = ..., num_text_only: _Optional[int] = ..., num_image_only: _Optional[int] = ..., model_config_digest: _Optional[str] = ..., daemon_version: _Optional[str] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    text_encoder: _common_pb2.EncoderInfo
+    image_encoder: _common_pb2.EncoderInfo
+    def __init__(self, modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., num_paired: _Optional[int] = ..., num_text_only: _Optional[int] = ..., num_image_only: _Optional[int] = ..., model_config_digest: _Optional[str] = ..., daemon_version: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., label_names: _Optional[_Iterable[str]] = ..., text_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ..., image_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("client_id", "run_id", "current_round", "model_config_json", "heartbeat_interval_ms", "chunk_size")
+    __slots__ = ("client_id", "run_id", "current_round", "model_config_json", "heartbeat_interval_ms", "chunk_size", "class_names")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     run_id: str
     current_round: int
     model_config_json: str
     heartbeat_interval_ms: int
     chunk_size: int
-    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., model_config_json: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., model_config_json: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., chunk_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("last_completed_round",)
