@@ -26,6 +26,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     import grpc
 
+    from crossfed.common.model.model_bundle import ModelBundle
     from crossfed.v1 import admin_pb2
 
 admin_app = typer.Typer(
@@ -593,15 +594,14 @@ def set_config(
 # --------------------------------------------------------------------------- model export
 
 
-def check_safetensors_file(path: Path) -> int:
-    """Open ``path`` as safetensors (header + sizes, no pickle); returns the tensor count."""
-    from safetensors import SafetensorError, safe_open
+def check_bundle_file(path: Path) -> ModelBundle:
+    """Load ``path`` as a model bundle (every check `crossfed evaluate` makes, no pickle)."""
+    from crossfed.common.model.model_bundle import BundleError, load_bundle
 
     try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return len(list(handle.keys()))
-    except (SafetensorError, OSError, ValueError) as exc:
-        _fail(f"exported file is not a valid safetensors payload: {exc}")
+        return load_bundle(path)
+    except BundleError as exc:
+        _fail(f"the exported model bundle does not load: {exc}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -652,7 +652,7 @@ def export_model_to(
             _fail(f"received {written} bytes but the server announced {expected_size}")
         if sha.digest() != expected_digest:
             _fail("SHA-256 of the received model does not match the server's digest")
-        tensors = check_safetensors_file(tmp)
+        bundle = check_bundle_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -663,29 +663,37 @@ def export_model_to(
         "round": version,
         "bytes": written,
         "sha256": expected_digest.hex(),
-        "tensors": tensors,
+        "tensors": len(bundle.state),
+        "classes": list(bundle.class_names),
+        "prototypes": bundle.prototypes is not None,
+        "epsilon": bundle.epsilon,
+        "text_encoder": None if bundle.text_encoder is None else bundle.text_encoder.identity,
+        "image_encoder": None if bundle.image_encoder is None else bundle.image_encoder.identity,
     }
 
 
 @admin_app.command("export-model")
 def export_model(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="Output .safetensors file.")],
+    path: Annotated[Path, typer.Argument(help="Output model bundle (.safetensors).")],
     round_no: Annotated[
         int, typer.Option("--round", min=0, help="Committed round; 0 = latest.")
     ] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Download a committed global model into a safetensors file (digest-verified, atomic)."""
+    """Download a committed global model as a model bundle (weights, model config, class
+    names, global prototypes, encoders, epsilon): digest-verified, checked, written atomically;
+    `crossfed evaluate` and `crossfed predict` take it."""
     with _session(ctx) as (state, session):
         info = export_model_to(session, path, round_no, force)
     _emit(
         state,
         info,
         lambda c: c.print(
-            f"wrote {info['path']}: global model of round {info['round']}, "
-            f"{info['tensors']} tensors, {info['bytes']} bytes, sha256 {info['sha256'][:16]}...",
+            f"wrote {info['path']}: model bundle of round {info['round']}, "
+            f"{len(info['classes'])} classes, {info['tensors']} tensors, {info['bytes']} bytes, "
+            f"sha256 {info['sha256'][:16]}...",
             soft_wrap=True,
         ),
     )

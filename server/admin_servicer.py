@@ -475,8 +475,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 raise AdminNotFoundError(
                     f"round {version} is not committed; the latest committed round is {last}"
                 )
+            bundles = self.engine.bundles
+            if bundles is None:
+                raise AdminRequestError(
+                    "this server runs the stand-in model, which has no model bundle"
+                )
             try:
-                payload = self.engine.checkpoints.load_bytes(version)
+                payload = bundles.read(version)
             except CheckpointError as exc:
                 raise AdminNotFoundError(str(exc)) from None
         except ServerError as exc:

@@ -14,6 +14,8 @@ from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.errors import InvalidUpdateError
 
 PROJECTION_KEYS = ("text_sum", "image_sum", "text_count", "image_count")
+#: Where the engine publishes the global prototypes of a round, beside its checkpoints.
+PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ from crossfed.server.errors import (
     WrongRoundError,
 )
 from crossfed.server.federation_contract import ClientFacts, FederationContract
+from crossfed.server.model_bundles import BundleStore
 from crossfed.server.projection_exchange import (
+    PROTOTYPES_FILE_NAME,
     ProjectionAggregator,
     ProjectionNoiseHook,
     ProjectionSpec,
@@ -95,7 +97,6 @@ _LAST_SEEN_PERSIST_S = 5.0
 # last client to notice it); the fleet's total rate of such polls stays bounded.
 _FINISHING_POLL_MIN_MS = 100
 _FINISHING_POLLS_PER_S = 100
-PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -188,10 +189,12 @@ class RoundEngine:
         central_dp_delta: float = 1e-5,
         calibration: CalibrationStep | None = None,
         contract: FederationContract | None = None,
+        bundles: BundleStore | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
         self.contract = contract
+        self.bundles = bundles
         self.calibration = calibration
         self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
@@ -860,6 +863,8 @@ class RoundEngine:
         self.checkpoints.prune(protect=record.round)
         self._global = new_state
         self._global_bytes = None
+        if self.bundles is not None:
+            self._write_bundle_locked(record.round, new_state)
         for cid in opened.uploaders:
             client = self._clients[cid]
             client.rounds_completed += 1 if opened.stats is None else 0
@@ -889,6 +894,23 @@ class RoundEngine:
             self._set_run_state(
                 RUN_COMPLETED,
                 f"{done}; calibration: {reason}" if opened.stats is not None else done,
+            )
+
+    def _write_bundle_locked(self, round_no: int, state: dict[str, torch.Tensor]) -> None:
+        """The committed round's model bundle beside its checkpoint; the commit stands if the
+        disk refuses it (export-model then builds the bundle from the checkpoint)."""
+        assert self.bundles is not None
+        try:
+            self.bundles.write(round_no, state)
+        except (OSError, StateStoreError) as exc:
+            message = (
+                f"model bundle of round {round_no} not written ({exc}); the round is "
+                "committed, export-model builds its bundle from the checkpoint"
+            )
+            log.error(message)
+            self._write_best_effort(
+                "bundle_failed event",
+                lambda: self._event("bundle_failed", round_no=round_no, message=message),
             )
 
     def _calibrated_state_locked(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,16 +21,18 @@ from crossfed.server.calibration_round import CalibrationStep, ccvr_calibration_
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.coordinator_servicer import CoordinatorServicer
 from crossfed.server.credential_store import SqliteCredentialStore
-from crossfed.server.errors import ConfigurationError
+from crossfed.server.errors import ConfigurationError, StateStoreError
 from crossfed.server.federation_contract import FederationContract
 from crossfed.server.grpc_server import RunningServer, start_grpc_server
 from crossfed.server.metrics import ServerMetrics
 from crossfed.server.model_bootstrap import build_initial_model, model_config_digest
+from crossfed.server.model_bundles import BundleStore
 from crossfed.server.projection_exchange import ProjectionSpec
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.state.base import StateStore
 from crossfed.server.state.factory import open_state_store
-from crossfed.server.state.records import TERMINAL_RUN_STATES
+from crossfed.server.state.records import TERMINAL_RUN_STATES, RunRecord
 from crossfed.server.upload_keys import load_or_create_upload_key
 from crossfed.server.upload_receiver import UploadPolicy
 
@@ -129,6 +132,18 @@ def round_policy_from_config(config: ServerConfig, auto_start: bool = True) -> R
     )
 
 
+def _stored_run(store: StateStore) -> Callable[[], RunRecord]:
+    """The committed run record (what a bundle reports: round, run id, epsilon)."""
+
+    def run() -> RunRecord:
+        record = store.get_run()
+        if record is None:
+            raise StateStoreError("the state store holds no run")
+        return record
+
+    return run
+
+
 @dataclass
 class CoordinatorServer:
     """One coordination server process: build with `create`, then `start` / `stop`."""
@@ -156,9 +171,16 @@ class CoordinatorServer:
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
         epsilon_budget = config.privacy.epsilon_budget or 0.0
         store = open_state_store(state_dir)
+        checkpoints = CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=config.keep_checkpoints)
+        contract = FederationContract(config.class_names, store)
+        bundles = None
+        if model.source == "CrossModalNet":  # the stand-in model has no bundle form
+            bundles = BundleStore(
+                checkpoints, config.model, contract, config.privacy.delta, _stored_run(store)
+            )
         engine = RoundEngine(
             store,
-            CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=config.keep_checkpoints),
+            checkpoints,
             model.state,
             model.module_of,
             round_policy_from_config(config, options.auto_start),
@@ -170,7 +192,8 @@ class CoordinatorServer:
             central_dp=central_dp_from_config(config),
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
-            contract=FederationContract(config.class_names, store),
+            contract=contract,
+            bundles=bundles,
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)

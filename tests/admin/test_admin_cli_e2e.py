@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from admin_server_fixtures import RoundClient, free_port, run_one_round, running_server
 from crossfed.common.crypto.certificates import issue_certificate
 from crossfed.common.crypto.identity import ClientCredential
+from crossfed.common.model.model_bundle import load_bundle
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from typer.testing import CliRunner
 
@@ -64,14 +66,19 @@ def test_cli_after_a_round(tmp_path: Path) -> None:
         code, out, _ = admin(conn, "rounds")
         assert code == 0 and "committed" in out
 
-        # export: bit-identical to the server's checkpoint, written atomically
-        checkpoint = ts.server.engine.checkpoints.path_of(1).read_bytes()
+        # export: a model bundle holding the server's checkpoint, written atomically
+        checkpoint = ts.server.engine.checkpoints.load(1)
         target = tmp_path / "model.safetensors"
         code, out, err = admin(conn, "export-model", str(target), "--json")
         assert code == 0, err
         info = json.loads(out)
-        assert target.read_bytes() == checkpoint
-        assert info["round"] == 1 and info["bytes"] == len(checkpoint) and info["tensors"] > 0
+        bundle = load_bundle(target)
+        assert bundle.round == 1 and bundle.class_names == ("0", "1", "2")
+        assert bundle.state.keys() == checkpoint.keys()
+        assert all(torch.equal(bundle.state[k], checkpoint[k]) for k in checkpoint)
+        assert target.read_bytes() == ts.server.engine.bundles.path_of(1).read_bytes()
+        assert info["round"] == 1 and info["bytes"] == target.stat().st_size
+        assert info["tensors"] == len(checkpoint)
         assert not list(tmp_path.glob(".model.safetensors.part-*"))
         code, _, err = admin(conn, "export-model", str(target))
         assert code == 1 and "already exists" in one_error_line(err)
