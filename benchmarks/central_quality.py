@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossfed.client.local_trainer import TrainConfig, evaluate, train_local
+from crossfed.client.local_trainer import TrainConfig, train_local
 from crossfed.common.data.embedding_cache import EmbeddingCache, encode_dataset
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.data.missingness import per_sample_masks
 from crossfed.common.data.synthetic_shapes import SyntheticShapesConfig, generate_synthetic_shapes
 from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
+from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from pydantic import BaseModel, ConfigDict, Field

@@ -1,7 +1,7 @@
 """Local (non-federated) training of CrossModalNet on cached embeddings (eq. 2-14).
 
-`train_local` is what a client runs each round; `evaluate` scores the three Table I
-configurations; `run_local_training` is the file-in/file-out entry point the CLI wires up.
+`train_local` is what a client runs each round (common/model/evaluation.py scores the three
+Table I configurations); `run_local_training` is the file-in/file-out entry point.
 Training runs on cached f_t / f_i only (the encoders are frozen), so an epoch is a few
 hundred small matrix products.
 """
@@ -20,16 +20,15 @@ import torch
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.data.progress_display import make_progress
 from crossfed.common.model.disentangler import orthogonality_loss
+from crossfed.common.model.evaluation import check_data_fits, evaluate
 from crossfed.common.model.mapper import squared_l2
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.common.model.model_errors import ModelError
+from crossfed.common.model.model_errors import ModelError, ModelInputError
 from crossfed.common.model.network import PRIVATE_MODULES, CrossModalNet, Recovery
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-CONFIGURATIONS = ("both", "text_only", "image_only")
 
 
 class TrainConfigError(ModelError):
@@ -85,17 +84,10 @@ class LocalTrainResult:
 
 
 def _check_data(model: CrossModalNet, data: EmbeddingSet) -> None:
-    cfg = model.config
-    if data.text_dim != cfg.text_dim or data.image_dim != cfg.image_dim:
-        raise TrainConfigError(
-            f"data dims (text {data.text_dim}, image {data.image_dim}) do not "
-            f"match the model (text {cfg.text_dim}, image {cfg.image_dim})"
-        )
-    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= cfg.num_classes):
-        raise TrainConfigError(
-            f"labels must be in [0, {cfg.num_classes}), got "
-            f"[{int(data.labels.min())}, {int(data.labels.max())}]"
-        )
+    try:
+        check_data_fits(model, data)
+    except ModelInputError as exc:
+        raise TrainConfigError(str(exc)) from None
 
 
 def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int) -> dict[str, int]:
@@ -529,60 +521,6 @@ def train_local(
     )
 
 
-def macro_f1(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean F1 over classes that occur in target or prediction."""
-    f1s = []
-    for c in range(num_classes):
-        tp = int(((pred == c) & (target == c)).sum())
-        fp = int(((pred == c) & (target != c)).sum())
-        fn = int(((pred != c) & (target == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(sum(f1s) / len(f1s)) if f1s else 0.0
-
-
-@torch.no_grad()
-def evaluate(
-    model: CrossModalNet, data: EmbeddingSet, batch_size: int = 4096
-) -> dict[str, dict[str, float]]:
-    """Accuracy and macro-F1 per Table I configuration.
-
-    "both" uses rows with both modalities; "text_only" every row with text (its image hidden);
-    "image_only" every row with an image (its text hidden). A configuration with no rows gets
-    count 0 and NaN scores.
-    """
-    _check_data(model, data)
-    rows = {
-        "both": data.has_text & data.has_image,
-        "text_only": data.has_text,
-        "image_only": data.has_image,
-    }
-    out: dict[str, dict[str, float]] = {}
-    for name, mask in rows.items():
-        idx = mask.nonzero().squeeze(1)
-        if len(idx) == 0:
-            out[name] = {"accuracy": float("nan"), "macro_f1": float("nan"), "count": 0.0}
-            continue
-        preds = []
-        for s in range(0, len(idx), batch_size):
-            part = idx[s : s + batch_size]
-            text = data.text[part] if name != "image_only" else None
-            image = data.image[part] if name != "text_only" else None
-            external = (
-                data.recovered_image[part]
-                if name == "text_only" and data.recovered_image is not None
-                else None
-            )
-            preds.append(model.predict(text, image, external).argmax(dim=1))
-        pred, target = torch.cat(preds), data.labels[idx]
-        out[name] = {
-            "accuracy": float((pred == target).float().mean()),
-            "macro_f1": macro_f1(pred, target, model.config.num_classes),
-            "count": float(len(idx)),
-        }
-    return out
-
-
 def save_model(model: CrossModalNet, path: str | Path) -> None:
     """Full local state (shareable weights and the private VLMR memory) as safetensors."""
     path = Path(path)
@@ -643,14 +581,11 @@ def run_local_training(
 
 
 __all__ = [
-    "CONFIGURATIONS",
     "PRIVATE_MODULES",
     "LocalTrainResult",
     "TrainConfig",
     "TrainConfigError",
-    "evaluate",
     "load_model",
-    "macro_f1",
     "run_local_training",
     "save_model",
     "train_local",

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 from crossfed.client.errors import ClientError, PrivacyBudgetExhaustedError
 from crossfed.client.local_data import LocalData
-from crossfed.client.local_trainer import TrainConfig, evaluate, train_local
+from crossfed.client.local_trainer import TrainConfig, train_local
 from crossfed.client.loop import ProjectionUpload, Registered, Registration
 from crossfed.client.projection_release import ProjectionReleaser
 from crossfed.client.resource_usage import peak_rss_bytes, reset_peak_rss
 from crossfed.client.update_upload import LocalUpdate
 from crossfed.common.config import PrivacyConfig
+from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelError
 from crossfed.common.model.network import CrossModalNet

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from crossfed.client.local_trainer import CONFIGURATIONS, evaluate
+from crossfed.common.model.evaluation import CONFIGURATIONS, evaluate
 from crossfed.common.model.model_config import ModelConfig
 
 from quality.federated_simulation import TrainingBudget, run_central, run_federation

@@ -1,6 +1,7 @@
 """Held-out evaluation of global models in the demo: a fresh draw of the built-in dataset
 (a seed no client uses), encoded once through the shared embedding cache, scored per Table I
-configuration with the same `evaluate` the clients use."""
+configuration with the same `evaluate` the clients use, on the model bundle the server
+exports for the round."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.model_bundle import ModelBundle
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.common.model.prototypes import ClassPrototypes
 
 
 @dataclass
@@ -46,40 +47,10 @@ class HeldOutEvaluator:
         )
         return cls(data=data, model_config=config)
 
-    @staticmethod
-    def load_prototypes(path: Path) -> ClassPrototypes | None:
-        """The server's published prototypes file of a round, if it wrote one."""
-        from crossfed.common.wire.tensor_codec import decode_tensors
+    def evaluate(self, bundle: ModelBundle) -> dict[str, dict[str, float]]:
+        """Accuracy and macro-F1 per configuration of a model bundle: its global weights with
+        its global prototypes (eq. 16) as the only VLMR entries, as a new client has them."""
+        from crossfed.common.model.evaluation import evaluate
 
-        if not path.is_file():
-            return None
-        return ClassPrototypes.from_tensors(decode_tensors(path.read_bytes()))
-
-    @classmethod
-    def latest_prototypes(
-        cls, directory: Path, name_format: str, round_no: int
-    ) -> ClassPrototypes | None:
-        """The prototypes a client holds after round ``round_no``: the latest published at or
-        before it (a calibration round publishes none)."""
-        for rnd in range(round_no, 0, -1):
-            path = directory / name_format.format(rnd)
-            if path.is_file():
-                return cls.load_prototypes(path)
-        return None
-
-    def evaluate(
-        self, state: dict[str, torch.Tensor], prototypes: ClassPrototypes | None = None
-    ) -> dict[str, dict[str, float]]:
-        """Accuracy and macro-F1 of the global model `state` per configuration, with the
-        round's global prototypes (eq. 16) as its only VLMR entries, as a new client has."""
-        from crossfed.client.local_trainer import evaluate
-        from crossfed.common.model.network import CrossModalNet
-        from crossfed.common.model.prototypes import apply_global_prototypes
-
-        model = CrossModalNet(self.model_config)
-        model.load_shareable_state_dict(state)
-        if prototypes is not None:
-            apply_global_prototypes(model, prototypes)
-        model.eval()
         with torch.no_grad():
-            return evaluate(model, self.data)
+            return evaluate(bundle.build_model(), self.data)

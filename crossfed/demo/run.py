@@ -117,8 +117,6 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
     from crossfed.demo.evaluation import HeldOutEvaluator
     from crossfed.demo.watch import AdminWatcher
     from crossfed.provisioning import KitSpec, ProvisionPlan, provision
-    from crossfed.server.projection_exchange import PROTOTYPES_FILE_NAME
-    from crossfed.server.server_app import CHECKPOINT_DIR
 
     kits = run_dir / "kits"
     names = [
@@ -209,7 +207,6 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
         # the server's model as it builds it (CROSSFED_MODEL__* settings included)
         model_config=load_config(ServerConfig, None).model,
     )
-    prototypes_dir = server_state / CHECKPOINT_DIR
     watcher = AdminWatcher.connect(
         address,
         certs_dir=kits / "admin" / "kit" / "tls",
@@ -221,15 +218,7 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
             options=options,
             supervisor=supervisor,
             on_commit=lambda rnd, uploads, secs: result.rounds.append(
-                RoundResult(
-                    rnd,
-                    evaluator.evaluate(
-                        watcher.export_model(rnd),
-                        evaluator.latest_prototypes(prototypes_dir, PROTOTYPES_FILE_NAME, rnd),
-                    ),
-                    uploads,
-                    secs,
-                )
+                RoundResult(rnd, evaluator.evaluate(watcher.export_model(rnd)), uploads, secs)
             ),
         )
     finally:

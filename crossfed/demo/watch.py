@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import torch
 
 from crossfed.v1 import admin_pb2, admin_pb2_grpc
+
+if TYPE_CHECKING:
+    from crossfed.common.model.model_bundle import ModelBundle
 
 TERMINAL = {"completed", "failed", "stopped"}
 _MAX_MESSAGE = 8 * 1024 * 1024
@@ -53,11 +55,12 @@ class AdminWatcher:
         """Close the channel."""
         self.channel.close()
 
-    def export_model(self, round_no: int) -> dict[str, torch.Tensor]:
-        """The committed global model of `round_no`, reassembled and digest-checked."""
+    def export_model(self, round_no: int) -> ModelBundle:
+        """The model bundle of committed round `round_no`, reassembled, digest-checked and
+        loaded (the file `crossfed admin export-model` writes)."""
+        from crossfed.common.model.model_bundle import BundleError, decode_bundle
         from crossfed.common.wire.chunking import Chunk, ChunkAssembler
         from crossfed.common.wire.errors import WireError
-        from crossfed.common.wire.tensor_codec import decode_tensors
 
         assembler = ChunkAssembler(max_payload_bytes=4 * 1024**3)
         request = admin_pb2.ExportModelRequest(round=round_no)
@@ -72,10 +75,10 @@ class AdminWatcher:
                         payload_size=msg.payload_size,
                     )
                 )
-            return decode_tensors(assembler.result())
+            return decode_bundle(assembler.result(), f"model bundle of round {round_no}")
         except grpc.RpcError as exc:
             raise WatchError(f"export of round {round_no} failed: {exc.details()}") from None
-        except WireError as exc:
+        except (WireError, BundleError) as exc:
             raise WatchError(f"export of round {round_no} is corrupt: {exc}") from None
 
     def follow(

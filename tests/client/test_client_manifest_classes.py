@@ -11,8 +11,8 @@ import pytest
 import torch
 from crossfed.client.errors import ClientConfigError
 from crossfed.client.local_data import ClientModality, LocalData, LocalDataSpec, _load_raw
-from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.config import ClientConfig, load_config
+from crossfed.common.data.embeddings import EmbeddingSet
 
 CLASSES = ("bird", "cat", "dog")
 

@@ -9,13 +9,12 @@ import torch
 from crossfed.client.local_trainer import (
     TrainConfig,
     TrainConfigError,
-    evaluate,
     load_model,
-    macro_f1,
     run_local_training,
     train_local,
 )
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.evaluation import confusion_matrix, evaluate, macro_f1
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 
@@ -96,6 +95,11 @@ def test_evaluate_hides_modalities() -> None:
     only_text = toy_set(20, 5, text_only=1.0, image_only=0.0)
     res = evaluate(model, only_text)
     assert res["both"]["count"] == 0 and res["image_only"]["count"] == 0
+
+
+def test_confusion_matrix_counts_true_by_predicted() -> None:
+    t, p = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 1, 2, 0])
+    assert confusion_matrix(p, t, 3).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
 
 
 def test_macro_f1() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from crossfed.client.local_trainer import TrainConfig, evaluate
+from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.private_training import (
     DPSGDLedger,
     DPSGDSettings,
@@ -20,6 +20,7 @@ from crossfed.client.private_training import (
     train_private,
 )
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.privacy.dp_sgd import DPSGDError

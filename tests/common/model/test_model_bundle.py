@@ -89,7 +89,7 @@ def test_round_trip_keeps_every_part_and_predicts_like_the_original(tmp_path: Pa
             "non-finite values in ['head.bias']",
         ),
         (lambda b: _rewrite(b, **{"model/head.bias": torch.zeros(4)}), "shape mismatch"),
-        (lambda b: _rewrite(b, **{"extra": torch.zeros(1)}), "unexpected tensors ['extra']"),
+        (lambda b: _rewrite(b, extra=torch.zeros(1)), "unexpected tensors ['extra']"),
         (
             lambda b: _rewrite(b, **{"prototypes/text_sum": torch.zeros(2, 8)}),
             "prototype shapes disagree",
