@@ -26,6 +26,17 @@ class ModalityChoice(str, Enum):
     image_only = "image_only"
 
 
+def _class_list(value: str) -> list[str]:
+    """--classes as a list (comma-separated or @FILE); a bad list is one line, exit 2."""
+    from crossfed.common.data.class_list import ClassListError, parse_class_list
+
+    try:
+        return parse_class_list(value)
+    except ClassListError as exc:
+        typer.echo(f"crossfed client: --classes: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _overrides(**flags: object) -> dict[str, object]:
     """Only the flags the user gave (None means 'not given')."""
     return {key: value for key, value in flags.items() if value is not None}
@@ -50,12 +61,24 @@ def start(
         typer.Option(
             "--classes",
             help="Manifest data: the federation's class names in index order, comma-separated "
-            "(every client must pass the same list).",
+            "or @FILE (one per line); must equal the server's. Unset: labels are mapped by "
+            "name onto the class list the server sends.",
         ),
     ] = None,
+    skip_bad_rows: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad-rows",
+            help="Manifest data: skip rows that cannot be used (unreadable image, unknown "
+            "label, both cells empty) and report how many, instead of stopping at the first.",
+        ),
+    ] = False,
     modality: Annotated[
         ModalityChoice | None,
-        typer.Option("--modality", help="Modalities this client holds (builtin data)."),
+        typer.Option(
+            "--modality",
+            help="Modalities this client holds (built-in data; a manifest's rows say theirs).",
+        ),
     ] = None,
     client_index: Annotated[int | None, typer.Option("--client-index", help="Shard index.")] = None,
     num_clients: Annotated[
@@ -163,7 +186,8 @@ def start(
         **{
             "data.kind": data_kind,
             "data.path": manifest,
-            "data.class_names": [c.strip() for c in classes.split(",")] if classes else None,
+            "data.class_names": _class_list(classes) if classes else None,
+            "data.skip_bad_rows": True if skip_bad_rows else None,
             "data.modality": modality.value if modality else None,
             "data.client_index": client_index,
             "data.num_clients": num_clients,
@@ -180,6 +204,11 @@ def start(
             "privacy.dp_sgd_target_epsilon": dp_sgd_epsilon,
         },
     )
+    if skip_bad_rows and (data_kind == "builtin" or data_file is not None):
+        typer.echo(
+            "crossfed client: --skip-bad-rows applies to a manifest (--data FILE.csv)", err=True
+        )
+        raise typer.Exit(2)
     try:
         cfg = load_config(ClientConfig, config, overrides=overrides)
     except ConfigError as exc:  # before the heavy imports: bad input fails fast

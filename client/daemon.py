@@ -158,13 +158,23 @@ def _identity(
     return None, stored_client_id(state_dir, config.client_id)
 
 
-def format_round(report: RoundReport, modality: ClientModality) -> str:
-    """The compact per-round line: round, loss, local acc, bytes up/down, seconds."""
+def _accuracies(metrics: dict[str, float]) -> str:
+    """'acc local/global text 0.750/0.500 ...' for the Table I configurations the client's
+    held-out rows can score (a text-only client has no image accuracy to show)."""
+    parts = []
+    for config, short in (("both", "both"), ("text_only", "text"), ("image_only", "image")):
+        local, glob = metrics.get(f"local_acc_{config}"), metrics.get(f"global_acc_{config}")
+        if local is None and glob is None:
+            continue
+        shown = ["-" if v is None else f"{v:.3f}" for v in (local, glob)]
+        parts.append(f"{short} {shown[0]}/{shown[1]}")
+    return "acc local/global " + " ".join(parts) if parts else "acc -"
+
+
+def format_round(report: RoundReport) -> str:
+    """The compact per-round line: round, loss, accuracies, bytes up/down, seconds."""
     m = report.metrics
-    key = modality.value
     loss = m.get("loss_cls", float("nan"))
-    local = m.get(f"local_acc_{key}", float("nan"))
-    glob = m.get(f"global_acc_{key}", float("nan"))
     flags = (" dup" if report.duplicate else "") + ("" if report.encrypted else " clear")
     if report.calibration:
         return (
@@ -173,10 +183,9 @@ def format_round(report: RoundReport, modality: ClientModality) -> str:
             f"{report.seconds:.1f} s{flags}"
         )
     return (
-        f"round {report.round_id:>3}  loss {loss:.3f}  local acc {local:.3f}  "
-        f"global acc {glob:.3f}  up {report.bytes_up / 2**20:.2f} MiB  "
-        f"down {report.bytes_down / 2**20:.2f} MiB  {report.seconds:.1f} s  "
-        f"peak RSS {m.get('peak_rss_mib', float('nan')):.0f} MiB{flags}"
+        f"round {report.round_id:>3}  loss {loss:.3f}  {_accuracies(m)}  "
+        f"up {report.bytes_up / 2**20:.2f} MiB  down {report.bytes_down / 2**20:.2f} MiB  "
+        f"{report.seconds:.1f} s  peak RSS {m.get('peak_rss_mib', float('nan')):.0f} MiB{flags}"
     )
 
 
@@ -206,7 +215,7 @@ class ClientDaemon:
 
     def _on_round(self, report: RoundReport, loop: ClientLoop) -> None:
         assert self.data is not None
-        self.echo(format_round(report, self.data.modality))
+        self.echo(format_round(report))
         record = {
             "round": report.round_id,
             "unix_s": time.time(),

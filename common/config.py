@@ -317,9 +317,31 @@ class ManifestDataConfig(_Section):
     class_names: list[str] | None = Field(
         default=None,
         min_length=2,
-        description="the federation's class list, in index order; every client must use the "
-        "same one (needed when manifest labels are names rather than class indices)",
+        description="the federation's class list, in index order; when given it must equal the "
+        "server's. Unset: the labels are mapped by name (or index) onto the class list the "
+        "server sends at registration",
     )
+
+    modality: None = Field(
+        default=None,
+        exclude=True,
+        description="not a manifest setting: each row's modalities come from its cells",
+    )
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality_comes_from_rows(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError(
+                "a manifest takes no modality setting (--modality is for the built-in data): "
+                "each row's modalities come from its cells, an empty image cell makes the row "
+                "text-only and an empty text cell image-only"
+            )
+
+    @field_validator("class_names")
+    @classmethod
+    def _clean_class_names(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_class_names(value)
 
 
 def _data_kind(value: Any) -> str:
@@ -554,6 +576,8 @@ def _suggest(model_cls: type[BaseModel], path: tuple[str, ...]) -> str:
             return ""
         candidates = _annotation_models(owner.model_fields[key].annotation)
     names = [name for m in candidates for name in m.model_fields]
+    if path[-1] in names:  # a field of another member of a union (e.g. the other data kind)
+        return " for this kind of section"
     close = difflib.get_close_matches(path[-1], names, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Self
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -257,6 +258,11 @@ _HEADLINE_METRICS = (
 )
 
 
+def _accuracy_triple(values: dict[str, float]) -> str:
+    """'0.951/0.812/0.700': the round's global accuracy on both / text / image ('-' absent)."""
+    return "/".join(f"{values[k]:.3f}" if k in values else "-" for k, _ in _HEADLINE_METRICS)
+
+
 def _metrics_text(values: dict[str, float]) -> str:
     """Headline accuracies when present, otherwise every metric."""
     headline = [f"{label}={values[key]:.3f}" for key, label in _HEADLINE_METRICS if key in values]
@@ -405,6 +411,11 @@ def clients(ctx: typer.Context, json_output: JsonOpt = False) -> None:
             "client_id": c.client_id,
             "modality": MODALITY_NAMES.get(int(c.modality), str(c.modality)),
             "num_samples": c.num_samples,
+            "rows": {
+                "both": c.num_paired,
+                "text_only": c.num_text_only,
+                "image_only": c.num_image_only,
+            },
             "state": c.state,
             "last_seen_unix_s": c.last_seen_unix_s,
             "last_round": c.last_round,
@@ -417,21 +428,26 @@ def clients(ctx: typer.Context, json_output: JsonOpt = False) -> None:
         if not rows:
             console.print("no clients registered")
             return
-        table = Table(title=f"{len(rows)} client(s)")
-        for column in ("client", "modality", "samples", "state", "last seen", "last round"):
+        table = Table(title=f"{len(rows)} client(s)", box=box.SIMPLE_HEAD)
+        table.add_column("client", overflow="fold")
+        table.add_column("modality")
+        for column in ("both", "text", "image"):
+            table.add_column(column, justify="right")
+        for column in ("state", "seen"):
             table.add_column(column)
-        table.add_column("rounds done", justify="right")
+        table.add_column("rounds", justify="right")
         for r in rows:
+            counts = r["rows"]
             table.add_row(
                 r["client_id"],
                 r["modality"],
-                str(r["num_samples"]),
+                *(str(counts[k]) for k in ("both", "text_only", "image_only")),
                 r["state"],
                 _ago(r["last_seen_unix_s"]),
-                str(r["last_round"]),
                 str(r["rounds_completed"]),
             )
         console.print(table)
+        console.print("both / text / image: the client's training rows per Table I configuration")
 
     _emit(state, rows, render)
 
@@ -467,24 +483,33 @@ def rounds(
         if not rows:
             console.print("no rounds yet")
             return
-        table = Table()
-        for column in ("round", "attempt", "state", "uploads", "samples", "took"):
-            table.add_column(column)
-        table.add_column("metrics", no_wrap=True)
-        table.add_column("message", overflow="fold")
+        # fits 80 columns: the attempt joins the round ("3#2"), accuracies are one compact
+        # column, and the messages of rounds that did not commit follow the table, wrapped
+        # (--json has everything)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("round", no_wrap=True)
+        table.add_column("state", no_wrap=True)
+        table.add_column("uploads", justify="right", no_wrap=True)
+        table.add_column("samples", justify="right", no_wrap=True)
+        table.add_column("took", justify="right", no_wrap=True)
+        table.add_column("acc both/text/image", no_wrap=True)
+        notes = []
         for r in rows:
             took = r["ended_unix_s"] - r["started_unix_s"] if r["ended_unix_s"] else 0.0
+            name = f"{r['round']}" + (f"#{r['attempt']}" if r["attempt"] > 1 else "")
             table.add_row(
-                str(r["round"]),
-                str(r["attempt"]),
+                name,
                 r["state"],
                 f"{r['received']}/{r['selected']}",
                 str(r["num_samples"]),
                 _duration(took) if r["ended_unix_s"] else "open",
-                _metrics_text(r["metrics"]),
-                r["message"],
+                _accuracy_triple(r["metrics"]),
             )
+            if r["state"] != "committed" and r["message"]:
+                notes.append(f"round {name} {r['state']}: {r['message']}")
         console.print(table)
+        for note in notes:
+            console.print(note, overflow="fold")
 
     _emit(state, rows, render)
 

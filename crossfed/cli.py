@@ -57,6 +57,10 @@ def _register_groups() -> None:
     from crossfed.deploy_cli import app as deploy_app
 
     app.add_typer(deploy_app, name="deploy")
+    from crossfed.inference_cli import evaluate_command, predict_command
+
+    app.command("evaluate")(evaluate_command)
+    app.command("predict")(predict_command)
     from crossfed.server.cli import app as server_app
 
     app.add_typer(server_app, name="server")

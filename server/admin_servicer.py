@@ -348,6 +348,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     last_seen_unix_s=c.last_seen_unix_s,
                     last_round=c.last_round,
                     rounds_completed=c.rounds_completed,
+                    num_paired=c.num_paired,
+                    num_text_only=c.num_text_only,
+                    num_image_only=c.num_image_only,
                 )
                 for c in self.engine.clients()
             ]

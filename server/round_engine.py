@@ -889,6 +889,15 @@ class RoundEngine:
                 ),
             },
         )
+        log.info(
+            "round %d committed: %d upload(s), %d samples, %.1f s, epsilon %.2f so far%s",
+            record.round,
+            record.received,
+            record.num_samples,
+            record.ended_unix_s - record.started_unix_s,
+            self._run.epsilon_spent,
+            " (calibration)" if opened.stats is not None else "",
+        )
         if self._run.last_committed_round >= self._final_round():
             done = f"all {self._run.total_rounds} rounds committed"
             self._set_run_state(

@@ -109,7 +109,6 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise ManifestError(f"{path}: unsupported manifest type (use .csv or .jsonl)")
-    _check_utf8(path)
     if suffix == ".csv":
         # utf-8-sig: a byte-order mark (spreadsheet exports) must not become part of a header
         with path.open(encoding="utf-8-sig", newline="") as fh:
@@ -137,6 +136,9 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
 
 def _check_header(path: Path, require_label: bool) -> None:
     """A CSV must name its columns: an image or text column, and a label one when needed."""
+    if path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise ManifestError(f"{path}: unsupported manifest type (use .csv or .jsonl)")
+    _check_utf8(path)
     if path.suffix.lower() != ".csv":
         return
     with path.open(encoding="utf-8-sig", newline="") as fh:

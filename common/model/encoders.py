@@ -111,6 +111,9 @@ def _load_hf_model(model_dir: Path) -> Any:
 
     if not (model_dir / "config.json").is_file():
         raise EncoderError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # crossfed shows its own progress; no per-load bars
     try:
         model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -182,6 +182,19 @@ class CrossModalNet(nn.Module):
                 out[empty] = self.diffusion.sample(f_t[empty], steps=steps, generator=generator)
             return out
 
+    @torch.no_grad()
+    def recovery_paths(self, f_t: torch.Tensor) -> list[str]:
+        """Which recovery `recover_image` uses for each text-only row: 'memory' (VLMR,
+        eq. 9-10), 'diffusion' (eq. 6-7), or 'zero' for the zero-fill baseline."""
+        if self.config.missing_fill == "zero":
+            return ["zero"] * f_t.shape[0]
+        use_memory = self.config.text_only_recovery == "memory" or self.diffusion is None
+        if not use_memory:
+            return ["diffusion"] * f_t.shape[0]
+        found = self.memory.has_entries(self.text_classifier(f_t).argmax(dim=1))
+        fallback = "diffusion" if self.diffusion is not None else "memory"
+        return ["memory" if bool(hit) else fallback for hit in found]
+
     def recover_text(self, f_i: torch.Tensor) -> torch.Tensor:
         """f^_t = M_it(f_i->t) (eq. 4)."""
         f_it, _ = self.disentangler(f_i)

@@ -169,7 +169,12 @@ class RoundClient:
 
     def register(self) -> None:
         self.stub.Register(
-            coordinator_pb2.RegisterRequest(modality=1, num_samples=self.num_samples),  # type: ignore[arg-type]
+            coordinator_pb2.RegisterRequest(  # type: ignore[arg-type]
+                modality=1,
+                num_samples=self.num_samples,
+                num_paired=self.num_samples - 1,
+                num_text_only=1,
+            ),
             metadata=self.md,
             timeout=10,
         )

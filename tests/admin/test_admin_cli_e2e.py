@@ -25,9 +25,9 @@ from crossfed.cli import app
 runner = CliRunner()
 
 
-def admin(args: list[str], *cmd: str) -> tuple[int, str, str]:
+def admin(args: list[str], *cmd: str, columns: int = 200) -> tuple[int, str, str]:
     """Run `crossfed admin <args> <cmd>` in-process; (exit code, stdout, stderr)."""
-    result = runner.invoke(app, ["admin", *args, *cmd], env={"COLUMNS": "200"})
+    result = runner.invoke(app, ["admin", *args, *cmd], env={"COLUMNS": str(columns)})
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -65,6 +65,20 @@ def test_cli_after_a_round(tmp_path: Path) -> None:
         assert [(r["round"], r["received"], r["selected"]) for r in committed] == [(1, 2, 2)]
         code, out, _ = admin(conn, "rounds")
         assert code == 0 and "committed" in out
+        # a terminal of 80 columns: one line per attempt, nothing wider (details in --json)
+        code, out, _ = admin(conn, "rounds", columns=80)
+        lines = out.splitlines()
+        assert code == 0 and max(len(line) for line in lines) <= 80, out
+        assert [line.split()[:3] for line in lines if "committed" in line] == [
+            ["1", "committed", "2/2"]
+        ]
+        code, out, _ = admin(conn, "clients", "--json")
+        assert json.loads(out)[0]["rows"] == {"both": 9, "text_only": 1, "image_only": 0}
+        code, out, _ = admin(conn, "clients", columns=80)
+        assert code == 0 and max(len(line) for line in out.splitlines()) <= 80, out
+        assert [line.split()[:5] for line in out.splitlines() if "c1" in line] == [
+            ["c1", "both", "9", "1", "0"]
+        ]
 
         # export: a model bundle holding the server's checkpoint, written atomically
         checkpoint = ts.server.engine.checkpoints.load(1)

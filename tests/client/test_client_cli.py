@@ -57,3 +57,14 @@ def test_non_positive_dp_sgd_epsilon_is_one_line_exit_2(tmp_path: Path) -> None:
     out = _run("start", "--dp-sgd-epsilon", "0", "--insecure", "--state-dir", str(tmp_path))
     assert out.returncode == 2
     assert "dp_sgd_target_epsilon" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_manifest_clients_are_told_where_modality_comes_from(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,text,label\n,a cat,cat\n")
+    out = _run("start", "--data", str(manifest), "--modality", "text_only", "--insecure")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "each row's modalities come from its cells" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = _run("start", "--data", "builtin", "--skip-bad-rows", "--insecure")
+    assert out.returncode == 2 and "applies to a manifest" in out.stderr

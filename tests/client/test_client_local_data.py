@@ -3,6 +3,7 @@ missingness) and clear errors for bad sources."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,16 +109,18 @@ def test_round_line_shows_round_loss_accuracy_bytes_and_time() -> None:
         duplicate=False,
         encrypted=True,
     )
-    line = format_round(report, ClientModality.TEXT_ONLY)
+    line = format_round(report)
     for part in (
         "round   7",
         "loss 0.500",
-        "local acc 0.750",
-        "global acc 0.500",
+        "acc local/global text 0.750/0.500",
         "up 3.00 MiB",
         "down 1.00 MiB",
         "4.2 s",
         "peak RSS 512 MiB",
     ):
         assert part in line, (part, line)
-    assert "clear" not in line
+    assert "clear" not in line and "nan" not in line and "both" not in line
+    paired = dict(report.metrics, local_acc_both=0.9, global_acc_both=0.8, local_acc_image_only=0.6)
+    line = format_round(replace(report, metrics=paired))
+    assert "acc local/global both 0.900/0.800 text 0.750/0.500 image 0.600/-" in line

@@ -80,3 +80,46 @@ def test_integer_labels_are_indices_not_string_sorted(tmp_path: Path) -> None:
     result = load_manifest(path)
     assert result.dataset.labels.tolist() == [2, 10, 3, 10]
     assert len(result.dataset.class_names) == 11
+
+
+def _png_declaring(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+def test_errors_name_file_line_and_column(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png")
+    _png_declaring(tmp_path / "bomb.png", 100_000, 100_000)
+    path = tmp_path / "m.csv"
+    path.write_text("image,text,label\na.png,x,cat\nmissing.png,y,cat\nbomb.png,z,cat\n")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, class_names=["cat", "dog"], strict=True)
+    assert str(info.value).startswith(f"{path}: line 3, column 'image': image file not found")
+    result = load_manifest(path, class_names=["cat", "dog"])
+    assert [i.line for i in result.issues] == [3, 4] and len(result.dataset) == 1
+    assert "pixel" in result.issues[1].reason.lower()  # refused from its header, not decoded
+    summary = result.skipped_summary(path)
+    assert summary.startswith(f"{path}: skipped 2 of 3 rows (lines 3, 4); first: line 3")
+
+
+def test_non_utf8_manifest_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"image,text,label\n,fine,cat\n,caf\xe9,cat\n")
+    with pytest.raises(ManifestError, match=r"m\.csv: line 3, byte 5: not UTF-8"):
+        load_manifest(path)
+
+
+def test_spreadsheet_byte_order_mark_is_not_part_of_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes("\ufefflabel,text\ncat,a cat\n".encode())
+    assert load_manifest(path).dataset.texts == ["a cat"]
