@@ -28,6 +28,8 @@ _WORDS = {
     "blueberry": ("blueberries", "a handful of blueberries", "a blue berry"),
 }
 _TEMPLATES = ("a photo of {}", "{} on a kitchen table", "close-up of {}", "{} at the market")
+#: Captions that name no fruit: a text-only row like this can only be guessed.
+_VAGUE = ("some fruit on a plate", "a snack for later", "fresh from the garden", "a round thing")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def draw(label: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
     back = tuple(int(v) for v in rng.integers(150, 256, 3))
     img = Image.new("RGB", (size, size), back)
     pen = ImageDraw.Draw(img)
-    colour = np.clip(np.array(_COLOURS[label]) + rng.integers(-25, 26, 3), 0, 255)
+    colour = np.clip(np.array(_COLOURS[label]) + rng.integers(-70, 71, 3), 0, 255)
     for _ in range(int(rng.integers(1, 4))):
         r = int(rng.integers(size // 6, size // 3))
         x, y = (int(v) for v in rng.integers(r, size - r, 2))
@@ -53,6 +55,8 @@ def draw(label: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
 
 
 def caption(label: str, rng: np.random.Generator) -> str:
+    if rng.random() < 0.25:
+        return _VAGUE[int(rng.integers(len(_VAGUE)))]
     words = _WORDS[label][int(rng.integers(len(_WORDS[label])))]
     return _TEMPLATES[int(rng.integers(len(_TEMPLATES)))].format(words)
 
