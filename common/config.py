@@ -265,6 +265,11 @@ class ServerConfig(_Section):
         return self
 
     @property
+    def classes_configured(self) -> bool:
+        """Whether the class list (or at least the class count) was set, not defaulted."""
+        return self.classes is not None or "num_classes" in self.model.model_fields_set
+
+    @property
     def class_names(self) -> list[str]:
         """The federation's classes in index order (configured, or the defaults)."""
         if self.classes is not None:

@@ -54,9 +54,14 @@ class ClientFacts:
 class FederationContract:
     """The federation's class list and pinned encoders; `admit` refuses a misfit client."""
 
-    def __init__(self, class_names: Sequence[str], store: StateStore) -> None:
+    def __init__(
+        self, class_names: Sequence[str], store: StateStore, configured: bool = True
+    ) -> None:
         self.class_names = tuple(class_names)
         self.store = store
+        # False: the server named no classes and runs the built-in data's defaults, which a
+        # client with labels of its own has no business mapping onto
+        self.configured = configured
         self._lock = threading.Lock()
 
     def encoder(self, kind: str) -> EncoderIdentity | None:
@@ -94,6 +99,14 @@ class FederationContract:
                     "order (or no --classes: a manifest's labels are then mapped by name)"
                 )
             return
+        if facts.label_names and not self.configured:
+            shown = ", ".join(repr(n) for n in facts.label_names[:4])
+            raise FederationMismatchError(
+                f"client {client_id!r} brings labels of its own ({shown}"
+                f"{', ...' if len(facts.label_names) > 4 else ''}) but this server runs with "
+                "the built-in dataset's classes; start it with the federation's class list "
+                "(crossfed server start --classes @classes.txt, or `classes` in its config)"
+            )
         unknown = unknown_labels(facts.label_names, ours)
         if unknown:
             shown = ", ".join(repr(n) for n in unknown[:6])

@@ -172,7 +172,9 @@ class CoordinatorServer:
         epsilon_budget = config.privacy.epsilon_budget or 0.0
         store = open_state_store(state_dir)
         checkpoints = CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=config.keep_checkpoints)
-        contract = FederationContract(config.class_names, store)
+        contract = FederationContract(
+            config.class_names, store, configured=config.classes_configured
+        )
         bundles = None
         if model.source == "CrossModalNet":  # the stand-in model has no bundle form
             bundles = BundleStore(

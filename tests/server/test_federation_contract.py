@@ -50,6 +50,17 @@ def test_labels_must_be_classes_of_the_federation(tmp_path: Path) -> None:
         engine.register("b", BOTH, 10, facts=ClientFacts(label_names=("3",)))
 
 
+def test_a_server_left_on_the_builtin_classes_refuses_labels_of_a_clients_own(
+    tmp_path: Path,
+) -> None:
+    store = InMemoryStateStore()
+    engine = make_engine(tmp_path, FakeClock(), store=store)
+    engine.contract = FederationContract(CLASSES, store, configured=False)
+    with pytest.raises(FederationMismatchError, match="built-in dataset's classes.*--classes"):
+        engine.register("a", BOTH, 10, facts=ClientFacts(label_names=("0", "1")))
+    engine.register("b", BOTH, 10, facts=ClientFacts(class_names=CLASSES))  # its own list fits
+
+
 def test_encoders_are_pinned_by_the_first_client_and_survive_a_restart(tmp_path: Path) -> None:
     store = SqliteStateStore(tmp_path / "state.db")
     engine = _engine(tmp_path, store)
