@@ -476,10 +476,20 @@ class ResilientClientThread(threading.Thread):
     Anything but a ride-out status (UNKNOWN, INTERNAL, INVALID_ARGUMENT, ...) is recorded as an
     error: the server must never answer a well-formed client that way."""
 
-    def __init__(self, client: LightClient, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        client: LightClient,
+        stop: threading.Event,
+        hold_after_round: int | None = None,
+        release: threading.Event | None = None,
+    ) -> None:
         super().__init__(name=f"client-{client.client_id}", daemon=True)
         self.client = client
         self.stop = stop
+        # after its upload for `hold_after_round` is accepted the client goes quiet until
+        # `release` is set, so the test decides when the next round may start
+        self.hold_after_round = hold_after_round
+        self.release = release or threading.Event()
         self.errors: list[str] = []
         self.accepted: list[int] = []
         self.asked: list[int] = []  # rounds the server asked this client to train
@@ -504,6 +514,9 @@ class ResilientClientThread(threading.Thread):
                     reply = client.train_and_upload(int(hb.round))
                     if reply.accepted:
                         self.accepted.append(int(hb.round))
+                        if int(hb.round) == self.hold_after_round:
+                            while not (self.release.wait(0.05) or self.stop.is_set()):
+                                pass
                     continue
                 time.sleep(0.05)
             except grpc.RpcError as exc:

@@ -113,7 +113,11 @@ def test_killed_hung_and_late_clients_round_commits_at_deadline(
             for proc in dying:
                 proc.expect("REGISTERED")
             server.engine.start()
-            threads = [ResilientClientThread(c, stop) for c in survivors]
+            # the survivors wait after round 1 until the late upload was tried: otherwise a
+            # loaded machine lets them finish round 2 first, and the late upload meets a
+            # completed run instead of a closed round (the cause of a past CI failure)
+            round2 = threading.Event()
+            threads = [ResilientClientThread(c, stop, 1, round2) for c in survivors]
             hung.wait_action(coordinator_pb2.ACTION_TRAIN)  # ... and is never heard of again
             for proc, point in zip(dying, ("download", "upload"), strict=True):
                 proc.expect(f"AT {point}")
@@ -131,6 +135,7 @@ def test_killed_hung_and_late_clients_round_commits_at_deadline(
             assert "round 1" in (refused.value.details() or "")
             assert (checkpoint_digests(state_dir), uploads_of(state_dir, 1, 1)) == before_late
             late.close()
+            round2.set()
             wait_until(lambda: server.engine.run.state == "completed", 30, "run completed")
         finally:
             stop.set()
