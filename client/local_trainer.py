@@ -25,6 +25,7 @@ from crossfed.common.model.mapper import squared_l2
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelError, ModelInputError
 from crossfed.common.model.network import PRIVATE_MODULES, CrossModalNet, Recovery
+from crossfed.common.model.objective import TERMS, weighted_sum
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -271,16 +272,29 @@ def _visual_terms(
     return l_cls, l_orth, l_align, l_mem
 
 
+def _named(
+    visual: tuple[torch.Tensor, ...], generative: tuple[torch.Tensor, ...]
+) -> dict[str, torch.Tensor]:
+    """The eq.-14 terms of both halves by name (objective.TERMS)."""
+    (l_cls, l_orth, l_align, l_mem), (l_diff, l_tc, l_ic) = visual, generative
+    return {
+        "cls": l_cls,
+        "text_cls": l_tc,
+        "image_cls": l_ic,
+        "orth": l_orth,
+        "align": l_align,
+        "diff": l_diff,
+        "mem": l_mem,
+    }
+
+
 def _terms(
     visual: tuple[torch.Tensor, ...], generative: tuple[torch.Tensor, ...]
 ) -> dict[str, float]:
-    """The eq.-14 terms by name, converted in one go."""
-    (l_cls, l_orth, l_align, l_mem), (l_diff, l_tc, l_ic) = visual, generative
-    values = torch.stack([l_cls, l_tc, l_ic, l_orth, l_align, l_diff, l_mem]).detach().tolist()
-    return dict(zip(_TERMS, values, strict=True))
-
-
-_TERMS = ("cls", "text_cls", "image_cls", "orth", "align", "diff", "mem")
+    """The eq.-14 terms by name as floats, converted in one go."""
+    named = _named(visual, generative)
+    values = torch.stack([named[name] for name in TERMS]).detach().tolist()
+    return dict(zip(TERMS, values, strict=True))
 
 
 def _step_losses(
@@ -314,14 +328,16 @@ def _step_losses(
 
 
 def _visual_total(model: CrossModalNet, visual: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    lam = model.config.loss_weights
     l_cls, l_orth, l_align, l_mem = visual
-    return l_cls + lam.orth * l_orth + lam.align * l_align + lam.mem * l_mem
+    terms = {"cls": l_cls, "orth": l_orth, "align": l_align, "mem": l_mem}
+    return weighted_sum(terms, model.config.loss_weights)
 
 
 def _generative_total(model: CrossModalNet, generative: tuple[torch.Tensor, ...]) -> torch.Tensor:
     l_diff, l_tc, l_ic = generative
-    return l_tc + l_ic + model.config.loss_weights.diff * l_diff
+    return weighted_sum(
+        {"text_cls": l_tc, "image_cls": l_ic, "diff": l_diff}, model.config.loss_weights
+    )
 
 
 def _backward_two_threads(

@@ -33,7 +33,11 @@ from crossfed.client.local_trainer import (
 from crossfed.common.crypto.secure_files import write_public_file
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.data.progress_display import make_progress
+from crossfed.common.model.disentangler import orthogonality_per_row
+from crossfed.common.model.mapper import squared_l2_per_row
 from crossfed.common.model.network import CrossModalNet, Recovery
+from crossfed.common.model.objective import TERMS as OBJECTIVE_TERMS
+from crossfed.common.model.objective import weight_vector
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from crossfed.common.privacy.dp_sgd import DPSGDError, make_private_training
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountant, PrivacyAccountantError
@@ -43,7 +47,8 @@ from torch.utils.data import DataLoader, TensorDataset
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "dp_sgd_accountant.json"
-TERMS = ("cls", "text_cls", "image_cls", "orth", "align", "diff")
+#: Eq. 14's terms without L_mem (see the module docstring).
+TERMS = tuple(t for t in OBJECTIVE_TERMS if t != "mem")
 
 
 @dataclass(frozen=True)
@@ -88,17 +93,13 @@ class PerSampleObjective(nn.Module):
         paired = (has_t & has_i).to(f_t.dtype)
         with_image, with_text = has_i.to(f_t.dtype), has_t.to(f_t.dtype)
         f_it, f_iv = model.disentangler(f_i)  # eq. 2
-        orth = (f_it * f_iv).sum(dim=1).abs() / f_it.shape[1] ** 0.5  # eq. 3
+        orth = orthogonality_per_row(f_it, f_iv)  # eq. 3
         hat_t = model.mapper(f_it)  # eq. 4
-        align = (hat_t - f_t).pow(2).sum(dim=1)  # eq. 5
+        align = squared_l2_per_row(hat_t, f_t)  # eq. 5
         diff = torch.zeros_like(align)
-        if model.diffusion is not None:  # eq. 7, per row
-            dm = model.diffusion
-            x0 = f_i * dm.scale
-            noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
-            t = torch.randint(0, dm.train_steps, (x0.shape[0],), generator=gen)
-            pred = dm.denoiser(dm.ddpm.add_noise(x0, noise, t), t, f_t)
-            diff = (pred / dm.scale - f_i).pow(2).sum(dim=1)
+        if model.diffusion is not None:  # eq. 7
+            drawn = model.diffusion.draw_loss_noise(f_i.shape[0], gen, f_i.dtype)
+            diff = model.diffusion.loss_per_row(f_i, f_t, drawn=drawn)
         rec_t = torch.zeros_like(f_t)
         view_img_only = view_i & ~view_t
         if model.config.recover_text:
@@ -119,11 +120,6 @@ class PerSampleObjective(nn.Module):
         rows[:, 4] = align * paired
         rows[:, 5] = diff * paired
         return rows
-
-
-def _term_weights(model: CrossModalNet) -> torch.Tensor:
-    lam = model.config.loss_weights
-    return torch.tensor([1.0, 1.0, 1.0, lam.orth, lam.align, lam.diff])
 
 
 class WeightedTerms(nn.Module):
@@ -254,7 +250,7 @@ def train_private(
     )
     objective = PerSampleObjective(model, cfg, gen)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    weights = _term_weights(model)
+    weights = weight_vector(TERMS, model.config.loss_weights)
     history: list[dict[str, float]] = []
     steps = 0
     model.train()

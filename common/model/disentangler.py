@@ -24,9 +24,14 @@ class Disentangler(nn.Module):
         return f_it, f_i - f_it
 
 
+def orthogonality_per_row(f_it: torch.Tensor, f_iv: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 for each sample: |f_i->t^T f_i->v|, divided by sqrt of the feature width so
+    lambda_1 does not depend on d'."""
+    return (f_it * f_iv).sum(dim=1).abs() / f_it.shape[1] ** 0.5
+
+
 def orthogonality_loss(f_it: torch.Tensor, f_iv: torch.Tensor) -> torch.Tensor:
-    """Eq. 3, per sample |f_i->t^T f_i->v|, averaged over the batch and divided by the
-    feature width so lambda_1 does not depend on d'."""
+    """L_orth (eq. 3): `orthogonality_per_row` averaged over the batch (0 for no rows)."""
     if f_it.shape[0] == 0:
         return f_it.new_zeros(())
-    return (f_it * f_iv).sum(dim=1).abs().mean() / f_it.shape[1] ** 0.5
+    return orthogonality_per_row(f_it, f_iv).mean()

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 import torch
-from crossfed.common.model.mapper import squared_l2
+from crossfed.common.model.mapper import squared_l2_per_row
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
 
@@ -74,17 +74,17 @@ class FeatureDiffusion(nn.Module):
         t = torch.randint(0, self.train_steps, (rows,), generator=generator)
         return noise, t
 
-    def loss(
+    def loss_per_row(
         self,
         f_i: torch.Tensor,
         f_t: torch.Tensor,
         generator: torch.Generator | None = None,
         drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """L_diff (eq. 7) on paired rows: denoise a randomly noised f_i given f_t (noise and
-        timesteps from `drawn` when given, else drawn here)."""
+        """L_diff (eq. 7) for each paired row: denoise a randomly noised f_i given f_t (noise
+        and timesteps from `drawn` when given, else drawn here)."""
         if f_i.shape[0] == 0:
-            return f_i.new_zeros(())
+            return f_i.new_zeros((0,))
         x0 = f_i * self.scale
         if drawn is None:
             drawn = self.draw_loss_noise(x0.shape[0], generator, x0.dtype)
@@ -92,7 +92,19 @@ class FeatureDiffusion(nn.Module):
         noise, t = drawn
         x_t = self.ddpm.add_noise(x0, noise, t)
         pred = self.denoiser(x_t, t, f_t)
-        return squared_l2(pred / self.scale, f_i)
+        return squared_l2_per_row(pred / self.scale, f_i)
+
+    def loss(
+        self,
+        f_i: torch.Tensor,
+        f_t: torch.Tensor,
+        generator: torch.Generator | None = None,
+        drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """L_diff (eq. 7): `loss_per_row` averaged over the paired rows (0 for none)."""
+        if f_i.shape[0] == 0:
+            return f_i.new_zeros(())
+        return self.loss_per_row(f_i, f_t, generator, drawn).mean()
 
     @torch.no_grad()
     def sample(

@@ -24,8 +24,13 @@ class CrossModalMapper(nn.Module):
         return self.net(f_it)
 
 
+def squared_l2_per_row(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||_2^2 for each sample (eq. 5, 7 and 11 before averaging)."""
+    return (pred - target).pow(2).sum(dim=1)
+
+
 def squared_l2(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||_2^2 per sample, averaged over the batch (eq. 5, 7 and 11)."""
+    """`squared_l2_per_row` averaged over the batch (0 for no rows)."""
     if pred.shape[0] == 0:
         return pred.new_zeros(())
-    return (pred - target).pow(2).sum(dim=1).mean()
+    return squared_l2_per_row(pred, target).mean()

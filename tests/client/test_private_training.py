@@ -10,12 +10,12 @@ import pytest
 import torch
 from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.private_training import (
+    TERMS,
     DPSGDLedger,
     DPSGDSettings,
     PerSampleObjective,
     WeightedTerms,
     _noise_only_step,
-    _term_weights,
     planned_round,
     train_private,
 )
@@ -23,6 +23,7 @@ from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
+from crossfed.common.model.objective import weight_vector
 from crossfed.common.privacy.dp_sgd import DPSGDError
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountantError
 from opacus import PrivacyEngine
@@ -78,7 +79,7 @@ def test_ghost_clipped_update_is_the_mean_of_per_sample_clipped_gradients() -> N
     tensors = (data.text, data.image, data.has_text, data.has_image, data.labels)
     model = CrossModalNet(SMALL).train()
     clip = 0.05  # small enough that every sample is clipped
-    weights = _term_weights(model)
+    weights = weight_vector(TERMS, model.config.loss_weights)
     twin = copy.deepcopy(model)
     rows = PerSampleObjective(model, TrainConfig(), torch.Generator().manual_seed(3))(*tensors)
     params = list(model.parameters())
@@ -123,7 +124,7 @@ def test_an_empty_poisson_batch_is_still_a_noisy_accounted_step() -> None:
         data_loader=DataLoader(TensorDataset(*tensors), batch_size=5),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        criterion=WeightedTerms(_term_weights(model)),
+        criterion=WeightedTerms(weight_vector(TERMS, model.config.loss_weights)),
         grad_sample_mode="ghost",
     )
     before = model.head.weight.detach().clone()

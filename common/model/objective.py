@@ -1,0 +1,45 @@
+"""Eq. 14, the client objective: its terms and their weights, in one place for both local
+trainers (client/local_trainer.py, and client/private_training.py which evaluates the same
+terms per sample for DP-SGD). The terms themselves live beside their modules: L_orth (eq. 3)
+in disentangler.py, L_align / L_mem (eq. 5, 11) in mapper.py, L_diff (eq. 7) in
+feature_diffusion.py; each has a per-row form and a batch mean."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from crossfed.common.model.model_config import LossWeights
+
+#: Eq. 14's terms: L_cls (eq. 13), the unimodal classifiers of eq. 9 (text, and its image
+#: twin), L_orth, L_align, L_diff and L_mem.
+TERMS = ("cls", "text_cls", "image_cls", "orth", "align", "diff", "mem")
+
+
+def term_weights(weights: LossWeights) -> dict[str, float]:
+    """lambda of each term (the classification terms weigh 1)."""
+    return {
+        "cls": 1.0,
+        "text_cls": 1.0,
+        "image_cls": 1.0,
+        "orth": weights.orth,
+        "align": weights.align,
+        "diff": weights.diff,
+        "mem": weights.mem,
+    }
+
+
+def weighted_sum(terms: Mapping[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    """sum of lambda_k * L_k over the terms given (all of eq. 14, or a part of it)."""
+    lam = term_weights(weights)
+    values = [value * lam[name] if lam[name] != 1.0 else value for name, value in terms.items()]
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total
+
+
+def weight_vector(names: tuple[str, ...], weights: LossWeights) -> torch.Tensor:
+    """The lambdas of ``names`` as a vector (per-sample terms [B, k] @ vector = eq. 14)."""
+    lam = term_weights(weights)
+    return torch.tensor([lam[name] for name in names])
