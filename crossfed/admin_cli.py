@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from crossfed.common.atomic_files import atomic_output
 
 if TYPE_CHECKING:
     import grpc
@@ -619,22 +620,14 @@ def set_config(
 # --------------------------------------------------------------------------- model export
 
 
-def check_bundle_file(path: Path) -> ModelBundle:
-    """Load ``path`` as a model bundle (every check `crossfed evaluate` makes, no pickle)."""
-    from crossfed.common.model.model_bundle import BundleError, load_bundle
+def check_bundle_bytes(data: bytearray, path: Path) -> ModelBundle:
+    """Decode the exported bytes as a model bundle (every check `crossfed evaluate` makes)."""
+    from crossfed.common.model.model_bundle import BundleError, decode_bundle
 
     try:
-        return load_bundle(path)
+        return decode_bundle(memoryview(data), str(path))
     except BundleError as exc:
         _fail(f"the exported model bundle does not load: {exc}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def export_model_to(
@@ -649,14 +642,14 @@ def export_model_to(
         _fail(f"{path} already exists; pass --force to overwrite it")
     if not path.parent.is_dir():
         _fail(f"directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
     sha = hashlib.sha256()
     expected_digest = b""
-    expected_size = total = written = received = version = 0
+    expected_size = total = received = version = 0
+    payload = bytearray()
     request = admin_pb2.ExportModelRequest(round=round_no)
     timeout = max(session.settings.timeout_s, _EXPORT_MIN_TIMEOUT_S)
-    try:
-        with open(tmp, "wb") as out, session.stream_errors():
+    with atomic_output(path) as out:  # replaces `path` only once everything below passed
+        with session.stream_errors():
             for chunk in session.stub.ExportModel(request, timeout=timeout):
                 if received == 0:
                     total, expected_size = int(chunk.total), int(chunk.payload_size)
@@ -666,23 +659,17 @@ def export_model_to(
                 if chunk.index != received:
                     _fail(f"chunk {chunk.index} arrived where chunk {received} was expected")
                 sha.update(chunk.data)
-                out.write(chunk.data)
-                written += len(chunk.data)
+                payload += chunk.data
                 received += 1
-            out.flush()
-            os.fsync(out.fileno())
         if received == 0 or received != total:
             _fail(f"export stream ended after {received} of {total or '?'} chunks (truncated)")
-        if written != expected_size:
-            _fail(f"received {written} bytes but the server announced {expected_size}")
+        if len(payload) != expected_size:
+            _fail(f"received {len(payload)} bytes but the server announced {expected_size}")
         if sha.digest() != expected_digest:
             _fail("SHA-256 of the received model does not match the server's digest")
-        bundle = check_bundle_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        bundle = check_bundle_bytes(payload, path)
+        out.write(payload)
+    written = len(payload)
     return {
         "path": str(path),
         "round": version,

@@ -5,7 +5,6 @@ crossfed/bundle_inference.py. Every bad input is one line on stderr and exit cod
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,6 +175,7 @@ def predict_command(
     """Predict a class for every row of a manifest (labels optional; rows may miss either
     modality): predicted class, its probability, the top-k and which Table I path served it."""
     from crossfed.bundle_inference import count_rows, predict_manifest
+    from crossfed.common.atomic_files import atomic_output
     from crossfed.common.data.embedding_cache import EmbeddingCache
     from crossfed.common.data.progress_display import make_progress
 
@@ -185,29 +185,21 @@ def predict_command(
         _fail("predict", f"{out} is not a regular file; refusing to overwrite it")
     if not out.parent.is_dir():
         _fail("predict", f"directory {out.parent} does not exist")
-    tmp = out.with_name(f".{out.name}.part-{os.getpid()}")
-    try:
-        with _one_line_errors("predict"):
-            bundle, encoders = _prepare("predict", bundle_path, text_encoder, image_encoder)
-            with (
-                tmp.open("w", encoding="utf-8", newline="") as handle,
-                make_progress(not no_progress) as bar,
-            ):
-                task = bar.add_task("predicting rows", total=count_rows(data))
-                counts = predict_manifest(
-                    bundle,
-                    data,
-                    encoders,
-                    handle,
-                    cache=EmbeddingCache(cache_dir),
-                    batch_size=batch_size,
-                    top_k=top_k,
-                    skip_bad_rows=skip_bad_rows,
-                    on_rows=lambda n: bar.advance(task, n),
-                )
-            os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _one_line_errors("predict"):
+        bundle, encoders = _prepare("predict", bundle_path, text_encoder, image_encoder)
+        with atomic_output(out, text=True) as handle, make_progress(not no_progress) as bar:
+            task = bar.add_task("predicting rows", total=count_rows(data))
+            counts = predict_manifest(
+                bundle,
+                data,
+                encoders,
+                handle,
+                cache=EmbeddingCache(cache_dir),
+                batch_size=batch_size,
+                top_k=top_k,
+                skip_bad_rows=skip_bad_rows,
+                on_rows=lambda n: bar.advance(task, n),
+            )
     served = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "skipped" and v)
     skipped = counts.get("skipped", 0)
     typer.echo(

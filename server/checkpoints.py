@@ -5,47 +5,16 @@ new file, never a torn one. Only the last N are kept."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from crossfed.common import atomic_files
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, payload_pieces
 from crossfed.server.errors import CheckpointError
 
 _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
-
-
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` durably: temp file in the same dir, fsync, rename, fsync dir."""
-    write_pieces_atomic(path, (data,), mode)
-
-
-def write_pieces_atomic(
-    path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o644
-) -> None:
-    """`write_bytes_atomic` of the concatenated ``pieces``, never joined in memory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for piece in pieces:
-                handle.write(piece)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointStore:
@@ -57,9 +26,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".global-*.tmp-*"):  # leftovers of a killed write
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+        atomic_files.remove_stale_temps(self.directory)  # leftovers of a killed write
 
     def path_of(self, round_no: int) -> Path:
         """Where the checkpoint of ``round_no`` lives."""
@@ -83,7 +50,7 @@ class CheckpointStore:
         # written piece by piece from the tensors' memory: no model-sized payload at commit
         pieces = payload_pieces(state, metadata={"round": str(round_no), "run_id": run_id})
         path = self.path_of(round_no)
-        write_pieces_atomic(path, pieces)
+        atomic_files.write_atomic(path, pieces)
         if prune:
             self.prune(protect=round_no)
         return path

@@ -11,12 +11,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from crossfed.common import atomic_files
 from crossfed.common.model.model_bundle import ModelBundle
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.prototypes import ClassPrototypes
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
-from crossfed.server.checkpoints import CheckpointStore, write_pieces_atomic
+from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import CheckpointError
 from crossfed.server.federation_contract import FederationContract
 from crossfed.server.projection_exchange import PROTOTYPES_FILE_NAME
@@ -83,7 +84,7 @@ class BundleStore:
         """Build and write the bundle of ``round_no`` atomically; prune bundles whose
         checkpoint is gone. OSError when the disk refuses."""
         path = self.path_of(round_no)
-        write_pieces_atomic(path, self.build(round_no, state).pieces())
+        atomic_files.write_atomic(path, self.build(round_no, state).pieces())
         kept = set(self.checkpoints.rounds())
         for old in self.directory.iterdir():
             match = _BUNDLE_NAME.match(old.name)

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from crossfed.common import atomic_files
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
 from crossfed.server.calibration_round import CalibrationStep, StatsSum
-from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
+from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
@@ -825,7 +826,7 @@ class RoundEngine:
                     sums = self.noise_hook(sums, record.round)
                 payload = prototypes_payload(sums)
                 path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(record.round)
-                write_bytes_atomic(path, payload)
+                atomic_files.write_atomic(path, payload)
                 published = (record.round, payload)
         except OSError as exc:  # disk full, read-only state dir, ...
             self._checkpoint_failed_locked(record.round, exc)

@@ -3,9 +3,9 @@ public files beside them, so a crash never leaves a half-written or world-readab
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
+
+from crossfed.common import atomic_files
 
 SECRET_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
@@ -16,29 +16,12 @@ class SecureFileError(Exception):
 
 
 def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + rename.
-
-    The temporary file is created with ``mode`` from the start (never briefly 0644 for
-    a key), fsynced, then renamed over ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Atomically replace ``path`` with ``data``, created with ``mode`` from the start (never
+    briefly 0644 for a key); SecureFileError when the disk refuses."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        atomic_files.write_atomic(Path(path), data, mode)
     except OSError as exc:
-        raise SecureFileError(f"cannot create {tmp}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)  # umask may have narrowed/widened the creation mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+        raise SecureFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def write_secret_file(path: Path, data: bytes) -> None:

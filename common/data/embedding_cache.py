@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from crossfed.common import atomic_files
 from crossfed.common.data.data_errors import EmbeddingCacheError
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.data.progress_display import make_progress
 from crossfed.common.data.raw_dataset import RawDataset
 from crossfed.common.model.encoders import ImageEncoder, TextEncoder
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 log = logging.getLogger(__name__)
 _FORMAT = "crossfed.EmbeddingCache/1"
@@ -117,23 +116,18 @@ class EmbeddingCache:
         return value
 
     def _write(self, path: Path, identity: str, content: str, value: torch.Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": _FORMAT,
             "identity": identity,
             "content": content,
             "sha256": _sha256(value.numpy().tobytes()),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"embeddings": value}, tmp, metadata=meta)
-            os.replace(tmp, path)
+        try:  # a lost entry is recomputed: no fsync
+            atomic_files.write_atomic(
+                path, save({"embeddings": value}, metadata=meta), durable=False
+            )
         except OSError as exc:
             raise EmbeddingCacheError(f"cannot write cache file {path}: {exc}") from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _encode_chunked(

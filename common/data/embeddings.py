@@ -6,16 +6,15 @@ paired, text-only and image-only samples.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from crossfed.common import atomic_files
 from crossfed.common.data.data_errors import EmbeddingSetError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 _FIELDS = ("text", "image", "has_text", "has_image", "labels")
 
@@ -111,19 +110,11 @@ class EmbeddingSet:
 
     def save(self, path: str | Path) -> None:
         """Write as safetensors atomically (temp file + rename), never pickle."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).contiguous() for name in _FIELDS}
         if self.recovered_image is not None:
             tensors["recovered_image"] = self.recovered_image.contiguous()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "crossfed.EmbeddingSet/1"})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        data = save(tensors, metadata={"format": "crossfed.EmbeddingSet/1"})
+        atomic_files.write_atomic(Path(path), data)
 
     @classmethod
     def load(cls, path: str | Path) -> EmbeddingSet:

@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from crossfed.common import atomic_files
 from crossfed.common.data.data_errors import EncoderError
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,14 +289,11 @@ def save_small_cnn_weights(weights: SmallCNNWeights, path: str | Path) -> str:
         "input_std": ",".join(map(repr, weights.input_std)),
         "tensor_sha256": _tensor_digest(tensors),
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
     # One metadata entry holding sorted JSON: safetensors stores the metadata map in no fixed
     # order, and the file digest must not depend on that.
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, target)
-    return hashlib.sha256(target.read_bytes()).hexdigest()
+    data = save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_files.write_atomic(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_small_cnn_weights(

@@ -65,7 +65,7 @@ def _is_round_checkpoint(path: Path) -> bool:
 def install_faults() -> None:
     """Wrap the server functions that host the crash points (only the configured one fires)."""
     import crossfed.server.coordinator_servicer as servicer
-    from crossfed.server import checkpoints, round_engine
+    from crossfed.common import atomic_files
     from crossfed.server.aggregation import StreamingFedAvg
     from crossfed.server.round_engine import RoundEngine
     from crossfed.server.state.sqlite import SqliteStateStore
@@ -106,29 +106,23 @@ def install_faults() -> None:
         _crash_if_due("commit_average")
         return original_result(self)
 
-    # every file write of the checkpoint module ends in its lowest-level atomic writer
-    # (write_pieces_atomic where it exists; write_bytes_atomic delegates to it)
-    writer = (
-        "write_pieces_atomic"
-        if hasattr(checkpoints, "write_pieces_atomic")
-        else ("write_bytes_atomic")
-    )
-    original_write: Callable[..., None] = getattr(checkpoints, writer)
+    # every file the server replaces goes through atomic_files.write_atomic
+    original_write: Callable[..., None] = atomic_files.write_atomic
 
-    def write_atomic(path: Path, data: Any, mode: int = 0o644) -> None:
+    def write_atomic(path: Path, data: Any, mode: int = 0o644, **kw: Any) -> None:
         path = Path(path)
         if _is_round_checkpoint(path) and os.environ.get(FAULT_ENV) == "checkpoint_write":
             blob = data if isinstance(data, bytes) else b"".join(bytes(p) for p in data)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp = atomic_files.temp_path_for(path)
             with open(tmp, "wb") as handle:  # the real writer's temp name, half the bytes
                 handle.write(blob[: len(blob) // 2])
                 handle.flush()
                 os.fsync(handle.fileno())
             _crash_if_due("checkpoint_write")
-            data = blob if writer == "write_bytes_atomic" else (blob,)
+            data = blob
         if path.name.startswith("prototypes-"):
             _crash_if_due("prototypes_write")
-        original_write(path, data, mode)
+        original_write(path, data, mode, **kw)
         if _is_round_checkpoint(path):
             _crash_if_due("checkpoint_renamed")
 
@@ -142,9 +136,7 @@ def install_faults() -> None:
     servicer.receive_payload = receive_payload
     StreamingFedAvg.add = add  # type: ignore[method-assign]
     StreamingFedAvg.result = result  # type: ignore[method-assign]
-    setattr(checkpoints, writer, write_atomic)
-    if writer == "write_bytes_atomic":  # the engine imported it by name
-        round_engine.write_bytes_atomic = write_atomic
+    atomic_files.write_atomic = write_atomic  # type: ignore[assignment]
     SqliteStateStore.commit_round = commit_round  # type: ignore[method-assign]
 
 

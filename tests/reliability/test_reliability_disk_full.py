@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crossfed.common import atomic_files
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.server import checkpoints
 from crossfed.server.model_bootstrap import _standin_state
 from crossfed.server.server_app import ServerOptions
 from reliability_harness import (
@@ -40,23 +40,18 @@ def test_checkpoint_write_failure_is_reported_and_the_round_not_committed(
     state_dir = tmp_path / "state"
     options = ServerOptions(tick_interval_s=0.05, heartbeat_interval_ms=100, auto_start=False,
                             allow_unencrypted_uploads=True)  # fmt: skip
-    # the lowest-level atomic writer of the checkpoint module (every file write ends there)
-    writer = (
-        "write_pieces_atomic"
-        if hasattr(checkpoints, "write_pieces_atomic")
-        else ("write_bytes_atomic")
-    )
-    original = getattr(checkpoints, writer)
+    # every file the server replaces goes through atomic_files.write_atomic
+    original = atomic_files.write_atomic
     disk_full = threading.Event()
     failures: list[str] = []
 
-    def write(path: Path, data: Any, mode: int = 0o644) -> None:
+    def write(path: Path, data: Any, mode: int = 0o644, **kw: Any) -> None:
         if disk_full.is_set() and Path(path).name.startswith("global-"):
             failures.append(Path(path).name)
             raise OSError(code, os.strerror(code), str(path))
-        original(path, data, mode)
+        original(path, data, mode, **kw)
 
-    monkeypatch.setattr(checkpoints, writer, write)
+    monkeypatch.setattr(atomic_files, "write_atomic", write)
     caplog.set_level(logging.WARNING)
     stop = threading.Event()
     with inprocess_server(state_dir, monkeypatch, options, rounds=2, min_clients=2,
@@ -127,21 +122,16 @@ def test_disk_that_stays_full_ends_the_run_as_failed_with_the_good_checkpoint(
     and the run ends 'failed' naming the cause; round 0 (the initial model) stays intact and
     clients are told DONE instead of hanging."""
     state_dir = tmp_path / "state"
-    writer = (
-        "write_pieces_atomic"
-        if hasattr(checkpoints, "write_pieces_atomic")
-        else ("write_bytes_atomic")
-    )
-    original = getattr(checkpoints, writer)
+    original = atomic_files.write_atomic
 
-    def write(path: Path, data: Any, mode: int = 0o644) -> None:
+    def write(path: Path, data: Any, mode: int = 0o644, **kw: Any) -> None:
         if Path(path).name.startswith("global-") and not Path(path).name.startswith(
             "global-000000."
         ):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        original(path, data, mode)
+        original(path, data, mode, **kw)
 
-    monkeypatch.setattr(checkpoints, writer, write)
+    monkeypatch.setattr(atomic_files, "write_atomic", write)
     options = ServerOptions(
         tick_interval_s=0.05, heartbeat_interval_ms=100, allow_unencrypted_uploads=True
     )

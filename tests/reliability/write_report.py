@@ -85,7 +85,8 @@ KNOWN_GAPS = [
         "Crash points live in a launcher that wraps server functions (no hook in server code). "
         "If a wrapped function is renamed, the fault no longer fires and the scenario fails with "
         "'server exited without reaching <point>' (this happened once, when checkpoints.py "
-        "gained write_pieces_atomic; the launcher now wraps the lowest-level writer)."
+        "gained a writer of its own; every replaced file now goes through "
+        "common/atomic_files.write_atomic, which the launcher wraps)."
     ),
     (
         "Load latencies come from one asyncio client process sharing the 2-core host with the "
