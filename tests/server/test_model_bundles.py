@@ -4,6 +4,7 @@ commit: export builds the bundle from the checkpoint instead."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,12 @@ def test_a_refused_bundle_write_keeps_the_commit(
     assert "round_committed" in kinds and "bundle_failed" in kinds
     monkeypatch.undo()
     assert decode_metadata(engine.bundles.read(1))["round"] == "1"  # export still works
+
+
+def test_each_commit_is_one_info_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    engine = _engine(tmp_path)
+    with caplog.at_level(logging.INFO, logger="crossfed.server.round_engine"):
+        _round(engine, 1)
+    lines = [r.getMessage() for r in caplog.records if "committed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("round 1 committed: 2 upload(s), 20 samples")
+    assert "epsilon 0.00 so far" in lines[0]
