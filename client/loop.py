@@ -64,6 +64,7 @@ class Registration:
     num_text_only: int
     num_image_only: int
     model_config_digest: str = ""
+    sd_checkpoint_digest: str = ""  # the SD checkpoint this client recovers with ("" none)
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ class ClientLoop:
                 num_image_only=info.num_image_only,
                 model_config_digest=info.model_config_digest,
                 daemon_version=DAEMON_VERSION,
+                sd_checkpoint_digest=info.sd_checkpoint_digest,
             )
         )
         self.stats.registrations += 1

@@ -57,6 +57,9 @@ def _register_groups() -> None:
     from crossfed.deploy_cli import app as deploy_app
 
     app.add_typer(deploy_app, name="deploy")
+    from crossfed.sd_spec_cli import sd_spec_command
+
+    app.command("sd-spec")(sd_spec_command)
     from crossfed.server.cli import app as server_app
 
     app.add_typer(server_app, name="server")

@@ -208,6 +208,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 checked_count(request.num_image_only, "num_image_only"),
                 request.model_config_digest,
                 request.daemon_version,
+                sd_checkpoint_digest=request.sd_checkpoint_digest,
             )
         except ServerError as exc:
             abort_with(context, exc)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from crossfed.common.model.sd_trainable import SD_MODULE
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
@@ -49,6 +50,7 @@ from crossfed.server.projection_exchange import (
     prototypes_payload,
 )
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.sd_admission import RECOVERY_FEATURE, SDRequirement, client_recovery
 from crossfed.server.state.base import StateStore
 from crossfed.server.state.records import (
     CLIENT_REGISTERED,
@@ -71,7 +73,12 @@ from crossfed.server.state.records import (
     RunRecord,
     UploadRecord,
 )
-from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
+from crossfed.server.update_validation import (
+    TensorSlot,
+    required_keys,
+    spec_of_state,
+    validate_update,
+)
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -134,6 +141,7 @@ class UploadTicket:
     weights: dict[str, float]
     spec: Mapping[str, TensorSlot]
     calibration: bool = False  # statistics for the calibration round, not weights
+    required: frozenset[str] | None = None  # keys it must carry (None: all of spec)
 
 
 @dataclass(frozen=True)
@@ -186,9 +194,13 @@ class RoundEngine:
         central_dp: CentralDP | None = None,
         central_dp_delta: float = 1e-5,
         calibration: CalibrationStep | None = None,
+        sd_requirement: SDRequirement | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
+        self.sd_requirement = sd_requirement
+        # recovery each client registered with in this process ("feature": no SD uploads)
+        self._recovery_of: dict[str, str] = {}
         self.calibration = calibration
         self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
@@ -382,6 +394,7 @@ class RoundEngine:
         num_image_only: int = 0,
         model_config_digest: str = "",
         daemon_version: str = "",
+        sd_checkpoint_digest: str = "",
     ) -> Registration:
         """Register (or re-register after a reconnect) a client; idempotent."""
         if not client_id:
@@ -407,7 +420,9 @@ class RoundEngine:
                 f"client model config digest {model_config_digest[:16]}... does not match the "
                 f"server's {self.model_config_digest[:16]}...; use the server's ModelConfig"
             )
+        recovery = client_recovery(self.sd_requirement, sd_checkpoint_digest)
         with self._lock:
+            self._recovery_of[client_id] = recovery
             now = self.clock()
             existing = self._clients.get(client_id)
             state = CLIENT_REGISTERED
@@ -433,7 +448,11 @@ class RoundEngine:
                 self._event(
                     "client_registered",
                     client_id=client_id,
-                    values={"num_samples": float(num_samples), "modality": float(modality)},
+                    values={
+                        "num_samples": float(num_samples),
+                        "modality": float(modality),
+                        "stable_diffusion": float(recovery != RECOVERY_FEATURE),
+                    },
                 )
             current = self._open.record.round if self._open else self._next_round()
             return Registration(
@@ -1014,6 +1033,13 @@ class RoundEngine:
                 if calibration
                 else module_weights_of(num_samples, module_samples, opened.fedavg.modules)
             )
+            if weights.get(SD_MODULE, 0.0) > 0 and self._recovery_of.get(client_id) == (
+                RECOVERY_FEATURE
+            ):
+                raise InvalidUpdateError(
+                    f"client {client_id!r} registered without the Stable Diffusion checkpoint "
+                    f"but gives {SD_MODULE} weight {weights[SD_MODULE]:g}"
+                )
             return UploadTicket(
                 client_id=client_id,
                 upload_id=upload_id,
@@ -1024,6 +1050,9 @@ class RoundEngine:
                 weights=weights,
                 spec=self.calibration.spec if calibration and self.calibration else self._spec,
                 calibration=calibration,
+                required=None
+                if calibration
+                else required_keys(self._spec, weights, self.module_of),
             )
 
     def _require_open(self, round_no: int) -> _OpenRound:
@@ -1052,7 +1081,7 @@ class RoundEngine:
     ) -> UploadOutcome:
         """Validate the decoded update fully, then (and only then) fold it into the sum."""
         try:
-            validate_update(tensors, ticket.spec)
+            validate_update(tensors, ticket.spec, required=ticket.required)
             if ticket.calibration:
                 assert self.calibration is not None
                 self.calibration.check(tensors, ticket.num_samples)

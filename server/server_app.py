@@ -27,6 +27,7 @@ from crossfed.server.model_bootstrap import build_initial_model, model_config_di
 from crossfed.server.projection_exchange import ProjectionSpec
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.sd_admission import SDRequirement
 from crossfed.server.state.factory import open_state_store
 from crossfed.server.state.records import TERMINAL_RUN_STATES
 from crossfed.server.upload_keys import load_or_create_upload_key
@@ -168,6 +169,7 @@ class CoordinatorServer:
             central_dp=central_dp_from_config(config),
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
+            sd_requirement=SDRequirement.of(config.model),
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)
