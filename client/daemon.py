@@ -36,6 +36,7 @@ from crossfed.client.update_upload import default_encryptor_factory
 from crossfed.common.config import BuiltinDataConfig, ClientConfig, ManifestDataConfig
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.model.model_errors import StableDiffusionSetupError
+from crossfed.common.model.sd_trainable import checkpoint_digest
 
 log = logging.getLogger(__name__)
 
@@ -228,14 +229,16 @@ class ClientDaemon:
             self.stop_event.set()
 
     def _sd_device(self) -> str | None:
-        """The device this client runs Stable Diffusion recovery on, None for none."""
+        """The device this client runs Stable Diffusion recovery on, None for none; a bad
+        checkpoint directory or device fails here, before the data is encoded."""
         sd = self.config.stable_diffusion
         if sd is None:
             return None
         try:
             device = usable_device(sd.device)
+            checkpoint_digest(sd.checkpoint)  # memoised: the SD step reuses it
         except StableDiffusionSetupError as exc:
-            raise ClientConfigError(f"stable_diffusion.device: {exc}") from exc
+            raise ClientConfigError(f"stable_diffusion: {exc}") from exc
         if device is None:
             self.echo("no CUDA device: Stable Diffusion recovery off, feature-space recovery")
         return device

@@ -21,6 +21,7 @@ from typing import Protocol
 from crossfed.client.backoff import Backoff, RetryPolicy
 from crossfed.client.errors import (
     AlreadyUploadedError,
+    FatalServerError,
     NotRegisteredError,
     PayloadIntegrityError,
     RoundAbandonedError,
@@ -275,7 +276,16 @@ class ClientLoop:
 
     def _register(self) -> None:
         info = self.worker.registration()
-        response = self.transport.register(
+        try:
+            response = self._send_registration(info)
+        except RoundAbandonedError as exc:
+            # FAILED_PRECONDITION on Register: the run cannot admit this client as it is
+            # (model config, Stable Diffusion checkpoint); no retry changes that.
+            raise FatalServerError(str(exc)) from exc
+        self._registered(response)
+
+    def _send_registration(self, info: Registration) -> coordinator_pb2.RegisterResponse:
+        return self.transport.register(
             coordinator_pb2.RegisterRequest(
                 modality=info.modality,  # type: ignore[arg-type]
                 num_samples=info.num_samples,
@@ -287,6 +297,8 @@ class ClientLoop:
                 sd_checkpoint_digest=info.sd_checkpoint_digest,
             )
         )
+
+    def _registered(self, response: coordinator_pb2.RegisterResponse) -> None:
         self.stats.registrations += 1
         if response.client_id:
             self.client_id = response.client_id

@@ -22,6 +22,7 @@ def sd_spec_command(
 ) -> None:
     """Print the server config's model block for Stable Diffusion recovery (YAML)."""
     import yaml
+
     from crossfed.common.model.model_errors import StableDiffusionSetupError
     from crossfed.common.model.sd_trainable import checkpoint_digest, trainable_spec_of_checkpoint
 

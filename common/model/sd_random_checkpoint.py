@@ -104,6 +104,14 @@ def _configs(size: Size, text_hidden: int) -> tuple[dict[str, Any], dict[str, An
     return unet, vae, 12, 77
 
 
+def unet_spec_of_size(size: Size) -> dict[str, tuple[int, ...]]:
+    """The trainable spec of a `size` UNet, from its config on the meta device (no memory)."""
+    from crossfed.common.model.sd_trainable import trainable_spec_of_unet_config
+
+    unet_cfg, _vae, _layers, _length = _configs(size, 32 if size == "tiny" else 768)
+    return trainable_spec_of_unet_config({"in_channels": 4, "out_channels": 4, **unet_cfg})
+
+
 def save_random_stable_diffusion(
     path: str | Path, size: Size = "tiny", seed: int = 0, device: str = "cpu"
 ) -> Path:
@@ -150,7 +158,7 @@ def save_random_stable_diffusion(
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(  # diffusers ships no usable type information
         vae=vae,
         text_encoder=text,
         tokenizer=tokenizer,

@@ -172,13 +172,17 @@ class StableDiffusionRecovery:
         return self._weights_digest
 
     @property
+    def precision(self) -> str:
+        """fp32 on the CPU; the autocast dtype (bfloat16 / float16) on CUDA."""
+        return "fp32" if self._amp_dtype is None else str(self._amp_dtype).split(".")[-1]
+
+    @property
     def identity(self) -> str:
         """Cache key part: base + current fine-tuned weights + sampler + precision + E_i."""
         s = self.settings
-        precision = "fp32" if self._amp_dtype is None else str(self._amp_dtype).split(".")[-1]
         return (
             f"sd:{self.base_digest[:24]}:{self._trainable_digest()}:steps{s.num_inference_steps}"
-            f":g{s.guidance_scale}:seed{s.sample_seed}:size{self.image_size}:{precision}"
+            f":g{s.guidance_scale}:seed{s.sample_seed}:size{self.image_size}:{self.precision}"
             f":{self.image_encoder.identity}"
         )
 
@@ -267,7 +271,7 @@ class StableDiffusionRecovery:
         order = torch.randperm(n, generator=gen)
         pos = 0
         for _ in range(steps):
-            take = []
+            take: list[int] = []
             while len(take) < min(batch_size, n):
                 if pos == n:
                     order, pos = torch.randperm(n, generator=gen), 0

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from crossfed.common.model.model_errors import StableDiffusionSetupError
@@ -104,24 +105,31 @@ def spec_bytes(spec: Mapping[str, Sequence[int]], element_size: int = 4) -> int:
     return total * element_size
 
 
+def trainable_spec_of_unet_config(config: Mapping[str, Any]) -> TrainableSpec:
+    """The trainable spec of the UNet a diffusers config describes (built on the meta device:
+    no weights, no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(config))
+    spec = trainable_spec_of(unet.named_parameters())
+    if not spec:
+        raise StableDiffusionSetupError("the UNet has no attn2 / text-projection parameters")
+    return spec
+
+
 def trainable_spec_of_checkpoint(checkpoint_dir: str | Path) -> TrainableSpec:
-    """The trainable spec of a checkpoint's UNet, from its config alone (built on the meta
-    device: no weights read, no memory)."""
+    """The trainable spec of a checkpoint's UNet, from its config alone."""
     from diffusers import UNet2DConditionModel
 
     unet_dir = Path(checkpoint_dir) / "unet"
     try:
         config = UNet2DConditionModel.load_config(str(unet_dir), local_files_only=True)
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(config)
+        return trainable_spec_of_unet_config(config)
     except (OSError, ValueError, TypeError) as exc:
         raise StableDiffusionSetupError(
             f"cannot read the UNet config in {unet_dir}: {exc}"
         ) from exc
-    spec = trainable_spec_of(unet.named_parameters())
-    if not spec:
-        raise StableDiffusionSetupError(f"{unet_dir}: no attn2 / text-projection parameters")
-    return spec
 
 
 @lru_cache(maxsize=8)

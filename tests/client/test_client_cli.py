@@ -57,3 +57,22 @@ def test_non_positive_dp_sgd_epsilon_is_one_line_exit_2(tmp_path: Path) -> None:
     out = _run("start", "--dp-sgd-epsilon", "0", "--insecure", "--state-dir", str(tmp_path))
     assert out.returncode == 2
     assert "dp_sgd_target_epsilon" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_sd_checkpoint_is_one_line_exit_2_before_any_data(tmp_path: Path) -> None:
+    out = _run(
+        "start",
+        "--insecure",
+        "--server",
+        "127.0.0.1:1",
+        "--sd-checkpoint",
+        str(tmp_path / "no-sd"),
+        "--sd-device",
+        "cpu",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert "no model_index.json" in lines[-1] and "Traceback" not in out.stderr
+    assert "local data" not in out.stdout  # refused before encoding anything
