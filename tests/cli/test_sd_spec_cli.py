@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from crossfed.cli import app
 from crossfed.common.config import ServerConfig
 from crossfed.common.model.sd_random_checkpoint import save_random_stable_diffusion
 from crossfed.common.model.sd_trainable import checkpoint_digest, trainable_spec_of_checkpoint
 from typer.testing import CliRunner
+
+from crossfed.cli import app
 
 
 def test_sd_spec_block_configures_a_server(tmp_path: Path) -> None:
