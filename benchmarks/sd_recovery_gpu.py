@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "size": size,
         "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor(),
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else "none",
+        "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _feature_recovery_cost(rows: int = 4096) -> dict[str, Any]:
+def _feature_recovery_cost(rows: int = 2048) -> dict[str, Any]:
     """The alternative, feature-space recovery (default ModelConfig sizes) on this machine's
     CPU, where edge clients run it: f^_i for `rows` text-only rows, per sample, with one
     DDIM step (the default) and with 50."""
