@@ -270,8 +270,9 @@ def _network_round(train: Any, spec: dict[str, tuple[int, ...]], digest: str) ->
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also what the tests call `run` with)."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model (CPU check)")
     parser.add_argument("--device", default=None, help="cuda (default) / cpu (default --tiny)")
     parser.add_argument("--images", type=int, default=None, help="distinct captions generated")
@@ -284,9 +285,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--work-dir", default=None, help="where the checkpoint is written")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.images is None:
         args.images = 8 if args.tiny else 32
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     result = run(args)

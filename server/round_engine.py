@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from crossfed.common.model.sd_trainable import SD_MODULE
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
@@ -50,7 +49,12 @@ from crossfed.server.projection_exchange import (
     prototypes_payload,
 )
 from crossfed.server.round_policy import RoundPolicy
-from crossfed.server.sd_admission import RECOVERY_FEATURE, SDRequirement, client_recovery
+from crossfed.server.sd_admission import (
+    RECOVERY_FEATURE,
+    SDRequirement,
+    check_sd_weight,
+    client_recovery,
+)
 from crossfed.server.state.base import StateStore
 from crossfed.server.state.records import (
     CLIENT_REGISTERED,
@@ -420,7 +424,11 @@ class RoundEngine:
                 f"client model config digest {model_config_digest[:16]}... does not match the "
                 f"server's {self.model_config_digest[:16]}...; use the server's ModelConfig"
             )
-        recovery = client_recovery(self.sd_requirement, sd_checkpoint_digest)
+        try:
+            recovery = client_recovery(self.sd_requirement, sd_checkpoint_digest)
+        except ModelMismatchError as exc:
+            self._event("client_refused", client_id=client_id, message=str(exc))
+            raise
         with self._lock:
             self._recovery_of[client_id] = recovery
             now = self.clock()
@@ -1033,13 +1041,7 @@ class RoundEngine:
                 if calibration
                 else module_weights_of(num_samples, module_samples, opened.fedavg.modules)
             )
-            if weights.get(SD_MODULE, 0.0) > 0 and self._recovery_of.get(client_id) == (
-                RECOVERY_FEATURE
-            ):
-                raise InvalidUpdateError(
-                    f"client {client_id!r} registered without the Stable Diffusion checkpoint "
-                    f"but gives {SD_MODULE} weight {weights[SD_MODULE]:g}"
-                )
+            check_sd_weight(client_id, self._recovery_of.get(client_id), weights)
             return UploadTicket(
                 client_id=client_id,
                 upload_id=upload_id,

@@ -1,13 +1,16 @@
 """Which text->image recovery a registering client runs in a `stable-diffusion` run (eq. 6-7),
 decided at registration from the checkpoint digest it declares, so a client that cannot take
-part is refused with one line before any round, not mid-round."""
+part is refused with one line before any round, not mid-round; and the upload check that a
+client admitted with feature recovery gives the SD deltas no weight in FedAvg."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.server.errors import ModelMismatchError
+from crossfed.common.model.sd_trainable import SD_MODULE
+from crossfed.server.errors import InvalidUpdateError, ModelMismatchError
 
 RECOVERY_SD = "stable-diffusion"
 RECOVERY_FEATURE = "feature"
@@ -51,3 +54,15 @@ def client_recovery(requirement: SDRequirement | None, declared_digest: str) -> 
             "(model.stable_diffusion.clients_without_checkpoint: feature)"
         )
     return RECOVERY_FEATURE
+
+
+def check_sd_weight(client_id: str, recovery: str | None, weights: Mapping[str, float]) -> None:
+    """InvalidUpdateError when a client registered with feature recovery would weigh in on
+    the SD deltas (it holds no checkpoint: its copy is the untouched global one). Unknown
+    recovery (registered before a server restart) is not checked."""
+    weight = weights.get(SD_MODULE, 0.0)
+    if weight > 0 and recovery == RECOVERY_FEATURE:
+        raise InvalidUpdateError(
+            f"client {client_id!r} registered without the Stable Diffusion checkpoint but "
+            f"gives {SD_MODULE} weight {weight:g}"
+        )

@@ -4,7 +4,6 @@ and reports the numbers the GPU run is for, including SD-1.5's attn2 upload size
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,18 +21,10 @@ def sd15_attn2_bytes() -> int:
 
 
 def test_tiny_benchmark_reports_the_round(tmp_path: Path) -> None:
-    args = argparse.Namespace(
-        tiny=True,
-        device="cpu",
-        images=3,
-        steps=2,
-        guidance=1.0,
-        batch=2,
-        finetune_steps=1,
-        finetune_batch=2,
-        image_size=None,
-        threads=1,
-        work_dir=str(tmp_path),
+    args = sd_recovery_gpu.parse_args(
+        ["--tiny", "--device", "cpu", "--images", "3", "--steps", "2", "--guidance", "1"]
+        + ["--batch", "2", "--finetune-steps", "1", "--finetune-batch", "2", "--threads", "1"]
+        + ["--work-dir", str(tmp_path)]
     )
     result = sd_recovery_gpu.run(args)
     assert result["generated_images"] == 3 and result["seconds_per_image"] > 0

@@ -45,6 +45,8 @@ def test_registration_refuses_clients_the_run_cannot_admit(tmp_path: Path) -> No
         engine.register("other", TEXT_ONLY, 10, sd_checkpoint_digest="cd" * 32)
     engine.register("sd", TEXT_ONLY, 10, sd_checkpoint_digest=DIGEST)
     assert [c.client_id for c in engine.clients()] == ["sd"]
+    refused = [e.client_id for e in engine.store.events_after(0) if e.kind == "client_refused"]
+    assert refused == ["plain", "other"]
     assert client_recovery(None, DIGEST) == "feature"  # a feature run ignores checkpoints
 
 

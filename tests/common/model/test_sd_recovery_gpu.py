@@ -5,7 +5,6 @@ the GPU and reports its peak memory."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -52,18 +51,9 @@ def test_tiny_benchmark_on_cuda(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import sd_recovery_gpu
 
-    args = argparse.Namespace(
-        tiny=True,
-        device="cuda",
-        images=4,
-        steps=2,
-        guidance=7.5,
-        batch=4,
-        finetune_steps=2,
-        finetune_batch=8,
-        image_size=None,
-        threads=None,
-        work_dir=str(tmp_path),
+    args = sd_recovery_gpu.parse_args(
+        ["--tiny", "--device", "cuda", "--images", "4", "--steps", "2", "--batch", "4"]
+        + ["--finetune-steps", "2", "--work-dir", str(tmp_path)]
     )
     result = sd_recovery_gpu.run(args)
     assert result["peak_gpu_bytes_generation"] > 0 and result["peak_gpu_bytes_finetune"] > 0
