@@ -119,7 +119,7 @@ def test_spec_and_digest_come_without_weights(checkpoint: Path, tmp_path: Path) 
 
 def test_rejects_non_checkpoint_and_missing_cuda(tmp_path: Path, checkpoint: Path) -> None:
     with pytest.raises(StableDiffusionSetupError, match="model_index.json"):
-        StableDiffusionRecovery(tmp_path, SmallCNNImageEncoder())
+        StableDiffusionRecovery(tmp_path, SmallCNNImageEncoder.pretrained())
     if not torch.cuda.is_available():
         with pytest.raises(StableDiffusionSetupError, match="CUDA is not available"):
-            StableDiffusionRecovery(checkpoint, SmallCNNImageEncoder(), device="cuda")
+            StableDiffusionRecovery(checkpoint, SmallCNNImageEncoder.pretrained(), device="cuda")
