@@ -138,6 +138,20 @@ def start(
             help="Train with Opacus DP-SGD at this epsilon per round (delta from config).",
         ),
     ] = None,
+    sd_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--sd-checkpoint",
+            help="Local diffusers checkpoint for Stable Diffusion recovery (runs with "
+            "model.recovery stable-diffusion).",
+        ),
+    ] = None,
+    sd_device: Annotated[
+        str | None,
+        typer.Option(
+            "--sd-device", help="auto (CUDA if present, else feature recovery), cpu, cuda[:N]."
+        ),
+    ] = None,
     holdout: Annotated[
         float, typer.Option("--holdout", help="Local share held out for eval.")
     ] = 0.2,
@@ -202,6 +216,8 @@ def start(
             "privacy.noise_multiplier": noise_multiplier,
             "privacy.dp_sgd": True if dp_sgd_epsilon is not None else None,
             "privacy.dp_sgd_target_epsilon": dp_sgd_epsilon,
+            "stable_diffusion.checkpoint": str(sd_checkpoint) if sd_checkpoint else None,
+            "stable_diffusion.device": sd_device,
         },
     )
     if skip_bad_rows and (data_kind == "builtin" or data_file is not None):

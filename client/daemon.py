@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -30,10 +30,13 @@ from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.loop import ClientLoop, LoopSettings, LoopStats, RoundReport
 from crossfed.client.resource_usage import limit_threads
 from crossfed.client.round_worker import ModelRoundWorker, WorkerSettings
+from crossfed.client.sd_recovery_step import SDClientOptions, SDRecoveryStep, usable_device
 from crossfed.client.transport import CallDeadlines, ChannelOptions, ChannelSecurity, GrpcTransport
 from crossfed.client.update_upload import default_encryptor_factory
 from crossfed.common.config import BuiltinDataConfig, ClientConfig, ManifestDataConfig
 from crossfed.common.crypto.identity import ClientCredential
+from crossfed.common.model.model_errors import StableDiffusionSetupError
+from crossfed.common.model.sd_trainable import checkpoint_digest
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,48 @@ class ClientDaemon:
         if self.options.max_rounds is not None and done >= self.options.max_rounds:
             self.stop_event.set()
 
+    def _sd_device(self) -> str | None:
+        """The device this client runs Stable Diffusion recovery on, None for none; a bad
+        checkpoint directory or device fails here, before the data is encoded."""
+        sd = self.config.stable_diffusion
+        if sd is None:
+            return None
+        try:
+            device = usable_device(sd.device)
+            checkpoint_digest(sd.checkpoint)  # memoised: the SD step reuses it
+        except StableDiffusionSetupError as exc:
+            raise ClientConfigError(f"stable_diffusion: {exc}") from exc
+        if device is None:
+            self.echo("no CUDA device: Stable Diffusion recovery off, feature-space recovery")
+        return device
+
+    def _sd_step(self, device: str | None) -> SDRecoveryStep | None:
+        """Stable Diffusion recovery over this client's raw rows (checkpoint digest now)."""
+        sd = self.config.stable_diffusion
+        if sd is None or device is None:
+            return None
+        assert self.data is not None and self.data.train_raw is not None
+        from crossfed.common.data.embedding_cache import EmbeddingCache
+        from crossfed.common.model.encoders import build_image_encoder
+
+        started = time.perf_counter()
+        try:
+            step = SDRecoveryStep(
+                SDClientOptions(sd.checkpoint, sd.device, sd.gradient_checkpointing),
+                device,
+                build_image_encoder(self.options.image_encoder),
+                self.data.train_raw,
+                self.data.holdout_raw,
+                EmbeddingCache(self.config.cache_dir),
+            )
+        except StableDiffusionSetupError as exc:
+            raise ClientConfigError(f"stable_diffusion.checkpoint: {exc}") from exc
+        self.echo(
+            f"Stable Diffusion recovery on {device}: checkpoint {sd.checkpoint} "
+            f"(digest {step.digest[:12]}..., {time.perf_counter() - started:.1f} s)"
+        )
+        return step
+
     def run(self) -> LoopStats:
         """Load data, connect, and train until the server ends the run (or a stop request)."""
         config, options = self.config, self.options
@@ -241,6 +286,9 @@ class ClientDaemon:
         limit_threads(config.threads)
         started = time.perf_counter()
         spec = data_spec_from_config(config, options)
+        sd_device = self._sd_device()
+        if sd_device is not None:
+            spec = replace(spec, keep_raw=True)  # SD generates from captions, tunes on images
         self.data = load_local_data(spec, config.cache_dir, progress=options.progress)
         if config.threads is None:
             # Encoding (above) gains from every core; the round's small MLP products do not,
@@ -283,6 +331,7 @@ class ClientDaemon:
                 share_projections=options.share_projections,
                 share_calibration_stats=options.share_calibration_stats,
             ),
+            self._sd_step(sd_device),
         )
         encryptor = default_encryptor_factory()
         if encryptor is None:

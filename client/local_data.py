@@ -64,6 +64,9 @@ class LocalDataSpec:
     # Manifests: the federation's shared class list, and whether bad rows are skipped.
     class_names: tuple[str, ...] | None = None
     skip_bad_rows: bool = False
+    # Keep captions and images beside the embeddings (Stable Diffusion recovery generates
+    # from the captions and fine-tunes on the paired images); pre-encoded sets have none.
+    keep_raw: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -98,6 +101,11 @@ class LocalData:
     labels_final: bool = True
     text_encoder: EncoderIdentity | None = None
     image_encoder: EncoderIdentity | None = None
+
+    # Row-aligned raw samples of train / holdout (LocalDataSpec.keep_raw), with this client's
+    # modality masks applied; None otherwise.
+    train_raw: RawDataset | None = None
+    holdout_raw: RawDataset | None = None
 
     def for_federation(self, class_names: Sequence[str]) -> LocalData:
         """This data with labels indexing the federation's ``class_names`` (from Register);
@@ -218,15 +226,13 @@ def _encode(
     )
 
 
-def _split_holdout(
-    data: EmbeddingSet, fraction: float, seed: int
-) -> tuple[EmbeddingSet, EmbeddingSet]:
-    n = len(data)
+def _split_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of the training and the held-out part."""
     n_holdout = round(fraction * n)
     if n - n_holdout < 1:
         raise ClientConfigError(f"{n} local samples leave nothing to train on")
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    return data.subset(order[n_holdout:]), data.subset(order[:n_holdout])
+    return order[n_holdout:], order[:n_holdout]
 
 
 def load_local_data(
@@ -236,8 +242,14 @@ def load_local_data(
     class_names: tuple[str, ...] | None = None
     labels_final = True
     text_id = image_id = None
+    raw: RawDataset | None = None
     try:
         if spec.source.endswith(".safetensors"):
+            if spec.keep_raw:
+                raise ClientConfigError(
+                    f"{spec.source} is a pre-encoded embedding set: it holds no captions or "
+                    "images, which Stable Diffusion recovery needs (give a manifest instead)"
+                )
             loaded = EmbeddingSet.load(spec.source)
             masks = _modality_masks(loaded.has_text, loaded.has_image, spec)
             data = loaded.with_masks(*masks)
@@ -248,14 +260,21 @@ def load_local_data(
             data, text_id, image_id = _encode(raw, spec, cache_dir, progress)
     except DataError as exc:
         raise ClientConfigError(f"cannot load local data from {spec.source}: {exc}") from exc
-    keep = data.has_text | data.has_image
-    if not bool(keep.all()):
-        data = data.subset(torch.nonzero(keep).flatten())  # samples left with no modality
+    rows = torch.nonzero(data.has_text | data.has_image).flatten()  # drop rows left empty
+    if len(rows) < len(data):
+        data = data.subset(rows)
     if len(data) == 0:
         raise ClientConfigError(
             f"no samples left for a {spec.modality.value} client in {spec.source}"
         )
-    train, holdout = _split_holdout(data, spec.holdout_fraction, spec.seed + spec.client_index)
+    train_rows, holdout_rows = _split_holdout(
+        len(data), spec.holdout_fraction, spec.seed + spec.client_index
+    )
+    train, holdout = data.subset(train_rows), data.subset(holdout_rows)
+    train_raw = holdout_raw = None
+    if raw is not None and spec.keep_raw:
+        train_raw = raw.subset(rows[train_rows].numpy())
+        holdout_raw = raw.subset(rows[holdout_rows].numpy())
     counts = train.counts()
     modality = modality_of(counts)
     description = (
@@ -272,6 +291,8 @@ def load_local_data(
         labels_final=labels_final,
         text_encoder=text_id,
         image_encoder=image_id,
+        train_raw=train_raw,
+        holdout_raw=holdout_raw,
     )
 
 

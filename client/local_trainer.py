@@ -27,6 +27,7 @@ from crossfed.common.model.model_errors import ModelError, ModelInputError
 from crossfed.common.model.network import PRIVATE_MODULES, CrossModalNet, Recovery
 from crossfed.common.model.objective import TERMS, weighted_sum
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
+from crossfed.common.model.sd_trainable import SD_MODULE
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -110,6 +111,7 @@ def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int)
         "head": n,
         "image_calibration": 0,  # fitted by the server (CCVR), never trained by a client
         "head_calibration": 0,
+        SD_MODULE: 0,  # set by the SD fine-tuning of a client holding the checkpoint
     }
     return {m: counts.get(m, n) for m in sorted(modules)}
 

@@ -70,6 +70,7 @@ class Registration:
     label_names: tuple[str, ...] = ()  # else the labels a manifest holds
     text_encoder: EncoderIdentity | None = None
     image_encoder: EncoderIdentity | None = None
+    sd_checkpoint_digest: str = ""  # the SD checkpoint this client recovers with ("" none)
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,16 @@ class ClientLoop:
 
     def _register(self) -> None:
         info = self.worker.registration()
+        try:
+            response = self._send_registration(info)
+        except RoundAbandonedError as exc:
+            # FAILED_PRECONDITION on Register: the run cannot admit this client as it is
+            # (model config, classes, encoders, Stable Diffusion checkpoint); no retry changes
+            # that.
+            raise FatalServerError(f"the server refused this client: {exc}") from exc
+        self._registered(response)
+
+    def _send_registration(self, info: Registration) -> coordinator_pb2.RegisterResponse:
         request = coordinator_pb2.RegisterRequest(
             modality=info.modality,  # type: ignore[arg-type]
             num_samples=info.num_samples,
@@ -291,17 +302,15 @@ class ClientLoop:
             daemon_version=DAEMON_VERSION,
             class_names=info.class_names,
             label_names=info.label_names,
+            sd_checkpoint_digest=info.sd_checkpoint_digest,
         )
         if info.text_encoder is not None:
             request.text_encoder.CopyFrom(info.text_encoder.to_proto())
         if info.image_encoder is not None:
             request.image_encoder.CopyFrom(info.image_encoder.to_proto())
-        try:
-            response = self.transport.register(request)
-        except RoundAbandonedError as exc:
-            # FAILED_PRECONDITION at registration: this client does not fit the federation
-            # (model config, classes, encoders); retrying cannot change that
-            raise FatalServerError(f"the server refused this client: {exc}") from exc
+        return self.transport.register(request)
+
+    def _registered(self, response: coordinator_pb2.RegisterResponse) -> None:
         self.stats.registrations += 1
         if response.client_id:
             self.client_id = response.client_id

@@ -1,6 +1,9 @@
 """The model side of a federated round for the client loop: load the global weights, score
 them on the local holdout per Table I configuration, train locally on cached embeddings
-(eq. 2-14), serialize the shareable weights, and release projections (eq. 16)."""
+(eq. 2-14), serialize the shareable weights, and release projections (eq. 16). A client
+holding the run's Stable Diffusion checkpoint also generates its recovered image features and
+fine-tunes the SD deltas each round (client/sd_recovery_step.py); the others keep
+feature-space recovery and upload no SD tensors."""
 
 from __future__ import annotations
 
@@ -18,13 +21,16 @@ from crossfed.client.local_trainer import TrainConfig, train_local
 from crossfed.client.loop import ProjectionUpload, Registered, Registration
 from crossfed.client.projection_release import ProjectionReleaser
 from crossfed.client.resource_usage import peak_rss_bytes, reset_peak_rss
+from crossfed.client.sd_recovery_step import SDRecoveryStep
 from crossfed.client.update_upload import LocalUpdate
 from crossfed.common.config import PrivacyConfig
+from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.common.model.model_errors import ModelError
+from crossfed.common.model.model_errors import ModelError, StableDiffusionSetupError
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes
+from crossfed.common.model.sd_trainable import SD_MODULE
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from pydantic import ValidationError
@@ -61,12 +67,31 @@ def _accuracy_metrics(prefix: str, scores: dict[str, dict[str, float]]) -> dict[
     return out
 
 
+def trained_part(
+    state: dict[str, torch.Tensor], module_samples: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """The upload: the shareable state without the SD deltas when this client did not
+    fine-tune them (the server accepts an untrained module's keys as absent; megabytes to
+    hundreds of megabytes a round for an SD-1.5-sized UNet)."""
+    if module_samples.get(SD_MODULE, 0) > 0:
+        return state
+    prefix = SD_MODULE + "."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
 class ModelRoundWorker:
     """:class:`crossfed.client.loop.RoundWorker` over CrossModalNet and local_trainer."""
 
-    def __init__(self, data: LocalData, settings: WorkerSettings) -> None:
+    def __init__(
+        self, data: LocalData, settings: WorkerSettings, sd_step: SDRecoveryStep | None = None
+    ) -> None:
         self.data = data
         self.settings = settings
+        self.sd_step = sd_step
+        self.sd_active = False  # the run recovers with SD and this client holds the checkpoint
+        # the sets a round trains and scores on: in SD mode they carry generated f^_i
+        self._train_set: EmbeddingSet = data.train
+        self._holdout_set: EmbeddingSet = data.holdout
         self.model: CrossModalNet | None = None
         self.prototypes: ClassPrototypes | None = None
         self.releaser = ProjectionReleaser(settings.privacy, settings.state_dir)
@@ -92,6 +117,7 @@ class ModelRoundWorker:
             label_names=() if data.labels_final else self._held_label_names(),
             text_encoder=data.text_encoder,
             image_encoder=data.image_encoder,
+            sd_checkpoint_digest=self.sd_step.digest if self.sd_step is not None else "",
         )
 
     def _held_label_names(self) -> tuple[str, ...]:
@@ -126,6 +152,25 @@ class ModelRoundWorker:
                 "classes; the federation's class list must cover every label"
             )
         self.model = CrossModalNet(config)
+        self._bind_sd(config)
+
+    def _bind_sd(self, config: ModelConfig) -> None:
+        """Run SD recovery when the run asks for it and this client holds the checkpoint."""
+        sd, step = config.stable_diffusion, self.sd_step
+        self.sd_active = False
+        self._train_set, self._holdout_set = self.data.train, self.data.holdout
+        if step is None:
+            if sd is not None:
+                log.info("no Stable Diffusion checkpoint here: feature-space recovery")
+            return
+        if sd is None:
+            log.warning("the server runs %s recovery: the SD checkpoint is unused", config.recovery)
+            return
+        try:
+            step.bind(sd.settings(), sd.trainable_spec())
+        except StableDiffusionSetupError as exc:
+            raise ModelMismatchError(str(exc)) from exc
+        self.sd_active = True
 
     def _require_model(self) -> CrossModalNet:
         if self.model is None:
@@ -143,13 +188,30 @@ class ModelRoundWorker:
         except (WireError, ModelError) as exc:
             raise ModelMismatchError(f"global model of round {round_id}: {exc}") from exc
         model.eval()
+        if self.sd_active:
+            self._global_metrics = {}  # scored in train(), once the features are generated
+            return
         self._global_metrics = _accuracy_metrics("global", evaluate(model, self.data.holdout))
+
+    def _generate_features(self, model: CrossModalNet, round_id: int) -> None:
+        """SD mode: f^_i of every row with a caption under the global weights, then the
+        global model's scores with them (what load_global does in feature mode)."""
+        assert self.sd_step is not None and model.sd_recovery is not None
+        try:
+            self._train_set, self._holdout_set = self.sd_step.with_generated_features(
+                round_id, model.sd_recovery.deltas(), self.data.train, self.data.holdout
+            )
+        except StableDiffusionSetupError as exc:
+            raise ModelMismatchError(f"round {round_id}: {exc}") from exc
+        self._global_metrics = _accuracy_metrics("global", evaluate(model, self._holdout_set))
 
     def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
         model = self._require_model()
         base = self.settings.train
         cfg = replace(base, epochs=local_epochs or base.epochs, seed=base.seed + round_id)
         dp_metrics: dict[str, float] = {}
+        if self.sd_active:
+            self._generate_features(model, round_id)
         if self.settings.privacy.dp_sgd:
             result = self._train_private(model, cfg)
             dp_metrics = {
@@ -159,15 +221,17 @@ class ModelRoundWorker:
             }
         else:
             result = train_local(
-                model, self.data.train, cfg, self.prototypes, self.settings.progress
+                model, self._train_set, cfg, self.prototypes, self.settings.progress
             )
-        local = _accuracy_metrics("local", evaluate(model, self.data.holdout))
+        sd_metrics = self._finetune_sd(model, round_id, result.module_samples)
+        local = _accuracy_metrics("local", evaluate(model, self._holdout_set))
         # no whole-payload SHA-256 here: an encrypted upload authenticates every chunk, and
         # prepare_upload hashes the payload itself when it has to go in clear
-        payload = encode_tensors(model.shareable_state_dict())
+        payload = encode_tensors(trained_part(model.shareable_state_dict(), result.module_samples))
         self.last_peak_rss_bytes = peak_rss_bytes()
         data_metrics = {
             **{f"loss_{k}": v for k, v in result.metrics.items()},
+            **sd_metrics,
             **self._global_metrics,
             **local,
         }
@@ -187,6 +251,27 @@ class ModelRoundWorker:
             metrics=metrics,
             local_metrics=data_metrics if private else {},
         )
+
+    def _finetune_sd(
+        self, model: CrossModalNet, round_id: int, module_samples: dict[str, int]
+    ) -> dict[str, float]:
+        """SD mode: fine-tune attn2 / text projection on the paired rows (eq. 7) and put the
+        new deltas into the model; module_samples[sd_recovery] = the rows it used. Not under
+        DP-SGD: the fine-tuning is not private, so its deltas must not leave the client."""
+        if not self.sd_active:
+            return {}
+        assert self.sd_step is not None and model.sd_recovery is not None
+        if self.settings.privacy.dp_sgd:
+            log.info("DP-SGD: Stable Diffusion is not fine-tuned (its update would not be private)")
+            return {}
+        try:
+            result = self.sd_step.finetune(round_id)
+            if result.rows:
+                model.sd_recovery.load_deltas(result.deltas)
+        except StableDiffusionSetupError as exc:
+            raise ModelMismatchError(f"round {round_id}: {exc}") from exc
+        module_samples[SD_MODULE] = result.rows
+        return result.metrics
 
     def calibration_stats(self, round_id: int) -> LocalUpdate:
         """Per-class statistics of the image-only last-layer inputs under the loaded final
@@ -260,7 +345,7 @@ class ModelRoundWorker:
         try:
             result = train_private(
                 model,
-                self.data.train,
+                self._train_set,
                 cfg,
                 dp,
                 self.dp_ledger,

@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 __all__ = [
     "BuiltinDataConfig",
     "ClientConfig",
+    "ClientSDConfig",
     "ConfigError",
     "ManifestDataConfig",
     "MissingModalityConfig",
@@ -374,6 +375,21 @@ class TrainConfig(_Section):
     lr: float = Field(default=1e-3, gt=0)
 
 
+class ClientSDConfig(_Section):
+    """This client's Stable Diffusion checkpoint for `recovery: stable-diffusion` runs."""
+
+    checkpoint: Path = Field(description="local diffusers checkpoint directory (never fetched)")
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto: CUDA when available, else this client keeps feature-space recovery; "
+        "cpu / cuda[:N]: run there (cpu: tiny checkpoints, tests)",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="trade UNet recomputation for fine-tuning memory"
+    )
+
+
 class ReconnectConfig(_Section):
     """Exponential backoff between reconnect attempts."""
 
@@ -415,6 +431,9 @@ class ClientConfig(_Section):
     credentials_path: Path | None = Field(default=None, description="per-client credentials file")
     tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
     privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
+    stable_diffusion: ClientSDConfig | None = Field(
+        default=None, description="Stable Diffusion recovery (eq. 6-7) when the run uses it"
+    )
     log_json: bool = False
 
     _server_address = field_validator("server_address")(_check_address)

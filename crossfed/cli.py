@@ -61,6 +61,9 @@ def _register_groups() -> None:
 
     app.command("evaluate")(evaluate_command)
     app.command("predict")(predict_command)
+    from crossfed.sd_spec_cli import sd_spec_command
+
+    app.command("sd-spec")(sd_spec_command)
     from crossfed.server.cli import app as server_app
 
     app.add_typer(server_app, name="server")

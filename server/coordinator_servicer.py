@@ -210,6 +210,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 request.model_config_digest,
                 request.daemon_version,
                 facts=ClientFacts.from_request(request),
+                sd_checkpoint_digest=request.sd_checkpoint_digest,
             )
         except ServerError as exc:
             abort_with(context, exc)

@@ -33,6 +33,7 @@ from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
+    FederationMismatchError,
     InvalidUpdateError,
     ModelMismatchError,
     NotSelectedError,
@@ -53,6 +54,12 @@ from crossfed.server.projection_exchange import (
     prototypes_payload,
 )
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.sd_admission import (
+    RECOVERY_FEATURE,
+    SDRequirement,
+    check_sd_weight,
+    client_recovery,
+)
 from crossfed.server.state.base import StateStore
 from crossfed.server.state.records import (
     CLIENT_REGISTERED,
@@ -75,7 +82,12 @@ from crossfed.server.state.records import (
     RunRecord,
     UploadRecord,
 )
-from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
+from crossfed.server.update_validation import (
+    TensorSlot,
+    required_keys,
+    spec_of_state,
+    validate_update,
+)
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
@@ -137,6 +149,7 @@ class UploadTicket:
     weights: dict[str, float]
     spec: Mapping[str, TensorSlot]
     calibration: bool = False  # statistics for the calibration round, not weights
+    required: frozenset[str] | None = None  # keys it must carry (None: all of spec)
 
 
 @dataclass(frozen=True)
@@ -191,11 +204,15 @@ class RoundEngine:
         calibration: CalibrationStep | None = None,
         contract: FederationContract | None = None,
         bundles: BundleStore | None = None,
+        sd_requirement: SDRequirement | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
         self.contract = contract
         self.bundles = bundles
+        self.sd_requirement = sd_requirement
+        # recovery each client registered with in this process ("feature": no SD uploads)
+        self._recovery_of: dict[str, str] = {}
         self.calibration = calibration
         self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
@@ -390,6 +407,7 @@ class RoundEngine:
         model_config_digest: str = "",
         daemon_version: str = "",
         facts: ClientFacts | None = None,
+        sd_checkpoint_digest: str = "",
     ) -> Registration:
         """Register (or re-register after a reconnect) a client; idempotent. With a federation
         contract, ``facts`` (classes, labels, encoders) must fit it first."""
@@ -416,9 +434,15 @@ class RoundEngine:
                 f"client model config digest {model_config_digest[:16]}... does not match the "
                 f"server's {self.model_config_digest[:16]}...; use the server's ModelConfig"
             )
-        if self.contract is not None:
-            self.contract.admit(client_id, facts or ClientFacts())
+        try:
+            recovery = client_recovery(self.sd_requirement, sd_checkpoint_digest)
+            if self.contract is not None:
+                self.contract.admit(client_id, facts or ClientFacts())
+        except (ModelMismatchError, FederationMismatchError) as exc:
+            self._event("client_refused", client_id=client_id, message=str(exc))
+            raise
         with self._lock:
+            self._recovery_of[client_id] = recovery
             now = self.clock()
             existing = self._clients.get(client_id)
             state = CLIENT_REGISTERED
@@ -444,7 +468,11 @@ class RoundEngine:
                 self._event(
                     "client_registered",
                     client_id=client_id,
-                    values={"num_samples": float(num_samples), "modality": float(modality)},
+                    values={
+                        "num_samples": float(num_samples),
+                        "modality": float(modality),
+                        "stable_diffusion": float(recovery != RECOVERY_FEATURE),
+                    },
                 )
             current = self._open.record.round if self._open else self._next_round()
             return Registration(
@@ -1053,6 +1081,7 @@ class RoundEngine:
                 if calibration
                 else module_weights_of(num_samples, module_samples, opened.fedavg.modules)
             )
+            check_sd_weight(client_id, self._recovery_of.get(client_id), weights)
             return UploadTicket(
                 client_id=client_id,
                 upload_id=upload_id,
@@ -1063,6 +1092,9 @@ class RoundEngine:
                 weights=weights,
                 spec=self.calibration.spec if calibration and self.calibration else self._spec,
                 calibration=calibration,
+                required=None
+                if calibration
+                else required_keys(self._spec, weights, self.module_of),
             )
 
     def _require_open(self, round_no: int) -> _OpenRound:
@@ -1091,7 +1123,7 @@ class RoundEngine:
     ) -> UploadOutcome:
         """Validate the decoded update fully, then (and only then) fold it into the sum."""
         try:
-            validate_update(tensors, ticket.spec)
+            validate_update(tensors, ticket.spec, required=ticket.required)
             if ticket.calibration:
                 assert self.calibration is not None
                 self.calibration.check(tensors, ticket.num_samples)

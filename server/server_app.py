@@ -30,6 +30,7 @@ from crossfed.server.model_bundles import BundleStore
 from crossfed.server.projection_exchange import ProjectionSpec
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.sd_admission import SDRequirement
 from crossfed.server.state.base import StateStore
 from crossfed.server.state.factory import open_state_store
 from crossfed.server.state.records import TERMINAL_RUN_STATES, RunRecord
@@ -196,6 +197,7 @@ class CoordinatorServer:
             calibration=calibration_step_from_config(config, model.source),
             contract=contract,
             bundles=bundles,
+            sd_requirement=SDRequirement.of(config.model),
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)

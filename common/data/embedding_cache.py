@@ -20,7 +20,6 @@ import torch
 from crossfed.common import atomic_files
 from crossfed.common.data.data_errors import EmbeddingCacheError
 from crossfed.common.data.embeddings import EmbeddingSet
-from crossfed.common.data.progress_display import make_progress
 from crossfed.common.data.raw_dataset import RawDataset
 from crossfed.common.model.encoders import ImageEncoder, TextEncoder
 from safetensors import SafetensorError
@@ -75,20 +74,29 @@ class EmbeddingCache:
     def path_for(self, identity: str, content: str) -> Path:
         return self.root / _sha256(identity.encode())[:24] / f"{content[:40]}.safetensors"
 
+    def get(self, identity: str, content: str) -> torch.Tensor | None:
+        """Cached tensor for the key (counted as a hit), or None (a corrupt file counts as
+        rebuilt_corrupt; the caller computes and `put`s)."""
+        path = self.path_for(identity, content)
+        if not path.is_file():
+            return None
+        cached = self._read(path, identity, content)
+        if cached is None:
+            self.stats.rebuilt_corrupt += 1
+            return None
+        self.stats.hits += 1
+        return cached
+
     def get_or_compute(
         self, identity: str, content: str, compute: Callable[[], torch.Tensor]
     ) -> torch.Tensor:
         """Cached tensor for the key, or compute(), store and return it."""
-        path = self.path_for(identity, content)
-        if path.is_file():
-            cached = self._read(path, identity, content)
-            if cached is not None:
-                self.stats.hits += 1
-                return cached
-            self.stats.rebuilt_corrupt += 1
+        cached = self.get(identity, content)
+        if cached is not None:
+            return cached
         self.stats.misses += 1
         value = compute().float().contiguous()
-        self._write(path, identity, content, value)
+        self._write(self.path_for(identity, content), identity, content, value)
         return value
 
     def _read(self, path: Path, identity: str, content: str) -> torch.Tensor | None:
@@ -133,6 +141,8 @@ class EmbeddingCache:
 def _encode_chunked(
     encode: Callable[[Any], torch.Tensor], items: Any, dim: int, label: str, progress: bool
 ) -> torch.Tensor:
+    from crossfed.common.data.progress_display import make_progress  # rich: not on GPU boxes
+
     out = torch.zeros(len(items), dim)
     with make_progress(progress) as bar:
         task = bar.add_task(label, total=len(items))

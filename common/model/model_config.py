@@ -3,9 +3,14 @@ server (which builds the initial global model) and clients (which train it)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from crossfed.common.model.model_errors import StableDiffusionSetupError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:  # torch-backed; imported lazily so loading a config stays light
+    from crossfed.common.model.sd_recovery import SDRecoverySettings
+    from crossfed.common.model.sd_trainable import TrainableSpec
 
 
 class LossWeights(BaseModel):
@@ -19,6 +24,84 @@ class LossWeights(BaseModel):
     mem: float = Field(0.1, ge=0, description="lambda_4, L_mem (eq. 11)")
 
 
+class StableDiffusionConfig(BaseModel):
+    """`recovery: stable-diffusion` (eq. 6-7): the base checkpoint every SD client holds, the
+    tensors the federation fine-tunes, how images are sampled and how a round fine-tunes.
+    `crossfed sd-spec CHECKPOINT_DIR` prints checkpoint_digest and trainable for a checkpoint;
+    the server never loads the checkpoint (common/model/sd_trainable.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint_digest: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="content digest of the base diffusers checkpoint; a client registering "
+        "with another one is refused",
+    )
+    trainable: dict[str, list[int]] = Field(
+        min_length=1,
+        description="name -> shape of every fine-tuned UNet tensor (attn2 + text projection); "
+        "the global model carries their deltas from the base, float32",
+    )
+    clients_without_checkpoint: Literal["refuse", "feature"] = Field(
+        "refuse",
+        description="a client without the checkpoint (or without a GPU, device auto): refused "
+        "at registration, or admitted with feature-space recovery (a mixed federation; "
+        "FedAvg averages the SD deltas over the clients that fine-tuned them)",
+    )
+    num_inference_steps: int = Field(25, gt=0, le=1000, description="sampler steps per image")
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="classifier-free guidance")
+    image_size: int | None = Field(
+        None, gt=0, le=4096, description="generated image side in pixels (None: native)"
+    )
+    sample_seed: int = Field(0, ge=0, description="initial noise of every generated image")
+    generation_batch_size: int = Field(8, gt=0, le=1024)
+    finetune_steps: int = Field(
+        10, ge=0, le=100_000, description="fine-tuning steps per round on a client's pairs"
+    )
+    finetune_batch_size: int = Field(8, gt=0, le=1024)
+    finetune_lr: float = Field(1e-5, gt=0, le=1.0)
+    regenerate_every: int = Field(
+        1,
+        gt=0,
+        le=10_000,
+        description="rounds between regenerations of a client's recovered features; between "
+        "them the cached features of the last generation are reused (generation is the "
+        "dominant cost, see README)",
+    )
+
+    @field_validator("trainable")
+    @classmethod
+    def _valid_spec(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+        from crossfed.common.model.sd_trainable import check_trainable_spec
+
+        try:
+            check_trainable_spec(value)
+        except StableDiffusionSetupError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def trainable_spec(self) -> TrainableSpec:
+        from crossfed.common.model.sd_trainable import check_trainable_spec
+
+        return check_trainable_spec(self.trainable)
+
+    def settings(self) -> SDRecoverySettings:
+        """The sampler and fine-tuning settings as the recovery code takes them."""
+        from crossfed.common.model.sd_recovery import SDRecoverySettings
+
+        return SDRecoverySettings(
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            image_size=self.image_size,
+            sample_seed=self.sample_seed,
+            generation_batch_size=self.generation_batch_size,
+            finetune_steps=self.finetune_steps,
+            finetune_batch_size=self.finetune_batch_size,
+            finetune_lr=self.finetune_lr,
+            regenerate_every=self.regenerate_every,
+        )
+
+
 class ModelConfig(BaseModel):
     """Shape and behaviour of the client network; every client and the server must agree."""
 
@@ -29,7 +112,13 @@ class ModelConfig(BaseModel):
     hidden_dim: int = Field(256, gt=0, description="width of disentangler/mapper/fusion MLPs")
     num_classes: int = Field(12, ge=2)
     recovery: Literal["feature", "stable-diffusion"] = Field(
-        "feature", description="text->image recovery (eq. 6-7): feature-space diffusion or SD"
+        "feature",
+        description="text->image recovery (eq. 6-7): feature-space diffusion, or Stable "
+        "Diffusion on the clients that hold `stable_diffusion`'s checkpoint (the feature "
+        "denoiser is kept as every client's fallback and for the others)",
+    )
+    stable_diffusion: StableDiffusionConfig | None = Field(
+        None, description="required with recovery: stable-diffusion, absent otherwise"
     )
     missing_fill: Literal["recover", "zero"] = Field(
         "recover", description="'zero' is the zero-fill baseline, never the default"
@@ -88,3 +177,14 @@ class ModelConfig(BaseModel):
     memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")
     memory_top_k: int = Field(8, gt=0, description="K of eq. 10")
     loss_weights: LossWeights = Field(default_factory=lambda: LossWeights.model_validate({}))
+
+    @model_validator(mode="after")
+    def _sd_block_matches_recovery(self) -> ModelConfig:
+        if self.recovery == "stable-diffusion" and self.stable_diffusion is None:
+            raise ValueError(
+                "recovery stable-diffusion needs model.stable_diffusion (checkpoint_digest and "
+                "trainable: run `crossfed sd-spec CHECKPOINT_DIR`)"
+            )
+        if self.recovery != "stable-diffusion" and self.stable_diffusion is not None:
+            raise ValueError("model.stable_diffusion is set but recovery is not stable-diffusion")
+        return self

@@ -1,7 +1,9 @@
 """CrossModalNet: the client network of eq. 2-14 on top of frozen embeddings (eq. 1).
 
 Modules (names are what `module_of` returns, and what module-aware FedAvg averages over):
-disentangler (D_i, eq. 2-3), mapper (M_it, eq. 4-5), diffusion (eq. 6-7, `feature` mode),
+disentangler (D_i, eq. 2-3), mapper (M_it, eq. 4-5), diffusion (eq. 6-7 in feature space;
+the fallback in `stable-diffusion` mode), sd_recovery (`stable-diffusion` mode only: deltas of
+the fine-tuned attn2 / text-projection tensors of Stable Diffusion, eq. 6-7),
 text_classifier (Classifier(f_t) of eq. 9, picks the VLMR class), image_classifier (its
 image-side twin, not in the paper), fusion (eq. 12), head (eq. 13) and memory (VLMR, eq. 8-11:
 buffers only, never shared).
@@ -41,6 +43,7 @@ from crossfed.common.model.mapper import CrossModalMapper
 from crossfed.common.model.memory import VisualLinguisticMemory
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelInputError, StateDictError
+from crossfed.common.model.sd_trainable import TrainableDeltas
 from torch import nn
 
 PRIVATE_MODULES = frozenset({"memory"})
@@ -103,10 +106,10 @@ class CrossModalNet(nn.Module):
         d_t, d_i, h = cfg.text_dim, cfg.image_dim, cfg.hidden_dim
         self.disentangler = Disentangler(d_i, h)
         self.mapper = CrossModalMapper(d_i, d_t, h)
-        self.diffusion: FeatureDiffusion | None = (
-            FeatureDiffusion(d_i, d_t, h, cfg.diffusion_train_steps, cfg.diffusion_sample_steps)
-            if cfg.recovery == "feature"
-            else None
+        # Built in both recovery modes: with stable-diffusion it is the fallback of every
+        # client that runs without the checkpoint (and of evaluation without generated images).
+        self.diffusion: FeatureDiffusion | None = FeatureDiffusion(
+            d_i, d_t, h, cfg.diffusion_train_steps, cfg.diffusion_sample_steps
         )
         self.text_classifier = unimodal_classifier(d_t, h, cfg.num_classes)
         self.image_classifier = unimodal_classifier(d_i, h, cfg.num_classes)
@@ -121,6 +124,11 @@ class CrossModalNet(nn.Module):
         calibrate = cfg.calibrate_image_classifier
         self.image_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate else None
         self.head_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate else None
+        # stable-diffusion mode: the fine-tuned SD tensors' deltas from the base checkpoint
+        # (zeros, no random numbers; common/model/sd_trainable.py). Buffers: only the SD
+        # fine-tuning of a client holding the checkpoint writes them.
+        sd = cfg.stable_diffusion
+        self.sd_recovery = TrainableDeltas(sd.trainable_spec()) if sd is not None else None
 
     # -- federation interface -------------------------------------------------------------
     @staticmethod

@@ -68,3 +68,22 @@ def test_manifest_clients_are_told_where_modality_comes_from(tmp_path: Path) -> 
     assert len(out.stderr.strip().splitlines()) == 1
     out = _run("start", "--data", "builtin", "--skip-bad-rows", "--insecure")
     assert out.returncode == 2 and "applies to a manifest" in out.stderr
+
+
+def test_bad_sd_checkpoint_is_one_line_exit_2_before_any_data(tmp_path: Path) -> None:
+    out = _run(
+        "start",
+        "--insecure",
+        "--server",
+        "127.0.0.1:1",
+        "--sd-checkpoint",
+        str(tmp_path / "no-sd"),
+        "--sd-device",
+        "cpu",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert "no model_index.json" in lines[-1] and "Traceback" not in out.stderr
+    assert "local data" not in out.stdout  # refused before encoding anything

@@ -42,7 +42,7 @@ class EnrollResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., client_secret: _Optional[bytes] = ..., server_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("modality", "num_samples", "num_paired", "num_text_only", "num_image_only", "model_config_digest", "daemon_version", "class_names", "label_names", "text_encoder", "image_encoder")
+    __slots__ = ("modality", "num_samples", "num_paired", "num_text_only", "num_image_only", "model_config_digest", "daemon_version", "class_names", "label_names", "text_encoder", "image_encoder", "sd_checkpoint_digest")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_PAIRED_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class RegisterRequest(_message.Message):
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODER_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    SD_CHECKPOINT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     modality: _common_pb2.ModalityConfig
     num_samples: int
     num_paired: int
@@ -65,7 +66,8 @@ class RegisterRequest(_message.Message):
     label_names: _containers.RepeatedScalarFieldContainer[str]
     text_encoder: _common_pb2.EncoderInfo
     image_encoder: _common_pb2.EncoderInfo
-    def __init__(self, modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., num_paired: _Optional[int] = ..., num_text_only: _Optional[int] = ..., num_image_only: _Optional[int] = ..., model_config_digest: _Optional[str] = ..., daemon_version: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., label_names: _Optional[_Iterable[str]] = ..., text_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ..., image_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ...) -> None: ...
+    sd_checkpoint_digest: str
+    def __init__(self, modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., num_paired: _Optional[int] = ..., num_text_only: _Optional[int] = ..., num_image_only: _Optional[int] = ..., model_config_digest: _Optional[str] = ..., daemon_version: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., label_names: _Optional[_Iterable[str]] = ..., text_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ..., image_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ..., sd_checkpoint_digest: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("client_id", "run_id", "current_round", "model_config_json", "heartbeat_interval_ms", "chunk_size", "class_names")

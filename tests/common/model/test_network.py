@@ -61,12 +61,6 @@ def test_shareable_state_excludes_memory_and_round_trips() -> None:
         b.load_shareable_state_dict(bad)
 
 
-def test_sd_mode_has_no_feature_diffusion() -> None:
-    m = net(recovery="stable-diffusion")
-    assert m.diffusion is None
-    assert all(m.module_of(k) != "diffusion" for k in m.shareable_state_dict())
-
-
 def test_trainable_layers_are_opacus_supported() -> None:
     allowed = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
     for module in net().modules():
