@@ -34,6 +34,7 @@ _NAMESPACE = (
     ("crossfed", "crossfed"),
     ("crossfed.common", "common"),
     ("crossfed.client", "client"),
+    ("crossfed.v1", "protos/crossfed/v1"),
 )
 
 
