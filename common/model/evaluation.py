@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 from crossfed.common.data.embeddings import EmbeddingSet
-from crossfed.common.model.model_errors import ModelInputError
 from crossfed.common.model.network import CrossModalNet
 
 CONFIGURATIONS = ("both", "text_only", "image_only")
@@ -14,17 +13,7 @@ CONFIGURATIONS = ("both", "text_only", "image_only")
 
 def check_data_fits(model: CrossModalNet, data: EmbeddingSet) -> None:
     """Raise ModelInputError unless the set's feature sizes and labels fit the model."""
-    cfg = model.config
-    if data.text_dim != cfg.text_dim or data.image_dim != cfg.image_dim:
-        raise ModelInputError(
-            f"data dims (text {data.text_dim}, image {data.image_dim}) do not "
-            f"match the model (text {cfg.text_dim}, image {cfg.image_dim})"
-        )
-    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= cfg.num_classes):
-        raise ModelInputError(
-            f"labels must be in [0, {cfg.num_classes}), got "
-            f"[{int(data.labels.min())}, {int(data.labels.max())}]"
-        )
+    model.check_fits(data.text_dim, data.image_dim, data.labels)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -163,6 +163,20 @@ class CrossModalNet(nn.Module):
             )
         self.load_state_dict(dict(state), strict=False)
 
+    def check_fits(self, text_dim: int, image_dim: int, labels: torch.Tensor) -> None:
+        """Raise ModelInputError unless features of these sizes and these labels fit."""
+        cfg = self.config
+        if text_dim != cfg.text_dim or image_dim != cfg.image_dim:
+            raise ModelInputError(
+                f"data dims (text {text_dim}, image {image_dim}) do not "
+                f"match the model (text {cfg.text_dim}, image {cfg.image_dim})"
+            )
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+            raise ModelInputError(
+                f"labels must be in [0, {cfg.num_classes}), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+
     # -- recovery -------------------------------------------------------------------------
     def recover_image(
         self,

@@ -80,14 +80,8 @@ class ClassPrototypes:
 
 def compute_class_projections(model: CrossModalNet, data: EmbeddingSet) -> ClassPrototypes:
     """What a client uploads (eq. 16): per-class sums and counts of its present f_t and f_i."""
+    model.check_fits(data.text_dim, data.image_dim, data.labels)
     cfg = model.config
-    if data.text_dim != cfg.text_dim or data.image_dim != cfg.image_dim:
-        raise ModelInputError(
-            f"data dims ({data.text_dim}, {data.image_dim}) do not match the "
-            f"model ({cfg.text_dim}, {cfg.image_dim})"
-        )
-    if len(data) and int(data.labels.max()) >= cfg.num_classes:
-        raise ModelInputError(f"label {int(data.labels.max())} >= num_classes {cfg.num_classes}")
     c = cfg.num_classes
     ht, hi = data.has_text.float(), data.has_image.float()
     text_sum = torch.zeros(c, cfg.text_dim).index_add_(0, data.labels, data.text * ht[:, None])
