@@ -41,18 +41,21 @@ fail() {
 }
 
 # step NAME CMD...: run CMD with its output in the log; on failure end with one line naming NAME.
+# CMD runs as a background job: inside `CMD || fail` bash would ignore `set -e` in CMD's body.
 step() {
     local name="$1"
     shift
     say "$name"
     printf '\n### %s: %s\n' "$(date -u +%FT%TZ)" "$name" >>"$LOG"
-    "$@" >>"$LOG" 2>&1 || fail "$name"
+    "$@" >>"$LOG" 2>&1 </dev/null &
+    wait "$!" || fail "$name"
 }
 
 need_root() {
     [ "$(id -u)" = 0 ] || fail "check: must run as root (installs packages, starts dockerd)"
-    command -v apt-get >/dev/null && command -v dpkg >/dev/null \
-        || fail "check: needs a Debian machine (apt-get, dpkg)"
+    if ! command -v apt-get >/dev/null || ! command -v dpkg >/dev/null; then
+        fail "check: needs a Debian machine (apt-get, dpkg)"
+    fi
     mkdir -p "$RUN_DIR" "$CACHE"
     touch "$LOG"
 }
@@ -103,7 +106,8 @@ fetch_trixie_debs() {
     local apt_opts=(
         -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
         -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir"
-        -o "Dir::Cache::archives=$apt_dir/archives" -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
+        -o "Dir::Cache::archives=$apt_dir/archives"
+        -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
     )
     apt-get -q "${apt_opts[@]}" update
     (cd "$CACHE/debs" && rm -f docker-compose_*.deb docker-buildx_*.deb \
@@ -112,7 +116,8 @@ fetch_trixie_debs() {
 
 ensure_compose_buildx() {
     if docker compose version >/dev/null 2>&1 && docker buildx version >/dev/null 2>&1; then
-        say "compose + buildx: ok ($(docker compose version --short), buildx $(docker buildx version | awk '{print $2}'))"
+        say "compose + buildx: ok (compose $(docker compose version --short)," \
+            "buildx $(docker buildx version | awk '{print $2}'))"
         return
     fi
     if ! ls "$CACHE"/debs/docker-compose_*.deb "$CACHE"/debs/docker-buildx_*.deb >/dev/null 2>&1; then
@@ -147,10 +152,13 @@ save_network_settings() {
 }
 
 wait_for_engine() {
-    local i
-    for i in $(seq 1 120); do
+    for _ in $(seq 1 120); do
         engine_answers && return 0
-        our_dockerd_pid >/dev/null || { echo "dockerd exited; see $RUN_DIR/dockerd.log"; tail -n 20 "$RUN_DIR/dockerd.log"; return 1; }
+        if ! our_dockerd_pid >/dev/null; then
+            echo "dockerd exited:"
+            tail -n 20 "$RUN_DIR/dockerd.log"
+            return 1
+        fi
         sleep 0.5
     done
     echo "dockerd did not answer within 60 s"
@@ -164,7 +172,8 @@ start_engine() {
         return
     fi
     if engine_answers; then
-        say "dockerd: a Docker engine not started by this script answers on $DOCKER_SOCK; using it (down leaves it alone)"
+        say "dockerd: an engine not started by this script answers on $DOCKER_SOCK;" \
+            "using it (down leaves it alone)"
         return
     fi
     command -v iptables >/dev/null || fail "start dockerd: iptables is missing"
@@ -231,11 +240,12 @@ ensure_base_image() {
 # The machine's torch wheel folder: pip's find-links (env or `pip config`), else /opt/wheels.
 torch_wheel() {
     local dirs dir wheel
-    dirs="${CROSSFED_TORCH_WHEELS:-${PIP_FIND_LINKS:-$(pip config get global.find-links 2>/dev/null || true)}}"
+    dirs="${CROSSFED_TORCH_WHEELS:-${PIP_FIND_LINKS:-}}"
+    [ -n "$dirs" ] || dirs="$(pip config get global.find-links 2>/dev/null || true)"
     for dir in $dirs /opt/wheels; do
-        dir="${dir#file://}"
-        wheel="$(ls "$dir"/torch-"${TORCH_SPEC#torch==}"+cpu-*.whl 2>/dev/null | head -n 1 || true)"
-        if [ -n "$wheel" ]; then echo "$wheel"; return 0; fi
+        for wheel in "${dir#file://}"/torch-"${TORCH_SPEC#torch==}"+cpu-*.whl; do
+            if [ -f "$wheel" ]; then echo "$wheel"; return 0; fi
+        done
     done
     return 1
 }
@@ -249,12 +259,18 @@ ensure_wheels_image() {
     fi
     local label
     label="$(basename "$wheel")"
-    if [ "$(docker image inspect -f '{{index .Config.Labels "wheel"}}' "$WHEELS_IMAGE" 2>/dev/null)" = "$label" ]; then
+    if [ "$(docker image inspect -f '{{index .Config.Labels "wheel"}}' "$WHEELS_IMAGE" 2>/dev/null)" \
+        = "$label" ]; then
         say "torch wheel image $WHEELS_IMAGE: ok ($label)"
         return
     fi
-    step "import $label into $WHEELS_IMAGE" \
-        sh -c "tar -C '$(dirname "$wheel")' -c '$label' | docker import -c 'LABEL wheel=$label' - '$WHEELS_IMAGE'"
+    step "import $label into $WHEELS_IMAGE" import_wheel "$wheel"
+}
+
+import_wheel() {
+    local name
+    name="$(basename "$1")"
+    tar -C "$(dirname "$1")" -c "$name" | docker import -c "LABEL wheel=$name" - "$WHEELS_IMAGE"
 }
 
 cmd_up() {
@@ -263,7 +279,8 @@ cmd_up() {
     ensure_compose_buildx
     start_engine
     ensure_base_image
-    say "up: docker $(docker version -f '{{.Client.Version}}') / engine $(docker version -f '{{.Server.Version}}'), compose $(docker compose version --short)"
+    say "up: docker $(docker version -f '{{.Client.Version}}')," \
+        "engine $(docker version -f '{{.Server.Version}}'), compose $(docker compose version --short)"
 }
 
 cmd_build() {
@@ -286,7 +303,8 @@ cmd_build() {
             "$REPO"
     local bytes
     bytes="$(docker image inspect -f '{{.Size}}' "$tag")"
-    say "built $tag in $((SECONDS - started)) s: $(awk -v b="$bytes" 'BEGIN {printf "%.2f GB (%d bytes)", b / 1e9, b}')"
+    say "built $tag in $((SECONDS - started)) s:" \
+        "$(awk -v b="$bytes" 'BEGIN {printf "%.2f GB (%d bytes)", b / 1e9, b}')"
 }
 
 # Docker's iptables rules (jumps to DOCKER* chains, rules on docker0 / br-<id>), then its chains.
@@ -312,34 +330,41 @@ restore_network() {
         # shellcheck disable=SC1091
         . "$RUN_DIR/network.saved"
     fi
-    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E '^(docker0|br-[0-9a-f]{12}|veth)' || true); do
+    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
+        | grep -E '^(docker0|br-[0-9a-f]{12}|veth)' || true); do
         ip link delete "$link" 2>/dev/null || true
     done
     remove_docker_iptables
     if command -v iptables >/dev/null; then iptables -P FORWARD "${forward_policy:-ACCEPT}"; fi
     echo "${ip_forward:-0}" >/proc/sys/net/ipv4/ip_forward
     rm -f "$RUN_DIR/network.saved"
-    say "network restored: no docker0/br-* links, no DOCKER* iptables chains, FORWARD policy ${forward_policy:-ACCEPT}, ip_forward ${ip_forward:-0}"
+    say "network restored: no docker0/br-* links, no DOCKER* iptables chains," \
+        "FORWARD policy ${forward_policy:-ACCEPT}, ip_forward ${ip_forward:-0}"
 }
 
+# Exit 0: dockerd stopped on SIGTERM; 3: it had to be SIGKILLed after 120 s.
 stop_dockerd() {
-    local pid="$1" i
+    local pid="$1"
     kill -TERM "$pid"
     # dockerd stops its containers (each gets its stop timeout, 10-30 s) before it exits.
-    for i in $(seq 1 240); do
+    for _ in $(seq 1 240); do
         [ -d "/proc/$pid" ] || return 0
         sleep 0.5
     done
     echo "dockerd (pid $pid) still running after 120 s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
     sleep 1
+    return 3
 }
 
-# Shims and mounts a killed dockerd may leave: only Docker's own (the moby namespace, its data root).
+# What a dockerd that had to be SIGKILLed leaves: the containerd it started (its own socket
+# under /var/run/docker), that containerd's shims, and mounts under Docker's directories.
 remove_leftovers() {
-    local pid mnt
-    for pid in $(pgrep -f 'containerd-shim.*-namespace moby' || true); do kill -KILL "$pid" 2>/dev/null || true; done
-    for pid in $(pgrep -f 'containerd --config /var/run/docker/containerd/containerd.toml' || true); do
+    local pid mnt sock=/var/run/docker/containerd/containerd
+    for pid in $(pgrep -f "containerd-shim.* -address $sock.sock" || true); do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    for pid in $(pgrep -f "containerd --config $sock.toml" || true); do
         kill -TERM "$pid" 2>/dev/null || true
     done
     awk '$2 ~ "^/(var/lib|run)/docker/" {print $2}' /proc/mounts | sort -r | while read -r mnt; do
@@ -351,8 +376,11 @@ cmd_down() {
     need_root
     local pid
     if pid="$(our_dockerd_pid)"; then
-        step "stop dockerd (pid $pid; its containers stop with it)" stop_dockerd "$pid"
-        remove_leftovers
+        say "stop dockerd (pid $pid; its containers stop with it)"
+        if ! stop_dockerd "$pid" >>"$LOG" 2>&1; then
+            say "dockerd did not stop on SIGTERM within 120 s: killed; removing its leftovers"
+            remove_leftovers
+        fi
     elif engine_answers; then
         say "dockerd: the running engine was not started by this script; leaving it alone"
         return
@@ -366,7 +394,11 @@ cmd_down() {
 cmd_status() {
     local pid
     for pkg in docker.io iptables debootstrap docker-compose docker-buildx; do
-        if installed "$pkg"; then say "package $pkg: $(dpkg-query -W -f='${Version}' "$pkg")"; else say "package $pkg: not installed"; fi
+        if installed "$pkg"; then
+            say "package $pkg: $(dpkg-query -W -f='${Version}' "$pkg")"
+        else
+            say "package $pkg: not installed"
+        fi
     done
     if pid="$(our_dockerd_pid)"; then
         say "dockerd: running (pid $pid)"

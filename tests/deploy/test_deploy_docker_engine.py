@@ -10,7 +10,9 @@ skips, when Docker cannot be set up, and stops the engine again if it started it
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ IMAGE = "crossfed:docker-test"
 IMAGE_SIZE_TARGET_BYTES = 1_500_000_000  # with CPU torch (issue 15)
 EDGE_MEMORY_LIMIT = 1 << 30
 MiB = 1 << 20
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ def docker_engine() -> Iterator[None]:
         started_here = False
     except DockerSetupError:
         started_here = True
+    ip_forward = IP_FORWARD.read_text().strip()
     started = time.monotonic()
     try:
         local_docker("up")
@@ -55,6 +59,21 @@ def docker_engine() -> Iterator[None]:
     yield
     if started_here:
         local_docker("down", timeout_s=300)
+        assert_host_network_restored(ip_forward)
+
+
+def assert_host_network_restored(ip_forward: str) -> None:
+    """After `local-docker.sh down`: no engine, no bridge, no Docker iptables rules, and
+    forwarding as it was before `up`."""
+    assert subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True)
+    assert not re.search(r"\b(docker0|br-[0-9a-f]{12})\b", links.stdout), links.stdout
+    for table in ("filter", "nat"):
+        rules = subprocess.run(
+            ["iptables", "-t", table, "-S"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "DOCKER" not in rules and "docker0" not in rules, rules
+    assert IP_FORWARD.read_text().strip() == ip_forward
 
 
 @pytest.fixture(scope="module")
