@@ -9,6 +9,7 @@ skips, when Docker cannot be set up, and stops the engine again if it started it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_paths import CLIENT_MODALITIES, COMPOSE, TINY_RUN_ENV
+from deploy_paths import CLIENT_MODALITIES, COMBINATIONS, COMPOSE, TINY_RUN_ENV
 from docker_compose_engine import (
     CgroupMemorySampler,
     ComposeProject,
@@ -54,6 +55,9 @@ def docker_engine() -> Iterator[None]:
     try:
         local_docker("up")
     except DockerSetupError as exc:
+        if started_here:  # a half-done `up` may have started dockerd
+            with contextlib.suppress(DockerSetupError):
+                local_docker("down", timeout_s=300)
         pytest.fail(f"Docker could not be set up: {exc}", pytrace=False)
     print(f"\n[docker] engine up in {time.monotonic() - started:.0f} s")
     yield
@@ -87,6 +91,22 @@ def crossfed_image(docker_engine: None) -> str:
     print(f"\n[docker] {IMAGE} built in {time.monotonic() - started:.0f} s, {size / 1e9:.2f} GB")
     assert size <= IMAGE_SIZE_TARGET_BYTES, f"image is {size / 1e9:.2f} GB (target 1.5 GB)"
     return IMAGE
+
+
+@pytest.mark.parametrize("combination", sorted(COMBINATIONS))
+def test_real_compose_accepts_every_documented_combination(
+    docker_engine: None, combination: str, tmp_path: Path
+) -> None:
+    """`docker compose config` of the engine's own Compose v2 (not our merge model) takes
+    every file combination the READMEs name."""
+    project = ComposeProject(
+        name="crossfed-config-check",
+        env={"CROSSFED_DATA_DIR": str(tmp_path / "data")},
+        files=COMBINATIONS[combination],
+    )
+    merged = project.compose("config", "--format", "json").stdout
+    services = json.loads(merged)["services"]
+    assert {"cert-init", "server", *CLIENT_MODALITIES} <= set(services)
 
 
 def free_port() -> int:
