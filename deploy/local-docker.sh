@@ -35,8 +35,7 @@ DOCKER_SOCK=/var/run/docker.sock
 say() { printf 'local-docker: %s\n' "$*"; }
 
 fail() {
-    if [ -s "$LOG" ]; then tail -n 12 "$LOG" | sed 's/^/  | /' >&2; fi
-    printf 'local-docker: FAILED: %s (log: %s)\n' "$1" "$LOG" >&2
+    printf 'local-docker: FAILED: %s\n' "$1" >&2
     exit 1
 }
 
@@ -48,7 +47,10 @@ step() {
     say "$name"
     printf '\n### %s: %s\n' "$(date -u +%FT%TZ)" "$name" >>"$LOG"
     "$@" >>"$LOG" 2>&1 </dev/null &
-    wait "$!" || fail "$name"
+    if ! wait "$!"; then
+        tail -n 12 "$LOG" | sed 's/^/  | /' >&2
+        fail "$name (log: $LOG)"
+    fi
 }
 
 need_root() {
