@@ -19,6 +19,7 @@ from compose_project import (
     healthcheck_argv,
     interpolate,
     load_project,
+    parse_duration_s,
     service_argv,
     volume_target,
 )
@@ -132,6 +133,15 @@ def test_server_is_persistent_and_probed(project: dict[str, Any]) -> None:
     assert server["restart"] == "unless-stopped"
     assert server["healthcheck"]["test"][:4] == ["CMD", "crossfed", "deploy", "health-probe"]
     assert any(str(p).endswith(":50051") for p in server["ports"])
+
+
+def test_health_check_runs_on_debian_12_docker_and_a_busy_host(project: dict[str, Any]) -> None:
+    """Compose refuses healthcheck.start_interval on engines before v25 (Debian 12's docker.io
+    is 20.10), and the probe, a Python process, took over 5 s with three clients training on 2
+    cores (found by the real-engine test, tests/deploy/test_deploy_docker_engine.py)."""
+    check = services(project)["server"]["healthcheck"]
+    assert "start_interval" not in check
+    assert parse_duration_s(check["timeout"]) >= 20
 
 
 def test_clients_are_edge_sized_isolated_and_match_their_kits(project: dict[str, Any]) -> None:

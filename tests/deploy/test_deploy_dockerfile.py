@@ -69,8 +69,31 @@ def test_torch_cpu_is_installed_before_the_package() -> None:
     runs = instructions("RUN")
     torch_run = next(i for i, r in enumerate(runs) if "${TORCH_SPEC}" in r)
     assert "--index-url" in runs[torch_run] and "${TORCH_INDEX_URL}" in runs[torch_run]
-    package_run = next(i for i, r in enumerate(runs) if "pip install ." in r)
+    package_run = next(i for i, r in enumerate(runs) if re.search(r"pip install (--\S+ )*\.\s", r))
     assert torch_run < package_run
+
+
+def test_a_registry_less_builder_can_build_it() -> None:
+    """No `# syntax=` directive (the builder would fetch that frontend image from a registry);
+    torch wheels can come from an image named by a build argument, by default empty (scratch),
+    mounted into the torch install as pip --find-links."""
+    assert not re.search(r"^#\s*syntax\s*=", TEXT, re.MULTILINE | re.IGNORECASE)
+    args = dict(a.split("=", 1) for a in instructions("ARG") if "=" in a)
+    assert args["TORCH_WHEELS_IMAGE"] == "scratch"
+    assert "${TORCH_WHEELS_IMAGE} AS torch-wheels" in instructions("FROM")
+    torch_run = next(r for r in instructions("RUN") if "${TORCH_SPEC}" in r)
+    mount = re.search(r"--mount=type=bind,from=torch-wheels,target=(\S+)", torch_run)
+    assert mount and f"--find-links {mount.group(1)}" in torch_run
+
+
+def test_packages_install_without_bytecode_or_cache() -> None:
+    """pip would compile ~370 MB of .pyc for modules nothing imports and keep a cache."""
+    assert "PIP_NO_CACHE_DIR=1" in TEXT
+    installs = [i for r in instructions("RUN") for i in re.findall(r"pip install ([^&]*)", r)]
+    assert len(installs) == 3  # pip itself, torch, the package
+    for install in installs:
+        if "--upgrade pip" not in install:
+            assert "--no-compile" in install, install
 
 
 def test_runtime_is_non_root_offline_and_downloads_nothing() -> None:
