@@ -144,22 +144,20 @@ def committed_rounds(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_exported_model(path: Path) -> None:
-    """The file `admin export-model` wrote: safetensors the codec loads, holding the model's
-    shareable tensors with the initial model's shapes, all finite."""
-    import torch
+    """The file `admin export-model` wrote: a model bundle that loads on the host with every
+    check `crossfed evaluate` makes, holding the model's shareable tensors with the initial
+    model's shapes, the built-in data's classes, its encoders and global prototypes."""
+    from crossfed.common.data.class_list import builtin_class_names
+    from crossfed.common.model.model_bundle import load_bundle
     from crossfed.common.model.model_config import ModelConfig
-    from crossfed.common.wire.tensor_codec import decode_tensors
     from crossfed.server.model_bootstrap import build_initial_model
 
-    assert path.stat().st_size > 0, "exported model file is empty"
-    tensors = decode_tensors(path.read_bytes())
+    bundle = load_bundle(path)  # keys, shapes, finite values, class count, metadata
     expected = build_initial_model(ModelConfig()).state
-    missing = sorted(set(expected) - set(tensors))
-    assert not missing, f"exported model lacks {missing[:10]}"
-    for key, tensor in expected.items():
-        assert tensors[key].shape == tensor.shape, f"{key}: {tensors[key].shape} != {tensor.shape}"
-        if tensors[key].is_floating_point():
-            assert bool(torch.isfinite(tensors[key]).all()), f"{key} is not finite"
+    assert bundle.state.keys() == expected.keys(), sorted(set(expected) ^ set(bundle.state))[:10]
+    assert bundle.class_names == tuple(builtin_class_names())
+    assert bundle.text_encoder is not None and bundle.image_encoder is not None
+    assert bundle.prototypes is not None and bundle.epsilon > 0  # DP-noised projections
 
 
 def export_model(project: ComposeProject, dest: Path) -> Path:
