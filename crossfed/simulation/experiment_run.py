@@ -163,10 +163,11 @@ def run_experiment(
     executor: ClientExecutor | None = None,
     data: LoadedData | None = None,
     progress: bool = True,
-    on_run: Callable[[RunRecord], None] | None = None,
+    on_run: Callable[[RunRecord, SeedFederation], None] | None = None,
 ) -> ExperimentResult:
     """Run every (method, seed) of ``cfg``; ``executor`` and ``data`` may be shared between
-    experiments (the quality benchmark's grid), otherwise they are opened here."""
+    experiments (the quality benchmark's grid), otherwise they are opened here. ``on_run``
+    sees each finished run with its seed's federation, as soon as it finishes."""
     started = time.perf_counter()
     loaded = data if data is not None else load_data(cfg.data, progress)
     data_seconds = time.perf_counter() - started
@@ -193,7 +194,7 @@ def _run_all(
     executor: ClientExecutor,
     loaded: LoadedData,
     progress: bool,
-    on_run: Callable[[RunRecord], None] | None,
+    on_run: Callable[[RunRecord, SeedFederation], None] | None,
 ) -> tuple[list[RunRecord], dict[int, SeedFederation]]:
     emb = loaded.embeddings
     num_classes = max(len(loaded.class_names), int(emb.labels.max()) + 1 if len(emb) else 2)
@@ -217,7 +218,7 @@ def _run_all(
         with lock:
             records.append(record)
             if on_run is not None:
-                on_run(record)
+                on_run(record, federations[record.seed])
 
     pending: list[tuple[str, int, Pending | None, float]] = []
     for seed, sd in seeds.items():
