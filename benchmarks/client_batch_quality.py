@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 [shard_arrays(s) for s in shards],
                 held_out.data,
                 make_strategy("fedavg", CrossModalNet.module_of),
-            ).scores
+            ).record.scores
             acc = {name: round(scores[name]["accuracy"], 4) for name in MODALITIES}
             row = {"batch": batch, "seed": seed, "accuracy": acc}
             row["seconds"] = round(time.perf_counter() - started, 1)

@@ -8,7 +8,7 @@ must not need Ray."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 #: A handle on data an executor holds (an object-store reference, or the arrays themselves).
 DataRef = Any
+#: What a client task runs: `train_client`'s signature.
+ClientFn = Callable[
+    [str, ClientTask, Arrays, Arrays, Arrays | None, Arrays | None], tuple[ClientUpdate, Arrays]
+]
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,9 @@ class InlineExecutor:
 
     slots = 1
 
-    def __init__(self, retries: int = 0) -> None:
+    def __init__(self, retries: int = 0, client_fn: ClientFn = train_client) -> None:
         self.retries = retries
+        self._client_fn = client_fn
 
     def put(self, arrays: Arrays) -> DataRef:
         return arrays
@@ -133,7 +138,7 @@ class InlineExecutor:
             error = ""
             for _attempt in range(self.retries + 1):
                 try:
-                    update, memory = train_client(
+                    update, memory = self._client_fn(
                         config_json,
                         task,
                         global_state,

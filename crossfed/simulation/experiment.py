@@ -9,6 +9,7 @@ class count come from the data, so `model` takes every other `ModelConfig` field
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -248,7 +249,12 @@ class ExperimentConfig(_Section):
         return ModelConfig.model_validate({**self.model, **dims})
 
 
-def load_experiment(path: Path, overrides: dict[str, object] | None = None) -> ExperimentConfig:
+def load_experiment(
+    path: Path,
+    overrides: dict[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ExperimentConfig:
     """Read an experiment file (YAML or TOML), then ``CROSSFED_SIM_*`` variables, then
-    ``overrides`` (dotted keys); raises `ConfigError` with one line naming the field."""
-    return load_config(ExperimentConfig, path, env_prefix=ENV_PREFIX, overrides=overrides)
+    ``overrides`` (dotted keys); ``env`` defaults to ``os.environ``. Raises `ConfigError`
+    with one line naming the field."""
+    return load_config(ExperimentConfig, path, env_prefix=ENV_PREFIX, env=env, overrides=overrides)

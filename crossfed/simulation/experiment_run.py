@@ -266,7 +266,7 @@ def _run_all(
                 finished(RunRecord(method, seed, [], nan_scores(), 0.0, None, ["no clients"]))
                 return
             plan = run_plan(cfg, method, seed, base, threads)
-            record = run_federation(
+            outcome = run_federation(
                 plan,
                 executor,
                 refs,
@@ -274,7 +274,7 @@ def _run_all(
                 make_strategy(cfg.strategy.name, CrossModalNet.module_of),
                 bars.track(f"{method} seed {seed}", cfg.rounds.rounds),
             )
-            finished(record)
+            finished(outcome.record)
 
         with ThreadPoolExecutor(concurrent, "crossfed-run") as pool:
             futures = [pool.submit(run_one, seed, m) for seed, m in jobs]

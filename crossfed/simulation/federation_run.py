@@ -89,6 +89,15 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class FederationOutcome:
+    """A run's record and the global model it ended with (weights and prototypes)."""
+
+    record: RunRecord
+    state: dict[str, torch.Tensor]
+    prototypes: ClassPrototypes | None
+
+
 def sample_clients(num_clients: int, fraction: float, seed: int, round_no: int) -> list[int]:
     """The clients of a round, in client order: all of them at fraction 1, else a seeded
     draw of round(fraction * N) (at least one) without replacement."""
@@ -141,7 +150,7 @@ def run_federation(
     test: EmbeddingSet,
     strategy: AggregationStrategy,
     on_round: Callable[[RoundRecord], None] | None = None,
-) -> RunRecord:
+) -> FederationOutcome:
     """Run ``plan.rounds.rounds`` rounds over ``shards``; ``test`` is the EmbeddingSet the
     global model is scored on (in this process)."""
     _check_plan(plan, len(shards))
@@ -237,7 +246,7 @@ def run_federation(
     final = records[-1].scores
     if calibration is not None or final is None:
         final = evaluate(global_model(cfg, state, prototypes), test)
-    return RunRecord(
+    run = RunRecord(
         method=plan.method,
         seed=plan.seed,
         rounds=records,
@@ -245,6 +254,7 @@ def run_federation(
         seconds=time.perf_counter() - started,
         calibration=calibration,
     )
+    return FederationOutcome(run, state, prototypes)
 
 
 def _calibrate(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from crossfed.client.local_trainer import TrainConfig
-from crossfed.simulation.client_executor import ClientOutcome, DataRef, Pending, one_line
+from crossfed.simulation.client_executor import ClientFn, ClientOutcome, DataRef, Pending, one_line
 from crossfed.simulation.experiment import ExecutionSection
 from crossfed.simulation.simulation_errors import RayMissingError, SimulationError
 from crossfed.simulation.virtual_client import (
@@ -68,12 +68,46 @@ class _RemoteScores:
 
 
 class RayExecutor:
-    """`ClientExecutor` over Ray tasks (see the module docstring)."""
+    """`ClientExecutor` over Ray tasks (see the module docstring). Joins the Ray instance this
+    process is already connected to, if any (and leaves it running on `close`); ``client_fn``
+    is what a client task runs (`train_client`; tests wrap it to inject faults)."""
 
-    def __init__(self, execution: ExecutionSection, retries: int) -> None:
+    def __init__(
+        self,
+        execution: ExecutionSection,
+        retries: int,
+        client_fn: ClientFn = train_client,
+    ) -> None:
         ray = import_ray()
         self._ray = ray
         self._owned_temp: Path | None = None
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            self._connect(execution)
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+        per_client = execution.cpus_per_client
+        if cpus < per_client:
+            self.close()
+            raise SimulationError(
+                f"the Ray cluster has {cpus:g} CPUs, fewer than execution.cpus_per_client "
+                f"({per_client:g}): no client could ever start"
+            )
+        self.slots = max(1, int(cpus // per_client))
+        self.max_in_flight = execution.max_in_flight or 2 * self.slots
+        self.cluster_cpus = cpus
+        self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
+        options = {
+            "num_cpus": per_client,
+            "max_retries": retries,
+            "retry_exceptions": retries > 0,
+        }
+        self._train = ray.remote(client_fn).options(num_returns=2, **options)
+        self._stats = ray.remote(client_calibration_stats).options(**options)
+        self._central = ray.remote(train_central).options(**options)
+
+    def _connect(self, execution: ExecutionSection) -> None:
+        """ray.init: join ``execution.address``, or start an embedded instance."""
+        ray = self._ray
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves this machine
         common: dict[str, Any] = {
             "namespace": "crossfed-simulate",
@@ -98,26 +132,6 @@ class RayExecutor:
             self._remove_temp()
             where = execution.address or "an embedded Ray instance"
             raise SimulationError(f"cannot start Ray ({where}): {one_line(exc)}") from exc
-        cpus = float(ray.cluster_resources().get("CPU", 0.0))
-        per_client = execution.cpus_per_client
-        if cpus < per_client:
-            self.close()
-            raise SimulationError(
-                f"the Ray cluster has {cpus:g} CPUs, fewer than execution.cpus_per_client "
-                f"({per_client:g}): no client could ever start"
-            )
-        self.slots = max(1, int(cpus // per_client))
-        self.max_in_flight = execution.max_in_flight or 2 * self.slots
-        self.cluster_cpus = cpus
-        self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
-        options = {
-            "num_cpus": per_client,
-            "max_retries": retries,
-            "retry_exceptions": retries > 0,
-        }
-        self._train = ray.remote(train_client).options(num_returns=2, **options)
-        self._stats = ray.remote(client_calibration_stats).options(**options)
-        self._central = ray.remote(train_central).options(**options)
 
     def put(self, arrays: Arrays) -> DataRef:
         return self._ray.put(arrays)
@@ -187,8 +201,9 @@ class RayExecutor:
         return _RemoteScores(self._ray, self._central.remote(config_json, train, test, cfg, seed))
 
     def close(self) -> None:
-        """Disconnect (an embedded instance stops with it) and remove the temp dir we made."""
-        if self._ray.is_initialized():
+        """Disconnect if this executor connected (an embedded instance stops with it) and
+        remove the temp dir it made."""
+        if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
         self._remove_temp()
 

@@ -11,36 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from crossfed.common.data.embeddings import EmbeddingSet
 from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import SECTION_END, SECTION_START, write_section
 from quality.run_quality import main
 from quality.sweep import SweepPlan, plan_jobs
+from support.simulation_data import clustered_embeddings
 
 from crossfed.simulation.experiment import load_experiment
 from crossfed.simulation.federation_data import FederationSetup
 from crossfed.simulation.gap_closure import MeanStd, gap_closure, seed_summary
-
-
-def clustered_embeddings(n: int, classes: int = 4, seed: int = 0) -> EmbeddingSet:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % classes
-    t_centres, i_centres = (
-        torch.randn(classes, 16, generator=gen),
-        torch.randn(classes, 8, generator=gen),
-    )
-    return EmbeddingSet(
-        text=t_centres[labels] + 0.8 * torch.randn(n, 16, generator=gen),
-        image=i_centres[labels] + 0.8 * torch.randn(n, 8, generator=gen),
-        has_text=torch.ones(n, dtype=torch.bool),
-        has_image=torch.ones(n, dtype=torch.bool),
-        labels=labels,
-    )
 
 
 def _same(acc: float) -> dict[str, dict[str, float]]:
