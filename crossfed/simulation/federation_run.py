@@ -74,6 +74,8 @@ class RoundRecord:
     scores: Scores | None
     client_seconds_max: float
     worker_peak_rss_mib: float
+    #: what every client that has trained so far keeps between rounds (its VLMR memory)
+    client_state_mib: float
 
 
 @dataclass
@@ -161,6 +163,7 @@ def run_federation(
     spec = ProjectionSpec(cfg.num_classes, cfg.text_dim, cfg.image_dim)
     prototypes: ClassPrototypes | None = None
     memories: dict[int, DataRef] = {}
+    memory_kib: dict[int, float] = {}
     records: list[RoundRecord] = []
     for rnd in range(policy.rounds):
         round_start = time.perf_counter()
@@ -213,6 +216,7 @@ def run_federation(
                     {k: v.double() for k, v in tensors_of(update.projections).items()},
                 )
             reported += 1
+            memory_kib[update.client] = update.metrics.get("memory_kib", 0.0)
             slowest = max(slowest, update.metrics.get("train_seconds", 0.0))
             peak = max(peak, update.metrics.get("peak_rss_mib", 0.0))
         if reported < policy.min_clients:
@@ -236,6 +240,7 @@ def run_federation(
             scores=scores,
             client_seconds_max=slowest,
             worker_peak_rss_mib=peak,
+            client_state_mib=sum(memory_kib.values()) / 1024,
         )
         records.append(record)
         if on_round is not None:

@@ -154,6 +154,8 @@ def train_client(
     metrics = {f"loss_{k}": v for k, v in result.metrics.items()}
     metrics["train_seconds"] = result.seconds
     metrics["peak_rss_mib"] = peak_rss_bytes() / 2**20
+    memory = pack_memory(model.memory)
+    metrics["memory_kib"] = sum(a.nbytes for a in memory.values()) / 1024
     update = ClientUpdate(
         client=task.client,
         state=arrays_of(model.shareable_state_dict()),
@@ -162,7 +164,7 @@ def train_client(
         projections=projections,
         metrics=metrics,
     )
-    return update, pack_memory(model.memory)
+    return update, memory
 
 
 def client_calibration_stats(

@@ -104,3 +104,12 @@ def test_defaults_are_the_design_cards_comparison() -> None:
     cfg = ExperimentConfig()
     assert cfg.methods == ["ours", "zero_fill", "dropout", "ceiling_text", "ceiling_image"]
     assert cfg.execution.backend == "ray" and cfg.strategy.name == "fedavg"
+
+
+def test_the_readme_experiment_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Simulation", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load_experiment(_write(tmp_path, "readme.yaml", block), env={})
+    assert cfg.federation.clients == 1000 and cfg.rounds.fraction == 0.1
+    assert cfg.methods[:3] == ["ours", "zero_fill", "dropout"] and cfg.seeds == [0, 1, 2]
