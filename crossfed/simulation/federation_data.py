@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from crossfed.simulation.experiment import (
     SimData,
 )
 from crossfed.simulation.simulation_errors import SimulationError
+
+if TYPE_CHECKING:
+    from crossfed.common.model.encoders import ImageEncoder, TextEncoder
 
 Missingness = Literal["per_sample", "per_client"]
 
@@ -96,7 +99,7 @@ def load_data(spec: SimData, progress: bool = False) -> LoadedData:
         raise SimulationError(f"cannot load the experiment's data: {exc}") from exc
 
 
-def _encoders(spec: BuiltinSimData | ManifestSimData):  # type: ignore[no-untyped-def]
+def _encoders(spec: BuiltinSimData | ManifestSimData) -> tuple[TextEncoder, ImageEncoder]:
     from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
 
     return build_text_encoder(spec.text_encoder), build_image_encoder(spec.image_encoder)
