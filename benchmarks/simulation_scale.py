@@ -4,10 +4,11 @@ Each client count runs in a fresh process, so every peak is its own. Prints one 
 writes benchmarks/results/simulation_scale.json.
 
 Reported per client count: wall time (data load, Ray start, the rounds), seconds per round,
-peak resident memory of the driver (VmHWM) and of the busiest Ray worker, resident memory of
-all Ray processes at the end (shared object-store pages count in each process that touched
-them), the bytes of client data put into the object store, and the VLMR memory the clients
-keep between rounds.
+the driver's peak resident memory (VmHWM) and, at the end, its private part (RssAnon) and the
+shared object-store pages it maps (RssShmem: the updates it read, bounded by the store's
+size, not by the clients); the busiest Ray worker's peak and private memory; the private
+memory of all Ray processes (GCS, raylet, agents, workers) at the end; the client data put
+into the object store; and the VLMR memory the clients keep between rounds.
 
     python benchmarks/simulation_scale.py [--clients 100 1000] [--rounds 10] [--fraction 0.1]
 """
@@ -43,10 +44,10 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
-def _rss_mib(pid: int) -> float:
+def _status_mib(pid: int | str, field: str) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -57,7 +58,7 @@ def run_one(
     clients: int, rounds: int, fraction: float, samples: int, cache: Path
 ) -> dict[str, Any]:
     """One client count, in this process."""
-    from crossfed.client.resource_usage import current_rss_bytes, peak_rss_bytes
+    from crossfed.client.resource_usage import peak_rss_bytes
 
     from crossfed.simulation.experiment import ExperimentConfig
     from crossfed.simulation.experiment_run import open_executor, run_experiment
@@ -84,7 +85,9 @@ def run_one(
     ray_up = time.perf_counter()
     try:
         result = run_experiment(cfg, executor, data, progress=False)
-        ray_mib = sum(_rss_mib(pid) for pid in _descendants(os.getpid()))
+        ray_private = sum(_status_mib(pid, "RssAnon") for pid in _descendants(os.getpid()))
+        driver_private = _status_mib("self", "RssAnon")
+        driver_shared = _status_mib("self", "RssShmem")
     finally:
         executor.close()
     run = result.runs[0]
@@ -106,9 +109,11 @@ def run_one(
         "round_s_max": max(per_round),
         "rounds_per_minute": 60 * len(per_round) / sum(per_round),
         "driver_peak_rss_mib": peak_rss_bytes() / 2**20,
-        "driver_rss_end_mib": (current_rss_bytes() or 0) / 2**20,
+        "driver_private_end_mib": driver_private,
+        "driver_object_store_pages_end_mib": driver_shared,
         "worker_peak_rss_mib": max(r.worker_peak_rss_mib for r in run.rounds),
-        "ray_processes_rss_end_mib": ray_mib,
+        "worker_private_mib": max(r.worker_private_mib for r in run.rounds),
+        "ray_processes_private_end_mib": ray_private,
         "client_data_mib": shard_bytes / 2**20,
         "client_state_mib": run.rounds[-1].client_state_mib,
         "accuracy": {c: v["accuracy"] for c, v in run.scores.items()},
@@ -119,19 +124,22 @@ def run_one(
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         (
-            "| clients | sampled/round | wall s | Ray start s | s/round (mean, max) | driver peak MiB "
-            "| worker peak MiB | Ray procs RSS MiB | client data MiB | client state MiB "
+            "| clients | sampled/round | wall s | Ray start s | s/round (mean, max) | rounds/min "
+            "| driver peak / private / store pages MiB | worker peak / private MiB "
+            "| Ray processes private MiB | client data MiB | client state MiB "
             "| accuracy (both / text / image) |"
         ),
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---|---:|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
         acc = r["accuracy"]
         lines.append(
             f"| {r['clients']} | {r['sampled_per_round']} | {r['wall_s']:.1f} | "
             f"{r['ray_start_s']:.1f} | {r['round_s_mean']:.2f}, {r['round_s_max']:.2f} | "
-            f"{r['driver_peak_rss_mib']:.0f} | {r['worker_peak_rss_mib']:.0f} | "
-            f"{r['ray_processes_rss_end_mib']:.0f} | {r['client_data_mib']:.1f} | "
+            f"{r['rounds_per_minute']:.1f} | {r['driver_peak_rss_mib']:.0f} / "
+            f"{r['driver_private_end_mib']:.0f} / {r['driver_object_store_pages_end_mib']:.0f} | "
+            f"{r['worker_peak_rss_mib']:.0f} / {r['worker_private_mib']:.0f} | "
+            f"{r['ray_processes_private_end_mib']:.0f} | {r['client_data_mib']:.1f} | "
             f"{r['client_state_mib']:.1f} | {acc['both']:.3f} / {acc['text_only']:.3f} / "
             f"{acc['image_only']:.3f} |"
         )

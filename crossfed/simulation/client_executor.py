@@ -45,18 +45,18 @@ class ClientOutcome:
 
 
 class Pending(Protocol):
-    """A result on its way (a central reference training somewhere)."""
+    """A central reference training somewhere: its scores and seconds, when done."""
 
-    def result(self) -> Scores: ...
+    def result(self) -> tuple[Scores, float]: ...
 
 
 @dataclass(frozen=True)
 class Done:
     """A result computed already (inline)."""
 
-    value: Scores
+    value: tuple[Scores, float]
 
-    def result(self) -> Scores:
+    def result(self) -> tuple[Scores, float]:
         return self.value
 
 

@@ -188,7 +188,7 @@ class ExecutionSection(_Section):
     max_in_flight: int | None = Field(
         default=None,
         gt=0,
-        description="client tasks queued at once (unset: twice the cluster's slots)",
+        description="client tasks queued at once (unset: 4 per client slot, at least 8)",
     )
     concurrent_runs: int = Field(
         default=1, gt=0, le=256, description="(method, seed) runs driven at the same time"

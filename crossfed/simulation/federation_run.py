@@ -73,7 +73,10 @@ class RoundRecord:
     seconds: float
     scores: Scores | None
     client_seconds_max: float
+    #: highest peak RSS of a worker that ran a client this round (shared object-store pages
+    #: it touched included), and its own (anonymous) resident memory
     worker_peak_rss_mib: float
+    worker_private_mib: float
     #: what every client that has trained so far keeps between rounds (its VLMR memory)
     client_state_mib: float
 
@@ -188,7 +191,7 @@ def run_federation(
         projections = ProjectionAggregator(spec)
         failed: list[int] = []
         reported = 0
-        slowest = peak = 0.0
+        slowest = peak = private = 0.0
         proto_arrays = None if prototypes is None else arrays_of(prototypes.to_tensors())
         outcomes = executor.run_round(
             config_json, tasks, arrays_of(state), shards, memories, proto_arrays
@@ -219,6 +222,7 @@ def run_federation(
             memory_kib[update.client] = update.metrics.get("memory_kib", 0.0)
             slowest = max(slowest, update.metrics.get("train_seconds", 0.0))
             peak = max(peak, update.metrics.get("peak_rss_mib", 0.0))
+            private = max(private, update.metrics.get("private_rss_mib", 0.0))
         if reported < policy.min_clients:
             raise SimulationError(
                 f"{plan.method} seed {plan.seed} round {rnd + 1}: {reported} of {len(clients)} "
@@ -240,6 +244,7 @@ def run_federation(
             scores=scores,
             client_seconds_max=slowest,
             worker_peak_rss_mib=peak,
+            worker_private_mib=private,
             client_state_mib=sum(memory_kib.values()) / 1024,
         )
         records.append(record)

@@ -59,12 +59,12 @@ class _RemoteScores:
     def __init__(self, ray: Any, ref: Any) -> None:
         self._ray, self._ref = ray, ref
 
-    def result(self) -> Scores:
+    def result(self) -> tuple[Scores, float]:
         try:
-            scores: Scores = self._ray.get(self._ref)
+            scores, seconds = self._ray.get(self._ref)
         except self._ray.exceptions.RayError as exc:
             raise SimulationError(f"a central reference failed: {one_line(exc)}") from exc
-        return scores
+        return scores, float(seconds)
 
 
 class RayExecutor:
@@ -93,7 +93,7 @@ class RayExecutor:
                 f"({per_client:g}): no client could ever start"
             )
         self.slots = max(1, int(cpus // per_client))
-        self.max_in_flight = execution.max_in_flight or 2 * self.slots
+        self.max_in_flight = execution.max_in_flight or max(8, 4 * self.slots)
         self.cluster_cpus = cpus
         self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
         options = {

@@ -100,6 +100,7 @@ def _run_document(run: RunRecord) -> dict[str, Any]:
                 "seconds": r.seconds,
                 "client_seconds_max": r.client_seconds_max,
                 "worker_peak_rss_mib": r.worker_peak_rss_mib,
+                "worker_private_mib": r.worker_private_mib,
                 "client_state_mib": r.client_state_mib,
                 "scores": r.scores,
             }

@@ -10,6 +10,7 @@ of numbers: no tensors, no model objects.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from crossfed.client.local_trainer import TrainConfig, train_local
-from crossfed.client.resource_usage import peak_rss_bytes
+from crossfed.client.resource_usage import peak_rss_bytes, private_rss_bytes
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.memory import VisualLinguisticMemory
@@ -154,11 +155,12 @@ def train_client(
     metrics = {f"loss_{k}": v for k, v in result.metrics.items()}
     metrics["train_seconds"] = result.seconds
     metrics["peak_rss_mib"] = peak_rss_bytes() / 2**20
+    metrics["private_rss_mib"] = (private_rss_bytes() or 0) / 2**20
     memory = pack_memory(model.memory)
     metrics["memory_kib"] = sum(a.nbytes for a in memory.values()) / 1024
     update = ClientUpdate(
         client=task.client,
-        state=arrays_of(model.shareable_state_dict()),
+        state={k: v.numpy() for k, v in model.shareable_state_dict().items()},  # fresh clones
         num_samples=result.num_samples,
         module_samples=dict(result.module_samples),
         projections=projections,
@@ -204,10 +206,12 @@ def train_central(
     test: Mapping[str, np.ndarray],
     cfg: TrainConfig,
     seed: int,
-) -> Scores:
-    """A central reference: one network trained on pooled rows, scored per Table I."""
+) -> tuple[Scores, float]:
+    """A central reference: one network trained on pooled rows, scored per Table I; with the
+    seconds it took."""
+    started = time.perf_counter()
     torch.manual_seed(seed)
     model = CrossModalNet(ModelConfig.model_validate_json(config_json))
     train_local(model, shard_of(train), cfg)
     model.eval()
-    return evaluate(model, shard_of(test))
+    return evaluate(model, shard_of(test)), time.perf_counter() - started
