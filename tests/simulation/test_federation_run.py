@@ -24,6 +24,7 @@ from crossfed.simulation.client_executor import InlineExecutor
 from crossfed.simulation.experiment import RoundsSection
 from crossfed.simulation.federation_data import FederatedData, FederationSetup, build_federation
 from crossfed.simulation.federation_run import (
+    FederationOutcome,
     RunPlan,
     client_seed,
     run_federation,
@@ -55,6 +56,19 @@ def _plan(**kw: object) -> RunPlan:
         "threads_per_client": 1,
     }
     return RunPlan(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _run(
+    plan: RunPlan, federation: FederatedData, shards: list[Arrays] | None = None, retries: int = 0
+) -> FederationOutcome:
+    """``plan`` on the federation's shards (or ``shards``), clients inline."""
+    return run_federation(
+        plan,
+        InlineExecutor(retries),
+        shards if shards is not None else [shard_arrays(s) for s in federation.shards],
+        federation.test,
+        make_strategy("fedavg", CrossModalNet.module_of),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +113,7 @@ def _by_hand(
 def test_a_run_is_the_daemons_federation_bit_for_bit(federation: FederatedData) -> None:
     plan = _plan()
     expected_state, expected_protos = _by_hand(plan, federation.shards)
-    outcome = run_federation(
-        plan,
-        InlineExecutor(),
-        [shard_arrays(s) for s in federation.shards],
-        federation.test,
-        make_strategy("fedavg", CrossModalNet.module_of),
-    )
+    outcome = _run(plan, federation)
     assert outcome.state.keys() == expected_state.keys()
     for key, value in expected_state.items():
         assert torch.equal(outcome.state[key], value), key
@@ -129,13 +137,7 @@ def test_sampling_is_seeded_sorted_and_sized_by_fraction() -> None:
 
 def test_eval_every_scores_only_those_rounds_and_the_last(federation: FederatedData) -> None:
     plan = _plan(rounds=RoundsSection(rounds=3, eval_every=2, fraction=0.5))
-    outcome = run_federation(
-        plan,
-        InlineExecutor(),
-        [shard_arrays(s) for s in federation.shards],
-        federation.test,
-        make_strategy("fedavg", CrossModalNet.module_of),
-    )
+    outcome = _run(plan, federation)
     rounds = outcome.record.rounds
     assert [r.scores is not None for r in rounds] == [False, True, True]
     assert [r.sampled for r in rounds] == [2, 2, 2]
@@ -161,13 +163,7 @@ def test_memory_packs_to_its_filled_entries_and_restores_exactly(federation: Fed
 
 def test_calibration_runs_the_servers_ccvr_step(federation: FederatedData) -> None:
     plan = _plan(model=CONFIG.model_copy(update={"calibrate_image_classifier": True}))
-    outcome = run_federation(
-        plan,
-        InlineExecutor(),
-        [shard_arrays(s) for s in federation.shards],
-        federation.test,
-        make_strategy("fedavg", CrossModalNet.module_of),
-    )
+    outcome = _run(plan, federation)
     assert outcome.record.calibration == "image-only last layers fitted"
     assert bool(outcome.state["image_calibration.ready"])
     assert outcome.record.scores != outcome.record.rounds[-1].scores
@@ -184,13 +180,7 @@ def _with_bad_client(federation: FederatedData, bad: int) -> list[Arrays]:
 
 
 def test_a_failed_client_is_dropped_and_named(federation: FederatedData) -> None:
-    outcome = run_federation(
-        _plan(),
-        InlineExecutor(retries=1),
-        _with_bad_client(federation, 1),
-        federation.test,
-        make_strategy("fedavg", CrossModalNet.module_of),
-    )
+    outcome = _run(_plan(), federation, _with_bad_client(federation, 1), retries=1)
     assert [(r.reported, r.failed) for r in outcome.record.rounds] == [(2, [1]), (2, [1])]
     assert math.isfinite(outcome.record.scores["both"]["accuracy"])
 
@@ -206,23 +196,11 @@ def test_the_round_policy_stops_the_run(
     federation: FederatedData, policy: RoundsSection, message: str
 ) -> None:
     with pytest.raises(SimulationError, match=message):
-        run_federation(
-            _plan(rounds=policy),
-            InlineExecutor(),
-            _with_bad_client(federation, 2),
-            federation.test,
-            make_strategy("fedavg", CrossModalNet.module_of),
-        )
+        _run(_plan(rounds=policy), federation, _with_bad_client(federation, 2))
 
 
 def test_a_round_that_cannot_reach_min_clients_is_refused_up_front(
     federation: FederatedData,
 ) -> None:
     with pytest.raises(SimulationError, match="1 of 3 clients are sampled"):
-        run_federation(
-            _plan(rounds=RoundsSection(rounds=1, fraction=0.2, min_clients=2)),
-            InlineExecutor(),
-            [shard_arrays(s) for s in federation.shards],
-            federation.test,
-            make_strategy("fedavg", CrossModalNet.module_of),
-        )
+        _run(_plan(rounds=RoundsSection(rounds=1, fraction=0.2, min_clients=2)), federation)
