@@ -2,9 +2,9 @@
 
 Three clients of the built-in dataset (both / text-only / image-only, Dirichlet alpha 5),
 each trained with the client defaults other than the batch size (lr 1e-3, the demo's 2 local
-epochs, 1 intra-op thread), FedAvg + prototype exchange in process (the benchmark's
-run_federation; no DP noise on projections), scored on the demo's held-out set per Table I
-configuration. Prints one JSON line per (batch size, seed) and a per-batch summary.
+epochs, 1 intra-op thread), FedAvg + prototype exchange through the simulator's
+`run_federation` with the inline executor (no DP noise on projections), scored on the demo's
+held-out set per Table I configuration. Prints one JSON line per (batch size, seed) and a per-batch summary.
 
 Usage: python benchmarks/client_batch_quality.py --batch 32 256 --seeds 0 1 2
 """
@@ -20,9 +20,14 @@ from pathlib import Path
 import torch
 from crossfed.client.local_data import LocalDataSpec, load_local_data
 from crossfed.common.model.model_config import ModelConfig
-from quality.federated_simulation import TrainingBudget, run_federation
+from crossfed.common.model.network import CrossModalNet
 
 from crossfed.demo.evaluation import HeldOutEvaluator
+from crossfed.simulation.client_executor import InlineExecutor
+from crossfed.simulation.experiment import RoundsSection
+from crossfed.simulation.federation_run import RunPlan, run_federation
+from crossfed.simulation.strategy import make_strategy
+from crossfed.simulation.virtual_client import shard_arrays
 
 MODALITIES = ("both", "text_only", "image_only")
 
@@ -56,12 +61,27 @@ def main(argv: list[str] | None = None) -> None:
         ]
         held_out = HeldOutEvaluator.build(1000, seed + 1_000_003, args.cache_dir.resolve())
         for batch in args.batch:
-            budget = TrainingBudget(
-                rounds=args.rounds, local_epochs=args.epochs, batch_size=batch, lr=args.lr
+            plan = RunPlan(
+                method="ours",
+                seed=seed,
+                model=ModelConfig(),
+                rounds=RoundsSection(rounds=args.rounds),
+                local_epochs=args.epochs,
+                batch_size=batch,
+                lr=args.lr,
+                modality_dropout=0.0,
+                exchange_projections=True,
+                calibration_noise=0.0,
+                threads_per_client=1,
             )
             started = time.perf_counter()
-            model = run_federation(ModelConfig(), shards, budget, seed, 0.0, True)
-            scores = held_out.evaluate(model.shareable_state_dict())
+            scores = run_federation(
+                plan,
+                InlineExecutor(),
+                [shard_arrays(s) for s in shards],
+                held_out.data,
+                make_strategy("fedavg", CrossModalNet.module_of),
+            ).record.scores
             acc = {name: round(scores[name]["accuracy"], 4) for name in MODALITIES}
             row = {"batch": batch, "seed": seed, "accuracy": acc}
             row["seconds"] = round(time.perf_counter() - started, 1)

@@ -50,6 +50,13 @@ def current_rss_bytes() -> int | None:
     return None if kib is None else kib * 1024
 
 
+def private_rss_bytes() -> int | None:
+    """Resident memory of this process's own (anonymous) pages (Linux), None where unknown:
+    RSS without the shared pages it maps, such as a shared-memory object store's."""
+    kib = _read_status_kib("RssAnon")
+    return None if kib is None else kib * 1024
+
+
 def peak_rss_bytes() -> int:
     """High-water mark of resident memory since start or the last :func:`reset_peak_rss`."""
     kib = _read_status_kib("VmHWM")

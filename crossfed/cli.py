@@ -67,6 +67,9 @@ def _register_groups() -> None:
     from crossfed.server.cli import app as server_app
 
     app.add_typer(server_app, name="server")
+    from crossfed.simulation.simulate_cli import simulate_command
+
+    app.command("simulate")(simulate_command)
 
 
 _register_groups()

@@ -10,15 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quality.gap_closure import (
+from crossfed.simulation.federation_data import FederationSetup
+from crossfed.simulation.gap_closure import (
     CONFIGS,
     MISSING_CONFIGS,
     MeanStd,
     aggregate_seeds,
     seed_summary,
 )
-from quality.methods import ABLATIONS, FED_CEILINGS, FEDERATED_METHODS, VARIANTS
-from quality.quality_data import FederationSetup
+from crossfed.simulation.methods import ABLATIONS, FED_CEILINGS, FEDERATED_METHODS, VARIANTS
 from quality.quality_errors import QualityBenchmarkError
 from quality.sweep import canonical
 

@@ -1,11 +1,13 @@
 """Federated quality benchmark (issue 7, quality half): the paper's method vs zero-fill and
 modality-dropout FedAvg, ablations, a central paired upper bound and unimodal ceilings, over
-missing rate x missingness mode x Dirichlet alpha, in-process (real client trainer and real
-server aggregation, no gRPC). Prints markdown, writes benchmarks/results/quality.json, PNG
-plots and the Quality section of BENCHMARKS.md.
+missing rate x missingness mode x Dirichlet alpha. The grid becomes experiment files (one per
+federation setup, under results/.cache/experiments/) run by the simulator behind `crossfed
+simulate` (real client trainer, real server aggregation, virtual clients on Ray). Prints
+markdown, writes benchmarks/results/quality.json, PNG plots and the Quality section of
+BENCHMARKS.md.
 
     python benchmarks/quality/run_quality.py [--profile full|smoke] [--workers 16]
-        [--embeddings FILE] [--report-only --records FILE]
+        [--embeddings FILE] [--ray-address ADDR] [--report-only --records FILE]
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ if str(_BENCHMARKS) not in sys.path:  # `quality.*` is a folder of scripts, not 
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quality.federated_simulation import TrainingBudget
-from quality.gap_closure import MeanStd
-from quality.methods import ABLATIONS, BASELINES, FED_CEILINGS, VARIANTS
-from quality.quality_data import FederationSetup, Missingness
+from crossfed.simulation.experiment import TrainSection
+from crossfed.simulation.federation_data import FederationSetup, Missingness
+from crossfed.simulation.gap_closure import MeanStd
+from crossfed.simulation.methods import ABLATIONS, BASELINES, FED_CEILINGS, VARIANTS
+from crossfed.simulation.simulation_errors import SimulationError
 from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import (
     ablation_reading,
@@ -41,7 +44,7 @@ from quality.quality_report import (
     write_plots,
     write_section,
 )
-from quality.sweep import SweepPlan, plan_jobs, read_records, run_jobs
+from quality.sweep import GridSettings, SweepPlan, plan_jobs, read_records, run_jobs
 
 ALL_MISSINGNESS: tuple[Missingness, ...] = ("per_sample", "per_client")
 METHOD_NOTES = """\
@@ -145,7 +148,11 @@ class QualitySettings(BaseModel):
     headline_missingness: Missingness = "per_sample"
     headline_rate: float = Field(0.5, ge=0, le=1)
     headline_alpha: float = Field(0.5, gt=0)
-    workers: int = Field(max(1, (os.cpu_count() or 2) - 1), gt=0)
+    workers: int = Field(
+        max(1, (os.cpu_count() or 2) - 1), gt=0, description="runs driven at once (Ray tasks)"
+    )
+    backend: Literal["ray", "inline"] = "ray"
+    ray_address: str | None = None
     deadline_s: float | None = Field(None, gt=0)
     embeddings: Path | None = None
     cache_dir: Path = _REPO / ".crossfed" / "cache"
@@ -156,14 +163,20 @@ class QualitySettings(BaseModel):
     note: str = Field("", description="run-specific remark printed under the section title")
     progress: bool = True
 
-    def budget(self) -> TrainingBudget:
-        return TrainingBudget(
+    def grid(self, embeddings: Path) -> GridSettings:
+        return GridSettings(
+            embeddings=embeddings,
+            test_fraction=self.test_fraction,
+            hidden_dim=self.hidden_dim,
             rounds=self.rounds,
             local_epochs=self.local_epochs,
             central_epochs=self.central_epochs,
             batch_size=self.batch_size,
             lr=self.lr,
             modality_dropout=self.dropout,
+            backend=self.backend,
+            ray_address=self.ray_address,
+            concurrent_runs=self.workers,
         )
 
     def headline(self) -> FederationSetup:
@@ -185,7 +198,7 @@ SMOKE = {
     "seeds": [0],
     "rates": [0.0, 0.5],
     "alphas": [0.5],
-    "workers": 1,
+    "workers": 2,
 }
 
 
@@ -224,9 +237,11 @@ def prepare_embeddings(s: QualitySettings) -> Path:
         if not s.embeddings.is_file():
             raise QualityBenchmarkError(f"embeddings file not found: {s.embeddings}")
         return s.embeddings
-    from quality.quality_data import load_benchmark_embeddings
+    from crossfed.simulation.experiment import BuiltinSimData
+    from crossfed.simulation.federation_data import load_data
 
-    data = load_benchmark_embeddings(s.samples, s.cache_dir, s.progress)
+    spec = BuiltinSimData(num_samples=s.samples, cache_dir=s.cache_dir)
+    data = load_data(spec, s.progress).embeddings
     path = s.results_dir / ".cache" / f"quality-embeddings-{s.samples}.safetensors"
     data.save(path)
     return path
@@ -259,22 +274,23 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
     )
     rows = sweep_rows(records, s.missingness, s.alphas, s.rates, s.clients, s.seeds)
     targets = target_checks(head_acc, rows, VARIANTS)
-    b = s.budget()
+    ours_dropout = TrainSection().ours_dropout
     lines = [
-        "## Quality (federated, in-process)",
+        "## Quality (federated, simulated)",
         "",
         *([s.note, ""] if s.note else []),
         (
-            f"In-process federated simulation: real `train_local` on each client, real "
-            f"module-aware `StreamingFedAvg` (eq. 15) and `ProjectionAggregator` (eq. 16, no DP "
-            f"noise), no gRPC. Built-in synthetic shapes, {s.samples} samples encoded once with "
-            f"the default frozen encoders, {s.test_fraction:.0%} held out (fully paired; "
-            f"Table I configurations hide a modality at inference). {s.clients} clients, "
-            f"Dirichlet(α) label split; {b.rounds} rounds × {b.local_epochs} local epoch(s), "
-            f"batch {b.batch_size}, lr {b.lr:g}, hidden {s.hidden_dim}; modality dropout "
-            f"{b.modality_dropout:g} for the dropout baseline, {b.ours_dropout:g} for ours "
-            f"(see the method changes below); central references "
-            f"{b.central_epochs} epochs. Seeds {s.seeds}."
+            f"Federated simulation with `crossfed simulate`'s engine (the grid is one experiment "
+            f"file per federation setup; virtual clients as Ray tasks): real `train_local` on "
+            f"each client, the server's module-aware `StreamingFedAvg` (eq. 15) and "
+            f"`ProjectionAggregator` (eq. 16, no DP noise), no gRPC. Built-in synthetic shapes, "
+            f"{s.samples} samples encoded once with the default frozen encoders, "
+            f"{s.test_fraction:.0%} held out (fully paired; Table I configurations hide a "
+            f"modality at inference). {s.clients} clients, Dirichlet(α) label split; "
+            f"{s.rounds} rounds × {s.local_epochs} local epoch(s), batch {s.batch_size}, lr "
+            f"{s.lr:g}, hidden {s.hidden_dim}; modality dropout {s.dropout:g} for the dropout "
+            f"baseline, {ours_dropout:g} for ours (see the method changes below); central "
+            f"references {s.central_epochs} epochs. Seeds {s.seeds}."
         ),
         "",
         (
@@ -314,7 +330,7 @@ def build_report(s: QualitySettings, records: list[dict[str, Any]]) -> tuple[str
     ]
     doc = {
         "settings": s.model_dump(mode="json"),
-        "in_process": True,
+        "simulator": {"backend": s.backend, "ray_address": s.ray_address},
         "headline": {
             "setup": {
                 "missingness": h.missingness,
@@ -347,7 +363,9 @@ def parse(argv: list[str] | None) -> QualitySettings:
     p.add_argument("--rates", type=float, nargs="+")
     p.add_argument("--alphas", type=float, nargs="+")
     p.add_argument("--missingness", nargs="+")
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=int, help="(method, seed) runs driven at once")
+    p.add_argument("--backend", choices=["ray", "inline"])
+    p.add_argument("--ray-address", help="run on this Ray cluster instead of a local instance")
     p.add_argument("--deadline-s", type=float)
     p.add_argument("--embeddings", type=Path)
     p.add_argument("--cache-dir", type=Path)
@@ -380,11 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             records = run_jobs(
                 plan_jobs(plan_of(s)),
                 s.records_path(),
-                embeddings,
-                s.test_fraction,
-                s.hidden_dim,
-                s.budget(),
-                s.workers,
+                s.grid(embeddings.resolve()),
+                s.results_dir / ".cache" / "experiments",
                 s.deadline_s,
                 s.progress,
             )
@@ -396,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(s.benchmarks_md, body)
         print(body)
         return 0
-    except QualityBenchmarkError as exc:
+    except (QualityBenchmarkError, SimulationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

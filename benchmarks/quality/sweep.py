@@ -1,22 +1,24 @@
-"""The grid of runs: jobs (one method on one federation setup), their deduplication, and a
-pool of worker processes (one torch thread each) that runs them with a rich progress bar,
-appending each finished record to a JSON-lines file so an interrupted sweep keeps its work."""
+"""The grid of runs: jobs (one method on one federation setup), their deduplication, and their
+grouping into experiment files (one per federation setup) that the simulator runs
+(`crossfed.simulation.experiment_run.run_experiment`, the code behind `crossfed simulate`) on
+one shared Ray instance, appending each finished run to a JSON-lines file so an interrupted
+sweep keeps its work."""
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from crossfed.common.data.progress_display import make_progress
+import yaml
 
-from quality.federated_simulation import TrainingBudget
-from quality.quality_data import FederationSetup, Missingness
+from crossfed.simulation.experiment import ExperimentConfig
+from crossfed.simulation.experiment_run import SeedFederation
+from crossfed.simulation.federation_data import FederationSetup, LoadedData, Missingness
+from crossfed.simulation.federation_run import RunRecord
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,25 @@ class SweepPlan:
     headline: FederationSetup
     headline_methods: tuple[str, ...]
     sweep_methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """What every experiment of the grid shares (the budget, the model, the data file, and
+    where its clients run)."""
+
+    embeddings: Path
+    test_fraction: float
+    hidden_dim: int
+    rounds: int
+    local_epochs: int
+    central_epochs: int
+    batch_size: int
+    lr: float
+    modality_dropout: float
+    backend: Literal["ray", "inline"] = "ray"
+    ray_address: str | None = None
+    concurrent_runs: int = 1
 
 
 def canonical(setup: FederationSetup, method: str) -> FederationSetup:
@@ -93,57 +114,65 @@ def plan_jobs(plan: SweepPlan) -> list[Job]:
     return jobs
 
 
-# -- worker side ------------------------------------------------------------------------
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(
-    embeddings: str, test_fraction: float, hidden_dim: int, budget: dict[str, Any]
-) -> None:
-    import torch
-    from crossfed.common.data.embeddings import EmbeddingSet
-
-    torch.set_num_threads(1)
-    _WORKER.update(
-        data=EmbeddingSet.load(embeddings),
-        test_fraction=test_fraction,
-        hidden_dim=hidden_dim,
-        budget=TrainingBudget(**budget),
-        federations={},
+def experiment_name(setup: FederationSetup) -> str:
+    return (
+        f"quality-{setup.missingness}-rate{setup.rate:g}-alpha{setup.alpha:g}-"
+        f"clients{setup.clients}-seed{setup.seed}"
     )
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Worker entry point: build (or reuse) the federation, run the method, score it."""
-    from crossfed.common.model.model_config import ModelConfig
-
-    from quality.methods import CENTRAL_METHODS, run_central_method, run_federated_method
-    from quality.quality_data import build_federation
-
-    start = time.perf_counter()
-    data = _WORKER["data"]
-    feds: dict[FederationSetup, Any] = _WORKER["federations"]
-    if job.setup not in feds:
-        feds.clear()  # one setup at a time per worker keeps memory flat
-        feds[job.setup] = build_federation(data, job.setup, _WORKER["test_fraction"])
-    fed = feds[job.setup]
-    base = ModelConfig(
-        text_dim=data.text_dim,
-        image_dim=data.image_dim,
-        num_classes=int(data.labels.max()) + 1,
-        hidden_dim=_WORKER["hidden_dim"],
-    )
-    runner = run_central_method if job.method in CENTRAL_METHODS else run_federated_method
-    scores = runner(job.method, base, fed, _WORKER["budget"], job.setup.seed)
-    return {
-        "setup": asdict(job.setup),
-        "method": job.method,
-        "group": job.group,
-        "scores": scores,
-        "client_modalities": fed.client_modalities,
-        "client_sizes": [len(s) for s in fed.shards],
-        "seconds": time.perf_counter() - start,
+def experiment_of(setup: FederationSetup, methods: list[str], grid: GridSettings) -> dict[str, Any]:
+    """The experiment file (as a mapping) that runs ``methods`` on ``setup``."""
+    execution: dict[str, Any] = {
+        "backend": grid.backend,
+        "concurrent_runs": grid.concurrent_runs,
     }
+    if grid.ray_address is not None:
+        execution["address"] = grid.ray_address
+    return {
+        "name": experiment_name(setup),
+        "data": {
+            "kind": "embeddings",
+            "path": str(grid.embeddings),
+            "test_fraction": grid.test_fraction,
+        },
+        "federation": {
+            "clients": setup.clients,
+            "dirichlet_alpha": setup.alpha,
+            "missing": {"mode": setup.missingness, "rate": setup.rate},
+            "min_samples_per_client": setup.min_samples,
+        },
+        "rounds": {"rounds": grid.rounds},
+        "train": {
+            "local_epochs": grid.local_epochs,
+            "batch_size": grid.batch_size,
+            "lr": grid.lr,
+            "modality_dropout": grid.modality_dropout,
+            "central_epochs": grid.central_epochs,
+        },
+        "model": {"hidden_dim": grid.hidden_dim},
+        "methods": methods,
+        "seeds": [setup.seed],
+        "execution": execution,
+    }
+
+
+def write_experiment_files(
+    jobs: Iterable[Job], grid: GridSettings, out_dir: Path
+) -> list[tuple[Path, list[Job]]]:
+    """One experiment file per federation setup (in the jobs' priority order), holding the
+    setup's methods; returns each file with the jobs it covers."""
+    groups: dict[FederationSetup, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.setup, []).append(job)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for setup, members in groups.items():
+        doc = experiment_of(setup, [j.method for j in members], grid)
+        path = out_dir / f"{doc['name']}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        files.append((path, members))
+    return files
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -167,52 +196,61 @@ def record_key(record: dict[str, Any]) -> str:
     )
 
 
+def record_of(job: Job, run: RunRecord, fed: SeedFederation) -> dict[str, Any]:
+    """One line of the records file (the report's input)."""
+    setup = asdict(job.setup)
+    setup.pop("min_samples")
+    return {
+        "setup": setup,
+        "method": job.method,
+        "group": job.group,
+        "scores": run.scores,
+        "client_modalities": fed.client_modalities,
+        "client_sizes": fed.client_sizes,
+        "seconds": run.seconds,
+    }
+
+
 def run_jobs(
     jobs: Iterable[Job],
     records_path: Path,
-    embeddings: Path,
-    test_fraction: float,
-    hidden_dim: int,
-    budget: TrainingBudget,
-    workers: int,
+    grid: GridSettings,
+    experiments_dir: Path,
     deadline_s: float | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the jobs not already in `records_path` in `workers` processes; stop submitting
-    at `deadline_s` (wall clock from start) and return every record on file."""
+    """Run the jobs not already in `records_path`, experiment file by experiment file, on one
+    executor (a Ray instance shared by the whole grid); stop starting experiments at
+    `deadline_s` (wall clock from start) and return every record on file."""
+    from crossfed.simulation.experiment import load_experiment
+    from crossfed.simulation.experiment_run import open_executor, run_experiment
+    from crossfed.simulation.federation_data import load_data
+
     done = {record_key(r) for r in read_records(records_path)}
     todo = [j for j in jobs if j.key() not in done]
     records_path.parent.mkdir(parents=True, exist_ok=True)
+    if not todo:
+        return read_records(records_path)
     start = time.perf_counter()
-    workers = max(1, min(workers, len(todo) or 1, os.cpu_count() or 1))
-    with (
-        make_progress(progress) as bar,
-        ProcessPoolExecutor(
-            workers,
-            initializer=_init_worker,
-            initargs=(str(embeddings), test_fraction, hidden_dim, asdict(budget)),
-        ) as pool,
-        records_path.open("a") as sink,
-    ):
-        task = bar.add_task("quality sweep", total=len(todo))
-        queue = list(todo)
-        running: dict[Future[dict[str, Any]], Job] = {}
-        while queue or running:
-            late = deadline_s is not None and time.perf_counter() - start > deadline_s
-            while queue and len(running) < workers and not late:
-                job = queue.pop(0)
-                running[pool.submit(run_job, job)] = job
-            if not running:
-                break
-            finished, _ = wait(running, timeout=5.0, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                running.pop(fut)
-                sink.write(json.dumps(fut.result()) + "\n")
-                sink.flush()
-                bar.advance(task)
-            overdue = deadline_s is not None and time.perf_counter() - start > deadline_s * 1.15
-            if late and not finished and overdue:
-                for fut in running:
-                    fut.cancel()
-                break
+    files = write_experiment_files(todo, grid, experiments_dir)
+    first = ExperimentConfig.model_validate(experiment_of(todo[0].setup, ["ours"], grid))
+    data: LoadedData = load_data(first.data)
+    executor = open_executor(first)
+    try:
+        with records_path.open("a") as sink:
+            for path, members in files:
+                if deadline_s is not None and time.perf_counter() - start > deadline_s:
+                    break
+                by_method = {j.method: j for j in members}
+
+                def keep(
+                    run: RunRecord, fed: SeedFederation, by_method: dict[str, Job] = by_method
+                ) -> None:
+                    record = record_of(by_method[run.method], run, fed)
+                    sink.write(json.dumps(record, allow_nan=True) + "\n")
+                    sink.flush()
+
+                run_experiment(load_experiment(path), executor, data, progress, on_run=keep)
+    finally:
+        executor.close()
     return read_records(records_path)

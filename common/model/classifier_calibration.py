@@ -20,11 +20,11 @@ sec. 3). CCVR fixes the last layers after federated training:
    paired ensemble was tuned to the federated layer's posteriors).
 
 Per-class statistics of two 128-wide hidden layers are 2 x C x (1 + h + h^2) floats per
-client (12 classes: ~400k float64, ~3 MB), sent once after the last round; they reveal class-conditional feature moments (like eq. 16's class
-means, plus second moments), not samples. The in-process simulation
-(benchmarks/quality/federated_simulation.py) and the coordinator's calibration round
-(server/calibration_round.py, after the last training round) run this step; on the wire the
-statistics travel as the tensors of `stats_to_tensors`. See
+client (12 classes: ~400k float64, ~3 MB), sent once after the last round; they reveal
+class-conditional feature moments (like eq. 16's class means, plus second moments), not
+samples. The simulator (crossfed/simulation/federation_run.py) and the coordinator's
+calibration round (server/calibration_round.py, after the last training round) run this
+step; on the wire the statistics travel as the tensors of `stats_to_tensors`. See
 `ModelConfig.calibrate_image_classifier` for the measured effect.
 """
 

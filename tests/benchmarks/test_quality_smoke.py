@@ -1,5 +1,6 @@
 """The federated quality suite runs end to end on a tiny configuration (synthetic clustered
-embeddings, no encoders) and emits well-formed JSON and markdown; gap-closure math on a hand
+embeddings, no encoders) through the simulator on an embedded Ray instance, its grid written
+as experiment files, and emits well-formed JSON and markdown; gap-closure math on a hand
 example. No accuracy thresholds."""
 
 from __future__ import annotations
@@ -10,34 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from crossfed.common.data.embeddings import EmbeddingSet
-from quality.gap_closure import MeanStd, gap_closure, seed_summary
-from quality.quality_data import FederationSetup
 from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import SECTION_END, SECTION_START, write_section
 from quality.run_quality import main
 from quality.sweep import SweepPlan, plan_jobs
+from support.simulation_data import clustered_embeddings
 
-
-def clustered_embeddings(n: int, classes: int = 4, seed: int = 0) -> EmbeddingSet:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % classes
-    t_centres, i_centres = (
-        torch.randn(classes, 16, generator=gen),
-        torch.randn(classes, 8, generator=gen),
-    )
-    return EmbeddingSet(
-        text=t_centres[labels] + 0.8 * torch.randn(n, 16, generator=gen),
-        image=i_centres[labels] + 0.8 * torch.randn(n, 8, generator=gen),
-        has_text=torch.ones(n, dtype=torch.bool),
-        has_image=torch.ones(n, dtype=torch.bool),
-        labels=labels,
-    )
+from crossfed.simulation.experiment import load_experiment
+from crossfed.simulation.federation_data import FederationSetup
+from crossfed.simulation.gap_closure import MeanStd, gap_closure, seed_summary
 
 
 def _same(acc: float) -> dict[str, dict[str, float]]:
@@ -76,30 +62,6 @@ def test_federated_ceiling_is_a_reference_not_an_ablation() -> None:
         for k in row["both"]
         if k.startswith(("delta:", "gap_closure:"))
     )
-
-
-def test_federated_ceiling_skips_clients_without_the_modality() -> None:
-    from crossfed.common.model.model_config import ModelConfig
-    from quality.federated_simulation import TrainingBudget
-    from quality.methods import run_federated_method
-    from quality.quality_data import FederatedData, shards_with
-
-    data = clustered_embeddings(60)
-    none = torch.zeros(60, dtype=torch.bool)
-    text_only = data.with_masks(data.has_text, none)
-    image_only = data.with_masks(none, data.has_image)
-    kept = shards_with(
-        [text_only.subset(torch.arange(30)), data.subset(torch.arange(30, 60))], "image"
-    )
-    assert [len(k) for k in kept] == [30] and not bool(kept[0].has_text.any())
-    cfg = ModelConfig(text_dim=16, image_dim=8, num_classes=4, hidden_dim=16)
-    budget = TrainingBudget(rounds=1, central_epochs=1, batch_size=32)
-    fed = FederatedData([text_only], text_only, data, data, ["text"])
-    scores = run_federated_method("fed_ceiling_image", cfg, fed, budget, 0)
-    assert all(math.isnan(v["accuracy"]) for v in scores.values())
-    fed = FederatedData([image_only], image_only, data, data, ["image"])
-    scores = run_federated_method("fed_ceiling_image", cfg, fed, budget, 0)
-    assert 0.0 <= scores["image_only"]["accuracy"] <= 1.0
 
 
 def test_plan_dedupes_equivalent_runs() -> None:
@@ -154,7 +116,7 @@ def test_smoke_suite_emits_json_markdown_and_plots(
     )
     assert rc == 0
     doc = json.loads((tmp_path / "res" / "quality.json").read_text())
-    assert doc["in_process"] is True and doc["headline"]["seeds_used"] == [0]
+    assert doc["simulator"]["backend"] == "ray" and doc["headline"]["seeds_used"] == [0]
     acc = doc["headline"]["accuracy"]
     for c in ("text_only", "image_only", "both"):
         for k in ("ours", "zero_fill", "dropout", "best_baseline", "no_exchange"):
@@ -167,6 +129,15 @@ def test_smoke_suite_emits_json_markdown_and_plots(
     text = md.read_text()
     assert SECTION_START in text and "| text_only |" in text and "### Targets" in text
     assert "### Headline" in capsys.readouterr().out
+    # the grid ran as experiment files: one per federation setup, each a valid experiment
+    files = sorted((tmp_path / "res" / ".cache" / "experiments").glob("*.yaml"))
+    records = [json.loads(line) for line in (tmp_path / "res" / "quality_records.jsonl").open()]
+    assert files and sum(len(load_experiment(f).methods) for f in files) == len(records)
+    headline = load_experiment(
+        tmp_path / "res/.cache/experiments/quality-per_sample-rate0.5-alpha0.5-clients3-seed0.yaml"
+    )
+    assert {"ours", "zero_fill", "dropout", "no_exchange"} <= set(headline.methods)
+    assert headline.execution.backend == "ray" and headline.rounds.rounds == 1
     # report-only rebuilds the same section from the records on file
     assert (
         main(

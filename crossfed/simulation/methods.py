@@ -1,6 +1,8 @@
-"""The compared methods: the paper's method, the two zero-fill FedAvg baselines, the
-ablations (one component off each) and the central references (paired upper bound,
-unimodal ceilings). Each is a recipe: a model config, a dropout rate, exchange on/off."""
+"""The methods an experiment compares: the paper's method, the two zero-fill FedAvg baselines,
+ablations (one component off each), variants, federated unimodal ceilings, and the central
+references (paired upper bound, unimodal ceilings). Each federated method is a recipe: how
+its model config differs from ours, which modality dropout it trains with, whether it
+exchanges projections (eq. 16), and which modality its clients keep."""
 
 from __future__ import annotations
 
@@ -8,14 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from crossfed.common.model.evaluation import CONFIGURATIONS, evaluate
 from crossfed.common.model.model_config import ModelConfig
 
-from quality.federated_simulation import TrainingBudget, run_central, run_federation
-from quality.quality_data import FederatedData, only_modality, shards_with
-from quality.quality_errors import QualityBenchmarkError
-
-Scores = dict[str, dict[str, float]]
+Dropout = Literal["none", "ours", "baseline"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +22,8 @@ class FederatedMethod:
     name: str
     description: str
     config_update: Callable[[ModelConfig], ModelConfig]
-    dropout: str  # "none", "ours" (budget.ours_dropout) or "baseline" (budget.modality_dropout)
+    # "none", "ours" (train.ours_dropout) or "baseline" (train.modality_dropout)
+    dropout: Dropout
     exchange: bool
     # Train on this modality alone (the other hidden, clients without it left out).
     only: Literal["text", "image"] | None = None
@@ -38,7 +36,8 @@ def _same(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def _zero(cfg: ModelConfig) -> ModelConfig:
+def zero_fill(cfg: ModelConfig) -> ModelConfig:
+    """The baselines' model: missing slots zero-filled, no recovery."""
     return cfg.model_copy(update={"missing_fill": "zero"})
 
 
@@ -66,9 +65,9 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         FederatedMethod(
             "ours", "paper's method (eq. 2-16) with the changes below", _same, "ours", True
         ),
-        FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", _zero, "none", False),
+        FederatedMethod("zero_fill", "FedAvg, missing slots zero-filled", zero_fill, "none", False),
         FederatedMethod(
-            "dropout", "FedAvg, zero-fill + modality dropout", _zero, "baseline", False
+            "dropout", "FedAvg, zero-fill + modality dropout", zero_fill, "baseline", False
         ),
         FederatedMethod(
             "no_orth", "ours without L_orth (lambda_1=0)", _weights(orth=0.0), "ours", True
@@ -102,7 +101,7 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         FederatedMethod(
             "fed_ceiling_text",
             "federated unimodal ceiling: zero-fill FedAvg on the text rows alone, same budget",
-            _zero,
+            zero_fill,
             "none",
             False,
             "text",
@@ -110,7 +109,7 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         FederatedMethod(
             "fed_ceiling_image",
             "federated unimodal ceiling: zero-fill FedAvg on the image rows alone, same budget",
-            _zero,
+            zero_fill,
             "none",
             False,
             "image",
@@ -165,48 +164,11 @@ ABLATIONS = (
 )
 #: Additions to ours measured beside the ablations (not part of the deployed method).
 VARIANTS = ("ours_calibrated", "ours_calibrated_dp")
-CENTRAL_METHODS = ("central_paired", "ceiling_text", "ceiling_image")
-
-
-def run_federated_method(
-    name: str, base: ModelConfig, data: FederatedData, budget: TrainingBudget, seed: int
-) -> Scores:
-    """Train one federated method on the shards; Table I scores on the paired test split."""
-    if name not in FEDERATED_METHODS:
-        raise QualityBenchmarkError(f"unknown method {name!r}; known: {sorted(FEDERATED_METHODS)}")
-    method = FEDERATED_METHODS[name]
-    shards = data.shards if method.only is None else shards_with(data.shards, method.only)
-    if not shards:  # no client holds the modality (per-client missingness at a high rate)
-        nan = {"accuracy": float("nan"), "macro_f1": float("nan"), "count": 0.0}
-        return {c: dict(nan) for c in CONFIGURATIONS}
-    model = run_federation(
-        method.config_update(base),
-        shards,
-        budget,
-        seed,
-        {
-            "none": 0.0,
-            "ours": budget.ours_dropout,
-            "baseline": budget.modality_dropout,
-        }[method.dropout],
-        method.exchange,
-        calibration_noise=method.calibration_noise,
-    )
-    return evaluate(model, data.test)
-
-
-def run_central_method(
-    name: str, base: ModelConfig, data: FederatedData, budget: TrainingBudget, seed: int
-) -> Scores:
-    """Central references: paired upper bound (full training split, both modalities) and
-    unimodal ceilings (every training sample that has the modality, the other hidden)."""
-    zero = _zero(base)
-    if name == "central_paired":
-        model = run_central(zero, data.full_train, budget, seed)
-    elif name == "ceiling_text":
-        model = run_central(zero, only_modality(data.train, "text"), budget, seed)
-    elif name == "ceiling_image":
-        model = run_central(zero, only_modality(data.train, "image"), budget, seed)
-    else:
-        raise QualityBenchmarkError(f"unknown central method {name!r}; known: {CENTRAL_METHODS}")
-    return evaluate(model, data.test)
+#: Central references: the paired upper bound (every training row, both modalities) and the
+#: unimodal ceilings (every training row holding the modality, the other hidden).
+CENTRAL_METHODS: dict[str, str] = {
+    "central_paired": "central upper bound: zero-fill model on every training row, paired",
+    "ceiling_text": "central unimodal ceiling: every training row holding text, image hidden",
+    "ceiling_image": "central unimodal ceiling: every training row holding an image, text hidden",
+}
+ALL_METHODS = (*FEDERATED_METHODS, *CENTRAL_METHODS)
