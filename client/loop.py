@@ -21,6 +21,7 @@ from typing import Protocol
 from crossfed.client.backoff import Backoff, RetryPolicy
 from crossfed.client.errors import (
     AlreadyUploadedError,
+    FatalServerError,
     NotRegisteredError,
     PayloadIntegrityError,
     RoundAbandonedError,
@@ -34,6 +35,11 @@ from crossfed.client.update_upload import (
     LocalUpdate,
     PreparedUpload,
     prepare_upload,
+)
+from crossfed.common.privacy.projection_dp import (
+    ProjectionDPError,
+    ProjectionDPParams,
+    ProjectionMandate,
 )
 from crossfed.v1 import common_pb2, coordinator_pb2
 
@@ -76,6 +82,8 @@ class Registered:
     model_config_json: str
     heartbeat_interval_s: float
     chunk_size: int
+    # the projection noise the server requires (None: it takes exact projections)
+    projection_privacy: ProjectionMandate | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,24 @@ class ProjectionUpload:
 
     payload: bytes  # safetensors bytes
     epsilon_spent: float = 0.0
+    mechanism: ProjectionDPParams | None = None  # the clip and noise applied (None: none)
+
+
+def projection_mandate(message: coordinator_pb2.ProjectionPrivacy) -> ProjectionMandate | None:
+    """The server's projection-privacy mandate from a RegisterResponse (None: not required)."""
+    if not message.required:
+        return None
+    try:
+        return ProjectionMandate(
+            float(message.noise_multiplier),
+            float(message.clip_norm),
+            float(message.delta),
+            float(message.epsilon_budget) or None,
+        )
+    except ProjectionDPError as exc:
+        raise FatalServerError(
+            f"the server's projection privacy mandate is invalid: {exc}"
+        ) from exc
 
 
 class RoundWorker(Protocol):
@@ -308,6 +334,11 @@ class ClientLoop:
                 model_config_json=response.model_config_json,
                 heartbeat_interval_s=self._poll_s,
                 chunk_size=self._chunk_size,
+                projection_privacy=(
+                    projection_mandate(response.projection_privacy)
+                    if response.HasField("projection_privacy")
+                    else None
+                ),
             )
         )
         log.info("registered as %s (run %s)", self.client_id, self.run_id)
@@ -490,6 +521,10 @@ class ClientLoop:
                             payload_sha256=hashlib.sha256(projections.payload).digest(),
                         ),
                         epsilon_spent=projections.epsilon_spent,
+                        noise_multiplier=(
+                            projections.mechanism.noise_multiplier if projections.mechanism else 0.0
+                        ),
+                        clip_norm=projections.mechanism.clip_norm if projections.mechanism else 0.0,
                     )
                 )
             except RoundAbandonedError as exc:

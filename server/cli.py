@@ -26,6 +26,12 @@ def start(
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext gRPC, no client auth (loopback/dev only)."
     ),
+    insecure_off_loopback: bool = typer.Option(
+        False,
+        "--insecure-off-loopback",
+        help="With --insecure: allow a non-loopback --listen address (anyone who reaches it "
+        "can drive the server).",
+    ),
     allow_unencrypted_uploads: bool = typer.Option(
         False, "--allow-unencrypted-uploads", help="Accept plaintext uploads (tests only)."
     ),
@@ -92,6 +98,8 @@ def start(
             overrides[key] = str(value) if isinstance(value, Path) else value
     if insecure:
         overrides["tls.insecure"] = True
+    if insecure_off_loopback:
+        overrides["tls.insecure_off_loopback"] = True
     if log_json:
         overrides["log_json"] = True
     if allow_unencrypted_uploads:

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, enroll
+from crossfed.common.privacy.projection_dp import ProjectionDPError, ProjectionDPParams
 from crossfed.common.wire.chunk_frames import (
     ChunkFrame,
     tensor_chunk_prefix,
@@ -24,6 +25,9 @@ from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.caller_identity import caller_client_id
 from crossfed.server.errors import (
     InvalidUpdateError,
+    PrivacyBudgetExceededError,
+    PrivacyMandateError,
+    ServerBusyError,
     ServerError,
     UnknownClientError,
     WrongRoundError,
@@ -31,11 +35,15 @@ from crossfed.server.errors import (
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
 from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
+from crossfed.server.upload_streams import StreamWatch, UploadStreams
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from google.protobuf.message_factory import GetMessageClass
 
 log = logging.getLogger(__name__)
 
+
+# upload failures the engine records as events itself (others the servicer records)
+ENGINE_LOGGED = (InvalidUpdateError, PrivacyBudgetExceededError, PrivacyMandateError)
 
 # protobuf counts are uint64; the state DB (SQLite) stores int64: larger values are refused
 # here, at the edge, instead of failing deep inside a DB write (an UNKNOWN status)
@@ -146,12 +154,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         max_concurrent_uploads: int = 4,
         upload_slot_wait_s: float = 30.0,
         max_upload_bytes_in_flight: int = 128 * 1024 * 1024,
+        upload_idle_timeout_s: float = 60.0,
     ) -> None:
         self.engine = engine
         # each upload in flight holds its payload (its decoded tensors alias it): bounding
         # count and bytes keeps server memory O(model), not O(clients x model)
         self._upload_admission = UploadAdmission(max_concurrent_uploads, max_upload_bytes_in_flight)
         self.upload_slot_wait_s = upload_slot_wait_s
+        # one stream per client, none that stops sending
+        self.upload_streams = UploadStreams(upload_idle_timeout_s, self._report_stalled)
         # sha256 of each served model version: hashing 100 MB per download request cost every
         # client ~55 ms of server CPU (a run's checkpoint of a version never changes)
         self._model_digests: dict[tuple[str, int], bytes] = {}
@@ -218,6 +229,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             model_config_json=self.model_config_json,
             heartbeat_interval_ms=reg.heartbeat_interval_ms,
             chunk_size=self.chunk_size,
+            projection_privacy=self._projection_privacy(),
+        )
+
+    def _projection_privacy(self) -> coordinator_pb2.ProjectionPrivacy:
+        """The mandate clients must apply to their projections (eq. 16)."""
+        mandate = self.engine.projection_privacy.mandate
+        if mandate is None:
+            return coordinator_pb2.ProjectionPrivacy(required=False)
+        return coordinator_pb2.ProjectionPrivacy(
+            required=True,
+            noise_multiplier=mandate.noise_multiplier,
+            clip_norm=mandate.clip_norm,
+            delta=mandate.delta,
+            epsilon_budget=self.engine.epsilon_budget,
         )
 
     def Heartbeat(
@@ -314,15 +339,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 return coordinator_pb2.UploadResponse(
                     accepted=ticket.accepted, duplicate=ticket.duplicate, message=ticket.message
                 )
-            with self._upload_admission.admit(
-                int(header.payload_size), self.upload_slot_wait_s
-            ) as admitted:
-                if not admitted:
-                    context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "server busy: too many uploads in flight; retry shortly",
-                    )
-                received = receive_payload(header, request_iterator, self.upload_policy, client_id)
+            with (
+                self.upload_streams.track(client_id, round_no, context.cancel) as watch,
+                self._upload_admission.slot(self.upload_slot_wait_s) as slot,
+            ):
+                if slot is None:
+                    raise ServerBusyError("server busy: too many uploads in flight; retry shortly")
+                watch.touch()
+                wait_s = self.upload_slot_wait_s
+
+                def before_chunk(size: int) -> None:
+                    watch.touch()
+                    if not slot.take(size, wait_s):
+                        raise ServerBusyError(
+                            "server busy: the bytes in flight are at their limit; retry shortly"
+                        )
+
+                received = receive_payload(
+                    header, request_iterator, self.upload_policy, client_id, before_chunk
+                )
                 try:
                     # zero-copy: the tensors are views of the verified payload buffer
                     tensors = decode_tensors(received.view, copy=False)
@@ -341,12 +376,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 del tensors
         except ServerError as exc:
             log.info("upload from %s for round %d rejected: %s", client_id, round_no, exc)
-            if not isinstance(exc, InvalidUpdateError):  # engine already logged those
+            if not isinstance(exc, ENGINE_LOGGED):  # the engine recorded those itself
                 self.engine.record_rejection(client_id, round_no, str(exc))
             abort_with(context, exc)
         return coordinator_pb2.UploadResponse(
             accepted=outcome.accepted, duplicate=outcome.duplicate, message=outcome.message
         )
+
+    def _report_stalled(self, watch: StreamWatch) -> None:
+        """An upload stream was cancelled for sending nothing: say so (event + log)."""
+        message = f"upload stream cancelled: {watch.cancelled}; its slot and bytes are freed"
+        log.warning("upload from %s for round %d: %s", watch.client_id, watch.round_no, message)
+        self.engine.record_event("upload_stalled", watch.round_no, watch.client_id, message)
 
     # -- Projections (eq. 16) ----------------------------------------------------------
     def ExchangeProjections(
@@ -358,13 +399,32 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             digest = request.projections.payload_sha256
             if payload and digest and hashlib.sha256(payload).digest() != digest:
                 raise InvalidUpdateError("projection payload does not match its sha256")
-            round_no, prototypes = self.engine.exchange_projections(
-                client_id, int(request.round), payload, float(request.epsilon_spent)
+            reply = self.engine.exchange_projections(
+                client_id,
+                int(request.round),
+                payload,
+                float(request.epsilon_spent),
+                declared_mechanism(request),
             )
         except ServerError as exc:
             abort_with(context, exc)
-        response = coordinator_pb2.ProjectionExchangeResponse(prototypes_round=round_no)
-        if prototypes:
-            response.global_prototypes.safetensors = prototypes
-            response.global_prototypes.payload_sha256 = hashlib.sha256(prototypes).digest()
+        response = coordinator_pb2.ProjectionExchangeResponse(
+            prototypes_round=reply.prototypes_round,
+            epsilon_spent=reply.epsilon_spent,
+            epsilon_budget=reply.epsilon_budget,
+        )
+        if reply.prototypes:
+            response.global_prototypes.safetensors = reply.prototypes
+            response.global_prototypes.payload_sha256 = hashlib.sha256(reply.prototypes).digest()
         return response
+
+
+def declared_mechanism(
+    request: coordinator_pb2.ProjectionExchangeRequest,
+) -> ProjectionDPParams | None:
+    """The noise a client says it applied (None: none, or nothing usable)."""
+    try:
+        params = ProjectionDPParams(float(request.clip_norm), float(request.noise_multiplier))
+    except ProjectionDPError:
+        return None
+    return params if params.noise_multiplier > 0 else None

@@ -69,7 +69,13 @@ class RunNotActiveError(ServerError):
 
 
 class PrivacyBudgetExceededError(ServerError):
-    """A projection upload reports more privacy loss than the configured epsilon budget."""
+    """A release would take a client's (server-accounted) epsilon past the budget."""
+
+    status = StatusKind.FAILED_PRECONDITION
+
+
+class PrivacyMandateError(ServerError):
+    """A release does not carry the privacy mechanism the server mandates (e.g. no noise)."""
 
     status = StatusKind.FAILED_PRECONDITION
 
@@ -78,6 +84,12 @@ class UploadRefusedError(ServerError):
     """The upload's transport policy is not allowed (e.g. unencrypted when encryption is required)."""
 
     status = StatusKind.PERMISSION_DENIED
+
+
+class ServerBusyError(ServerError):
+    """No room for the request now (upload slots or bytes in flight); retry shortly."""
+
+    status = StatusKind.RESOURCE_EXHAUSTED
 
 
 class ModelMismatchError(ServerError):

@@ -14,6 +14,7 @@ from crossfed.common.config import CHUNK_ENVELOPE_BYTES, ServerConfig
 from crossfed.common.crypto.grpc_credentials import server_credentials, warn_insecure
 from crossfed.common.crypto.identity import RequestVerifier
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
+from crossfed.common.privacy.projection_dp import ProjectionMandate
 from crossfed.server.admin_servicer import AdminServicer, ensure_admin_credential
 from crossfed.server.aggregation import CentralDP
 from crossfed.server.calibration_round import CalibrationStep, ccvr_calibration_step
@@ -24,11 +25,14 @@ from crossfed.server.errors import ConfigurationError
 from crossfed.server.grpc_server import RunningServer, start_grpc_server
 from crossfed.server.metrics import ServerMetrics
 from crossfed.server.model_bootstrap import build_initial_model, model_config_digest
+from crossfed.server.privacy_ledger import LEDGER_FILE, PrivacyLedger
 from crossfed.server.projection_exchange import ProjectionSpec
+from crossfed.server.projection_privacy import ProjectionPrivacy
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.factory import open_state_store
 from crossfed.server.state.records import TERMINAL_RUN_STATES
+from crossfed.server.update_bound import UpdateBound
 from crossfed.server.upload_keys import load_or_create_upload_key
 from crossfed.server.upload_receiver import UploadPolicy
 
@@ -94,6 +98,33 @@ def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
     if not privacy.central_dp:
         return None
     return CentralDP(privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
+
+
+def projection_privacy_from_config(config: ServerConfig, state_dir: Path) -> ProjectionPrivacy:
+    """The projection-DP mandate (on by default) and the per-client ledger in ``state_dir``."""
+    privacy = config.privacy
+    ledger = PrivacyLedger(state_dir / LEDGER_FILE, privacy.delta)
+    if not privacy.projection_dp:
+        log.warning(
+            "privacy.projection_dp is off: clients' exact projections are taken and no epsilon "
+            "is accounted (privacy.epsilon_budget does not apply)"
+        )
+        return ProjectionPrivacy(None, ledger, privacy.clip)
+    if privacy.noise_multiplier <= 0:
+        raise ConfigurationError(
+            "privacy.projection_dp is on but privacy.noise_multiplier is 0: the server would "
+            "mandate no noise; set a noise multiplier > 0 or turn projection_dp off"
+        )
+    mandate = ProjectionMandate(
+        privacy.noise_multiplier, privacy.clip, privacy.delta, privacy.epsilon_budget
+    )
+    return ProjectionPrivacy(mandate, ledger)
+
+
+def update_bound_from_config(config: ServerConfig) -> UpdateBound | None:
+    """The per-client update bound (on by default; ``update_bound.max_norm_ratio: null`` off)."""
+    ratio = config.update_bound.max_norm_ratio
+    return None if ratio is None else UpdateBound(ratio)
 
 
 def calibration_step_from_config(config: ServerConfig, model_source: str) -> CalibrationStep | None:
@@ -165,9 +196,11 @@ class CoordinatorServer:
             ),
             model_config_digest=model_config_digest(config.model),
             epsilon_budget=epsilon_budget,
+            projection_privacy=projection_privacy_from_config(config, state_dir),
             central_dp=central_dp_from_config(config),
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
+            update_bound=update_bound_from_config(config),
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)
@@ -186,6 +219,7 @@ class CoordinatorServer:
             model_config_json=config.model.model_dump_json(),
             authenticated=not insecure,
             credential_store=credential_store,
+            upload_idle_timeout_s=config.transport.upload_idle_timeout_s,
         )
         admin = AdminServicer(
             engine, config, authenticated=not insecure, credential_store=credential_store

@@ -141,7 +141,9 @@ def test_received_prototypes_reach_the_next_training(tmp_path: Path) -> None:
 
 
 def test_dp_release_hides_values_counts_presence_and_accounts_epsilon(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(projection_dp=True, clip=1.0, noise_multiplier=1.0, delta=1e-5)
+    privacy = PrivacyConfig(
+        projection_dp=True, clip=1.0, noise_multiplier=1.0, delta=1e-5, epsilon_budget=None
+    )
     model = CrossModalNet(CONFIG)
     data = _embeddings(30, ClientModality.TEXT_ONLY, 0)
     releaser = ProjectionReleaser(privacy, tmp_path)
@@ -164,7 +166,7 @@ def test_dp_release_hides_values_counts_presence_and_accounts_epsilon(tmp_path: 
 def test_dp_release_stops_at_the_epsilon_budget(tmp_path: Path) -> None:
     model = CrossModalNet(CONFIG)
     data = _embeddings(30, ClientModality.BOTH, 0)
-    probe = ProjectionReleaser(PrivacyConfig(noise_multiplier=1.0), None)
+    probe = ProjectionReleaser(PrivacyConfig(noise_multiplier=1.0, epsilon_budget=None), None)
     one = probe.release(model, data)
     assert one is not None
     budget = one.epsilon_spent * 1.5  # room for exactly one release

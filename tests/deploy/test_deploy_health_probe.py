@@ -96,7 +96,9 @@ def test_target_follows_the_servers_config(tmp_path: Path) -> None:
     )
     target = target_from_config(cfg, PROBE_CERT_NAME)
     assert target == ProbeTarget("127.0.0.1:7000", False, tmp_path, PROBE_CERT_NAME)
-    insecure = ServerConfig.model_validate({"listen": "[::]:7000", "tls": {"insecure": True}})
+    insecure = ServerConfig.model_validate(
+        {"listen": "[::]:7000", "tls": {"insecure": True, "insecure_off_loopback": True}}
+    )
     assert target_from_config(insecure, PROBE_CERT_NAME) == ProbeTarget(
         "127.0.0.1:7000", insecure=True
     )
