@@ -23,6 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 from rich.table import Table
 
+from crossfed.output_paths import (
+    OutputPathError,
+    open_temp_beside,
+    replace_checked,
+    safe_output_path,
+)
+
 if TYPE_CHECKING:
     import grpc
 
@@ -604,14 +611,6 @@ def check_safetensors_file(path: Path) -> int:
         _fail(f"exported file is not a valid safetensors payload: {exc}")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_model_to(
     session: AdminSession, path: Path, round_no: int, force: bool = False
 ) -> dict[str, Any]:
@@ -619,19 +618,18 @@ def export_model_to(
     size and SHA-256 verified, safetensors header checked, then renamed into place."""
     from crossfed.v1 import admin_pb2
 
-    path = Path(path)
-    if path.exists() and not force:
-        _fail(f"{path} already exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        _fail(f"directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        path = safe_output_path(Path(path), force)
+        tmp, out = open_temp_beside(path)
+    except OutputPathError as exc:
+        _fail(str(exc), EXIT_USAGE)
     sha = hashlib.sha256()
     expected_digest = b""
     expected_size = total = written = received = version = 0
     request = admin_pb2.ExportModelRequest(round=round_no)
     timeout = max(session.settings.timeout_s, _EXPORT_MIN_TIMEOUT_S)
     try:
-        with open(tmp, "wb") as out, session.stream_errors():
+        with out, session.stream_errors():
             for chunk in session.stub.ExportModel(request, timeout=timeout):
                 if received == 0:
                     total, expected_size = int(chunk.total), int(chunk.payload_size)
@@ -653,8 +651,11 @@ def export_model_to(
         if sha.digest() != expected_digest:
             _fail("SHA-256 of the received model does not match the server's digest")
         tensors = check_safetensors_file(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_checked(tmp, path, force)
+    except OutputPathError as exc:
+        _fail(str(exc))
+    except OSError as exc:  # e.g. the disk filled up mid-download
+        _fail(f"cannot write {path}: {exc.strerror or exc}")
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -118,6 +118,9 @@ def start(
     except (ConfigError, ServerError, LoggingSetupError) as exc:
         typer.echo(f"crossfed server: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # a file in the state dir the server cannot use: one line
+        typer.echo(f"crossfed server: {exc}", err=True)
+        raise typer.Exit(2) from None
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: shutting down", signum)
@@ -155,9 +158,10 @@ def token(
     from crossfed.server.credential_store import SqliteCredentialStore
     from crossfed.server.errors import ServerError
     from crossfed.server.server_app import CREDENTIALS_DB
+    from crossfed.server.state.factory import prepare_state_dir
 
     try:
-        store = SqliteCredentialStore(state_dir / CREDENTIALS_DB)
+        store = SqliteCredentialStore(prepare_state_dir(state_dir) / CREDENTIALS_DB)
         issued = create_enrollment_token(store, ttl_s=ttl_s, client_id=client_id)
         store.close()
     except (EnrollmentError, ServerError) as exc:

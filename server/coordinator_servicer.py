@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
+from crossfed.common.crypto.certificates import Role
 from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, enroll
+from crossfed.common.crypto.peer_certificate import peer_certificate
 from crossfed.common.privacy.projection_dp import ProjectionDPError, ProjectionDPParams
 from crossfed.common.wire.chunk_frames import (
     ChunkFrame,
@@ -155,6 +157,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         upload_slot_wait_s: float = 30.0,
         max_upload_bytes_in_flight: int = 128 * 1024 * 1024,
         upload_idle_timeout_s: float = 60.0,
+        bind_certificate: bool = False,
     ) -> None:
         self.engine = engine
         # each upload in flight holds its payload (its decoded tensors alias it): bounding
@@ -172,6 +175,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.authenticated = authenticated
         self.credential_store = credential_store
         self.server_fingerprint = server_fingerprint
+        self.bind_certificate = bind_certificate  # mTLS: enroll only as the certificate's name
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         return caller_client_id(context, self.authenticated)
@@ -185,12 +189,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this server runs without client authentication (insecure mode); no enrollment",
             )
+        requested = request.requested_client_id or None
+        if self.bind_certificate:
+            requested = self._certificate_name(requested, context)
         try:
-            cred = enroll(
-                self.credential_store,
-                request.enrollment_token,
-                request.requested_client_id or None,
-            )
+            cred = enroll(self.credential_store, request.enrollment_token, requested)
         except EnrollmentError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         self.engine.record_event("client_enrolled", client_id=cred.client_id)
@@ -199,6 +202,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             client_secret=cred.secret,
             server_fingerprint=self.server_fingerprint,
         )
+
+    @staticmethod
+    def _certificate_name(requested: str | None, context: grpc.ServicerContext) -> str:
+        """Under mTLS a client enrolls as the client its certificate was issued to."""
+        cert = peer_certificate(context)
+        if cert is None or cert.role is not Role.CLIENT:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "mTLS: enrollment needs a client certificate"
+                + (f" (this one is {cert.role.value} {cert.name!r})" if cert else ""),
+            )
+            raise AssertionError("unreachable: context.abort raises")
+        if requested is not None and requested != cert.name:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"mTLS: the client certificate is issued to {cert.name!r}; it cannot enroll "
+                f"as {requested!r}",
+            )
+        return cert.name
 
     # -- Register / Heartbeat ----------------------------------------------------------
     def Register(

@@ -29,7 +29,10 @@ from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
 from crossfed.server.calibration_round import CalibrationStep, StatsSum
-from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
+from crossfed.server.checkpoints import (
+    CheckpointStore,
+    write_bytes_atomic,
+)
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
@@ -101,7 +104,6 @@ _LAST_SEEN_PERSIST_S = 5.0
 # last client to notice it); the fleet's total rate of such polls stays bounded.
 _FINISHING_POLL_MIN_MS = 100
 _FINISHING_POLLS_PER_S = 100
-PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,7 @@ class RoundEngine:
     def _load_prototypes(self) -> tuple[int, bytes] | None:
         last = self._run.last_committed_round
         for round_no in range(last, 0, -1):
-            path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(round_no)
+            path = self.checkpoints.prototypes_path(round_no)
             if path.exists():
                 return round_no, path.read_bytes()
         return None
@@ -854,7 +856,7 @@ class RoundEngine:
                 if self.noise_hook is not None:
                     sums = self.noise_hook(sums, record.round)
                 payload = prototypes_payload(sums)
-                path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(record.round)
+                path = self.checkpoints.prototypes_path(record.round)
                 write_bytes_atomic(path, payload)
                 published = (record.round, payload)
         except OSError as exc:  # disk full, read-only state dir, ...
@@ -1039,7 +1041,7 @@ class RoundEngine:
             self._touch(client, self.clock())
             opened = self._require_open(round_no)
             record = opened.record
-            if self.store.get_upload(record.round, record.attempt, upload_id) is not None:
+            if self.store.get_upload(record.round, record.attempt, client_id, upload_id):
                 return UploadOutcome(
                     accepted=True,
                     duplicate=True,

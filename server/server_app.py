@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from crossfed.common.config import CHUNK_ENVELOPE_BYTES, ServerConfig
 from crossfed.common.crypto.grpc_credentials import server_credentials, warn_insecure
-from crossfed.common.crypto.identity import RequestVerifier
+from crossfed.common.crypto.identity import NonceReplayCache, RequestVerifier
+from crossfed.common.crypto.nonce_journal import NonceJournal, NonceJournalError
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
 from crossfed.common.privacy.projection_dp import ProjectionMandate
 from crossfed.server.admin_servicer import AdminServicer, ensure_admin_credential
@@ -30,7 +31,7 @@ from crossfed.server.projection_exchange import ProjectionSpec
 from crossfed.server.projection_privacy import ProjectionPrivacy
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
-from crossfed.server.state.factory import open_state_store
+from crossfed.server.state.factory import open_state_store, prepare_state_dir
 from crossfed.server.state.records import TERMINAL_RUN_STATES
 from crossfed.server.update_bound import UpdateBound
 from crossfed.server.upload_keys import load_or_create_upload_key
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CREDENTIALS_DB = "credentials.db"
+NONCES = "nonces.journal"
 
 
 #: ServerOptions override fields and the ServerConfig setting each one replaces.
@@ -179,8 +181,7 @@ class CoordinatorServer:
         """Open (or resume) the state in ``config.state_dir`` and build the servicer; the
         server's ``config`` is ``config`` with the options' overrides applied."""
         config = options.apply_to(config)
-        state_dir = Path(config.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir = prepare_state_dir(Path(config.state_dir))
         torch.set_num_threads(config.torch_threads)
         model = build_initial_model(config.model, config.seed, options.standin_model)
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
@@ -220,6 +221,7 @@ class CoordinatorServer:
             authenticated=not insecure,
             credential_store=credential_store,
             upload_idle_timeout_s=config.transport.upload_idle_timeout_s,
+            bind_certificate=config.tls.mtls,
         )
         admin = AdminServicer(
             engine, config, authenticated=not insecure, credential_store=credential_store
@@ -238,7 +240,12 @@ class CoordinatorServer:
             creds = server_credentials(
                 self.config.tls.cert_dir, require_client_auth=self.config.tls.mtls
             )
-            interceptors.append(ServerAuthInterceptor(RequestVerifier(self.credential_store)))
+            interceptors.append(
+                ServerAuthInterceptor(
+                    RequestVerifier(self.credential_store, replay_cache=self._replay_cache()),
+                    bind_certificate=self.config.tls.mtls,
+                )
+            )
         if self.metrics is not None:
             interceptors.append(self.metrics.interceptor)
             host = self.config.listen.rsplit(":", 1)[0].strip("[]")
@@ -255,6 +262,14 @@ class CoordinatorServer:
         self._ticker = threading.Thread(target=self._tick_loop, name="crossfed-tick", daemon=True)
         self._ticker.start()
         return self.running.port
+
+    def _replay_cache(self) -> NonceReplayCache:
+        """The nonces of signed requests, journaled in the state dir: a request used before a
+        restart is refused after it."""
+        try:
+            return NonceReplayCache(journal=NonceJournal(Path(self.config.state_dir) / NONCES))
+        except NonceJournalError as exc:
+            raise ConfigurationError(str(exc)) from None
 
     def _tick_loop(self) -> None:
         done_since: float | None = None

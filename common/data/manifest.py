@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from crossfed.common.data.data_errors import ManifestError
 from crossfed.common.data.raw_dataset import RawDataset
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_KEYS = ("image", "image_path", "img")
 TEXT_KEYS = ("text", "caption")
@@ -78,10 +78,34 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
         raise ManifestError(f"{path}: unsupported manifest type (use .csv or .jsonl)")
 
 
+#: Largest image a manifest row may name (width x height, from the file's header, checked
+#: before anything is decoded): 64 Mpx is 192 MB of RGB; a header claiming 100000 x 100000
+#: (a "decompression bomb", 30 GB) is a bad row, not an out-of-memory kill.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageRowError(ValueError):
+    """A manifest image cannot be used (unreadable, or declared larger than allowed)."""
+
+
 def _load_image(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as img:
-        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+    """Decode one image into size x size RGB; any failure is an `ImageRowError`."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageRowError(
+                    f"its header declares {width}x{height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS:,} allowed"
+                )
+            rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except ImageRowError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRowError(f"it declares too many pixels ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on hostile files
+        raise ImageRowError(f"{type(exc).__name__}: {exc}") from None
 
 
 def load_manifest(
@@ -147,8 +171,8 @@ def load_manifest(
                 continue
             try:
                 pixels = _load_image(file, image_size)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                reject(line, f"unreadable image {file}: {exc}")
+            except ImageRowError as exc:
+                reject(line, f"unusable image {file}: {exc}")
                 continue
         images.append(pixels)
         texts.append(text)

@@ -117,7 +117,7 @@ def _federate(options: DemoOptions, run_dir: Path, supervisor: Any, result: Demo
     from crossfed.demo.evaluation import HeldOutEvaluator
     from crossfed.demo.watch import AdminWatcher
     from crossfed.provisioning import KitSpec, ProvisionPlan, provision
-    from crossfed.server.round_engine import PROTOTYPES_FILE_NAME
+    from crossfed.server.checkpoints import PROTOTYPES_FILE_NAME
     from crossfed.server.server_app import CHECKPOINT_DIR
 
     kits = run_dir / "kits"
