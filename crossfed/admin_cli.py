@@ -622,7 +622,7 @@ def export_model_to(
         path = safe_output_path(Path(path), force)
         tmp, out = open_temp_beside(path)
     except OutputPathError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc))
     sha = hashlib.sha256()
     expected_digest = b""
     expected_size = total = written = received = version = 0

@@ -172,7 +172,7 @@ def load_manifest(
             try:
                 pixels = _load_image(file, image_size)
             except ImageRowError as exc:
-                reject(line, f"unusable image {file}: {exc}")
+                reject(line, f"unreadable image {file}: {exc}")
                 continue
         images.append(pixels)
         texts.append(text)

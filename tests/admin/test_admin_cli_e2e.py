@@ -72,7 +72,7 @@ def test_cli_after_a_round(tmp_path: Path) -> None:
         info = json.loads(out)
         assert target.read_bytes() == checkpoint
         assert info["round"] == 1 and info["bytes"] == len(checkpoint) and info["tensors"] > 0
-        assert not list(tmp_path.glob(".model.safetensors.part-*"))
+        assert not list(tmp_path.glob(".crossfed-*.part"))  # no temp file left
         code, _, err = admin(conn, "export-model", str(target))
         assert code == 1 and "already exists" in one_error_line(err)
         initial = tmp_path / "initial.safetensors"
