@@ -32,6 +32,7 @@ from crossfed.server.errors import (
     ServerBusyError,
     ServerError,
     UnknownClientError,
+    UploadCancelledError,
     WrongRoundError,
 )
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
@@ -45,7 +46,12 @@ log = logging.getLogger(__name__)
 
 
 # upload failures the engine records as events itself (others the servicer records)
-ENGINE_LOGGED = (InvalidUpdateError, PrivacyBudgetExceededError, PrivacyMandateError)
+ENGINE_LOGGED = (
+    InvalidUpdateError,
+    PrivacyBudgetExceededError,
+    PrivacyMandateError,
+    UploadCancelledError,  # recorded as upload_stalled (or replaced by the newer stream)
+)
 
 # protobuf counts are uint64; the state DB (SQLite) stores int64: larger values are refused
 # here, at the edge, instead of failing deep inside a DB write (an UNKNOWN status)
@@ -377,9 +383,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                             "server busy: the bytes in flight are at their limit; retry shortly"
                         )
 
-                received = receive_payload(
-                    header, request_iterator, self.upload_policy, client_id, before_chunk
-                )
+                try:
+                    received = receive_payload(
+                        header, request_iterator, self.upload_policy, client_id, before_chunk
+                    )
+                except (ServerError, grpc.RpcError) as exc:
+                    if watch.cancelled:  # the stream was cut by the server: say why
+                        raise UploadCancelledError(
+                            f"upload stream cancelled: {watch.cancelled}"
+                        ) from exc
+                    raise
                 try:
                     # zero-copy: the tensors are views of the verified payload buffer
                     tensors = decode_tensors(received.view, copy=False)

@@ -17,6 +17,7 @@ class StatusKind(Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DATA_LOSS = "DATA_LOSS"
+    CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
 
 
@@ -90,6 +91,12 @@ class ServerBusyError(ServerError):
     """No room for the request now (upload slots or bytes in flight); retry shortly."""
 
     status = StatusKind.RESOURCE_EXHAUSTED
+
+
+class UploadCancelledError(ServerError):
+    """The server cancelled the upload stream (it stalled, or a newer one replaced it)."""
+
+    status = StatusKind.CANCELLED
 
 
 class ModelMismatchError(ServerError):

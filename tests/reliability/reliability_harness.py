@@ -339,26 +339,30 @@ def projection_payload(client_index: int, scale: float = 1.0) -> bytes:
 
 @dataclass
 class LightClient:
-    """A Coordinator client from the generated stubs (insecure channel, id in metadata)."""
+    """A Coordinator client from the generated stubs: an insecure channel with the id in
+    metadata, or (``channel`` given, e.g. TLS with the signing interceptor) that channel."""
 
     target: str
     client_id: str
     index: int = 0
     modality: int = 1
-    channel: grpc.Channel = field(init=False)
+    channel: grpc.Channel | None = None
     stub: coordinator_pb2_grpc.CoordinatorStub = field(init=False)
     upload_ids: dict[int, str] = field(default_factory=dict)
+    signed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 300),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        self.signed = self.channel is not None
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(
+                self.target,
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 300),
+                    ("grpc.enable_retries", 0),
+                ],
+            )
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     @property
@@ -367,9 +371,10 @@ class LightClient:
 
     @property
     def md(self) -> tuple[tuple[str, str], ...]:
-        return (("x-crossfed-client-id", self.client_id),)
+        return () if self.signed else (("x-crossfed-client-id", self.client_id),)
 
     def close(self) -> None:
+        assert self.channel is not None
         self.channel.close()
 
     def register(self) -> coordinator_pb2.RegisterResponse:

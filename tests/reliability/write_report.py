@@ -124,6 +124,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     load = {k: v for k, v in results.items() if k.startswith("load_")}
     disk = {k: v for k, v in results.items() if k.startswith("disk_full")}
     client = {k: v for k, v in results.items() if k.startswith("client_faults")}
+    attacks = {k: v for k, v in results.items() if k.startswith("attack_")}
     restarts = sum(int(v.get("restarts", 0)) for v in kills.values())
     fuzz_cases = sum(int(v.get("cases", 0)) for v in fuzz.values())
     improper = sum(int(v.get("improper", 0)) for v in fuzz.values())
@@ -190,6 +191,12 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             [
                 "disk full / read-only at checkpoint time",
                 f"{len(disk)} scenarios passed" if disk else "not run",
+            ]
+        ),
+        _row(
+            [
+                "attacks by an enrolled hostile client (and hostile inputs), see below",
+                f"{len(attacks)} held" if attacks else "not run",
             ]
         ),
         "",
@@ -306,6 +313,26 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(f"- `{name}`: {facts}")
     if not disk:
+        lines.append("not run")
+    lines += ["", "## Attacks", ""]
+    if attacks:
+        lines += [
+            (
+                "Each row is a scenario of `tests/reliability/test_reliability_attacks_*.py` "
+                "that carries out the attack against the real server (TLS, enrolled clients "
+                "signing every call, production defaults) or the real CLI; the row is recorded "
+                "only when the scenario held, and *observed* is what the suite saw."
+            ),
+            "",
+            _row(["attack", "attempt", "expected", "observed"]),
+            _row(["---"] * 4),
+        ]
+        for name, v in sorted(attacks.items()):
+            cells = [v.get(k, "") for k in ("attempt", "expected", "observed")]
+            lines.append(
+                _row([name.removeprefix("attack_"), *(str(c).replace("|", "\\|") for c in cells)])
+            )
+    else:
         lines.append("not run")
     lines += ["", "## Bugs found by this suite (fixed)", ""]
     lines += [f"- {what} — *{fix}*" for what, fix in BUGS_FOUND]
