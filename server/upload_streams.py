@@ -67,19 +67,19 @@ class UploadStreams:
         """Register a stream of ``client_id`` for the duration of the block; an older stream
         of the same client is cancelled first (`ServerBusyError` if it does not leave)."""
         watch = StreamWatch(client_id, round_no, cancel, self.clock(), _clock=self.clock)
+        deadline = time.monotonic() + SUPERSEDE_WAIT_S
         with self._changed:
-            older = self._streams.get(client_id)
-            if older is not None:
+            # until this client has no stream: cancel the one it has and wait for it to
+            # leave (another new stream of the client may have taken its place meanwhile)
+            while (older := self._streams.get(client_id)) is not None:
                 self._cancel_locked(older, "superseded by a newer upload of the same client")
-                deadline = time.monotonic() + SUPERSEDE_WAIT_S
-                while self._streams.get(client_id) is older:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ServerBusyError(
-                            f"an earlier upload of {client_id!r} is still being processed; "
-                            "retry shortly"
-                        )
-                    self._changed.wait(left)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerBusyError(
+                        f"an earlier upload of {client_id!r} is still being processed; "
+                        "retry shortly"
+                    )
+                self._changed.wait(left)
             self._streams[client_id] = watch
             self._ensure_watchdog_locked()
         try:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from attack_harness import attack_server, record_attack, wait_for, wait_train
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
-from crossfed.server.update_bound import MIN_REFERENCE_NORM
 from reliability_harness import projection_payload
 
 RATIO = 0.5  # update_bound.max_norm_ratio of the default config
+MIN_REFERENCE_NORM = 1.0  # server/update_bound.py: the bound of a model with a smaller norm
 
 
 def _shifted(state: dict[str, torch.Tensor], delta: float) -> dict[str, torch.Tensor]:

@@ -20,13 +20,13 @@ from attack_harness import (
     wait_for,
     wait_train,
 )
-from crossfed.common.config import DEFAULT_PROJECTION_NOISE_MULTIPLIER
+from crossfed.common.config import PrivacyConfig
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
 from crossfed.common.wire.tensor_codec import encode_tensors
 from crossfed.v1 import admin_pb2, common_pb2, coordinator_pb2
 from reliability_harness import LightClient, projection_payload
 
-SIGMA = DEFAULT_PROJECTION_NOISE_MULTIPLIER
+SIGMA = PrivacyConfig().noise_multiplier  # the server's default mandate
 
 
 def _exact_means() -> bytes:
