@@ -213,8 +213,8 @@ class PrivacyConfig(_Section):
         ge=0,
         le=1000,
         description="sigma: Gaussian noise = sigma * C (the server's value is the minimum its "
-        "clients must add). Default 5: a client holding both modalities spends epsilon 9.4 at "
-        "delta 1e-5 over the default 10 rounds (9.4 with a calibration round)",
+        "clients must add). Default 5: a client holding both modalities spends epsilon 9.37 "
+        "at delta 1e-5 over the default 10 rounds (9.44 with a calibration round)",
     )
     delta: float = Field(
         default=1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta)"

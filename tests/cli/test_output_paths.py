@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from crossfed.output_paths import (
     OutputPathError,
     open_temp_beside,
