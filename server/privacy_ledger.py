@@ -82,9 +82,3 @@ class PrivacyLedger:
             self._save_locked(clients)  # first on disk: a crash over-counts, never under
             self._clients = clients
             return updated.epsilon(self.delta)
-
-    def largest_epsilon(self) -> float:
-        """The most any client has spent (the run's reported epsilon)."""
-        with self._lock:
-            accountants = list(self._clients.values())
-        return max((a.epsilon(self.delta) for a in accountants), default=0.0)

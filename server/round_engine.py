@@ -29,10 +29,7 @@ from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
 from crossfed.server.calibration_round import CalibrationStep, StatsSum
-from crossfed.server.checkpoints import (
-    CheckpointStore,
-    write_bytes_atomic,
-)
+from crossfed.server.checkpoints import CheckpointStore, write_bytes_atomic
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
@@ -1309,9 +1306,8 @@ class RoundEngine:
             assert self._projections is not None
             if not self._projections.add(client_id, round_no, bounded):
                 return
-            largest = privacy.ledger.largest_epsilon()
-            if largest != self._run.epsilon_spent:
-                self._run.epsilon_spent = largest
+            if spent.epsilon > self._run.epsilon_spent:  # the run's figure: the largest client's
+                self._run.epsilon_spent = spent.epsilon
                 self.store.put_run(self._run)
             values = {"epsilon_spent": spent.epsilon, "clipped_rows": float(clipped)}
             if math.isfinite(reported_epsilon):

@@ -63,6 +63,32 @@ BUGS_FOUND = [
 
 KNOWN_GAPS = [
     (
+        "Bounded influence covers model updates and projections; calibration-round statistics "
+        "(opt-in) are checked for plausibility (whole counts, sums of squares) but not "
+        "norm-bounded: a hostile holder of images can still skew the image-only refit (an "
+        "unusable fit leaves the model uncalibrated)."
+    ),
+    (
+        "The update bound limits how far one update moves the model per round (0.5 x its norm "
+        "by default), not where many colluding clients steer it; and sample counts are the "
+        "client's word, so a client registering many rows carries more of eq. 15's weight "
+        "(within the bound)."
+    ),
+    (
+        "A client that trickles its upload (a chunk just inside upload_idle_timeout_s) keeps "
+        "its one upload slot that long; several identities can hold several slots."
+    ),
+    (
+        "The nonce journal is fsynced about once a second: after a power loss (not a process "
+        "kill) a request accepted in the last second before it could be replayed within the "
+        "clock window."
+    ),
+    (
+        "Under projection DP the released class counts are presence bits (0 or 1), published "
+        "exactly; the epsilon the server accounts covers the noised rows, not which classes a "
+        "client holds."
+    ),
+    (
         "Disk full is simulated for the checkpoint and prototypes writes only. An SQLite write "
         "failing (StateStoreError) mid-commit is not handled: the engine mutates its in-memory "
         "run/round/client records before the DB write, so memory can run ahead of the DB until "
