@@ -223,4 +223,4 @@ class HeldCall(Exception):
 
 def _untemp(text: str) -> str:
     """Drop pytest's temporary directory from a message (the table shows what, not where)."""
-    return re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+/", "<tmp>/", text)
+    return re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/(popen-gw\d+/)?[^/ ]+/", "<tmp>/", text)
