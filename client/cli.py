@@ -116,7 +116,11 @@ def start(
         Path | None, typer.Option("--cert-dir", help="`crossfed certs` dir.")
     ] = None,
     no_projection_dp: Annotated[
-        bool, typer.Option("--no-projection-dp", help="Share exact projections (no DP noise).")
+        bool,
+        typer.Option(
+            "--no-projection-dp",
+            help="Share exact projections (no DP noise; a server that mandates DP overrides it).",
+        ),
     ] = False,
     noise_multiplier: Annotated[
         float | None, typer.Option("--noise-multiplier", help="Projection DP sigma.")

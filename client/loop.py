@@ -37,6 +37,11 @@ from crossfed.client.update_upload import (
     prepare_upload,
 )
 from crossfed.common.model.encoder_identity import EncoderIdentity
+from crossfed.common.privacy.projection_dp import (
+    ProjectionDPError,
+    ProjectionDPParams,
+    ProjectionMandate,
+)
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -84,6 +89,8 @@ class Registered:
     heartbeat_interval_s: float
     chunk_size: int
     class_names: tuple[str, ...] = ()  # the federation's classes in index order
+    # the projection noise the server requires (None: it takes exact projections)
+    projection_privacy: ProjectionMandate | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,24 @@ class ProjectionUpload:
 
     payload: bytes  # safetensors bytes
     epsilon_spent: float = 0.0
+    mechanism: ProjectionDPParams | None = None  # the clip and noise applied (None: none)
+
+
+def projection_mandate(message: coordinator_pb2.ProjectionPrivacy) -> ProjectionMandate | None:
+    """The server's projection-privacy mandate from a RegisterResponse (None: not required)."""
+    if not message.required:
+        return None
+    try:
+        return ProjectionMandate(
+            float(message.noise_multiplier),
+            float(message.clip_norm),
+            float(message.delta),
+            float(message.epsilon_budget) or None,
+        )
+    except ProjectionDPError as exc:
+        raise FatalServerError(
+            f"the server's projection privacy mandate is invalid: {exc}"
+        ) from exc
 
 
 class RoundWorker(Protocol):
@@ -335,6 +360,11 @@ class ClientLoop:
                 heartbeat_interval_s=self._poll_s,
                 chunk_size=self._chunk_size,
                 class_names=tuple(response.class_names),
+                projection_privacy=(
+                    projection_mandate(response.projection_privacy)
+                    if response.HasField("projection_privacy")
+                    else None
+                ),
             )
         )
         log.info("registered as %s (run %s)", self.client_id, self.run_id)
@@ -517,6 +547,10 @@ class ClientLoop:
                             payload_sha256=hashlib.sha256(projections.payload).digest(),
                         ),
                         epsilon_spent=projections.epsilon_spent,
+                        noise_multiplier=(
+                            projections.mechanism.noise_multiplier if projections.mechanism else 0.0
+                        ),
+                        clip_norm=projections.mechanism.clip_norm if projections.mechanism else 0.0,
                     )
                 )
             except RoundAbandonedError as exc:

@@ -1,6 +1,11 @@
 """What a client releases in the projection exchange (eq. 16): per-class projections of its
 f_t and f_i, clipped and Gaussian-noised when projection DP is on, with the epsilon spent so
-far tracked by an RDP accountant that survives daemon restarts (kept in the state dir)."""
+far tracked by an RDP accountant that survives daemon restarts (kept in the state dir).
+
+A server's mandate (announced at Register) overrides the local settings where it is stricter:
+projection DP on, its clip, at least its noise, at most its budget, its delta. The client then
+counts its releases as the server does (one Gaussian release per modality present), so it
+stops before the server would refuse it."""
 
 from __future__ import annotations
 
@@ -17,7 +22,12 @@ from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes, compute_class_projections
 from crossfed.common.privacy.budget import PrivacyBudget
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountant, PrivacyAccountantError
-from crossfed.common.privacy.projection_dp import ProjectionDPParams, privatize_projections
+from crossfed.common.privacy.projection_dp import (
+    ProjectionDPParams,
+    ProjectionMandate,
+    privatize_projections,
+    released_modalities,
+)
 from crossfed.common.wire.tensor_codec import encode_tensors
 
 log = logging.getLogger(__name__)
@@ -27,10 +37,11 @@ ACCOUNTANT_FILE = "projection_accountant.json"
 
 @dataclass(frozen=True)
 class Release:
-    """One projection payload and the epsilon spent once it is out."""
+    """One projection payload, the epsilon spent once it is out, and the mechanism applied."""
 
     payload: bytes  # safetensors: text_sum, image_sum, text_count, image_count
     epsilon_spent: float
+    mechanism: ProjectionDPParams | None = None  # None: exact projections
 
 
 def _privatized(prototypes: ClassPrototypes, params: ProjectionDPParams) -> ClassPrototypes:
@@ -60,10 +71,37 @@ class ProjectionReleaser:
     """Computes, privatizes and accounts one client's projection releases."""
 
     def __init__(self, privacy: PrivacyConfig, state_dir: Path | None) -> None:
-        self.privacy = privacy
+        self.own = privacy
+        self.privacy = privacy  # the settings in force: own, tightened by a server mandate
         self._path = Path(state_dir) / ACCOUNTANT_FILE if state_dir is not None else None
         self.accountant = self._load()
         self._budget_warned = False
+
+    def adopt(self, mandate: ProjectionMandate | None) -> None:
+        """Apply a server's projection-privacy mandate (None: the own settings stand)."""
+        own = self.own
+        if mandate is None:
+            self.privacy = own
+            return
+        budgets = [b for b in (own.epsilon_budget, mandate.epsilon_budget) if b is not None]
+        effective = own.model_copy(
+            update={
+                "projection_dp": True,
+                "clip": mandate.clip_norm,
+                "noise_multiplier": max(own.noise_multiplier, mandate.noise_multiplier),
+                "delta": mandate.delta,
+                "epsilon_budget": min(budgets) if budgets else None,
+            }
+        )
+        if not own.projection_dp or own.noise_multiplier < mandate.noise_multiplier:
+            log.warning(
+                "the server mandates projection noise sigma >= %g (clip %g); releasing with "
+                "sigma %g instead of the local setting",
+                mandate.noise_multiplier,
+                mandate.clip_norm,
+                effective.noise_multiplier,
+            )
+        self.privacy = effective
 
     def _load(self) -> PrivacyAccountant:
         if self._path is None or not self._path.exists():
@@ -112,9 +150,10 @@ class ProjectionReleaser:
             return Release(encode_tensors(prototypes.to_tensors()), 0.0)
         params = self.params
         sigma = params.accounting_noise_multiplier
-        if self.privacy.epsilon_budget is not None and sigma > 0:
+        steps = released_modalities(prototypes.text_count, prototypes.image_count)
+        if self.privacy.epsilon_budget is not None and sigma > 0 and steps:
             budget = PrivacyBudget(self.privacy.epsilon_budget, self.privacy.delta)
-            if self.accountant.would_exceed(budget, sigma, 1.0):
+            if self.accountant.would_exceed(budget, sigma, 1.0, steps):
                 if not self._budget_warned:
                     log.warning(
                         "projection epsilon budget %.3g reached (spent %.3g): no more releases",
@@ -124,8 +163,8 @@ class ProjectionReleaser:
                     self._budget_warned = True
                 return None
         noised = _privatized(prototypes, params)
-        if sigma > 0:
-            self.accountant.step(sigma, 1.0)
+        if sigma > 0 and steps:
+            self.accountant.step(sigma, 1.0, steps)
             self._save()
         spent = self.epsilon() if sigma > 0 else math.inf
-        return Release(encode_tensors(noised.to_tensors()), spent)
+        return Release(encode_tensors(noised.to_tensors()), spent, params)

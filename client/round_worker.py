@@ -128,6 +128,7 @@ class ModelRoundWorker:
 
     def on_registered(self, registered: Registered) -> None:
         self.data = self.data.for_federation(registered.class_names)
+        self.releaser.adopt(registered.projection_privacy)
         if not registered.model_config_json:
             if self.model is None:
                 log.warning("server sent no ModelConfig; using the defaults")
@@ -285,6 +286,7 @@ class ModelRoundWorker:
             stats_to_tensors,
         )
         from crossfed.common.privacy.calibration_dp import (
+            NOISE_METRIC,
             CalibrationDPParams,
             default_clip_norm,
             privatize_calibration_stats,
@@ -297,7 +299,7 @@ class ModelRoundWorker:
                 "layers (model.calibrate_image_classifier is off)"
             )
         started = time.perf_counter()
-        privacy = self.settings.privacy
+        privacy = self.releaser.privacy  # the own settings tightened by the server's mandate
         noised = privacy.projection_dp and privacy.noise_multiplier > 0
         metrics: dict[str, float] = {}
         if privacy.dp_sgd or not self.settings.share_calibration_stats:
@@ -312,6 +314,7 @@ class ModelRoundWorker:
             clipped = image_only_stats(model, self.data.train, clip_norm=params.clip_norm)
             stats = privatize_calibration_stats(clipped, params)
             metrics["calibration_dp_epsilon_total"] = self.releaser.epsilon()
+            metrics[NOISE_METRIC] = params.noise_multiplier
         else:
             log.warning("projection DP is off: exact calibration statistics leave this client")
             stats = image_only_stats(model, self.data.train)
@@ -372,7 +375,11 @@ class ModelRoundWorker:
         release = self.releaser.release(self._require_model(), self.data.train)
         if release is None:
             return None
-        return ProjectionUpload(payload=release.payload, epsilon_spent=release.epsilon_spent)
+        return ProjectionUpload(
+            payload=release.payload,
+            epsilon_spent=release.epsilon_spent,
+            mechanism=release.mechanism,
+        )
 
     def receive_prototypes(self, round_id: int, payload: bytes) -> None:
         try:

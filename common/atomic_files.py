@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Literal, overload
@@ -16,9 +16,15 @@ from typing import IO, Literal, overload
 TEMP_MARKER = ".tmp-"
 
 
+#: Longest target name whose temporary name embeds it (the suffix must fit NAME_MAX, 255).
+_EMBED_NAME_MAX = 200
+
+
 def temp_path_for(path: Path) -> Path:
-    """A fresh temporary name beside ``path`` (hidden, marked, unique per call)."""
-    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
+    """A fresh temporary name beside ``path`` (hidden, marked, unique per call; short for a
+    long target name, so it fits the directory whatever the target's length)."""
+    stem = path.name if len(os.fsencode(path.name)) <= _EMBED_NAME_MAX else "crossfed"
+    return path.with_name(f".{stem}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -33,27 +39,44 @@ def fsync_directory(directory: Path) -> None:
 @overload
 @contextmanager
 def atomic_output(
-    path: Path, mode: int = ..., *, text: Literal[False] = ..., durable: bool = ...
+    path: Path,
+    mode: int = ...,
+    *,
+    text: Literal[False] = ...,
+    durable: bool = ...,
+    before_replace: Callable[[], None] | None = ...,
 ) -> Iterator[IO[bytes]]: ...
 
 
 @overload
 @contextmanager
 def atomic_output(
-    path: Path, mode: int = ..., *, text: Literal[True], durable: bool = ...
+    path: Path,
+    mode: int = ...,
+    *,
+    text: Literal[True],
+    durable: bool = ...,
+    before_replace: Callable[[], None] | None = ...,
 ) -> Iterator[IO[str]]: ...
 
 
 @contextmanager
 def atomic_output(
-    path: Path, mode: int = 0o644, *, text: bool = False, durable: bool = True
+    path: Path,
+    mode: int = 0o644,
+    *,
+    text: bool = False,
+    durable: bool = True,
+    before_replace: Callable[[], None] | None = None,
 ) -> Iterator[IO[bytes]] | Iterator[IO[str]]:
     """A handle on a temporary file that replaces ``path`` when the block ends normally and
-    is deleted when it raises. ``durable`` False skips the fsyncs (rebuildable caches)."""
+    is deleted when it raises. ``durable`` False skips the fsyncs (rebuildable caches);
+    ``before_replace`` may refuse (raise) right before the rename (a target that changed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
     try:
         with os.fdopen(
             fd, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})
@@ -63,6 +86,8 @@ def atomic_output(
             if durable:
                 os.fsync(handle.fileno())
         os.chmod(tmp, mode)  # the umask may have changed the creation mode
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -10,6 +10,7 @@ than 0 (got -1) [from env CROSSFED_ROUNDS__MIN_CLIENTS]``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -62,15 +63,25 @@ class ConfigError(ValueError):
     """A configuration that cannot be loaded; ``str()`` is one line naming field and problem."""
 
 
+#: Projection noise multiplier (sigma) and epsilon budget of the defaults: with them a client
+#: holding both modalities spends epsilon <= 10 at delta = 1e-5 over the default run (see
+#: PrivacyConfig.noise_multiplier).
+DEFAULT_PROJECTION_NOISE_MULTIPLIER = 5.0
+DEFAULT_EPSILON_BUDGET = 10.0
+#: Default update bound (UpdateBoundConfig.max_norm_ratio).
+DEFAULT_UPDATE_NORM_RATIO = 0.5
+
 #: Upper bound of round and client counts: far above any real federation, and small enough
 #: for every integer column of the state database (SQLite INTEGER is 64-bit).
 MAX_COUNT = 1_000_000
 
 
 class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+    """Base of every config section: unknown keys are errors, assignments are re-validated,
+    and no float may be inf or NaN (``epsilon_budget: .inf`` or ``1e400`` is not a number a
+    bound can be checked against)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _check_address(value: str) -> str:
@@ -88,6 +99,12 @@ class TLSConfig(_Section):
     )
     mtls: bool = Field(default=False, description="require client certificates as well")
     insecure: bool = Field(default=False, description="plaintext gRPC; only when asked for by flag")
+    insecure_off_loopback: bool = Field(
+        default=False,
+        description="server: allow insecure=true on an address other than loopback (plaintext "
+        "and unauthenticated to anyone who can reach it; e.g. inside a container whose port is "
+        "published on 127.0.0.1 only)",
+    )
 
     @model_validator(mode="after")
     def _mtls_needs_tls(self) -> TLSConfig:
@@ -160,6 +177,13 @@ class TransportConfig(_Section):
         description="client: keep the model download buffer this many seconds between rounds "
         "(warm pages download ~2.5x faster; lazily freed while idle; 0: free it after each load)",
     )
+    upload_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="server: cancel an upload stream that sends nothing for this long and free "
+        "its slot and bytes (an idle stream must not hold the server's upload capacity)",
+    )
     hash_encrypted_uploads: bool = Field(
         default=False,
         description="SHA-256 the plaintext of an encrypted upload that declares no digest, for "
@@ -180,18 +204,28 @@ class TransportConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy: projection noise (eq. 16), optional DP-SGD and central DP."""
 
-    projection_dp: bool = Field(default=True, description="clip and noise projections (eq. 16)")
+    projection_dp: bool = Field(
+        default=True,
+        description="clip and noise projections (eq. 16); on a server: mandate it (clients "
+        "that send no noise are refused) and account epsilon per client",
+    )
     clip: float = Field(default=1.0, gt=0, description="C: L2 clip of each projection")
     noise_multiplier: float = Field(
-        default=1.0, ge=0, description="sigma: Gaussian noise = sigma * C"
+        default=DEFAULT_PROJECTION_NOISE_MULTIPLIER,
+        ge=0,
+        le=1000,
+        description="sigma: Gaussian noise = sigma * C (the server's value is the minimum its "
+        "clients must add). Default 5: a client holding both modalities spends epsilon 9.37 "
+        "at delta 1e-5 over the default 10 rounds (9.44 with a calibration round)",
     )
     delta: float = Field(
         default=1e-5, gt=0, lt=1, description="delta of the reported (epsilon, delta)"
     )
     epsilon_budget: float | None = Field(
-        default=None,
+        default=DEFAULT_EPSILON_BUDGET,
         gt=0,
-        description="stop sharing projections once accounted epsilon would exceed it",
+        description="stop a client's projection releases once its accounted epsilon would "
+        "exceed it (server: computed per client from the mandated noise; null: no budget)",
     )
     dp_sgd: bool = Field(default=False, description="train locally with Opacus DP-SGD")
     dp_sgd_target_epsilon: float = Field(default=8.0, gt=0)
@@ -206,6 +240,21 @@ class PrivacyConfig(_Section):
     central_dp_clip: float = Field(default=1.0, gt=0, description="L2 clip of each client update")
     central_dp_noise_multiplier: float = Field(
         default=1.0, ge=0, description="z: noise = z * clip / n"
+    )
+
+
+class UpdateBoundConfig(_Section):
+    """Bounded influence of one client on the global model (see server/update_bound.py)."""
+
+    max_norm_ratio: float | None = Field(
+        default=DEFAULT_UPDATE_NORM_RATIO,
+        gt=0,
+        le=1000,
+        description="clip each update so that its L2 distance from the global model is at most "
+        "this fraction of the global model's L2 norm (over the modules the update trained); "
+        "null: off. Default 0.5, from honest runs on the built-in data "
+        "(benchmarks/update_norms.py): demo settings max 0.105 (3 seeds, 45 updates), 10 local "
+        "epochs at batch 256 max 0.161, 5 epochs at 3x the demo's lr max 0.278",
     )
 
 
@@ -226,6 +275,7 @@ class ServerConfig(_Section):
     transport: TransportConfig = Field(default_factory=lambda: TransportConfig())
     tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
     privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
+    update_bound: UpdateBoundConfig = Field(default_factory=lambda: UpdateBoundConfig())
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Prometheus /metrics"
     )
@@ -276,6 +326,27 @@ class ServerConfig(_Section):
         if self.classes is not None:
             return list(self.classes)
         return default_class_names(self.model.num_classes)
+
+    @model_validator(mode="after")
+    def _insecure_only_on_loopback(self) -> ServerConfig:
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        if self.tls.insecure and not self.tls.insecure_off_loopback and not _is_loopback(host):
+            raise ValueError(
+                f"insecure=true serves plaintext without client authentication; listen "
+                f"{self.listen} is not a loopback address. Listen on 127.0.0.1, use TLS, or "
+                "set tls.insecure_off_loopback (--insecure-off-loopback) to mean it"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP or a name) only ever means this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class MissingModalityConfig(_Section):

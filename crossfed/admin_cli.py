@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crossfed.common.atomic_files import atomic_output
+from crossfed.output_paths import OutputPathError, check_replaceable, safe_output_path
 
 if TYPE_CHECKING:
     import grpc
@@ -633,42 +634,46 @@ def check_bundle_bytes(data: bytearray, path: Path) -> ModelBundle:
 def export_model_to(
     session: AdminSession, path: Path, round_no: int, force: bool = False
 ) -> dict[str, Any]:
-    """Stream the model of ``round_no`` (0 = latest) into ``path`` atomically: chunks in order,
-    size and SHA-256 verified, safetensors header checked, then renamed into place."""
+    """The model bundle of ``round_no`` (0 = latest) into ``path``: the path checked first,
+    chunks in order, size and SHA-256 verified, the bundle loaded, then written atomically."""
     from crossfed.v1 import admin_pb2
 
-    path = Path(path)
-    if path.exists() and not force:
-        _fail(f"{path} already exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        _fail(f"directory {path.parent} does not exist")
+    try:
+        path = safe_output_path(Path(path), force)  # before a byte is fetched
+    except OutputPathError as exc:
+        _fail(str(exc))
     sha = hashlib.sha256()
     expected_digest = b""
     expected_size = total = received = version = 0
     payload = bytearray()
     request = admin_pb2.ExportModelRequest(round=round_no)
     timeout = max(session.settings.timeout_s, _EXPORT_MIN_TIMEOUT_S)
-    with atomic_output(path) as out:  # replaces `path` only once everything below passed
-        with session.stream_errors():
-            for chunk in session.stub.ExportModel(request, timeout=timeout):
-                if received == 0:
-                    total, expected_size = int(chunk.total), int(chunk.payload_size)
-                    expected_digest, version = bytes(chunk.payload_sha256), int(chunk.round)
-                elif chunk.total != total or bytes(chunk.payload_sha256) != expected_digest:
-                    _fail(f"chunk {chunk.index} disagrees with the first chunk's total/digest")
-                if chunk.index != received:
-                    _fail(f"chunk {chunk.index} arrived where chunk {received} was expected")
-                sha.update(chunk.data)
-                payload += chunk.data
-                received += 1
-        if received == 0 or received != total:
-            _fail(f"export stream ended after {received} of {total or '?'} chunks (truncated)")
-        if len(payload) != expected_size:
-            _fail(f"received {len(payload)} bytes but the server announced {expected_size}")
-        if sha.digest() != expected_digest:
-            _fail("SHA-256 of the received model does not match the server's digest")
-        bundle = check_bundle_bytes(payload, path)
-        out.write(payload)
+    with session.stream_errors():
+        for chunk in session.stub.ExportModel(request, timeout=timeout):
+            if received == 0:
+                total, expected_size = int(chunk.total), int(chunk.payload_size)
+                expected_digest, version = bytes(chunk.payload_sha256), int(chunk.round)
+            elif chunk.total != total or bytes(chunk.payload_sha256) != expected_digest:
+                _fail(f"chunk {chunk.index} disagrees with the first chunk's total/digest")
+            if chunk.index != received:
+                _fail(f"chunk {chunk.index} arrived where chunk {received} was expected")
+            sha.update(chunk.data)
+            payload += chunk.data
+            received += 1
+    if received == 0 or received != total:
+        _fail(f"export stream ended after {received} of {total or '?'} chunks (truncated)")
+    if len(payload) != expected_size:
+        _fail(f"received {len(payload)} bytes but the server announced {expected_size}")
+    if sha.digest() != expected_digest:
+        _fail("SHA-256 of the received model does not match the server's digest")
+    bundle = check_bundle_bytes(payload, path)
+    try:  # the target is checked again right before the rename: it may have changed
+        with atomic_output(path, before_replace=lambda: check_replaceable(path, force)) as out:
+            out.write(payload)
+    except OutputPathError as exc:
+        _fail(str(exc))
+    except OSError as exc:  # e.g. the disk filled up
+        _fail(f"cannot write {path}: {exc.strerror or exc}")
     written = len(payload)
     return {
         "path": str(path),

@@ -107,22 +107,37 @@ class StreamingFedAvg:
         """Sum of weights per module so far (0 = nobody trained it yet)."""
         return dict(self._weight)
 
+    def contributed_keys(self, weights: Mapping[str, float]) -> list[str]:
+        """The averaged tensors an upload with these module weights is folded into."""
+        return [
+            key
+            for key, glob in self._global.items()
+            if is_averaged(glob) and float(weights.get(self._module_of_key[key], 0.0)) > 0.0
+        ]
+
     def add(
-        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float], num_samples: int
+        self,
+        update: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        num_samples: int,
+        scale: float = 1.0,
     ) -> None:
-        """Fold one already-validated update into the running sum (one fused pass per tensor)."""
+        """Fold one already-validated update into the running sum (one fused pass per tensor).
+        ``scale`` < 1 folds theta_g + scale (theta_i - theta_g) instead (an update clipped by
+        the server's update bound); central DP clips what is left to its own norm."""
         if self._result is not None:
             raise RuntimeError("this round's running sum was already turned into its result")
-        scale = self._clip_scale(update, weights) if self.central_dp is not None else 1.0
-        for key, glob in self._global.items():
-            if not is_averaged(glob):
-                continue
-            w = float(weights.get(self._module_of_key[key], 0.0))
-            if w <= 0.0:
-                continue
+        if not (math.isfinite(scale) and 0.0 <= scale <= 1.0):
+            raise ValueError(f"scale must be in [0, 1], got {scale}")
+        if self.central_dp is not None:
+            scale *= self._clip_scale(update, weights, scale)
+        for key in self.contributed_keys(weights):
+            glob = self._global[key]
+            w = float(weights[self._module_of_key[key]])
             value = update[key]
-            if scale < 1.0:  # theta_g + s * (theta_i - theta_g): the clipped update
-                value = torch.lerp(glob.to(value.dtype), value, scale)
+            if scale < 1.0:  # theta_g + s * (theta_i - theta_g), in float64: no overflow
+                wide = torch.lerp(glob.to(torch.float64), value.to(torch.float64), scale)
+                value = wide.to(glob.dtype)
             acc = self._acc.get(key)
             if acc is None:  # first contribution: one pass, no zero-fill
                 self._acc[key] = torch.mul(value.to(accumulator_dtype(glob.dtype)), w)
@@ -136,16 +151,17 @@ class StreamingFedAvg:
         self.total_samples += int(num_samples)
 
     def _clip_scale(
-        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float]
+        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float], prescale: float
     ) -> float:
-        """min(1, C / ||delta||) over every tensor this upload contributes to."""
+        """min(1, C / ||delta||) over every tensor this upload contributes to, where delta is
+        the update after ``prescale`` (the update bound's clip)."""
         assert self.central_dp is not None
         total = 0.0
-        for key, glob in self._global.items():
-            if is_averaged(glob) and float(weights.get(self._module_of_key[key], 0.0)) > 0.0:
-                diff = update[key].to(torch.float64) - glob.to(torch.float64)
-                total += float(diff.pow(2).sum())
-        norm = math.sqrt(total)
+        for key in self.contributed_keys(weights):
+            glob = self._global[key]
+            diff = update[key].to(torch.float64) - glob.to(torch.float64)
+            total += float(diff.pow(2).sum())
+        norm = math.sqrt(total) * prescale
         if norm <= self.central_dp.clip_norm:
             return 1.0
         self.clipped_updates += 1

@@ -1,6 +1,7 @@
 """Global-model checkpoints, one safetensors file per committed round, written atomically
 (tmp file, fsync, rename, fsync dir) so a kill at any instant leaves either the old or the
-new file, never a torn one. Only the last N are kept."""
+new file, never a torn one. Only the last N are kept, of the checkpoints and of the global
+prototypes files published beside them (eq. 16)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from crossfed.common.wire.tensor_codec import decode_tensors, payload_pieces
 from crossfed.server.errors import CheckpointError
 
 _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
+#: The global prototypes published at a round's commit (eq. 16), beside its checkpoint.
+PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
+_PROTOTYPES_NAME = re.compile(r"^prototypes-(\d{6,})\.safetensors$")
 
 
 class CheckpointStore:
@@ -32,14 +36,18 @@ class CheckpointStore:
         """Where the checkpoint of ``round_no`` lives."""
         return self.directory / f"global-{round_no:06d}.safetensors"
 
-    def rounds(self) -> list[int]:
-        """Rounds that have a checkpoint on disk, ascending."""
+    def rounds(self, pattern: re.Pattern[str] = _NAME) -> list[int]:
+        """Rounds that have a checkpoint (or a file named by ``pattern``) on disk, ascending."""
         found = []
         for path in self.directory.iterdir():
-            match = _NAME.match(path.name)
+            match = pattern.match(path.name)
             if match:
                 found.append(int(match.group(1)))
         return sorted(found)
+
+    def prototypes_path(self, round_no: int) -> Path:
+        """Where the global prototypes published at ``round_no``'s commit live."""
+        return self.directory / PROTOTYPES_FILE_NAME.format(round_no)
 
     def save(
         self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "", prune: bool = True
@@ -56,12 +64,17 @@ class CheckpointStore:
         return path
 
     def prune(self, protect: int) -> None:
-        """Delete all but the newest ``keep_last`` checkpoints (never ``protect``)."""
-        rounds = [r for r in self.rounds() if r <= protect]
-        for old in rounds[: max(len(rounds) - self.keep_last, 0)]:
-            if old != protect:
-                with contextlib.suppress(FileNotFoundError):
-                    self.path_of(old).unlink()
+        """Delete all but the newest ``keep_last`` checkpoints and prototypes files (never
+        those of round ``protect``)."""
+        for pattern, path_of in (
+            (_NAME, self.path_of),
+            (_PROTOTYPES_NAME, self.prototypes_path),
+        ):
+            rounds = [r for r in self.rounds(pattern) if r <= protect]
+            for old in rounds[: max(len(rounds) - self.keep_last, 0)]:
+                if old != protect:
+                    with contextlib.suppress(FileNotFoundError):
+                        path_of(old).unlink()
 
     def load_bytes(self, round_no: int) -> bytes:
         """The raw safetensors bytes of a checkpoint (served as-is to downloaders)."""

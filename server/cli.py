@@ -26,6 +26,12 @@ def start(
     insecure: bool = typer.Option(
         False, "--insecure", help="Plaintext gRPC, no client auth (loopback/dev only)."
     ),
+    insecure_off_loopback: bool = typer.Option(
+        False,
+        "--insecure-off-loopback",
+        help="With --insecure: allow a non-loopback --listen address (anyone who reaches it "
+        "can drive the server).",
+    ),
     allow_unencrypted_uploads: bool = typer.Option(
         False, "--allow-unencrypted-uploads", help="Accept plaintext uploads (tests only)."
     ),
@@ -101,6 +107,8 @@ def start(
             overrides[key] = str(value) if isinstance(value, Path) else value
     if insecure:
         overrides["tls.insecure"] = True
+    if insecure_off_loopback:
+        overrides["tls.insecure_off_loopback"] = True
     if log_json:
         overrides["log_json"] = True
     if allow_unencrypted_uploads:
@@ -119,6 +127,9 @@ def start(
         server = CoordinatorServer.create(cfg, options)
         port = server.start()
     except (ConfigError, ServerError, LoggingSetupError, DataError) as exc:
+        typer.echo(f"crossfed server: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # a file in the state dir the server cannot use: one line
         typer.echo(f"crossfed server: {exc}", err=True)
         raise typer.Exit(2) from None
 
@@ -158,9 +169,10 @@ def token(
     from crossfed.server.credential_store import SqliteCredentialStore
     from crossfed.server.errors import ServerError
     from crossfed.server.server_app import CREDENTIALS_DB
+    from crossfed.server.state.factory import prepare_state_dir
 
     try:
-        store = SqliteCredentialStore(state_dir / CREDENTIALS_DB)
+        store = SqliteCredentialStore(prepare_state_dir(state_dir) / CREDENTIALS_DB)
         issued = create_enrollment_token(store, ttl_s=ttl_s, client_id=client_id)
         store.close()
     except (EnrollmentError, ServerError) as exc:

@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
+from crossfed.common.crypto.certificates import Role
 from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, enroll
+from crossfed.common.crypto.peer_certificate import peer_certificate
+from crossfed.common.privacy.projection_dp import ProjectionDPError, ProjectionDPParams
 from crossfed.common.wire.chunk_frames import (
     ChunkFrame,
     tensor_chunk_prefix,
@@ -24,19 +27,32 @@ from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.caller_identity import caller_client_id
 from crossfed.server.errors import (
     InvalidUpdateError,
+    PrivacyBudgetExceededError,
+    PrivacyMandateError,
+    ServerBusyError,
     ServerError,
     UnknownClientError,
+    UploadCancelledError,
     WrongRoundError,
 )
 from crossfed.server.federation_contract import ClientFacts
 from crossfed.server.round_engine import RoundEngine, UploadOutcome
 from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
+from crossfed.server.upload_streams import StreamWatch, UploadStreams
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from google.protobuf.message_factory import GetMessageClass
 
 log = logging.getLogger(__name__)
 
+
+# upload failures the engine records as events itself (others the servicer records)
+ENGINE_LOGGED = (
+    InvalidUpdateError,
+    PrivacyBudgetExceededError,
+    PrivacyMandateError,
+    UploadCancelledError,  # recorded as upload_stalled (or replaced by the newer stream)
+)
 
 # protobuf counts are uint64; the state DB (SQLite) stores int64: larger values are refused
 # here, at the edge, instead of failing deep inside a DB write (an UNKNOWN status)
@@ -147,12 +163,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         max_concurrent_uploads: int = 4,
         upload_slot_wait_s: float = 30.0,
         max_upload_bytes_in_flight: int = 128 * 1024 * 1024,
+        upload_idle_timeout_s: float = 60.0,
+        bind_certificate: bool = False,
     ) -> None:
         self.engine = engine
         # each upload in flight holds its payload (its decoded tensors alias it): bounding
         # count and bytes keeps server memory O(model), not O(clients x model)
         self._upload_admission = UploadAdmission(max_concurrent_uploads, max_upload_bytes_in_flight)
         self.upload_slot_wait_s = upload_slot_wait_s
+        # one stream per client, none that stops sending
+        self.upload_streams = UploadStreams(upload_idle_timeout_s, self._report_stalled)
         # sha256 of each served model version: hashing 100 MB per download request cost every
         # client ~55 ms of server CPU (a run's checkpoint of a version never changes)
         self._model_digests: dict[tuple[str, int], bytes] = {}
@@ -162,6 +182,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.authenticated = authenticated
         self.credential_store = credential_store
         self.server_fingerprint = server_fingerprint
+        self.bind_certificate = bind_certificate  # mTLS: enroll only as the certificate's name
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         return caller_client_id(context, self.authenticated)
@@ -175,12 +196,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this server runs without client authentication (insecure mode); no enrollment",
             )
+        requested = request.requested_client_id or None
+        if self.bind_certificate:
+            requested = self._certificate_name(requested, context)
         try:
-            cred = enroll(
-                self.credential_store,
-                request.enrollment_token,
-                request.requested_client_id or None,
-            )
+            cred = enroll(self.credential_store, request.enrollment_token, requested)
         except EnrollmentError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         self.engine.record_event("client_enrolled", client_id=cred.client_id)
@@ -189,6 +209,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             client_secret=cred.secret,
             server_fingerprint=self.server_fingerprint,
         )
+
+    @staticmethod
+    def _certificate_name(requested: str | None, context: grpc.ServicerContext) -> str:
+        """Under mTLS a client enrolls as the client its certificate was issued to."""
+        cert = peer_certificate(context)
+        if cert is None or cert.role is not Role.CLIENT:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "mTLS: enrollment needs a client certificate"
+                + (f" (this one is {cert.role.value} {cert.name!r})" if cert else ""),
+            )
+            raise AssertionError("unreachable: context.abort raises")
+        if requested is not None and requested != cert.name:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"mTLS: the client certificate is issued to {cert.name!r}; it cannot enroll "
+                f"as {requested!r}",
+            )
+        return cert.name
 
     # -- Register / Heartbeat ----------------------------------------------------------
     def Register(
@@ -223,6 +262,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             heartbeat_interval_ms=reg.heartbeat_interval_ms,
             chunk_size=self.chunk_size,
             class_names=contract.class_names if contract is not None else (),
+            projection_privacy=self._projection_privacy(),
+        )
+
+    def _projection_privacy(self) -> coordinator_pb2.ProjectionPrivacy:
+        """The mandate clients must apply to their projections (eq. 16)."""
+        mandate = self.engine.projection_privacy.mandate
+        if mandate is None:
+            return coordinator_pb2.ProjectionPrivacy(required=False)
+        return coordinator_pb2.ProjectionPrivacy(
+            required=True,
+            noise_multiplier=mandate.noise_multiplier,
+            clip_norm=mandate.clip_norm,
+            delta=mandate.delta,
+            epsilon_budget=self.engine.epsilon_budget,
         )
 
     def Heartbeat(
@@ -319,15 +372,32 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 return coordinator_pb2.UploadResponse(
                     accepted=ticket.accepted, duplicate=ticket.duplicate, message=ticket.message
                 )
-            with self._upload_admission.admit(
-                int(header.payload_size), self.upload_slot_wait_s
-            ) as admitted:
-                if not admitted:
-                    context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "server busy: too many uploads in flight; retry shortly",
+            with (
+                self.upload_streams.track(client_id, round_no, context.cancel) as watch,
+                self._upload_admission.slot(self.upload_slot_wait_s) as slot,
+            ):
+                if slot is None:
+                    raise ServerBusyError("server busy: too many uploads in flight; retry shortly")
+                watch.touch()
+                wait_s = self.upload_slot_wait_s
+
+                def before_chunk(size: int) -> None:
+                    watch.touch()
+                    if not slot.take(size, wait_s):
+                        raise ServerBusyError(
+                            "server busy: the bytes in flight are at their limit; retry shortly"
+                        )
+
+                try:
+                    received = receive_payload(
+                        header, request_iterator, self.upload_policy, client_id, before_chunk
                     )
-                received = receive_payload(header, request_iterator, self.upload_policy, client_id)
+                except (ServerError, grpc.RpcError) as exc:
+                    if watch.cancelled:  # the stream was cut by the server: say why
+                        raise UploadCancelledError(
+                            f"upload stream cancelled: {watch.cancelled}"
+                        ) from exc
+                    raise
                 try:
                     # zero-copy: the tensors are views of the verified payload buffer
                     tensors = decode_tensors(received.view, copy=False)
@@ -346,12 +416,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 del tensors
         except ServerError as exc:
             log.info("upload from %s for round %d rejected: %s", client_id, round_no, exc)
-            if not isinstance(exc, InvalidUpdateError):  # engine already logged those
+            if not isinstance(exc, ENGINE_LOGGED):  # the engine recorded those itself
                 self.engine.record_rejection(client_id, round_no, str(exc))
             abort_with(context, exc)
         return coordinator_pb2.UploadResponse(
             accepted=outcome.accepted, duplicate=outcome.duplicate, message=outcome.message
         )
+
+    def _report_stalled(self, watch: StreamWatch) -> None:
+        """An upload stream was cancelled for sending nothing: say so (event + log)."""
+        message = f"upload stream cancelled: {watch.cancelled}; its slot and bytes are freed"
+        log.warning("upload from %s for round %d: %s", watch.client_id, watch.round_no, message)
+        self.engine.record_event("upload_stalled", watch.round_no, watch.client_id, message)
 
     # -- Projections (eq. 16) ----------------------------------------------------------
     def ExchangeProjections(
@@ -363,13 +439,32 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             digest = request.projections.payload_sha256
             if payload and digest and hashlib.sha256(payload).digest() != digest:
                 raise InvalidUpdateError("projection payload does not match its sha256")
-            round_no, prototypes = self.engine.exchange_projections(
-                client_id, int(request.round), payload, float(request.epsilon_spent)
+            reply = self.engine.exchange_projections(
+                client_id,
+                int(request.round),
+                payload,
+                float(request.epsilon_spent),
+                declared_mechanism(request),
             )
         except ServerError as exc:
             abort_with(context, exc)
-        response = coordinator_pb2.ProjectionExchangeResponse(prototypes_round=round_no)
-        if prototypes:
-            response.global_prototypes.safetensors = prototypes
-            response.global_prototypes.payload_sha256 = hashlib.sha256(prototypes).digest()
+        response = coordinator_pb2.ProjectionExchangeResponse(
+            prototypes_round=reply.prototypes_round,
+            epsilon_spent=reply.epsilon_spent,
+            epsilon_budget=reply.epsilon_budget,
+        )
+        if reply.prototypes:
+            response.global_prototypes.safetensors = reply.prototypes
+            response.global_prototypes.payload_sha256 = hashlib.sha256(reply.prototypes).digest()
         return response
+
+
+def declared_mechanism(
+    request: coordinator_pb2.ProjectionExchangeRequest,
+) -> ProjectionDPParams | None:
+    """The noise a client says it applied (None: none, or nothing usable)."""
+    try:
+        params = ProjectionDPParams(float(request.clip_norm), float(request.noise_multiplier))
+    except ProjectionDPError:
+        return None
+    return params if params.noise_multiplier > 0 else None

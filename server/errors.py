@@ -17,6 +17,7 @@ class StatusKind(Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     DATA_LOSS = "DATA_LOSS"
+    CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
 
 
@@ -69,7 +70,13 @@ class RunNotActiveError(ServerError):
 
 
 class PrivacyBudgetExceededError(ServerError):
-    """A projection upload reports more privacy loss than the configured epsilon budget."""
+    """A release would take a client's (server-accounted) epsilon past the budget."""
+
+    status = StatusKind.FAILED_PRECONDITION
+
+
+class PrivacyMandateError(ServerError):
+    """A release does not carry the privacy mechanism the server mandates (e.g. no noise)."""
 
     status = StatusKind.FAILED_PRECONDITION
 
@@ -78,6 +85,18 @@ class UploadRefusedError(ServerError):
     """The upload's transport policy is not allowed (e.g. unencrypted when encryption is required)."""
 
     status = StatusKind.PERMISSION_DENIED
+
+
+class ServerBusyError(ServerError):
+    """No room for the request now (upload slots or bytes in flight); retry shortly."""
+
+    status = StatusKind.RESOURCE_EXHAUSTED
+
+
+class UploadCancelledError(ServerError):
+    """The server cancelled the upload stream (it stalled, or a newer one replaced it)."""
+
+    status = StatusKind.CANCELLED
 
 
 class ModelMismatchError(ServerError):

@@ -101,7 +101,8 @@ class _EngineStateCollector(Collector):
             by_state.add_metric([name], float(count))
         yield by_state
         eps = GaugeMetricFamily(
-            "crossfed_epsilon_spent", "Projection-DP epsilon spent (largest reported)."
+            "crossfed_epsilon_spent",
+            "Projection-DP epsilon spent: the largest of any client, counted by the server.",
         )
         eps.add_metric([], run.epsilon_spent)
         yield eps
@@ -132,6 +133,21 @@ class ServerMetrics:
             "crossfed_uploads_rejected",
             "Uploads refused, by gRPC status (invalid_argument, data_loss, ...).",
             ["reason"],
+            registry=r,
+        )
+        self.updates_clipped = Counter(
+            "crossfed_updates_clipped",
+            "Updates folded in scaled down to the update bound (update_bound.max_norm_ratio).",
+            registry=r,
+        )
+        self.uploads_stalled = Counter(
+            "crossfed_uploads_stalled",
+            "Upload streams cancelled for sending nothing (transport.upload_idle_timeout_s).",
+            registry=r,
+        )
+        self.projections_refused = Counter(
+            "crossfed_projections_refused",
+            "Projection releases refused (no mandated noise, over the epsilon budget, invalid).",
             registry=r,
         )
         self.bytes_received = Counter(
@@ -203,6 +219,12 @@ class ServerMetrics:
             self.uploads_accepted.inc()
             if "fold_s" in values:
                 self.fold_duration.observe(values["fold_s"])
+        elif event.kind == "update_clipped":
+            self.updates_clipped.inc()
+        elif event.kind == "upload_stalled":
+            self.uploads_stalled.inc()
+        elif event.kind == "projections_refused":
+            self.projections_refused.inc()
 
     def _observe_round_end(self, event: EventRecord, outcome: str) -> None:
         started = self._round_started.pop(event.round, None)

@@ -20,7 +20,6 @@ from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import CheckpointError
 from crossfed.server.federation_contract import FederationContract
-from crossfed.server.projection_exchange import PROTOTYPES_FILE_NAME
 from crossfed.server.state.records import RunRecord
 
 BUNDLE_FILE_NAME = "bundle-{:06d}.safetensors"
@@ -55,7 +54,7 @@ class BundleStore:
         """The global prototypes a client holds after ``round_no``: the latest published at
         or before it (rounds without projections, and the calibration round, publish none)."""
         for rnd in range(round_no, 0, -1):
-            path = self.directory / PROTOTYPES_FILE_NAME.format(rnd)
+            path = self.checkpoints.prototypes_path(rnd)
             if path.is_file():
                 try:
                     return ClassPrototypes.from_tensors(decode_tensors(path.read_bytes()))

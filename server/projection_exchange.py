@@ -4,6 +4,7 @@ privacy code add server-side noise / accounting before prototypes are published.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,8 +15,6 @@ from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.errors import InvalidUpdateError
 
 PROJECTION_KEYS = ("text_sum", "image_sum", "text_count", "image_count")
-#: Where the engine publishes the global prototypes of a round, beside its checkpoints.
-PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,57 @@ def decode_projections(payload: bytes, spec: ProjectionSpec) -> dict[str, torch.
     return out
 
 
+#: Tail of the noise norm a projection row may carry beyond sqrt(d) noise stds: a Gaussian
+#: vector passes sqrt(d) + 8 stds with probability < e^-32.
+NOISE_NORM_TAIL = 8.0
+
+
+@dataclass(frozen=True)
+class ProjectionLimits:
+    """How large one client's projection release may be (bounded influence on eq. 16)."""
+
+    clip_norm: float  # C: a class mean, before noise, has L2 norm <= C
+    noise_std: float  # sigma * C of the mandated noise (0: exact projections)
+    max_count: float  # largest count of one class row (1 under DP: presence)
+    max_total: float  # the counts of one modality add up to at most this (registered rows)
+
+    def row_bound(self, dim: int) -> float:
+        """Longest mean row a release may carry: C plus the noise's norm tail."""
+        return self.clip_norm + self.noise_std * (math.sqrt(dim) + NOISE_NORM_TAIL)
+
+
+def bound_projections(
+    projections: Mapping[str, torch.Tensor], limits: ProjectionLimits
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Counts checked (whole numbers within the limits, else `InvalidUpdateError`) and every
+    sum row clipped to count x `ProjectionLimits.row_bound` (a row of count 0 becomes zero);
+    returns the bounded payload and how many rows were clipped. Bounded rows keep the
+    prototypes (sums over clients, divided by whole counts >= 1) finite in float32."""
+    out = dict(projections)
+    clipped = 0
+    for side in ("text", "image"):
+        counts = projections[f"{side}_count"]
+        if not bool((counts == counts.round()).all()) or bool((counts > limits.max_count).any()):
+            raise InvalidUpdateError(
+                f"projection {side}_count must hold whole numbers in [0, {limits.max_count:g}]"
+                f" per class, got {counts.tolist()}"
+            )
+        if float(counts.sum()) > limits.max_total:
+            raise InvalidUpdateError(
+                f"projection {side}_count adds up to {float(counts.sum()):g}, more than the "
+                f"{limits.max_total:g} samples this client registered"
+            )
+        sums = projections[f"{side}_sum"]
+        bound = counts * limits.row_bound(int(sums.shape[1]))
+        largest = sums.abs().amax(dim=1).clamp_min(1e-300)  # scaled: 1e300 rows do not overflow
+        norms = largest * torch.linalg.vector_norm(sums / largest.unsqueeze(1), dim=1)
+        over = norms > bound
+        clipped += int(over.sum())
+        scale = torch.where(over, bound / norms, torch.ones_like(norms))
+        out[f"{side}_sum"] = sums * scale.unsqueeze(1)
+    return out, clipped
+
+
 def prototypes_payload(sums: Mapping[str, torch.Tensor]) -> bytes:
     """Safetensors payload of the global prototypes: the summed keys plus per-class means
     ``text_prototype``/``image_prototype`` (zero rows where a class was never seen)."""
@@ -101,6 +151,10 @@ class ProjectionAggregator:
         self.spec = spec
         self._sums = {k: torch.zeros(s, dtype=torch.float64) for k, s in spec.shapes().items()}
         self.contributors: set[tuple[str, int]] = set()
+
+    def has(self, client_id: str, round_no: int) -> bool:
+        """Whether this client's payload of this round is already in the sums."""
+        return (client_id, round_no) in self.contributors
 
     def add(self, client_id: str, round_no: int, projections: Mapping[str, torch.Tensor]) -> bool:
         """Add a validated payload; False (ignored) if this client already sent this round's."""

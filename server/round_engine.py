@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from crossfed.common import atomic_files
+from crossfed.common.privacy.projection_dp import ProjectionDPParams
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
@@ -38,21 +39,25 @@ from crossfed.server.errors import (
     ModelMismatchError,
     NotSelectedError,
     PrivacyBudgetExceededError,
+    PrivacyMandateError,
     RunNotActiveError,
+    ServerError,
     StateStoreError,
     UnknownClientError,
     WrongRoundError,
 )
 from crossfed.server.federation_contract import ClientFacts, FederationContract
 from crossfed.server.model_bundles import BundleStore
+from crossfed.server.privacy_ledger import PrivacyLedger
 from crossfed.server.projection_exchange import (
-    PROTOTYPES_FILE_NAME,
     ProjectionAggregator,
     ProjectionNoiseHook,
     ProjectionSpec,
+    bound_projections,
     decode_projections,
     prototypes_payload,
 )
+from crossfed.server.projection_privacy import ProjectionPrivacy
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.sd_admission import (
     RECOVERY_FEATURE,
@@ -82,6 +87,7 @@ from crossfed.server.state.records import (
     RunRecord,
     UploadRecord,
 )
+from crossfed.server.update_bound import BoundCheck, UpdateBound, UpdateBounder
 from crossfed.server.update_validation import (
     TensorSlot,
     required_keys,
@@ -153,6 +159,17 @@ class UploadTicket:
 
 
 @dataclass(frozen=True)
+class ProjectionReply:
+    """What ExchangeProjections answers: the latest global prototypes (round 0 and no bytes
+    before the first) and the caller's epsilon as the server counts it, with its budget."""
+
+    prototypes_round: int
+    prototypes: bytes
+    epsilon_spent: float
+    epsilon_budget: float
+
+
+@dataclass(frozen=True)
 class UploadOutcome:
     """Result of an upload: accepted (counted once), or a duplicate of an earlier one."""
 
@@ -171,6 +188,7 @@ class _OpenRound:
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weights: dict[str, float] = field(default_factory=dict)
     stats: StatsSum | None = None  # set for the calibration round (which folds no weights)
+    bounder: UpdateBounder | None = None  # the update bound of a training round, if any
 
 
 def holds_images(client: ClientRecord) -> bool:
@@ -199,12 +217,14 @@ class RoundEngine:
         model_config_digest: str = "",
         epsilon_budget: float = 0.0,
         noise_hook: ProjectionNoiseHook | None = None,
+        projection_privacy: ProjectionPrivacy | None = None,
         central_dp: CentralDP | None = None,
         central_dp_delta: float = 1e-5,
         calibration: CalibrationStep | None = None,
         contract: FederationContract | None = None,
         bundles: BundleStore | None = None,
         sd_requirement: SDRequirement | None = None,
+        update_bound: UpdateBound | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.store = store
@@ -213,6 +233,7 @@ class RoundEngine:
         self.sd_requirement = sd_requirement
         # recovery each client registered with in this process ("feature": no SD uploads)
         self._recovery_of: dict[str, str] = {}
+        self.update_bound = update_bound
         self.calibration = calibration
         self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
@@ -223,6 +244,8 @@ class RoundEngine:
         self.model_config_digest = model_config_digest
         self.epsilon_budget = epsilon_budget
         self.noise_hook = noise_hook
+        # without one: exact projections taken (rows bounded), no epsilon accounted
+        self.projection_privacy = projection_privacy or ProjectionPrivacy(None, PrivacyLedger(None))
         self.clock = clock
         self._lock = threading.RLock()
         self.events_changed = threading.Condition(self._lock)
@@ -269,18 +292,24 @@ class RoundEngine:
     def _load_global(self) -> dict[str, torch.Tensor]:
         version = self._run.last_committed_round
         state = self.checkpoints.load(version)
+        what = f"checkpoint of round {version}"
         try:
-            validate_update(state, self._spec, what=f"checkpoint of round {version}")
+            validate_update(state, self._spec, what=what)
         except InvalidUpdateError as exc:
-            raise CheckpointError(
-                f"{exc}; the state directory belongs to a different model configuration"
+            if spec_of_state(state) != self._spec:
+                raise CheckpointError(
+                    f"{exc}; the state directory belongs to a different model configuration"
+                ) from exc
+            raise CheckpointError(  # the right layout with unusable values
+                f"{exc}; the file is damaged or holds a poisoned model: restore a good "
+                f"{what} or start from a fresh state directory"
             ) from exc
         return state
 
     def _load_prototypes(self) -> tuple[int, bytes] | None:
         last = self._run.last_committed_round
         for round_no in range(last, 0, -1):
-            path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(round_no)
+            path = self.checkpoints.prototypes_path(round_no)
             if path.exists():
                 return round_no, path.read_bytes()
         return None
@@ -731,6 +760,11 @@ class RoundEngine:
                 self._global, self.module_of, self.central_dp, _central_dp_generator()
             ),
             stats=StatsSum(self.calibration.spec) if calibration and self.calibration else None,
+            bounder=(
+                UpdateBounder(self._global, self.update_bound)
+                if self.update_bound is not None and not calibration
+                else None
+            ),
         )
         self._waiting_since = None
         for cid in selected:
@@ -843,6 +877,11 @@ class RoundEngine:
         else:
             new_state = opened.fedavg.result()
             pending = self._projections
+            try:  # an overflowing weighted sum is never committed
+                validate_update(new_state, self._spec, what=f"aggregate of round {record.round}")
+            except InvalidUpdateError as exc:
+                self._aggregate_rejected_locked(record.round, str(exc))
+                return
         published: tuple[int, bytes] | None = None
         try:
             # pruned only after the DB commit: a kill in between must find the last committed
@@ -853,7 +892,7 @@ class RoundEngine:
                 if self.noise_hook is not None:
                     sums = self.noise_hook(sums, record.round)
                 payload = prototypes_payload(sums)
-                path = self.checkpoints.directory / PROTOTYPES_FILE_NAME.format(record.round)
+                path = self.checkpoints.prototypes_path(record.round)
                 atomic_files.write_atomic(path, payload)
                 published = (record.round, payload)
         except OSError as exc:  # disk full, read-only state dir, ...
@@ -984,6 +1023,17 @@ class RoundEngine:
             "central_dp_epsilon": accountant.epsilon(self.central_dp_delta),
         }
 
+    def _aggregate_rejected_locked(self, round_no: int, problem: str) -> None:
+        """The round's aggregate is not a usable model: fail the attempt (retried, bounded by
+        max_round_attempts); the last good model stays the global model."""
+        message = f"{problem}; the round is not committed, the last good model is kept"
+        log.error(message)
+        self._write_best_effort(
+            "aggregate_rejected event",
+            lambda: self._event("aggregate_rejected", round_no=round_no, message=message),
+        )
+        self._fail_open_locked(message, retry=True)
+
     def _checkpoint_failed_locked(self, round_no: int, exc: OSError) -> None:
         """The new global model could not be written: the round is not committed (its attempt
         fails and is retried, bounded by max_round_attempts); the last good checkpoint stays."""
@@ -1055,7 +1105,7 @@ class RoundEngine:
             self._touch(client, self.clock())
             opened = self._require_open(round_no)
             record = opened.record
-            if self.store.get_upload(record.round, record.attempt, upload_id) is not None:
+            if self.store.get_upload(record.round, record.attempt, client_id, upload_id):
                 return UploadOutcome(
                     accepted=True,
                     duplicate=True,
@@ -1127,9 +1177,13 @@ class RoundEngine:
             if ticket.calibration:
                 assert self.calibration is not None
                 self.calibration.check(tensors, ticket.num_samples)
-        except InvalidUpdateError as exc:
+                self.projection_privacy.admit_calibration(  # counted before it is used
+                    ticket.client_id, metrics or {}, ticket.num_samples, self.epsilon_budget
+                )
+        except (InvalidUpdateError, PrivacyBudgetExceededError, PrivacyMandateError) as exc:
             self._event("upload_rejected", ticket.round, ticket.client_id, str(exc))
             raise
+        bound = self._bound_check(ticket, tensors)
         with self._lock:
             opened = self._open
             if (
@@ -1164,7 +1218,9 @@ class RoundEngine:
             if opened.stats is not None:
                 opened.stats.add(tensors)
             else:
-                opened.fedavg.add(tensors, ticket.weights, ticket.num_samples)
+                opened.fedavg.add(
+                    tensors, ticket.weights, ticket.num_samples, bound.scale if bound else 1.0
+                )
             fold_s = time.perf_counter() - fold_started
             opened.uploaders[ticket.client_id] = ticket.upload_id
             for key, value in (metrics or {}).items():
@@ -1188,6 +1244,13 @@ class RoundEngine:
                 f"progress of round {record.round}", self.store.put_round, record
             )
             self._write_best_effort(f"upload of {client.client_id}", self._save_client, client)
+            if bound is not None and bound.clipped:
+                self._write_best_effort(
+                    "update_clipped event", self._update_clipped_event, ticket, bound
+                )
+            accepted_values = {"num_samples": float(ticket.num_samples), "fold_s": fold_s}
+            if bound is not None:
+                accepted_values["update_norm_ratio"] = bound.ratio
             self._write_best_effort(
                 "upload_accepted event",
                 lambda: self._event(
@@ -1195,7 +1258,7 @@ class RoundEngine:
                     ticket.round,
                     ticket.client_id,
                     f"upload {ticket.upload_id}",
-                    {"num_samples": float(ticket.num_samples), "fold_s": fold_s},
+                    accepted_values,
                 ),
             )
             self._tick_locked()
@@ -1203,6 +1266,34 @@ class RoundEngine:
             return UploadOutcome(
                 True, False, f"update for round {ticket.round} accepted", round_closed=closed
             )
+
+    def _bound_check(
+        self, ticket: UploadTicket, tensors: Mapping[str, torch.Tensor]
+    ) -> BoundCheck | None:
+        """Measure a training update against the update bound (outside the lock: one pass
+        over the update); None without a bound or when the attempt is no longer open."""
+        with self._lock:
+            opened = self._open
+        if (
+            ticket.calibration
+            or opened is None
+            or opened.bounder is None
+            or (opened.record.round, opened.record.attempt) != (ticket.round, ticket.attempt)
+        ):
+            return None
+        return opened.bounder.check(tensors, opened.fedavg.contributed_keys(ticket.weights))
+
+    def _update_clipped_event(self, ticket: UploadTicket, bound: BoundCheck) -> None:
+        self._event(
+            "update_clipped",
+            ticket.round,
+            ticket.client_id,
+            f"update {ticket.upload_id} lies {bound.distance:.4g} from the global model, past "
+            f"the bound {bound.limit:.4g} (update_bound.max_norm_ratio "
+            f"{self.update_bound.max_norm_ratio if self.update_bound else 0:g} x its norm "
+            f"{bound.reference:.4g}); folded in scaled by {bound.scale:.3g}",
+            {"distance": bound.distance, "limit": bound.limit, "scale": bound.scale},
+        )
 
     def record_event(
         self, kind: str, round_no: int = 0, client_id: str = "", message: str = ""
@@ -1225,45 +1316,74 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ projections (eq. 16)
     def exchange_projections(
-        self, client_id: str, round_no: int, payload: bytes, epsilon_spent: float = 0.0
-    ) -> tuple[int, bytes]:
+        self,
+        client_id: str,
+        round_no: int,
+        payload: bytes,
+        epsilon_spent: float = 0.0,
+        mechanism: ProjectionDPParams | None = None,
+    ) -> ProjectionReply:
         """Add a client's projection payload (if any) to the pending sums, published at the
-        next commit; return the latest published global prototypes as (round, safetensors
-        bytes), (0, b"") before the first. Accepted for the open round (selected clients) and
-        for the just-committed round from its uploaders (clients exchange after uploading)."""
+        next commit; return the latest published global prototypes, (0, b"") before the
+        first. Accepted for the open round (selected clients) and for the just-committed
+        round from its uploaders (clients exchange after uploading). The payload is bounded
+        and checked against the privacy mandate (``mechanism``: what the client declares it
+        applied); its epsilon is the server's count, ``epsilon_spent`` (the client's own
+        figure) is only recorded beside it."""
         with self._lock:
             client = self._known_client(client_id)
             self._touch(client, self.clock())
+            registered = client.num_samples
         if payload:
             if self.projection_spec is None:
                 raise InvalidUpdateError("this server is not configured for projection exchange")
-            if not math.isfinite(epsilon_spent) or epsilon_spent < 0:
-                raise InvalidUpdateError(
-                    f"epsilon_spent must be finite and >= 0, got {epsilon_spent}"
-                )
-            if self.epsilon_budget > 0 and epsilon_spent > self.epsilon_budget:
-                raise PrivacyBudgetExceededError(
-                    f"projections report epsilon {epsilon_spent:.3f} > budget "
-                    f"{self.epsilon_budget:.3f}; they were not used"
-                )
             projections = decode_projections(payload, self.projection_spec)
             with self._lock:
                 self._check_projection_round(client_id, round_no)
                 assert self._projections is not None
-                if self._projections.add(client_id, round_no, projections):
-                    if epsilon_spent > self._run.epsilon_spent:
-                        self._run.epsilon_spent = epsilon_spent
-                        self.store.put_run(self._run)
-                    self._event(
-                        "projections_accepted",
-                        round_no,
-                        client_id,
-                        values={"epsilon_spent": epsilon_spent},
-                    )
+                fresh = not self._projections.has(client_id, round_no)
+            if fresh:  # a repeat is ignored, and not counted twice
+                self._take_projections(
+                    client_id, round_no, projections, registered, mechanism, epsilon_spent
+                )
         with self._lock:
-            if self._prototypes is None:
-                return 0, b""
-            return self._prototypes
+            prototypes_round, prototypes = self._prototypes or (0, b"")
+        return ProjectionReply(
+            prototypes_round,
+            prototypes,
+            self.projection_privacy.ledger.epsilon(client_id),
+            self.epsilon_budget,
+        )
+
+    def _take_projections(
+        self,
+        client_id: str,
+        round_no: int,
+        projections: dict[str, torch.Tensor],
+        registered: int,
+        mechanism: ProjectionDPParams | None,
+        reported_epsilon: float,
+    ) -> None:
+        """Bound, admit (mandate, noise, budget: counted before use) and add one release."""
+        privacy = self.projection_privacy
+        try:
+            bounded, clipped = bound_projections(projections, privacy.limits(registered))
+            spent = privacy.admit_projections(client_id, mechanism, bounded, self.epsilon_budget)
+        except ServerError as exc:
+            self._event("projections_refused", round_no, client_id, str(exc))
+            raise
+        with self._lock:
+            self._check_projection_round(client_id, round_no)
+            assert self._projections is not None
+            if not self._projections.add(client_id, round_no, bounded):
+                return
+            if spent.epsilon > self._run.epsilon_spent:  # the run's figure: the largest client's
+                self._run.epsilon_spent = spent.epsilon
+                self.store.put_run(self._run)
+            values = {"epsilon_spent": spent.epsilon, "clipped_rows": float(clipped)}
+            if math.isfinite(reported_epsilon):
+                values["client_reported_epsilon"] = reported_epsilon
+            self._event("projections_accepted", round_no, client_id, values=values)
 
     def _check_projection_round(self, client_id: str, round_no: int) -> None:
         if self._run.state in TERMINAL_RUN_STATES:

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from crossfed.common.config import CHUNK_ENVELOPE_BYTES, ServerConfig
 from crossfed.common.crypto.grpc_credentials import server_credentials, warn_insecure
-from crossfed.common.crypto.identity import RequestVerifier
+from crossfed.common.crypto.identity import NonceReplayCache, RequestVerifier
+from crossfed.common.crypto.nonce_journal import NonceJournal, NonceJournalError
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
+from crossfed.common.privacy.projection_dp import ProjectionMandate
 from crossfed.server.admin_servicer import AdminServicer, ensure_admin_credential
 from crossfed.server.aggregation import CentralDP
 from crossfed.server.calibration_round import CalibrationStep, ccvr_calibration_step
@@ -27,13 +29,16 @@ from crossfed.server.grpc_server import RunningServer, start_grpc_server
 from crossfed.server.metrics import ServerMetrics
 from crossfed.server.model_bootstrap import build_initial_model, model_config_digest
 from crossfed.server.model_bundles import BundleStore
+from crossfed.server.privacy_ledger import LEDGER_FILE, PrivacyLedger
 from crossfed.server.projection_exchange import ProjectionSpec
+from crossfed.server.projection_privacy import ProjectionPrivacy
 from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.sd_admission import SDRequirement
 from crossfed.server.state.base import StateStore
-from crossfed.server.state.factory import open_state_store
+from crossfed.server.state.factory import open_state_store, prepare_state_dir
 from crossfed.server.state.records import TERMINAL_RUN_STATES, RunRecord
+from crossfed.server.update_bound import UpdateBound
 from crossfed.server.upload_keys import load_or_create_upload_key
 from crossfed.server.upload_receiver import UploadPolicy
 
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CREDENTIALS_DB = "credentials.db"
+NONCES = "nonces.journal"
 
 
 #: ServerOptions override fields and the ServerConfig setting each one replaces.
@@ -99,6 +105,33 @@ def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
     if not privacy.central_dp:
         return None
     return CentralDP(privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
+
+
+def projection_privacy_from_config(config: ServerConfig, state_dir: Path) -> ProjectionPrivacy:
+    """The projection-DP mandate (on by default) and the per-client ledger in ``state_dir``."""
+    privacy = config.privacy
+    ledger = PrivacyLedger(state_dir / LEDGER_FILE, privacy.delta)
+    if not privacy.projection_dp:
+        log.warning(
+            "privacy.projection_dp is off: clients' exact projections are taken and no epsilon "
+            "is accounted (privacy.epsilon_budget does not apply)"
+        )
+        return ProjectionPrivacy(None, ledger, privacy.clip)
+    if privacy.noise_multiplier <= 0:
+        raise ConfigurationError(
+            "privacy.projection_dp is on but privacy.noise_multiplier is 0: the server would "
+            "mandate no noise; set a noise multiplier > 0 or turn projection_dp off"
+        )
+    mandate = ProjectionMandate(
+        privacy.noise_multiplier, privacy.clip, privacy.delta, privacy.epsilon_budget
+    )
+    return ProjectionPrivacy(mandate, ledger)
+
+
+def update_bound_from_config(config: ServerConfig) -> UpdateBound | None:
+    """The per-client update bound (on by default; ``update_bound.max_norm_ratio: null`` off)."""
+    ratio = config.update_bound.max_norm_ratio
+    return None if ratio is None else UpdateBound(ratio)
 
 
 def calibration_step_from_config(config: ServerConfig, model_source: str) -> CalibrationStep | None:
@@ -165,8 +198,7 @@ class CoordinatorServer:
         """Open (or resume) the state in ``config.state_dir`` and build the servicer; the
         server's ``config`` is ``config`` with the options' overrides applied."""
         config = options.apply_to(config)
-        state_dir = Path(config.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir = prepare_state_dir(Path(config.state_dir))
         torch.set_num_threads(config.torch_threads)
         model = build_initial_model(config.model, config.seed, options.standin_model)
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
@@ -192,12 +224,14 @@ class CoordinatorServer:
             ),
             model_config_digest=model_config_digest(config.model),
             epsilon_budget=epsilon_budget,
+            projection_privacy=projection_privacy_from_config(config, state_dir),
             central_dp=central_dp_from_config(config),
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
             contract=contract,
             bundles=bundles,
             sd_requirement=SDRequirement.of(config.model),
+            update_bound=update_bound_from_config(config),
         )
         insecure = config.tls.insecure
         credential_store = None if insecure else SqliteCredentialStore(state_dir / CREDENTIALS_DB)
@@ -216,6 +250,8 @@ class CoordinatorServer:
             model_config_json=config.model.model_dump_json(),
             authenticated=not insecure,
             credential_store=credential_store,
+            upload_idle_timeout_s=config.transport.upload_idle_timeout_s,
+            bind_certificate=config.tls.mtls,
         )
         admin = AdminServicer(
             engine, config, authenticated=not insecure, credential_store=credential_store
@@ -234,7 +270,12 @@ class CoordinatorServer:
             creds = server_credentials(
                 self.config.tls.cert_dir, require_client_auth=self.config.tls.mtls
             )
-            interceptors.append(ServerAuthInterceptor(RequestVerifier(self.credential_store)))
+            interceptors.append(
+                ServerAuthInterceptor(
+                    RequestVerifier(self.credential_store, replay_cache=self._replay_cache()),
+                    bind_certificate=self.config.tls.mtls,
+                )
+            )
         if self.metrics is not None:
             interceptors.append(self.metrics.interceptor)
             host = self.config.listen.rsplit(":", 1)[0].strip("[]")
@@ -251,6 +292,14 @@ class CoordinatorServer:
         self._ticker = threading.Thread(target=self._tick_loop, name="crossfed-tick", daemon=True)
         self._ticker.start()
         return self.running.port
+
+    def _replay_cache(self) -> NonceReplayCache:
+        """The nonces of signed requests, journaled in the state dir: a request used before a
+        restart is refused after it."""
+        try:
+            return NonceReplayCache(journal=NonceJournal(Path(self.config.state_dir) / NONCES))
+        except NonceJournalError as exc:
+            raise ConfigurationError(str(exc)) from None
 
     def _tick_loop(self) -> None:
         done_since: float | None = None

@@ -100,8 +100,11 @@ def receive_payload(
     messages: Iterator[coordinator_pb2.UploadMessage | ChunkFrame],
     policy: UploadPolicy,
     client_id: str,
+    before_chunk: Callable[[int], None] | None = None,
 ) -> ReceivedPayload:
     """Consume the chunk messages after the header; return the verified plaintext payload.
+    ``before_chunk(n)`` runs as each chunk of n bytes arrives, before it is placed (the
+    server admits bytes in flight as they arrive and watches the stream for stalls).
 
     Each chunk goes through the same checks as before (framing, then placement, then
     AES-GCM authentication of the chunk with client, round, index and total bound), and is
@@ -134,6 +137,8 @@ def receive_payload(
     )
     for message in messages:
         chunk = _as_frame(message)
+        if before_chunk is not None:
+            before_chunk(len(chunk.data))
         where = f"chunk {chunk.index}/{chunk.total}"
         if chunk.total != header.total_chunks:
             raise CorruptPayloadError(

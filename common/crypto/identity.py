@@ -3,11 +3,16 @@ the per-RPC HMAC-SHA256 request signature (transport-free; gRPC glue is in rpc_a
 
 Signature (sent as gRPC metadata, see HEADER_*)::
 
-    HMAC-SHA256(secret, "crossfed-rpc-v1\\n" method "\\n" client_id "\\n" timestamp_ms "\\n" nonce)
+    HMAC-SHA256(secret, "crossfed-rpc-v2\\n" method "\\n" client_id "\\n" timestamp_ms "\\n"
+                nonce "\\n" body_sha256)
 
-The server accepts it when the timestamp is within ``max_skew_s`` of its clock, the nonce
-was not seen before from this client (bounded replay cache), the credential exists, is
-not revoked or expired, and the HMAC matches. Secrets never appear in repr/str/logs.
+where body_sha256 is the hex SHA-256 of the serialized request (of a client stream: its first
+message, e.g. the upload header, which binds the rest). The server accepts it when the
+timestamp is within ``max_skew_s`` of its clock, the nonce was not seen before from this
+client (bounded replay cache, journaled to disk so a restart does not forget it), the
+credential exists, is not revoked or expired, and the HMAC matches; the transport then checks
+the body it received against body_sha256 (rpc_auth.py). Secrets never appear in
+repr/str/logs.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import heapq
 import hmac
 import json
+import math
 import re
 import secrets
 import threading
@@ -27,16 +33,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from crossfed.common.crypto.nonce_journal import JournalEntry, NonceJournal
 from crossfed.common.crypto.secure_files import (
     SecureFileError,
     check_secret_permissions,
     write_secret_file,
 )
 
-SIGNATURE_VERSION = b"crossfed-rpc-v1"
+SIGNATURE_VERSION = b"crossfed-rpc-v2"
 HEADER_CLIENT_ID = "x-crossfed-client-id"
 HEADER_TIMESTAMP = "x-crossfed-timestamp-ms"
 HEADER_NONCE = "x-crossfed-nonce"
+HEADER_BODY_SHA256 = "x-crossfed-body-sha256"
 HEADER_SIGNATURE = "x-crossfed-signature"
 TOKEN_PREFIX = "cfe_"
 SECRET_BYTES = 32
@@ -280,10 +288,11 @@ def create_enrollment_token(
     now: float | None = None,
 ) -> IssuedEnrollmentToken:
     """Make a one-time token (optionally expiring after ``ttl_s`` and bound to ``client_id``)."""
-    if ttl_s is not None and ttl_s <= 0:
-        raise EnrollmentError(f"token ttl must be positive, got {ttl_s}")
+    if ttl_s is not None and not (math.isfinite(ttl_s) and ttl_s > 0):
+        raise EnrollmentError(f"token ttl must be a positive number of seconds, got {ttl_s}")
     if client_id is not None:
         validate_client_id(client_id)
+        _refuse_other_role(store.get_credential(client_id), role)
     created = time.time() if now is None else now
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     record = EnrollmentTokenRecord(
@@ -346,6 +355,8 @@ def enroll(
                     f"not {requested_client_id!r}"
                 )
             client_id = record.client_id
+            # a bound token re-keys a principal of its own role only: never the operator's
+            _refuse_other_role(store.get_credential(client_id), record.role)
         elif requested_client_id:
             client_id = validate_client_id(requested_client_id)
             if store.get_credential(client_id) is not None:
@@ -361,6 +372,16 @@ def enroll(
     return _new_credential(store, client_id, record.role, moment, credential_ttl_s)
 
 
+def _refuse_other_role(existing: StoredCredential | None, role: PrincipalRole) -> None:
+    """An enrollment token must not take over a principal of another role (a client token
+    for the admin's id would turn the operator into a client and lock them out)."""
+    if existing is not None and existing.role is not role:
+        raise EnrollmentError(
+            f"{existing.client_id!r} is an enrolled {existing.role.value}; a {role.value} "
+            "token cannot be created for or redeemed as it"
+        )
+
+
 def create_admin_credential(
     store: CredentialStore,
     admin_id: str = "admin",
@@ -373,7 +394,9 @@ def create_admin_credential(
     return _new_credential(store, admin_id, PrincipalRole.ADMIN, moment, ttl_s)
 
 
-def canonical_request(method: str, client_id: str, timestamp_ms: int, nonce: str) -> bytes:
+def canonical_request(
+    method: str, client_id: str, timestamp_ms: int, nonce: str, body_sha256: str
+) -> bytes:
     """The exact bytes the HMAC covers (newline-separated; fields contain no newline)."""
     return b"\n".join(
         [
@@ -382,8 +405,14 @@ def canonical_request(method: str, client_id: str, timestamp_ms: int, nonce: str
             client_id.encode("utf-8"),
             str(timestamp_ms).encode("ascii"),
             nonce.encode("ascii"),
+            body_sha256.encode("ascii"),
         ]
     )
+
+
+def body_digest(body: bytes | bytearray | memoryview) -> str:
+    """The hex SHA-256 of a serialized request body, as signed in HEADER_BODY_SHA256."""
+    return hashlib.sha256(body).hexdigest()
 
 
 def _mac(secret: bytes, message: bytes) -> str:
@@ -393,19 +422,24 @@ def _mac(secret: bytes, message: bytes) -> str:
 def sign_request(
     credential: ClientCredential,
     method: str,
+    body: bytes | bytearray | memoryview = b"",
     now: float | None = None,
     nonce: str | None = None,
 ) -> tuple[tuple[str, str], ...]:
-    """Metadata pairs authenticating one call of ``method`` ("/pkg.Service/Method")."""
+    """Metadata pairs authenticating one call of ``method`` ("/pkg.Service/Method") whose
+    serialized request (first message of a client stream) is ``body``."""
     timestamp_ms = int((time.time() if now is None else now) * 1000)
     nonce = nonce or secrets.token_hex(NONCE_BYTES)
+    digest = body_digest(body)
     signature = _mac(
-        credential.secret, canonical_request(method, credential.client_id, timestamp_ms, nonce)
+        credential.secret,
+        canonical_request(method, credential.client_id, timestamp_ms, nonce, digest),
     )
     return (
         (HEADER_CLIENT_ID, credential.client_id),
         (HEADER_TIMESTAMP, str(timestamp_ms)),
         (HEADER_NONCE, nonce),
+        (HEADER_BODY_SHA256, digest),
         (HEADER_SIGNATURE, signature),
     )
 
@@ -416,9 +450,16 @@ class NonceReplayCache:
     Bounded: when full, the entry closest to expiry is dropped and its timestamp becomes
     a floor; requests at or below the floor are refused, so an evicted nonce can never
     be replayed (at worst very old-but-in-window requests are refused under flood).
+    With a ``journal`` every accepted nonce is written to disk first and a new cache (a
+    restarted server) starts from the journal's live entries.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_REPLAY_CACHE_ENTRIES) -> None:
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_REPLAY_CACHE_ENTRIES,
+        journal: NonceJournal | None = None,
+        now: float | None = None,
+    ) -> None:
         if max_entries <= 0:
             raise ValueError("replay cache needs at least one entry")
         self._max = max_entries
@@ -426,6 +467,11 @@ class NonceReplayCache:
         self._seen: dict[tuple[str, str], int] = {}
         self._expiry: list[tuple[float, tuple[str, str]]] = []
         self._floor_ms = -1
+        self._journal = journal
+        if journal is not None:
+            for entry in journal.load(time.time() if now is None else now):
+                self._insert_locked((entry.client_id, entry.nonce), entry.timestamp_ms,
+                                    entry.expires_at)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -443,14 +489,25 @@ class NonceReplayCache:
                 return "nonce was already used (replayed request)"
             if timestamp_ms <= self._floor_ms:
                 return "request is older than the replay window under load; retry"
-            while len(self._seen) >= self._max:
-                _, old = heapq.heappop(self._expiry)
-                evicted = self._seen.pop(old, None)
-                if evicted is not None:
-                    self._floor_ms = max(self._floor_ms, evicted)
-            self._seen[key] = timestamp_ms
-            heapq.heappush(self._expiry, (expires_at, key))
+            if self._journal is not None:  # on disk before the request runs
+                self._journal.append(JournalEntry(client_id, nonce, timestamp_ms, expires_at))
+            self._insert_locked(key, timestamp_ms, expires_at)
+            if self._journal is not None and self._journal.needs_compaction(len(self._seen)):
+                expiry = {k: e for e, k in self._expiry}
+                self._journal.compact(
+                    JournalEntry(c, n, t, expiry.get((c, n), 0.0))
+                    for (c, n), t in self._seen.items()
+                )
             return None
+
+    def _insert_locked(self, key: tuple[str, str], timestamp_ms: int, expires_at: float) -> None:
+        while len(self._seen) >= self._max:
+            _, old = heapq.heappop(self._expiry)
+            evicted = self._seen.pop(old, None)
+            if evicted is not None:
+                self._floor_ms = max(self._floor_ms, evicted)
+        self._seen[key] = timestamp_ms
+        heapq.heappush(self._expiry, (expires_at, key))
 
 
 class RequestVerifier:
@@ -475,6 +532,7 @@ class RequestVerifier:
         client_id = metadata.get(HEADER_CLIENT_ID)
         timestamp = metadata.get(HEADER_TIMESTAMP)
         nonce = metadata.get(HEADER_NONCE)
+        body = metadata.get(HEADER_BODY_SHA256)
         signature = metadata.get(HEADER_SIGNATURE)
         if not (client_id and timestamp and nonce and signature):
             raise AuthenticationError(
@@ -485,6 +543,11 @@ class RequestVerifier:
             raise AuthenticationError("malformed request timestamp")
         if not _NONCE_RE.match(nonce) or not _SIGNATURE_RE.match(signature):
             raise AuthenticationError("malformed request nonce or signature")
+        if body is None or not _SIGNATURE_RE.match(body):
+            raise AuthenticationError(
+                f"the request signature does not cover its body (no {HEADER_BODY_SHA256}); "
+                "this client is too old for the server"
+            )
         now = self._clock()
         timestamp_ms = int(timestamp)
         skew = timestamp_ms / 1000.0 - now
@@ -496,7 +559,7 @@ class RequestVerifier:
         stored = self._store.get_credential(client_id)
         expected = _mac(
             stored.secret if stored is not None else b"\x00" * SECRET_BYTES,
-            canonical_request(method, client_id, timestamp_ms, nonce),
+            canonical_request(method, client_id, timestamp_ms, nonce, body),
         )
         if stored is None or not hmac.compare_digest(expected, signature):
             raise AuthenticationError(

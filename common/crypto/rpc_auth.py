@@ -1,10 +1,13 @@
-"""gRPC glue for identity.py: a client interceptor / call-credentials plugin that sign every
-call, and a server interceptor that authenticates before any handler runs.
+"""gRPC glue for identity.py: a client interceptor that signs every call (its request body
+included: a unary request, or a client stream's first message), and a server interceptor
+that authenticates before any handler runs.
 
 Server side: ``ServerAuthInterceptor(verifier, public_methods, admin_methods)`` aborts
-with UNAUTHENTICATED (missing/forged/expired/replayed/revoked credential) or
-PERMISSION_DENIED (client credential on an admin method); handlers read the caller via
-``authenticated_identity(context)``. Method patterns are full names
+with UNAUTHENTICATED (missing/forged/expired/replayed/revoked credential, or a body other than
+the signed one) or PERMISSION_DENIED (client credential on an admin method; under mTLS with
+``bind_certificate``, a certificate that is not the signer's); handlers read the caller via
+``authenticated_identity(context)``. (A call-credentials plugin cannot see the request body,
+so calls are signed by the interceptor only.) Method patterns are full names
 ("/crossfed.v1.Coordinator/Enroll") or service prefixes ending in "/"
 ("/crossfed.v1.Admin/"). Anything neither public nor admin needs any valid credential.
 """
@@ -19,12 +22,16 @@ from typing import Any, NoReturn
 
 import grpc
 from crossfed.common.crypto.identity import (
+    HEADER_BODY_SHA256,
     AuthenticationError,
     ClientCredential,
     Identity,
     RequestVerifier,
+    body_digest,
     sign_request,
 )
+from crossfed.common.crypto.nonce_journal import NonceJournalError
+from crossfed.common.crypto.peer_certificate import binding_problem
 
 COORDINATOR_PUBLIC_METHODS: tuple[str, ...] = (
     "/crossfed.v1.Coordinator/Enroll",
@@ -110,29 +117,73 @@ def _abort_handler(
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-def _with_identity(handler: grpc.RpcMethodHandler, identity: Identity) -> grpc.RpcMethodHandler:
-    """Wrap the real behaviour so authenticated_identity(context) works inside it."""
+class _FirstBody:
+    """Digest of the first request message of one call, taken where gRPC deserializes it."""
 
-    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def __init__(self, deserialize: Callable[[bytes], Any] | None) -> None:
+        self._deserialize = deserialize
+        self.digest: str | None = None
+
+    def __call__(self, raw: bytes) -> Any:
+        if self.digest is None:
+            self.digest = body_digest(raw)
+        return self._deserialize(raw) if self._deserialize is not None else raw
+
+
+def _with_identity(
+    handler: grpc.RpcMethodHandler,
+    identity: Identity,
+    signed_body: str,
+    bind_certificate: bool,
+) -> grpc.RpcMethodHandler:
+    """Wrap the real behaviour so authenticated_identity(context) works inside it, after the
+    checks that need the call itself: the request body (a client stream's first message)
+    must be the one the signature covers, and under mTLS the certificate must match."""
+    first = _FirstBody(handler.request_deserializer)
+
+    def check(context: grpc.ServicerContext) -> None:
+        if first.digest != signed_body:
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the request body is not the one its signature covers (replayed or altered)",
+            )
+        if bind_certificate:
+            problem = binding_problem(context, identity)
+            if problem is not None:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+        _bind_identity(context, identity)
+
+    def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            _bind_identity(context, identity)
+            check(context)
             return behavior(request, context)
 
         return wrapped
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    def streamed(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def wrapped(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            head = next(requests, None)
+            check(context)
+            return behavior(_chain(head, requests), context)
+
+        return wrapped
+
+    kw = {"request_deserializer": first, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kw)
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **kw)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), **kw)
+        return grpc.unary_stream_rpc_method_handler(unary(handler.unary_stream), **kw)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kw)
+        return grpc.stream_unary_rpc_method_handler(streamed(handler.stream_unary), **kw)
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), **kw)
+        return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream), **kw)
     return handler
+
+
+def _chain(head: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    if head is not None:
+        yield head
+    yield from rest
 
 
 class ServerAuthInterceptor(grpc.ServerInterceptor):
@@ -143,10 +194,12 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
         verifier: RequestVerifier,
         public_methods: Iterable[str] = COORDINATOR_PUBLIC_METHODS,
         admin_methods: Iterable[str] = ADMIN_METHODS,
+        bind_certificate: bool = False,
     ) -> None:
         self._verifier = verifier
         self._public = _MethodSet(public_methods)
         self._admin = _MethodSet(admin_methods)
+        self._bind_certificate = bind_certificate  # mTLS: certificate must match the signer
 
     def intercept_service(
         self,
@@ -165,6 +218,8 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
             identity = self._verifier.verify(method, metadata)
         except AuthenticationError as exc:
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except NonceJournalError as exc:  # the server cannot remember the nonce: not now
+            return _abort_handler(handler, grpc.StatusCode.UNAVAILABLE, f"retry later: {exc}")
         if method in self._admin and not identity.is_admin:
             return _abort_handler(
                 handler,
@@ -174,7 +229,9 @@ class ServerAuthInterceptor(grpc.ServerInterceptor):
             )
         if handler is None:
             return None
-        return _with_identity(handler, identity)
+        return _with_identity(
+            handler, identity, metadata[HEADER_BODY_SHA256], self._bind_certificate
+        )
 
 
 @dataclass(frozen=True)
@@ -201,11 +258,12 @@ class ClientAuthInterceptor(
     def __init__(self, credential: ClientCredential) -> None:
         self._credential = credential
 
-    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+    def _details(self, details: grpc.ClientCallDetails, body: Any) -> grpc.ClientCallDetails:
         method = details.method
         if isinstance(method, bytes):
             method = method.decode("utf-8")
-        metadata = list(details.metadata or ()) + list(sign_request(self._credential, method))
+        signed = sign_request(self._credential, method, _serialized(body))
+        metadata = list(details.metadata or ()) + list(signed)
         return _CallDetails(
             method=details.method,
             timeout=details.timeout,
@@ -216,48 +274,34 @@ class ClientAuthInterceptor(
         )
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._details(details, request), request)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        return continuation(self._details(details, request), request)
 
     def intercept_stream_unary(
         self, continuation: Any, details: Any, request_iterator: Iterator[Any]
     ) -> Any:
-        return continuation(self._details(details), request_iterator)
+        head = next(request_iterator, None)  # the signature covers the first message
+        return continuation(self._details(details, head), _chain(head, request_iterator))
 
     def intercept_stream_stream(
         self, continuation: Any, details: Any, request_iterator: Iterator[Any]
     ) -> Any:
-        return continuation(self._details(details), request_iterator)
+        head = next(request_iterator, None)
+        return continuation(self._details(details, head), _chain(head, request_iterator))
+
+
+def _serialized(body: Any) -> bytes:
+    """The bytes gRPC sends for ``body``: as given (pre-serialized frames), else a message's
+    serialization (nothing for an empty stream)."""
+    if body is None:
+        return b""
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    return bytes(body.SerializeToString())
 
 
 def authenticated_channel(channel: grpc.Channel, credential: ClientCredential) -> grpc.Channel:
     """``channel`` with every call signed by ``credential``."""
     return grpc.intercept_channel(channel, ClientAuthInterceptor(credential))
-
-
-class SigningAuthPlugin(grpc.AuthMetadataPlugin):
-    """Call-credentials flavour of the signer, for ``grpc.metadata_call_credentials``.
-
-    gRPC only sends call credentials on secure channels; prefer the interceptor when a
-    channel may be insecure (development).
-    """
-
-    def __init__(self, credential: ClientCredential) -> None:
-        self._credential = credential
-
-    def __call__(
-        self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
-    ) -> None:
-        try:
-            service = context.service_url.rstrip("/").rsplit("/", 1)[-1]
-            method = f"/{service}/{context.method_name}"
-            callback(sign_request(self._credential, method), None)
-        except Exception as exc:  # noqa: BLE001 - gRPC wants errors via the callback
-            callback((), exc)
-
-
-def signing_call_credentials(credential: ClientCredential) -> grpc.CallCredentials:
-    """CallCredentials that sign each call (combine with TLS channel credentials)."""
-    return grpc.metadata_call_credentials(SigningAuthPlugin(credential), name="crossfed-hmac")

@@ -22,7 +22,7 @@ import numpy as np
 from crossfed.common.data.class_list import label_index
 from crossfed.common.data.data_errors import ManifestError
 from crossfed.common.data.raw_dataset import RawDataset
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_KEYS = ("image", "image_path", "img")
 TEXT_KEYS = ("text", "caption")
@@ -199,21 +199,33 @@ def iter_manifest_rows(
         yield ManifestRow(line, image, text, label)
 
 
+class ImageRowError(ValueError):
+    """An image file a row names cannot be used (unreadable, hostile, too large)."""
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """An image file as uint8 RGB [size, size, 3]; raises ValueError/OSError when unreadable
-    or when its header declares more than MAX_IMAGE_PIXELS (never decoded then)."""
-    with Image.open(path) as img:
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(
-                f"declares {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit"
-            )
-        rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+    """An image file as uint8 RGB [size, size, 3]. Raises ImageRowError, whatever PIL raised,
+    and when its header declares more than MAX_IMAGE_PIXELS (never decoded then)."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageRowError(
+                    f"its header declares {width}x{height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS:,} allowed"
+                )
+            rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except ImageRowError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRowError(f"it declares too many pixels ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on hostile files
+        raise ImageRowError(f"{type(exc).__name__}: {exc}") from None
 
 
-#: What a damaged or hostile image file raises while it is opened or decoded.
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+#: What `load_image` raises for a row's image.
+IMAGE_ERRORS = (ImageRowError,)
 
 
 def load_manifest(

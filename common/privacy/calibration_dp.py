@@ -28,6 +28,9 @@ from crossfed.common.model.classifier_calibration import (
 )
 
 SENSITIVITY = math.sqrt(5.0)
+#: Upload metric in which a client declares the noise multiplier z of its statistics (the
+#: server checks it against its mandate and counts the release at the mandated z).
+NOISE_METRIC = "calibration_dp_noise_multiplier"
 
 
 class CalibrationDPError(ValueError):

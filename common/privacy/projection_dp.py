@@ -82,3 +82,63 @@ def privatize_projections(
         clipped.shape, generator=generator, dtype=clipped.dtype, device=clipped.device
     )
     return clipped + noise * params.noise_std
+
+
+#: Chance that an honest release (noise at least as large as mandated) fails `noise_present`.
+NOISE_CHECK_FALSE_REFUSAL = 1e-9
+
+
+@dataclass(frozen=True)
+class ProjectionMandate:
+    """What a server requires of every projection release (eq. 16) and the budget it keeps:
+    rows clipped to ``clip_norm`` and Gaussian noise of at least ``noise_multiplier`` *
+    ``clip_norm``, epsilon accounted at ``delta``, releases refused past ``epsilon_budget``."""
+
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    epsilon_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        ProjectionDPParams(self.clip_norm, self.noise_multiplier)
+        if not self.noise_multiplier > 0:
+            raise ProjectionDPError("a mandate needs noise_multiplier > 0")
+        if not 0 < self.delta < 1:
+            raise ProjectionDPError(f"delta must be in (0, 1), got {self.delta}")
+        budget = self.epsilon_budget
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise ProjectionDPError(f"epsilon_budget must be a positive number, got {budget}")
+
+    @property
+    def params(self) -> ProjectionDPParams:
+        return ProjectionDPParams(self.clip_norm, self.noise_multiplier)
+
+    def satisfied_by(self, params: ProjectionDPParams) -> bool:
+        """Whether a release made with ``params`` is at least as private as the mandate: rows
+        clipped no wider and noise no smaller (then sigma/2 against the 2C sensitivity of the
+        mandate's C bounds the release's own noise multiplier from below)."""
+        return params.clip_norm <= self.clip_norm * (
+            1 + 1e-9
+        ) and params.noise_std >= self.params.noise_std * (1 - 1e-9)
+
+
+def released_modalities(text_count: torch.Tensor, image_count: torch.Tensor) -> int:
+    """Gaussian releases in one projection payload: one per modality with a class present.
+    A paired sample moves its class's text row and image row, so a client holding both
+    releases two mechanisms per round (composition; accounted as two steps)."""
+    return int(bool((text_count > 0).any())) + int(bool((image_count > 0).any()))
+
+
+def noise_present(rows: torch.Tensor, noise_std: float) -> bool:
+    """Whether released ``rows`` (clipped means plus noise) carry at least N(0, noise_std^2)
+    per coordinate: their sum of squares over noise_std^2 is at least a chi-square with one
+    degree of freedom per value, so an honest release falls below its
+    NOISE_CHECK_FALSE_REFUSAL quantile with that (negligible) chance; exact means do not
+    reach it."""
+    from scipy.stats import chi2
+
+    values = rows.to(torch.float64).reshape(-1)
+    if values.numel() == 0 or noise_std <= 0:
+        return True
+    statistic = float(values.pow(2).sum()) / noise_std**2
+    return statistic >= float(chi2.ppf(NOISE_CHECK_FALSE_REFUSAL, values.numel()))

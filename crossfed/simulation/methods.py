@@ -131,8 +131,9 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
         ),
         FederatedMethod(
             "ours_calibrated_dp",
-            "ours_calibrated on DP-noised statistics (sigma 1, clip sqrt(h): what clients send "
-            "under the default projection DP; the server's signal-to-noise guard applies)",
+            "ours_calibrated on DP-noised statistics (sigma 1, clip sqrt(h): what clients sent "
+            "under the projection-DP default before it became 5; the server's signal-to-noise "
+            "guard applies)",
             _fields(calibrate_image_classifier=True),
             "ours",
             True,

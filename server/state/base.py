@@ -62,12 +62,14 @@ class StateStore(ABC):
     # -- uploads -----------------------------------------------------------------------
     @abstractmethod
     def add_upload(self, upload: UploadRecord) -> bool:
-        """Record an accepted upload; False (and nothing stored) if its upload_id is already
-        recorded for the same round attempt."""
+        """Record an accepted upload; False (and nothing stored) if the same client's
+        upload_id is already recorded for the same round attempt (ids are per client)."""
 
     @abstractmethod
-    def get_upload(self, round_no: int, attempt: int, upload_id: str) -> UploadRecord | None:
-        """The upload with this id in this round attempt, or None."""
+    def get_upload(
+        self, round_no: int, attempt: int, client_id: str, upload_id: str
+    ) -> UploadRecord | None:
+        """The upload of ``client_id`` with this id in this round attempt, or None."""
 
     @abstractmethod
     def list_uploads(self, round_no: int, attempt: int) -> list[UploadRecord]:

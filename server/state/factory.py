@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from crossfed.server.errors import ConfigurationError
@@ -11,6 +12,26 @@ from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.state.sqlite import SqliteStateStore
 
 STATE_DB_NAME = "state.db"
+
+
+def prepare_state_dir(path: Path) -> Path:
+    """Create the server's state directory (or take an existing one) and check that it is a
+    writable directory: every problem is one `ConfigurationError` naming the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigurationError(
+            f"state directory {path} exists and is not a directory; pass --state-dir with a "
+            "directory"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot create the state directory {path}: {exc.strerror or exc}"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"state directory {path} is not writable by this user")
+    return path
 
 
 def open_state_store(location: str | Path) -> StateStore:

@@ -23,7 +23,7 @@ class InMemoryStateStore(StateStore):
         self._run: RunRecord | None = None
         self._clients: dict[str, ClientRecord] = {}
         self._rounds: dict[tuple[int, int], RoundRecord] = {}
-        self._uploads: dict[tuple[int, int], dict[str, UploadRecord]] = {}
+        self._uploads: dict[tuple[int, int], dict[tuple[str, str], UploadRecord]] = {}
         self._events: list[EventRecord] = []
         self._settings: dict[str, str] = {}
 
@@ -78,14 +78,18 @@ class InMemoryStateStore(StateStore):
     def add_upload(self, upload: UploadRecord) -> bool:
         with self._lock:
             bucket = self._uploads.setdefault((upload.round, upload.attempt), {})
-            if upload.upload_id in bucket:
+            key = (upload.client_id, upload.upload_id)
+            if key in bucket:
                 return False
-            bucket[upload.upload_id] = copy.deepcopy(upload)
+            bucket[key] = copy.deepcopy(upload)
             return True
 
-    def get_upload(self, round_no: int, attempt: int, upload_id: str) -> UploadRecord | None:
+    def get_upload(
+        self, round_no: int, attempt: int, client_id: str, upload_id: str
+    ) -> UploadRecord | None:
         with self._lock:
-            return copy.deepcopy(self._uploads.get((round_no, attempt), {}).get(upload_id))
+            bucket = self._uploads.get((round_no, attempt), {})
+            return copy.deepcopy(bucket.get((client_id, upload_id)))
 
     def list_uploads(self, round_no: int, attempt: int) -> list[UploadRecord]:
         with self._lock:

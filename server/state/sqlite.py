@@ -21,9 +21,20 @@ from crossfed.server.state.records import (
     UploadRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: an upload_id is unique per client, not per round attempt
 
-_SCHEMA = """
+_UPLOADS_TABLE = """CREATE TABLE IF NOT EXISTS uploads (
+    round INTEGER NOT NULL, attempt INTEGER NOT NULL, upload_id TEXT NOT NULL,
+    seq INTEGER NOT NULL, client_id TEXT NOT NULL, num_samples INTEGER NOT NULL,
+    received_unix_s REAL NOT NULL, payload_sha256 TEXT NOT NULL, module_samples TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (round, attempt, client_id, upload_id)
+);
+"""
+
+_SCHEMA = (
+    _UPLOADS_TABLE
+    + """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS run (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -44,18 +55,12 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics TEXT NOT NULL, message TEXT NOT NULL, counts_as_retry INTEGER NOT NULL,
     PRIMARY KEY (round, attempt)
 );
-CREATE TABLE IF NOT EXISTS uploads (
-    round INTEGER NOT NULL, attempt INTEGER NOT NULL, upload_id TEXT NOT NULL,
-    seq INTEGER NOT NULL, client_id TEXT NOT NULL, num_samples INTEGER NOT NULL,
-    received_unix_s REAL NOT NULL, payload_sha256 TEXT NOT NULL, module_samples TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    PRIMARY KEY (round, attempt, upload_id)
-);
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT, time_unix_s REAL NOT NULL, kind TEXT NOT NULL,
     round INTEGER NOT NULL, client_id TEXT NOT NULL, message TEXT NOT NULL, vals TEXT NOT NULL
 );
 """
+)
 
 
 class SqliteStateStore(StateStore):
@@ -82,10 +87,28 @@ class SqliteStateStore(StateStore):
             self._conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+        elif int(row[0]) == 1:
+            self._migrate_from_1()
         elif int(row[0]) != SCHEMA_VERSION:
             raise StateStoreError(
                 f"state database {self.path} has schema version {row[0]}, this server "
                 f"understands {SCHEMA_VERSION}; use a fresh --state-dir"
+            )
+
+    def _migrate_from_1(self) -> None:
+        """Version 1 keyed uploads by (round, attempt, upload_id): one client's upload_id
+        shadowed another's. Rebuild the table with the client in the key."""
+        columns = (
+            "round, attempt, upload_id, seq, client_id, num_samples, received_unix_s,"
+            " payload_sha256, module_samples, metrics"
+        )
+        with self._tx() as conn:
+            conn.execute("ALTER TABLE uploads RENAME TO uploads_v1")
+            conn.execute(_UPLOADS_TABLE)
+            conn.execute(f"INSERT INTO uploads({columns}) SELECT {columns} FROM uploads_v1")
+            conn.execute("DROP TABLE uploads_v1")
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
             )
 
     @contextmanager
@@ -300,11 +323,13 @@ class SqliteStateStore(StateStore):
             )
             return cur.rowcount == 1
 
-    def get_upload(self, round_no: int, attempt: int, upload_id: str) -> UploadRecord | None:
+    def get_upload(
+        self, round_no: int, attempt: int, client_id: str, upload_id: str
+    ) -> UploadRecord | None:
         rows = self._query(
             f"SELECT {self._UPLOAD_COLS} FROM uploads"
-            " WHERE round = ? AND attempt = ? AND upload_id = ?",
-            (round_no, attempt, upload_id),
+            " WHERE round = ? AND attempt = ? AND client_id = ? AND upload_id = ?",
+            (round_no, attempt, client_id, upload_id),
         )
         return self._upload_of(rows[0]) if rows else None
 

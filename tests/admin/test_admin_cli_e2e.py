@@ -93,7 +93,7 @@ def test_cli_after_a_round(tmp_path: Path) -> None:
         assert target.read_bytes() == ts.server.engine.bundles.path_of(1).read_bytes()
         assert info["round"] == 1 and info["bytes"] == target.stat().st_size
         assert info["tensors"] == len(checkpoint)
-        assert not list(tmp_path.glob(".model.safetensors.part-*"))
+        assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp file left
         code, _, err = admin(conn, "export-model", str(target))
         assert code == 1 and "already exists" in one_error_line(err)
         initial = tmp_path / "initial.safetensors"

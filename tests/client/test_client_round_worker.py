@@ -19,6 +19,7 @@ from crossfed.common.config import PrivacyConfig
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
+from crossfed.common.privacy.projection_dp import ProjectionDPParams, ProjectionMandate
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 
 CONFIG = ModelConfig(
@@ -141,7 +142,9 @@ def test_received_prototypes_reach_the_next_training(tmp_path: Path) -> None:
 
 
 def test_dp_release_hides_values_counts_presence_and_accounts_epsilon(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(projection_dp=True, clip=1.0, noise_multiplier=1.0, delta=1e-5)
+    privacy = PrivacyConfig(
+        projection_dp=True, clip=1.0, noise_multiplier=1.0, delta=1e-5, epsilon_budget=None
+    )
     model = CrossModalNet(CONFIG)
     data = _embeddings(30, ClientModality.TEXT_ONLY, 0)
     releaser = ProjectionReleaser(privacy, tmp_path)
@@ -164,7 +167,7 @@ def test_dp_release_hides_values_counts_presence_and_accounts_epsilon(tmp_path: 
 def test_dp_release_stops_at_the_epsilon_budget(tmp_path: Path) -> None:
     model = CrossModalNet(CONFIG)
     data = _embeddings(30, ClientModality.BOTH, 0)
-    probe = ProjectionReleaser(PrivacyConfig(noise_multiplier=1.0), None)
+    probe = ProjectionReleaser(PrivacyConfig(noise_multiplier=1.0, epsilon_budget=None), None)
     one = probe.release(model, data)
     assert one is not None
     budget = one.epsilon_spent * 1.5  # room for exactly one release
@@ -258,3 +261,19 @@ def test_calibration_stats_are_noised_and_accounted_under_projection_dp(tmp_path
     assert sent["noised"][0].metrics["calibration_dp_epsilon_total"] > 0
     assert (tmp_path / "noised" / ACCOUNTANT_FILE).exists()  # spent with the projections
     assert sent["over_budget"][0].num_samples == 0  # nothing released past the budget
+
+
+def test_the_servers_mandate_tightens_the_local_privacy_settings() -> None:
+    own = PrivacyConfig(projection_dp=False, noise_multiplier=8.0, epsilon_budget=None)
+    releaser = ProjectionReleaser(own, None)
+    releaser.adopt(ProjectionMandate(5.0, 0.5, 1e-6, 20.0))
+    settings = releaser.privacy
+    assert settings.projection_dp and settings.clip == 0.5 and settings.delta == 1e-6
+    assert settings.noise_multiplier == 8.0  # more noise than mandated is kept
+    assert settings.epsilon_budget == 20.0
+    release = releaser.release(CrossModalNet(CONFIG), _embeddings(30, ClientModality.BOTH, 0))
+    assert release is not None and release.mechanism == ProjectionDPParams(0.5, 8.0)
+    # a paired client's release is two Gaussian releases: its text and its image rows
+    assert releaser.accountant.total_steps == 2
+    releaser.adopt(None)
+    assert releaser.privacy == own

@@ -211,6 +211,9 @@ def test_overlays_change_what_they_claim() -> None:
         assert mount.startswith("/srv/cf/") and len(persistent[name]["volumes"]) == 1
     assert mtls["admin"]["environment"]["CROSSFED_ADMIN_CERT"] == "operator"
     assert insecure["server"]["ports"] == ["127.0.0.1:50051:50051"]  # !override, not appended
+    # plaintext on the container's 0.0.0.0 is allowed explicitly, only in this overlay
+    assert insecure["server"]["environment"]["CROSSFED_TLS__INSECURE_OFF_LOOPBACK"] == "true"
+    assert "CROSSFED_TLS__INSECURE_OFF_LOOPBACK" not in base["server"]["environment"]
     assert "insecure-warning" in insecure["server"]["depends_on"]
     for name in CLIENT_SERVICES:  # an insecure server cannot enroll: no token config
         assert "--config" not in insecure[name]["command"]

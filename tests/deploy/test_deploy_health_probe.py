@@ -96,7 +96,9 @@ def test_target_follows_the_servers_config(tmp_path: Path) -> None:
     )
     target = target_from_config(cfg, PROBE_CERT_NAME)
     assert target == ProbeTarget("127.0.0.1:7000", False, tmp_path, PROBE_CERT_NAME)
-    insecure = ServerConfig.model_validate({"listen": "[::]:7000", "tls": {"insecure": True}})
+    insecure = ServerConfig.model_validate(
+        {"listen": "[::]:7000", "tls": {"insecure": True, "insecure_off_loopback": True}}
+    )
     assert target_from_config(insecure, PROBE_CERT_NAME) == ProbeTarget(
         "127.0.0.1:7000", insecure=True
     )
@@ -110,6 +112,7 @@ def test_target_follows_the_servers_config(tmp_path: Path) -> None:
 def test_cli_exit_codes(plain: HealthServer, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     monkeypatch.setenv("CROSSFED_TLS__INSECURE", "true")
+    monkeypatch.setenv("CROSSFED_TLS__INSECURE_OFF_LOOPBACK", "true")  # as insecure-dev.yml
     monkeypatch.setenv("CROSSFED_LISTEN", f"0.0.0.0:{plain.address.rsplit(':', 1)[1]}")
     ok = runner.invoke(app, ["deploy", "health-probe"])
     assert ok.exit_code == 0 and "SERVING" in ok.output

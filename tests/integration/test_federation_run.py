@@ -260,8 +260,9 @@ def test_calibration_round_after_training_fits_the_image_only_layers(
     """With model.calibrate_image_classifier the run ends with a calibration round: the two
     clients holding images send statistics of the final model, the server fits the image-only
     last layers, and that model is the run's last checkpoint. The clients send exact
-    statistics (--no-projection-dp): with DP noise, 240-row shards are too small for the fit
-    and the server leaves the model uncalibrated (tests/common/privacy/test_calibration_dp.py)."""
+    statistics (a server without the projection-DP mandate, clients with --no-projection-dp):
+    with DP noise, 240-row shards are too small for the fit and the server leaves the model
+    uncalibrated (tests/common/privacy/test_calibration_dp.py)."""
     from crossfed.server.checkpoints import CheckpointStore
     from crossfed.server.server_app import CHECKPOINT_DIR
 
@@ -274,7 +275,10 @@ def test_calibration_round_after_training_fits_the_image_only_layers(
         "3",
         "--round-deadline-s",
         "90",
-        env={"CROSSFED_MODEL__CALIBRATE_IMAGE_CLASSIFIER": "true"},
+        env={
+            "CROSSFED_MODEL__CALIBRATE_IMAGE_CLASSIFIER": "true",
+            "CROSSFED_PRIVACY__PROJECTION_DP": "false",
+        },
     )
     clients = {
         modality: fed.start_client(modality, shard, None, "--no-projection-dp")

@@ -96,8 +96,8 @@ def install_faults() -> None:
 
     original_add = StreamingFedAvg.add
 
-    def add(self: StreamingFedAvg, update: Any, weights: Any, num_samples: int) -> None:
-        original_add(self, update, weights, num_samples)
+    def add(self: StreamingFedAvg, update: Any, weights: Any, *args: Any, **kwargs: Any) -> None:
+        original_add(self, update, weights, *args, **kwargs)
         _crash_if_due("fold")
 
     original_result = StreamingFedAvg.result

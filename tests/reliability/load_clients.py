@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 import grpc
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from reliability_harness import constant_update, projection_payload, samples_of, upload_value
+from reliability_harness import (
+    PROJECTION_SIGMA,
+    constant_update,
+    projection_payload,
+    samples_of,
+    upload_value,
+)
 
 #: statuses a client under load retries (server busy, round moved on, restart)
 RETRY_CODES = frozenset(
@@ -119,6 +125,8 @@ class LoadClient:
                     projections=common_pb2.TensorPayload(
                         safetensors=proj, payload_sha256=hashlib.sha256(proj).digest()
                     ),
+                    noise_multiplier=PROJECTION_SIGMA,  # the mandated noise, as in the payload
+                    clip_norm=1.0,
                 ),
                 metadata=self.md,
                 timeout=30,

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import torch
 import yaml
+from crossfed.common.config import PrivacyConfig
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,6 +74,8 @@ def write_server_config(path: Path, **rounds: Any) -> Path:
                 "rounds": policy,
                 # small chunks: a ~4 KB update travels as several chunks (mid-stream faults)
                 "transport": {"chunk_size": 1024, "max_message_bytes": 1024 * 1024},
+                # known constants checked against the exact eq.-15 average: never clipped
+                "update_bound": {"max_norm_ratio": None},
             }
         )
     )
@@ -207,6 +210,7 @@ def small_server_config(state_dir: Path, chunk_size: int = 1024, **rounds: Any) 
             "rounds": policy,
             "tls": {"insecure": True},
             "transport": {"chunk_size": chunk_size, "max_message_bytes": 1024 * 1024},
+            "update_bound": {"max_norm_ratio": None},  # known constants, exact averages
         }
     )
 
@@ -306,16 +310,26 @@ def expected_average(
     return out
 
 
+#: The projection noise the server mandates by default (privacy.noise_multiplier, clip 1).
+PROJECTION_SIGMA = PrivacyConfig().noise_multiplier
+
+
 def projection_payload(client_index: int, scale: float = 1.0) -> bytes:
-    """A valid eq.-16 projection payload for SMALL_MODEL (per-class sums and counts)."""
+    """A valid eq.-16 release for SMALL_MODEL under the default mandate, as an honest daemon
+    makes it: per-class means (norm <= 1) plus N(0, sigma^2) noise, presence counts."""
     g = torch.Generator().manual_seed(client_index)
     c, dt, di = SMALL_MODEL["num_classes"], SMALL_MODEL["text_dim"], SMALL_MODEL["image_dim"]
+
+    def noised(dim: int) -> torch.Tensor:
+        means = torch.nn.functional.normalize(torch.randn(c, dim, generator=g), dim=1) * scale
+        return means + PROJECTION_SIGMA * torch.randn(c, dim, generator=g)
+
     return encode_tensors(
         {
-            "text_sum": torch.randn(c, dt, generator=g) * scale,
-            "image_sum": torch.randn(c, di, generator=g) * scale,
-            "text_count": torch.full((c,), 2.0),
-            "image_count": torch.full((c,), 1.0),
+            "text_sum": noised(dt),
+            "image_sum": noised(di),
+            "text_count": torch.ones(c),
+            "image_count": torch.ones(c),
         }
     )
 
@@ -325,26 +339,30 @@ def projection_payload(client_index: int, scale: float = 1.0) -> bytes:
 
 @dataclass
 class LightClient:
-    """A Coordinator client from the generated stubs (insecure channel, id in metadata)."""
+    """A Coordinator client from the generated stubs: an insecure channel with the id in
+    metadata, or (``channel`` given, e.g. TLS with the signing interceptor) that channel."""
 
     target: str
     client_id: str
     index: int = 0
     modality: int = 1
-    channel: grpc.Channel = field(init=False)
+    channel: grpc.Channel | None = None
     stub: coordinator_pb2_grpc.CoordinatorStub = field(init=False)
     upload_ids: dict[int, str] = field(default_factory=dict)
+    signed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 300),
-                ("grpc.enable_retries", 0),
-            ],
-        )
+        self.signed = self.channel is not None
+        if self.channel is None:
+            self.channel = grpc.insecure_channel(
+                self.target,
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 300),
+                    ("grpc.enable_retries", 0),
+                ],
+            )
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     @property
@@ -353,9 +371,10 @@ class LightClient:
 
     @property
     def md(self) -> tuple[tuple[str, str], ...]:
-        return (("x-crossfed-client-id", self.client_id),)
+        return () if self.signed else (("x-crossfed-client-id", self.client_id),)
 
     def close(self) -> None:
+        assert self.channel is not None
         self.channel.close()
 
     def register(self) -> coordinator_pb2.RegisterResponse:
@@ -430,6 +449,8 @@ class LightClient:
                     safetensors=payload, payload_sha256=hashlib.sha256(payload).digest()
                 ),
                 epsilon_spent=epsilon,
+                noise_multiplier=PROJECTION_SIGMA,
+                clip_norm=1.0,
             ),
             metadata=self.md,
             timeout=10,
@@ -442,7 +463,11 @@ class LightClient:
         client's known constant."""
         start = self.download(round_no)
         if exchange:
-            self.exchange(round_no, projection_payload(self.index))
+            try:
+                self.exchange(round_no, projection_payload(self.index))
+            except grpc.RpcError as exc:  # refused (e.g. budget): like the daemon, upload anyway
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+                    raise
         return self.upload(round_no, constant_update(start, upload_value(self.index, round_no)))
 
     def wait_action(

@@ -19,13 +19,21 @@ def test_report_shows_recorded_numbers_and_marks_missing_ones(tmp_path: Path) ->
             "recorded_unix_s": 0.0,
         },
         "load_200x2": {"clients": 200, "rounds": 2, "rpc_p99_ms": 12.5, "retried": {}},
+        "attack_replay": {
+            "attempt": "replay a | b",
+            "expected": "refused",
+            "observed": "UNAUTHENTICATED: nonce was already used",
+        },
     }
     text = render(results)
+    assert "| replay | replay a \\| b | refused | UNAUTHENTICATED: nonce was already used |" in text
+    assert "1 held" in text
     assert "321 cases, 0 improper answers" in text
     assert "200 concurrent clients x 2 rounds" in text
     assert "12.5" in text
     assert "0 in 0 runs" in text  # no server-kill record
     assert text.count("not run") >= 3  # kills, client faults, network, disk
+    assert "## Attacks" in render({"fuzz_x": {"cases": 1}}) and "not run" in render({"x": {}})
 
 
 def test_report_cli_writes_file_and_refuses_empty_results(tmp_path: Path) -> None:

@@ -63,6 +63,32 @@ BUGS_FOUND = [
 
 KNOWN_GAPS = [
     (
+        "Bounded influence covers model updates and projections; calibration-round statistics "
+        "(opt-in) are checked for plausibility (whole counts, sums of squares) but not "
+        "norm-bounded: a hostile holder of images can still skew the image-only refit (an "
+        "unusable fit leaves the model uncalibrated)."
+    ),
+    (
+        "The update bound limits how far one update moves the model per round (0.5 x its norm "
+        "by default), not where many colluding clients steer it; and sample counts are the "
+        "client's word, so a client registering many rows carries more of eq. 15's weight "
+        "(within the bound)."
+    ),
+    (
+        "A client that trickles its upload (a chunk just inside upload_idle_timeout_s) keeps "
+        "its one upload slot that long; several identities can hold several slots."
+    ),
+    (
+        "The nonce journal is fsynced about once a second: after a power loss (not a process "
+        "kill) a request accepted in the last second before it could be replayed within the "
+        "clock window."
+    ),
+    (
+        "Under projection DP the released class counts are presence bits (0 or 1), published "
+        "exactly; the epsilon the server accounts covers the noised rows, not which classes a "
+        "client holds."
+    ),
+    (
         "Disk full is simulated for the checkpoint and prototypes writes only. An SQLite write "
         "failing (StateStoreError) mid-commit is not handled: the engine mutates its in-memory "
         "run/round/client records before the DB write, so memory can run ahead of the DB until "
@@ -125,6 +151,7 @@ def render(results: dict[str, dict[str, Any]]) -> str:
     load = {k: v for k, v in results.items() if k.startswith("load_")}
     disk = {k: v for k, v in results.items() if k.startswith("disk_full")}
     client = {k: v for k, v in results.items() if k.startswith("client_faults")}
+    attacks = {k: v for k, v in results.items() if k.startswith("attack_")}
     restarts = sum(int(v.get("restarts", 0)) for v in kills.values())
     fuzz_cases = sum(int(v.get("cases", 0)) for v in fuzz.values())
     improper = sum(int(v.get("improper", 0)) for v in fuzz.values())
@@ -191,6 +218,12 @@ def render(results: dict[str, dict[str, Any]]) -> str:
             [
                 "disk full / read-only at checkpoint time",
                 f"{len(disk)} scenarios passed" if disk else "not run",
+            ]
+        ),
+        _row(
+            [
+                "attacks by an enrolled hostile client (and hostile inputs), see below",
+                f"{len(attacks)} held" if attacks else "not run",
             ]
         ),
         "",
@@ -307,6 +340,26 @@ def render(results: dict[str, dict[str, Any]]) -> str:
         )
         lines.append(f"- `{name}`: {facts}")
     if not disk:
+        lines.append("not run")
+    lines += ["", "## Attacks", ""]
+    if attacks:
+        lines += [
+            (
+                "Each row is a scenario of `tests/reliability/test_reliability_attacks_*.py` "
+                "that carries out the attack against the real server (TLS, enrolled clients "
+                "signing every call, production defaults) or the real CLI; the row is recorded "
+                "only when the scenario held, and *observed* is what the suite saw."
+            ),
+            "",
+            _row(["attack", "attempt", "expected", "observed"]),
+            _row(["---"] * 4),
+        ]
+        for name, v in sorted(attacks.items()):
+            cells = [v.get(k, "") for k in ("attempt", "expected", "observed")]
+            lines.append(
+                _row([name.removeprefix("attack_"), *(str(c).replace("|", "\\|") for c in cells)])
+            )
+    else:
         lines.append("not run")
     lines += ["", "## Bugs found by this suite (fixed)", ""]
     lines += [f"- {what} — *{fix}*" for what, fix in BUGS_FOUND]

@@ -20,7 +20,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def small_config(state_dir: Path, **rounds: Any) -> ServerConfig:
+def small_config(
+    state_dir: Path, sections: dict[str, Any] | None = None, **rounds: Any
+) -> ServerConfig:
+    """A small-model insecure ServerConfig; ``sections`` replaces whole top-level sections."""
     policy = {"rounds": 2, "min_clients": 2, "round_deadline_s": 30.0}
     policy.update(rounds)
     return ServerConfig.model_validate(
@@ -31,15 +34,22 @@ def small_config(state_dir: Path, **rounds: Any) -> ServerConfig:
             "rounds": policy,
             "tls": {"insecure": True},
             "transport": {"chunk_size": 64 * 1024, "max_message_bytes": 1024 * 1024},
+            # scripted clients send constant offsets and check the exact eq.-15 average;
+            # the update bound (which would clip them) has its own tests
+            "update_bound": {"max_norm_ratio": None},
+            **(sections or {}),
         }
     )
 
 
 @contextmanager
 def running_server(
-    state_dir: Path, options: ServerOptions | None = None, **rounds: Any
+    state_dir: Path,
+    options: ServerOptions | None = None,
+    sections: dict[str, Any] | None = None,
+    **rounds: Any,
 ) -> Iterator[tuple[CoordinatorServer, str]]:
-    cfg = small_config(state_dir, **rounds)
+    cfg = small_config(state_dir, sections, **rounds)
     server = CoordinatorServer.create(cfg, options or ServerOptions(tick_interval_s=0.05))
     port = server.start()
     try:

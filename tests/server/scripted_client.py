@@ -137,7 +137,12 @@ class ScriptedClient:
         return self.stub.UploadUpdate(gen(), metadata=self.md, timeout=120)
 
     def exchange(
-        self, round_no: int, payload: bytes, epsilon: float = 0.0
+        self,
+        round_no: int,
+        payload: bytes,
+        epsilon: float = 0.0,
+        noise_multiplier: float = 0.0,
+        clip_norm: float = 0.0,
     ) -> coordinator_pb2.ProjectionExchangeResponse:
         return self.stub.ExchangeProjections(
             coordinator_pb2.ProjectionExchangeRequest(
@@ -146,6 +151,8 @@ class ScriptedClient:
                     safetensors=payload, payload_sha256=hashlib.sha256(payload).digest()
                 ),
                 epsilon_spent=epsilon,
+                noise_multiplier=noise_multiplier,
+                clip_norm=clip_norm,
             ),
             metadata=self.md,
             timeout=10,

@@ -178,41 +178,49 @@ def test_duplicate_upload_id_acknowledged_once(server: tuple[CoordinatorServer, 
     a.close(), b.close()
 
 
-def test_projection_exchange_publishes_prototypes_at_commit(
-    server: tuple[CoordinatorServer, str],
+def test_exact_projection_exchange_publishes_bounded_prototypes_at_commit(
+    tmp_path: Path,
 ) -> None:
-    srv, target = server
-    a, b = ScriptedClient(target, "alice"), ScriptedClient(target, "bob")
-    a.register(), b.register()
-    hb = _wait_train(a)
-    initial = a.download(1)
-    c, dt, di = 3, 16, 8
+    """projection_dp off: exact per-class sums are taken, each row bounded to count x C
+    (C = privacy.clip), and published as sums and means at the next commit."""
+    exact = {"privacy": {"projection_dp": False}}
+    with running_server(tmp_path / "state", sections=exact) as (srv, target):
+        a, b = ScriptedClient(target, "alice"), ScriptedClient(target, "bob")
+        a.register(), b.register()
+        hb = _wait_train(a)
+        initial = a.download(1)
+        c, dt, di = 3, 16, 8
 
-    def proj(scale: float) -> bytes:
-        return encode_tensors(
-            {
-                "text_sum": torch.full((c, dt), scale),
-                "image_sum": torch.full((c, di), 2 * scale),
-                "text_count": torch.tensor([1.0, 1.0, 0.0]),
-                "image_count": torch.tensor([2.0, 0.0, 0.0]),
-            }
-        )
+        def proj(scale: float) -> bytes:  # text rows of norm `scale` x count
+            return encode_tensors(
+                {
+                    "text_sum": torch.full((c, dt), scale / 4),
+                    "image_sum": torch.full((c, di), 2.0),
+                    "text_count": torch.tensor([1.0, 1.0, 0.0]),
+                    "image_count": torch.tensor([2.0, 0.0, 0.0]),
+                }
+            )
 
-    first = a.exchange(1, proj(1.0), epsilon=0.5)
-    assert first.prototypes_round == 0 and not first.global_prototypes.safetensors
-    with pytest.raises(grpc.RpcError) as err:
-        a.exchange(1, encode_tensors({"text_sum": torch.zeros(2, 2)}))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    a.upload(1, initial, server_key=hb.upload_public_key)
-    b.upload(1, initial, server_key=hb.upload_public_key)  # commits round 1
-    late = b.exchange(1, proj(3.0))  # after its upload: accepted, published at next commit
-    assert late.prototypes_round == 1
-    protos = load_prototypes(bytes(late.global_prototypes.safetensors))
-    assert torch.allclose(protos["text_sum"], torch.full((c, dt), 1.0))
-    assert torch.allclose(protos["text_prototype"][2], torch.zeros(dt))  # unseen class
-    assert torch.allclose(protos["image_prototype"][0], torch.full((di,), 1.0))  # 2 / 2
-    assert srv.engine.run.epsilon_spent == pytest.approx(0.5)
-    a.close(), b.close()
+        first = a.exchange(1, proj(1.0), epsilon=0.5)
+        assert first.prototypes_round == 0 and not first.global_prototypes.safetensors
+        assert first.epsilon_spent == 0.0  # no DP: nothing accounted, the 0.5 is not taken
+        with pytest.raises(grpc.RpcError) as err:
+            a.exchange(1, encode_tensors({"text_sum": torch.zeros(2, 2)}))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        a.upload(1, initial, server_key=hb.upload_public_key)
+        b.upload(1, initial, server_key=hb.upload_public_key)  # commits round 1
+        late = b.exchange(1, proj(0.5))  # after its upload: accepted, published at next commit
+        assert late.prototypes_round == 1
+        protos = load_prototypes(bytes(late.global_prototypes.safetensors))
+        # alice's rows are inside count x C; her class-2 row has count 0 and is zeroed
+        want_text = torch.full((c, dt), 0.25)
+        want_text[2] = 0.0
+        assert torch.allclose(protos["text_sum"], want_text)
+        assert torch.allclose(protos["text_prototype"][2], torch.zeros(dt))  # unseen class
+        # the image row of count 2 (norm 5.66) is clipped to 2 x C: mean norm 1
+        assert torch.linalg.vector_norm(protos["image_prototype"][0]).item() == pytest.approx(1.0)
+        assert srv.engine.run.epsilon_spent == 0.0
+        a.close(), b.close()
 
 
 def test_unencrypted_allowed_only_when_configured(tmp_path: Path) -> None:

@@ -67,7 +67,8 @@ def test_kill9_mid_round_then_resume_completes_without_double_count(tmp_path: Pa
     config.write_text(
         yaml.safe_dump(
             {"model": SMALL_MODEL, "rounds": {"rounds": 3, "min_clients": 2,
-                                              "round_deadline_s": 60}}
+                                              "round_deadline_s": 60},
+             "update_bound": {"max_norm_ratio": None}}  # exact +1 steps, never clipped
         )
     )  # fmt: skip
     log = tmp_path / "server.log"

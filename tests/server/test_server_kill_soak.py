@@ -67,7 +67,8 @@ def test_random_kill9_soak(tmp_path: Path) -> None:
     config.write_text(
         yaml.safe_dump(
             {"model": SMALL_MODEL,
-             "rounds": {"rounds": ROUNDS, "min_clients": 2, "round_deadline_s": 30}}
+             "rounds": {"rounds": ROUNDS, "min_clients": 2, "round_deadline_s": 30},
+             "update_bound": {"max_norm_ratio": None}}  # exact +1 steps, never clipped
         )
     )  # fmt: skip
     log = tmp_path / "server.log"

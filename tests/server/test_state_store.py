@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,16 +67,51 @@ def test_rounds_attempts_and_commit(store: StateStore) -> None:
     assert run is not None and run.last_committed_round == 1
 
 
-def test_upload_id_idempotent_per_round_attempt(store: StateStore) -> None:
+def test_upload_id_idempotent_per_client_and_round_attempt(store: StateStore) -> None:
     up = UploadRecord("u1", "a", 1, 1, 10, 1.0, "ab", {"mapper": 4}, {"loss": 1.0})
     assert store.add_upload(up)
     assert not store.add_upload(up)
     assert store.add_upload(UploadRecord("u1", "a", 1, 2, 10, 2.0, "ab"))  # new attempt
     assert store.add_upload(UploadRecord("u2", "b", 1, 1, 7, 3.0, "cd"))
-    assert [u.upload_id for u in store.list_uploads(1, 1)] == ["u1", "u2"]
-    got = store.get_upload(1, 1, "u1")
+    # another client's upload_id is its own: it does not shadow (or get shadowed by) a's
+    assert store.add_upload(UploadRecord("u1", "b", 1, 1, 5, 4.0, "ef"))
+    assert [(u.client_id, u.upload_id) for u in store.list_uploads(1, 1)] == [
+        ("a", "u1"),
+        ("b", "u2"),
+        ("b", "u1"),
+    ]
+    got = store.get_upload(1, 1, "a", "u1")
     assert got is not None and got.module_samples == {"mapper": 4}
-    assert store.get_upload(9, 1, "u1") is None
+    other = store.get_upload(1, 1, "b", "u1")
+    assert other is not None and other.num_samples == 5
+    assert store.get_upload(9, 1, "a", "u1") is None
+
+
+def test_schema_1_database_is_migrated_to_per_client_upload_ids(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE uploads (
+            round INTEGER NOT NULL, attempt INTEGER NOT NULL, upload_id TEXT NOT NULL,
+            seq INTEGER NOT NULL, client_id TEXT NOT NULL, num_samples INTEGER NOT NULL,
+            received_unix_s REAL NOT NULL, payload_sha256 TEXT NOT NULL,
+            module_samples TEXT NOT NULL, metrics TEXT NOT NULL,
+            PRIMARY KEY (round, attempt, upload_id)
+        );
+        INSERT INTO uploads VALUES (1, 1, 'u1', 0, 'a', 10, 1.0, 'ab', '{}', '{}');
+        """
+    )
+    conn.commit()
+    conn.close()
+    store = SqliteStateStore(path)
+    assert [u.client_id for u in store.list_uploads(1, 1)] == ["a"]
+    assert store.add_upload(UploadRecord("u1", "b", 1, 1, 5, 2.0, "cd"))
+    store.close()
+    version = sqlite3.connect(path).execute("SELECT value FROM meta").fetchone()
+    assert version == ("2",)
 
 
 def test_events_monotone_ids_and_paging(store: StateStore) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from crossfed.v1 import common_pb2 as crossfed_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63rossfed/v1/coordinator.proto\x12\x0b\x63rossfed.v1\x1a\x18\x63rossfed/v1/common.proto\"F\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x1b\n\x13requested_client_id\x18\x02 \x01(\t\"V\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\x0c\x12\x1a\n\x12server_fingerprint\x18\x03 \x01(\t\"\xf6\x02\n\x0fRegisterRequest\x12-\n\x08modality\x18\x01 \x01(\x0e\x32\x1b.crossfed.v1.ModalityConfig\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nnum_paired\x18\x03 \x01(\x04\x12\x15\n\rnum_text_only\x18\x04 \x01(\x04\x12\x16\n\x0enum_image_only\x18\x05 \x01(\x04\x12\x1b\n\x13model_config_digest\x18\x06 \x01(\t\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x07 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x13\n\x0blabel_names\x18\t \x03(\t\x12.\n\x0ctext_encoder\x18\n \x01(\x0b\x32\x18.crossfed.v1.EncoderInfo\x12/\n\rimage_encoder\x18\x0b \x01(\x0b\x32\x18.crossfed.v1.EncoderInfo\x12\x1c\n\x14sd_checkpoint_digest\x18\x14 \x01(\t\"\xaf\x01\n\x10RegisterResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\r\x12\x12\n\nchunk_size\x18\x06 \x01(\r\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\"0\n\x10HeartbeatRequest\x12\x1c\n\x14last_completed_round\x18\x01 \x01(\x04\"\xcc\x01\n\x11HeartbeatResponse\x12#\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x13.crossfed.v1.Action\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rpoll_after_ms\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x04 \x01(\x01\x12\x19\n\x11upload_public_key\x18\x05 \x01(\x0c\x12\x14\n\x0clocal_epochs\x18\x06 \x01(\r\x12\x11\n\trun_state\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"5\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bstart_chunk\x18\x02 \x01(\r\"\xda\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11\x63lient_public_key\x18\x02 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x44\n\x0emodule_samples\x18\x04 \x03(\x0b\x32,.crossfed.v1.UploadHeader.ModuleSamplesEntry\x12%\n\x07metrics\x18\x05 \x01(\x0b\x32\x14.crossfed.v1.Metrics\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x14\n\x0ctotal_chunks\x18\x08 \x01(\r\x12\x11\n\tencrypted\x18\t \x01(\x08\x12\x11\n\tupload_id\x18\n \x01(\t\x1a\x34\n\x12ModuleSamplesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"o\n\rUploadMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.crossfed.v1.UploadHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.crossfed.v1.TensorChunkH\x00\x42\x06\n\x04kind\"F\n\x0eUploadResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"r\n\x19ProjectionExchangeRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12/\n\x0bprojections\x18\x02 \x01(\x0b\x32\x1a.crossfed.v1.TensorPayload\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\"m\n\x1aProjectionExchangeResponse\x12\x35\n\x11global_prototypes\x18\x01 \x01(\x0b\x32\x1a.crossfed.v1.TensorPayload\x12\x18\n\x10prototypes_round\x18\x02 \x01(\x04*\x7f\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x01\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x02\x12\x0f\n\x0b\x41\x43TION_DONE\x10\x03\x12\x13\n\x0f\x41\x43TION_REGISTER\x10\x04\x12\x14\n\x10\x41\x43TION_CALIBRATE\x10\x05\x32\xe9\x03\n\x0b\x43oordinator\x12\x41\n\x06\x45nroll\x12\x1a.crossfed.v1.EnrollRequest\x1a\x1b.crossfed.v1.EnrollResponse\x12G\n\x08Register\x12\x1c.crossfed.v1.RegisterRequest\x1a\x1d.crossfed.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.crossfed.v1.HeartbeatRequest\x1a\x1e.crossfed.v1.HeartbeatResponse\x12O\n\x13\x44ownloadGlobalModel\x12\x1c.crossfed.v1.DownloadRequest\x1a\x18.crossfed.v1.TensorChunk0\x01\x12I\n\x0cUploadUpdate\x12\x1a.crossfed.v1.UploadMessage\x1a\x1b.crossfed.v1.UploadResponse(\x01\x12\x66\n\x13\x45xchangeProjections\x12&.crossfed.v1.ProjectionExchangeRequest\x1a\'.crossfed.v1.ProjectionExchangeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63rossfed/v1/coordinator.proto\x12\x0b\x63rossfed.v1\x1a\x18\x63rossfed/v1/common.proto\"F\n\rEnrollRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x1b\n\x13requested_client_id\x18\x02 \x01(\t\"V\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\x0c\x12\x1a\n\x12server_fingerprint\x18\x03 \x01(\t\"\xf6\x02\n\x0fRegisterRequest\x12-\n\x08modality\x18\x01 \x01(\x0e\x32\x1b.crossfed.v1.ModalityConfig\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\nnum_paired\x18\x03 \x01(\x04\x12\x15\n\rnum_text_only\x18\x04 \x01(\x04\x12\x16\n\x0enum_image_only\x18\x05 \x01(\x04\x12\x1b\n\x13model_config_digest\x18\x06 \x01(\t\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x07 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x08 \x03(\t\x12\x13\n\x0blabel_names\x18\t \x03(\t\x12.\n\x0ctext_encoder\x18\n \x01(\x0b\x32\x18.crossfed.v1.EncoderInfo\x12/\n\rimage_encoder\x18\x0b \x01(\x0b\x32\x18.crossfed.v1.EncoderInfo\x12\x1c\n\x14sd_checkpoint_digest\x18\x14 \x01(\t\"\xeb\x01\n\x10RegisterResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x04\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\r\x12\x12\n\nchunk_size\x18\x06 \x01(\r\x12\x13\n\x0b\x63lass_names\x18\x07 \x03(\t\x12:\n\x12projection_privacy\x18\x10 \x01(\x0b\x32\x1e.crossfed.v1.ProjectionPrivacy\"y\n\x11ProjectionPrivacy\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x18\n\x10noise_multiplier\x18\x02 \x01(\x01\x12\x11\n\tclip_norm\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x05 \x01(\x01\"0\n\x10HeartbeatRequest\x12\x1c\n\x14last_completed_round\x18\x01 \x01(\x04\"\xcc\x01\n\x11HeartbeatResponse\x12#\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x13.crossfed.v1.Action\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x15\n\rpoll_after_ms\x18\x03 \x01(\r\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x04 \x01(\x01\x12\x19\n\x11upload_public_key\x18\x05 \x01(\x0c\x12\x14\n\x0clocal_epochs\x18\x06 \x01(\r\x12\x11\n\trun_state\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"5\n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bstart_chunk\x18\x02 \x01(\r\"\xda\x02\n\x0cUploadHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x19\n\x11\x63lient_public_key\x18\x02 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x04\x12\x44\n\x0emodule_samples\x18\x04 \x03(\x0b\x32,.crossfed.v1.UploadHeader.ModuleSamplesEntry\x12%\n\x07metrics\x18\x05 \x01(\x0b\x32\x14.crossfed.v1.Metrics\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12\x16\n\x0epayload_sha256\x18\x07 \x01(\x0c\x12\x14\n\x0ctotal_chunks\x18\x08 \x01(\r\x12\x11\n\tencrypted\x18\t \x01(\x08\x12\x11\n\tupload_id\x18\n \x01(\t\x1a\x34\n\x12ModuleSamplesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"o\n\rUploadMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.crossfed.v1.UploadHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.crossfed.v1.TensorChunkH\x00\x42\x06\n\x04kind\"F\n\x0eUploadResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x9f\x01\n\x19ProjectionExchangeRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12/\n\x0bprojections\x18\x02 \x01(\x0b\x32\x1a.crossfed.v1.TensorPayload\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x11\n\tclip_norm\x18\x05 \x01(\x01\"\x9c\x01\n\x1aProjectionExchangeResponse\x12\x35\n\x11global_prototypes\x18\x01 \x01(\x0b\x32\x1a.crossfed.v1.TensorPayload\x12\x18\n\x10prototypes_round\x18\x02 \x01(\x04\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\x12\x16\n\x0e\x65psilon_budget\x18\x04 \x01(\x01*\x7f\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x01\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x02\x12\x0f\n\x0b\x41\x43TION_DONE\x10\x03\x12\x13\n\x0f\x41\x43TION_REGISTER\x10\x04\x12\x14\n\x10\x41\x43TION_CALIBRATE\x10\x05\x32\xe9\x03\n\x0b\x43oordinator\x12\x41\n\x06\x45nroll\x12\x1a.crossfed.v1.EnrollRequest\x1a\x1b.crossfed.v1.EnrollResponse\x12G\n\x08Register\x12\x1c.crossfed.v1.RegisterRequest\x1a\x1d.crossfed.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.crossfed.v1.HeartbeatRequest\x1a\x1e.crossfed.v1.HeartbeatResponse\x12O\n\x13\x44ownloadGlobalModel\x12\x1c.crossfed.v1.DownloadRequest\x1a\x18.crossfed.v1.TensorChunk0\x01\x12I\n\x0cUploadUpdate\x12\x1a.crossfed.v1.UploadMessage\x1a\x1b.crossfed.v1.UploadResponse(\x01\x12\x66\n\x13\x45xchangeProjections\x12&.crossfed.v1.ProjectionExchangeRequest\x1a\'.crossfed.v1.ProjectionExchangeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPLOADHEADER_MODULESAMPLESENTRY']._loaded_options = None
   _globals['_UPLOADHEADER_MODULESAMPLESENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=1860
-  _globals['_ACTION']._serialized_end=1987
+  _globals['_ACTION']._serialized_start=2137
+  _globals['_ACTION']._serialized_end=2264
   _globals['_ENROLLREQUEST']._serialized_start=72
   _globals['_ENROLLREQUEST']._serialized_end=142
   _globals['_ENROLLRESPONSE']._serialized_start=144
@@ -43,25 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=233
   _globals['_REGISTERREQUEST']._serialized_end=607
   _globals['_REGISTERRESPONSE']._serialized_start=610
-  _globals['_REGISTERRESPONSE']._serialized_end=785
-  _globals['_HEARTBEATREQUEST']._serialized_start=787
-  _globals['_HEARTBEATREQUEST']._serialized_end=835
-  _globals['_HEARTBEATRESPONSE']._serialized_start=838
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1042
-  _globals['_DOWNLOADREQUEST']._serialized_start=1044
-  _globals['_DOWNLOADREQUEST']._serialized_end=1097
-  _globals['_UPLOADHEADER']._serialized_start=1100
-  _globals['_UPLOADHEADER']._serialized_end=1446
-  _globals['_UPLOADHEADER_MODULESAMPLESENTRY']._serialized_start=1394
-  _globals['_UPLOADHEADER_MODULESAMPLESENTRY']._serialized_end=1446
-  _globals['_UPLOADMESSAGE']._serialized_start=1448
-  _globals['_UPLOADMESSAGE']._serialized_end=1559
-  _globals['_UPLOADRESPONSE']._serialized_start=1561
-  _globals['_UPLOADRESPONSE']._serialized_end=1631
-  _globals['_PROJECTIONEXCHANGEREQUEST']._serialized_start=1633
-  _globals['_PROJECTIONEXCHANGEREQUEST']._serialized_end=1747
-  _globals['_PROJECTIONEXCHANGERESPONSE']._serialized_start=1749
-  _globals['_PROJECTIONEXCHANGERESPONSE']._serialized_end=1858
-  _globals['_COORDINATOR']._serialized_start=1990
-  _globals['_COORDINATOR']._serialized_end=2479
+  _globals['_REGISTERRESPONSE']._serialized_end=845
+  _globals['_PROJECTIONPRIVACY']._serialized_start=847
+  _globals['_PROJECTIONPRIVACY']._serialized_end=968
+  _globals['_HEARTBEATREQUEST']._serialized_start=970
+  _globals['_HEARTBEATREQUEST']._serialized_end=1018
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1021
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1225
+  _globals['_DOWNLOADREQUEST']._serialized_start=1227
+  _globals['_DOWNLOADREQUEST']._serialized_end=1280
+  _globals['_UPLOADHEADER']._serialized_start=1283
+  _globals['_UPLOADHEADER']._serialized_end=1629
+  _globals['_UPLOADHEADER_MODULESAMPLESENTRY']._serialized_start=1577
+  _globals['_UPLOADHEADER_MODULESAMPLESENTRY']._serialized_end=1629
+  _globals['_UPLOADMESSAGE']._serialized_start=1631
+  _globals['_UPLOADMESSAGE']._serialized_end=1742
+  _globals['_UPLOADRESPONSE']._serialized_start=1744
+  _globals['_UPLOADRESPONSE']._serialized_end=1814
+  _globals['_PROJECTIONEXCHANGEREQUEST']._serialized_start=1817
+  _globals['_PROJECTIONEXCHANGEREQUEST']._serialized_end=1976
+  _globals['_PROJECTIONEXCHANGERESPONSE']._serialized_start=1979
+  _globals['_PROJECTIONEXCHANGERESPONSE']._serialized_end=2135
+  _globals['_COORDINATOR']._serialized_start=2267
+  _globals['_COORDINATOR']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

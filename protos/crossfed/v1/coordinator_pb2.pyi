@@ -70,7 +70,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, modality: _Optional[_Union[_common_pb2.ModalityConfig, str]] = ..., num_samples: _Optional[int] = ..., num_paired: _Optional[int] = ..., num_text_only: _Optional[int] = ..., num_image_only: _Optional[int] = ..., model_config_digest: _Optional[str] = ..., daemon_version: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., label_names: _Optional[_Iterable[str]] = ..., text_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ..., image_encoder: _Optional[_Union[_common_pb2.EncoderInfo, _Mapping]] = ..., sd_checkpoint_digest: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("client_id", "run_id", "current_round", "model_config_json", "heartbeat_interval_ms", "chunk_size", "class_names")
+    __slots__ = ("client_id", "run_id", "current_round", "model_config_json", "heartbeat_interval_ms", "chunk_size", "class_names", "projection_privacy")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class RegisterResponse(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_PRIVACY_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     run_id: str
     current_round: int
@@ -85,7 +86,22 @@ class RegisterResponse(_message.Message):
     heartbeat_interval_ms: int
     chunk_size: int
     class_names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., model_config_json: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., chunk_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+    projection_privacy: ProjectionPrivacy
+    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., current_round: _Optional[int] = ..., model_config_json: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., chunk_size: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., projection_privacy: _Optional[_Union[ProjectionPrivacy, _Mapping]] = ...) -> None: ...
+
+class ProjectionPrivacy(_message.Message):
+    __slots__ = ("required", "noise_multiplier", "clip_norm", "delta", "epsilon_budget")
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    required: bool
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    epsilon_budget: float
+    def __init__(self, required: _Optional[bool] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("last_completed_round",)
@@ -171,19 +187,27 @@ class UploadResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ProjectionExchangeRequest(_message.Message):
-    __slots__ = ("round", "projections", "epsilon_spent")
+    __slots__ = ("round", "projections", "epsilon_spent", "noise_multiplier", "clip_norm")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     round: int
     projections: _common_pb2.TensorPayload
     epsilon_spent: float
-    def __init__(self, round: _Optional[int] = ..., projections: _Optional[_Union[_common_pb2.TensorPayload, _Mapping]] = ..., epsilon_spent: _Optional[float] = ...) -> None: ...
+    noise_multiplier: float
+    clip_norm: float
+    def __init__(self, round: _Optional[int] = ..., projections: _Optional[_Union[_common_pb2.TensorPayload, _Mapping]] = ..., epsilon_spent: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., clip_norm: _Optional[float] = ...) -> None: ...
 
 class ProjectionExchangeResponse(_message.Message):
-    __slots__ = ("global_prototypes", "prototypes_round")
+    __slots__ = ("global_prototypes", "prototypes_round", "epsilon_spent", "epsilon_budget")
     GLOBAL_PROTOTYPES_FIELD_NUMBER: _ClassVar[int]
     PROTOTYPES_ROUND_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     global_prototypes: _common_pb2.TensorPayload
     prototypes_round: int
-    def __init__(self, global_prototypes: _Optional[_Union[_common_pb2.TensorPayload, _Mapping]] = ..., prototypes_round: _Optional[int] = ...) -> None: ...
+    epsilon_spent: float
+    epsilon_budget: float
+    def __init__(self, global_prototypes: _Optional[_Union[_common_pb2.TensorPayload, _Mapping]] = ..., prototypes_round: _Optional[int] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ...) -> None: ...

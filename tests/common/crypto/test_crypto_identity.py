@@ -62,7 +62,7 @@ def test_expired_bound_and_bad_tokens() -> None:
     assert enroll(store, bound, now=T0).client_id == "site-7"
     generated = enroll(store, create_enrollment_token(store).token.reveal())
     assert generated.client_id.startswith("client-")
-    with pytest.raises(EnrollmentError, match="ttl must be positive"):
+    with pytest.raises(EnrollmentError, match="ttl must be a positive number"):
         create_enrollment_token(store, ttl_s=0)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from crossfed.common.crypto.certificates import create_ca, issue_certificate
-from crossfed.common.crypto.grpc_credentials import channel_credentials, server_credentials
+from crossfed.common.crypto.grpc_credentials import server_credentials
 from crossfed.common.crypto.identity import (
     ClientCredential,
     InMemoryCredentialStore,
@@ -27,7 +27,6 @@ from crossfed.common.crypto.rpc_auth import (
     ServerAuthInterceptor,
     authenticated_channel,
     authenticated_identity,
-    signing_call_credentials,
 )
 
 COORD = "crossfed.v1.Coordinator"
@@ -160,15 +159,6 @@ def test_revoked_client_is_refused(env: Env) -> None:
         assert call(b"", timeout=5) == b"to-revoke:client"
         env.store.revoke("to-revoke")
         assert _code(call, b"") == grpc.StatusCode.UNAUTHENTICATED
-
-
-def test_call_credentials_plugin_over_tls(env: Env) -> None:
-    creds = grpc.composite_channel_credentials(
-        channel_credentials(env.certs), signing_call_credentials(env.client)
-    )
-    with grpc.secure_channel(f"localhost:{env.tls_port}", creds) as ch:
-        assert ch.unary_unary(f"/{COORD}/Heartbeat")(b"", timeout=5) == b"c1:client"
-        assert list(ch.unary_stream(f"/{COORD}/Download")(b"", timeout=5)) == [b"c1", b"c1"]
 
 
 def test_bad_method_patterns_are_rejected() -> None:
