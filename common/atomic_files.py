@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Literal, overload
+from typing import IO, Any, Literal, overload
 
 TEMP_MARKER = ".tmp-"
 
@@ -78,9 +78,10 @@ def atomic_output(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(tmp, flags, mode)
     try:
-        with os.fdopen(
-            fd, "w" if text else "wb", **({"encoding": "utf-8", "newline": ""} if text else {})
-        ) as handle:
+        handle: IO[Any] = (
+            os.fdopen(fd, "w", encoding="utf-8", newline="") if text else os.fdopen(fd, "wb")
+        )
+        with handle:
             yield handle
             handle.flush()
             if durable:
