@@ -9,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from crossfed.output_paths import (
-    OutputPathError,
-    open_temp_beside,
-    replace_checked,
-    safe_output_path,
-)
+from common.atomic_files import atomic_output
+from crossfed.output_paths import OutputPathError, check_replaceable, safe_output_path
 
 
 def test_regular_files_only_and_force_to_replace(tmp_path: Path) -> None:
@@ -38,12 +34,13 @@ def test_regular_files_only_and_force_to_replace(tmp_path: Path) -> None:
 
 def test_the_target_is_checked_again_before_the_rename(tmp_path: Path) -> None:
     target = safe_output_path(tmp_path / "m.safetensors", force=True)
-    tmp, handle = open_temp_beside(target)
-    with handle:
-        handle.write(b"new")
-    os.mkfifo(target)  # replaced by something special while downloading
     with pytest.raises(OutputPathError, match="FIFO"):
-        replace_checked(tmp, target, force=True)
+        with atomic_output(target, before_replace=lambda: check_replaceable(target, True)) as out:
+            out.write(b"new")
+            os.mkfifo(target)  # replaced by something special while downloading
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp left
     os.unlink(target)
-    replace_checked(tmp, target, force=True)
-    assert target.read_bytes() == b"new" and not tmp.exists()
+    with atomic_output(target, before_replace=lambda: check_replaceable(target, True)) as out:
+        out.write(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
