@@ -34,13 +34,16 @@ def test_regular_files_only_and_force_to_replace(tmp_path: Path) -> None:
 
 def test_the_target_is_checked_again_before_the_rename(tmp_path: Path) -> None:
     target = safe_output_path(tmp_path / "m.safetensors", force=True)
-    with pytest.raises(OutputPathError, match="FIFO"):
-        with atomic_output(target, before_replace=lambda: check_replaceable(target, True)) as out:
-            out.write(b"new")
-            os.mkfifo(target)  # replaced by something special while downloading
+    recheck = lambda: check_replaceable(target, True)  # noqa: E731
+    with (
+        pytest.raises(OutputPathError, match="FIFO"),
+        atomic_output(target, before_replace=recheck) as out,
+    ):
+        out.write(b"new")
+        os.mkfifo(target)  # replaced by something special while downloading
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp left
     os.unlink(target)
-    with atomic_output(target, before_replace=lambda: check_replaceable(target, True)) as out:
+    with atomic_output(target, before_replace=recheck) as out:
         out.write(b"new")
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
