@@ -34,7 +34,7 @@ def test_regular_files_only_and_force_to_replace(tmp_path: Path) -> None:
 
 def test_the_target_is_checked_again_before_the_rename(tmp_path: Path) -> None:
     target = safe_output_path(tmp_path / "m.safetensors", force=True)
-    recheck = lambda: check_replaceable(target, True)  # noqa: E731
+    recheck = lambda: check_replaceable(target, True)
     with (
         pytest.raises(OutputPathError, match="FIFO"),
         atomic_output(target, before_replace=recheck) as out,
