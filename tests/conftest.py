@@ -1,2 +1,3 @@
-"""Test-suite root: pytest puts this folder on sys.path, so every test imports the shared
-helpers of tests/support as `support.<module>`."""
+"""Test-suite root. tests/ is a package, so pytest puts the repository root on sys.path and
+every test imports the shared helpers as `tests.support.<module>` (ports, the small model,
+certificates, scripted clients, servers); no test imports another test file."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from admin_server_fixtures import RoundClient, free_port, run_one_round, running_server
 from crossfed.common.crypto.certificates import issue_certificate
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.model.model_bundle import load_bundle
@@ -21,6 +20,12 @@ from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from typer.testing import CliRunner
 
 from crossfed.cli import app
+from tests.support.admin_server_fixtures import (
+    RoundClient,
+    run_one_round,
+    running_server,
+)
+from tests.support.ports import free_port
 
 runner = CliRunner()
 

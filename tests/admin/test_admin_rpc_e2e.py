@@ -12,10 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from admin_server_fixtures import RoundClient, run_one_round, running_server, wait_for
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.crypto.rpc_auth import authenticated_channel
 from crossfed.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2
+
+from tests.support.admin_server_fixtures import RoundClient, run_one_round, running_server, wait_for
 
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT

@@ -8,35 +8,28 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from typer.testing import CliRunner
 
 from crossfed.cli import app
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.certificates import make_certs
+from tests.support.ports import free_port
 
 
 def test_server_process_with_json_logs_metrics_and_admin_start(tmp_path: Path) -> None:
     port_file = tmp_path / "port"
-    metrics_port = _free_port()
+    metrics_port = free_port()
     log_file = tmp_path / "server.log"
     certs = tmp_path / "certs"
-    create_ca(certs)
-    issue_certificate(certs, "server", "server")
+    make_certs(certs)
     cmd = [
         sys.executable, "-m", "crossfed", "server", "start",
-        "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{_free_port()}",
+        "--state-dir", str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}",
         "--port-file", str(port_file), "--metrics-port", str(metrics_port), "--log-json",
         "--no-autostart", "--rounds", "2",
     ]  # fmt: skip

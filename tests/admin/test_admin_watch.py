@@ -8,13 +8,13 @@ import json
 import threading
 from pathlib import Path
 
-from admin_server_fixtures import running_server
 from crossfed.v1 import admin_pb2
 from rich.console import Console
 from typer.testing import CliRunner
 
 from crossfed.admin_cli import WatchView
 from crossfed.cli import app
+from tests.support.admin_server_fixtures import running_server
 
 
 def _event(kind: str, round_no: int = 0, message: str = "", **values: float) -> admin_pb2.Event:

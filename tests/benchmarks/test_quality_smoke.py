@@ -19,11 +19,11 @@ from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import SECTION_END, SECTION_START, write_section
 from quality.run_quality import main
 from quality.sweep import SweepPlan, plan_jobs
-from support.simulation_data import clustered_embeddings
 
 from crossfed.simulation.experiment import load_experiment
 from crossfed.simulation.federation_data import FederationSetup
 from crossfed.simulation.gap_closure import MeanStd, gap_closure, seed_summary
+from tests.support.simulation_data import clustered_embeddings
 
 
 def _same(acc: float) -> dict[str, dict[str, float]]:

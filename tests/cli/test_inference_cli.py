@@ -16,10 +16,10 @@ from crossfed.common.model.model_bundle import ModelBundle
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.wire.tensor_codec import encode_tensors
-from support.photo_manifest import CLASSES, make_rows, write_manifest
 from typer.testing import CliRunner
 
 from crossfed.cli import app
+from tests.support.photo_manifest import CLASSES, make_rows, write_manifest
 
 runner = CliRunner()
 CONFIG = ModelConfig(text_dim=384, image_dim=256, hidden_dim=16, num_classes=len(CLASSES))

@@ -4,7 +4,6 @@ accepted by the server's auth interceptor; unsigned calls are refused with a cle
 from __future__ import annotations
 
 import random
-import socket
 import stat
 from collections.abc import Iterator
 from concurrent import futures
@@ -29,6 +28,8 @@ from crossfed.common.crypto.identity import (
 )
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor, authenticated_identity
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+from tests.support.ports import free_port
 
 
 class Servicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -56,9 +57,7 @@ def auth_server() -> Iterator[tuple[str, InMemoryCredentialStore, Servicer]]:
         interceptors=[ServerAuthInterceptor(RequestVerifier(store))],
     )
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     yield f"127.0.0.1:{port}", store, servicer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -41,13 +40,10 @@ from crossfed.client.transport import (
 from crossfed.client.update_upload import LocalUpdate
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
+from tests.support.certificates import make_certs
+from tests.support.ports import free_port
+
 MODEL = bytes(range(256)) * 40  # 10 KiB, 10 chunks of 1 KiB
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -145,7 +141,7 @@ def _serve(shared: Shared, port: int) -> grpc.Server:
 @pytest.fixture()
 def served() -> Iterator[tuple[Shared, int, grpc.Server]]:
     shared = Shared()
-    port = _free_port()
+    port = free_port()
     server = _serve(shared, port)
     yield shared, port, server
     server.stop(grace=None)
@@ -195,7 +191,7 @@ def test_client_id_metadata_sent_once_known(served: tuple[Shared, int, grpc.Serv
 
 
 def test_nothing_listening_is_transient() -> None:
-    transport = _transport(_free_port())
+    transport = _transport(free_port())
     try:
         with pytest.raises(TransientTransportError, match="UNAVAILABLE"):
             transport.heartbeat(coordinator_pb2.HeartbeatRequest())
@@ -269,11 +265,9 @@ def test_loop_survives_server_restart_mid_upload_and_counts_once(
 
 
 def test_tls_channel_from_certs_dir_and_missing_ca_is_a_config_error(tmp_path: Path) -> None:
-    from crossfed.common.crypto.certificates import Role, create_ca, issue_certificate
     from crossfed.common.crypto.grpc_credentials import server_credentials
 
-    create_ca(tmp_path)
-    issue_certificate(tmp_path, Role.SERVER, "server")
+    make_certs(tmp_path)
     shared = Shared()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(Servicer(shared), server)

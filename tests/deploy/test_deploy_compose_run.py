@@ -13,10 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from compose_local_runner import LocalComposeRunner, parse_dockerfile
-from compose_project import load_project
 from crossfed.common.crypto.identity import ClientCredential
-from deploy_paths import CLIENT_MODALITIES, COMBINATIONS, DOCKERFILE, TINY_RUN_ENV
+
+from tests.support.deploy.compose_local_runner import LocalComposeRunner, parse_dockerfile
+from tests.support.deploy.compose_project import load_project
+from tests.support.deploy.deploy_paths import (
+    CLIENT_MODALITIES,
+    COMBINATIONS,
+    DOCKERFILE,
+    TINY_RUN_ENV,
+)
 
 ROUNDS = int(TINY_RUN_ENV["CROSSFED_ROUNDS"])
 

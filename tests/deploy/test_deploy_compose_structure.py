@@ -13,8 +13,12 @@ from typing import Any
 import pytest
 import typer
 import yaml
-from compose_local_runner import LocalComposeRunner, parse_dockerfile
-from compose_project import (
+from crossfed.common.config import ClientConfig, ServerConfig, load_config
+from typer._click.exceptions import BadParameter, UsageError
+
+from crossfed.cli import app as crossfed_app
+from tests.support.deploy.compose_local_runner import LocalComposeRunner, parse_dockerfile
+from tests.support.deploy.compose_project import (
     ComposeError,
     healthcheck_argv,
     interpolate,
@@ -23,9 +27,8 @@ from compose_project import (
     service_argv,
     volume_target,
 )
-from crossfed.common.config import ClientConfig, ServerConfig, load_config
-from crossfed_cli_parsing import parse_crossfed
-from deploy_paths import (
+from tests.support.deploy.crossfed_cli_parsing import parse_crossfed
+from tests.support.deploy.deploy_paths import (
     CLIENT_MODALITIES,
     CLIENT_SERVICES,
     COMBINATIONS,
@@ -35,9 +38,6 @@ from deploy_paths import (
     PERSISTENT,
     TINY_RUN_ENV,
 )
-from typer._click.exceptions import BadParameter, UsageError
-
-from crossfed.cli import app as crossfed_app
 
 ONE_SHOT_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 IMAGE_PROGRAMS = {"crossfed", "python", "sh"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import time
 import uuid
@@ -21,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_paths import CLIENT_MODALITIES, COMBINATIONS, COMPOSE, TINY_RUN_ENV
-from docker_compose_engine import (
+
+from tests.support.deploy.deploy_paths import CLIENT_MODALITIES, COMBINATIONS, COMPOSE, TINY_RUN_ENV
+from tests.support.deploy.docker_compose_engine import (
     CgroupMemorySampler,
     ComposeProject,
     DockerSetupError,
@@ -31,6 +31,7 @@ from docker_compose_engine import (
     local_docker,
     wait_until,
 )
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
@@ -107,12 +108,6 @@ def test_real_compose_accepts_every_documented_combination(
     merged = project.compose("config", "--format", "json").stdout
     services = json.loads(merged)["services"]
     assert {"cert-init", "server", *CLIENT_MODALITIES} <= set(services)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

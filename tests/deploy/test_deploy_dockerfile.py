@@ -14,8 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from compose_local_runner import parse_dockerfile
-from deploy_paths import DOCKERFILE, DOCKERIGNORE, REPO
+from tests.support.deploy.compose_local_runner import parse_dockerfile
+from tests.support.deploy.deploy_paths import DOCKERFILE, DOCKERIGNORE, REPO
 
 TEXT = DOCKERFILE.read_text("utf-8")
 LINES = [

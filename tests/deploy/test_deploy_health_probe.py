@@ -10,9 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compose_local_runner import free_port
 from crossfed.common.config import ServerConfig
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from crossfed.common.crypto.grpc_credentials import server_credentials
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
@@ -26,6 +24,8 @@ from crossfed.health_probe import (
     target_from_config,
 )
 from crossfed.provisioning import PROBE_CERT_NAME
+from tests.support.certificates import make_certs
+from tests.support.ports import free_port
 
 
 @dataclass
@@ -51,9 +51,7 @@ def _serve(creds: grpc.ServerCredentials | None) -> tuple[grpc.Server, HealthSer
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("certs")
-    create_ca(root)
-    issue_certificate(root, "server", "server")
-    issue_certificate(root, "client", PROBE_CERT_NAME)
+    make_certs(root, [PROBE_CERT_NAME])
     return root
 
 

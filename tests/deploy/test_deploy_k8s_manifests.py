@@ -21,10 +21,10 @@ from crossfed.common.config import ClientConfig, ServerConfig, load_config
 from crossfed.common.crypto.grpc_credentials import channel_credentials, server_credentials
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.server.credential_store import SqliteCredentialStore
-from crossfed_cli_parsing import parse_crossfed
-from deploy_paths import K8S
 
 from crossfed.provisioning import PROBE_CERT_NAME
+from tests.support.deploy.crossfed_cli_parsing import parse_crossfed
+from tests.support.deploy.deploy_paths import K8S
 
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 

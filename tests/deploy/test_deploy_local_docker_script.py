@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from docker_compose_engine import LOCAL_DOCKER
+from tests.support.deploy.docker_compose_engine import LOCAL_DOCKER
 
 
 def run_script(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.ports import free_port
+
 HERE = Path(__file__).resolve().parent
 ROUNDS = 3
 MODALITIES = ("text_only", "image_only", "both")
 PROCESS_TIMEOUT_S = 150.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env() -> dict[str, str]:
@@ -147,7 +142,7 @@ class Federation:
 def _start_server(
     root: Path, *flags: str, exit_when_done: bool = True, env: dict[str, str] | None = None
 ) -> Federation:
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     server = subprocess.Popen(
         [

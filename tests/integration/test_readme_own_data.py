@@ -21,7 +21,8 @@ from crossfed.common.data.manifest import load_manifest
 from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_bundle import load_bundle
-from support.photo_manifest import CLASSES, write_photo_dataset
+
+from tests.support.photo_manifest import CLASSES, write_photo_dataset
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 pytestmark = pytest.mark.integration

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from attack_harness import (
+from crossfed.common.crypto.rpc_auth import authenticated_channel
+from crossfed.v1 import admin_pb2, coordinator_pb2, coordinator_pb2_grpc
+from typer.testing import CliRunner
+
+from crossfed.cli import app
+from tests.support.reliability.attack_harness import (
     HeldCall,
     MetadataRecorder,
     attack_server,
@@ -17,11 +22,6 @@ from attack_harness import (
     rpc_error,
     status,
 )
-from crossfed.common.crypto.rpc_auth import authenticated_channel
-from crossfed.v1 import admin_pb2, coordinator_pb2, coordinator_pb2_grpc
-from typer.testing import CliRunner
-
-from crossfed.cli import app
 
 REGISTER = "/crossfed.v1.Coordinator/Register"
 

@@ -13,13 +13,19 @@ import zlib
 from pathlib import Path
 
 import pytest
-from attack_harness import AttackServer, attack_server, record_attack, wait_for, wait_train
 from crossfed.common.config import ConfigError, ServerConfig, load_config
 from crossfed.server.admin_servicer import ADMIN_CREDENTIAL_FILE
-from reliability_harness import projection_payload
 from typer.testing import CliRunner, Result
 
 from crossfed.cli import app
+from tests.support.reliability.attack_harness import (
+    AttackServer,
+    attack_server,
+    record_attack,
+    wait_for,
+    wait_train,
+)
+from tests.support.reliability.reliability_harness import projection_payload
 
 runner = CliRunner()
 

@@ -9,9 +9,15 @@ import math
 from pathlib import Path
 
 import torch
-from attack_harness import attack_server, record_attack, wait_for, wait_train
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
-from reliability_harness import projection_payload
+
+from tests.support.reliability.attack_harness import (
+    attack_server,
+    record_attack,
+    wait_for,
+    wait_train,
+)
+from tests.support.reliability.reliability_harness import projection_payload
 
 RATIO = 0.5  # update_bound.max_norm_ratio of the default config
 MIN_REFERENCE_NORM = 1.0  # server/update_bound.py: the bound of a model with a smaller norm

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import grpc
 import torch
-from attack_harness import (
+from crossfed.common.config import PrivacyConfig
+from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
+from crossfed.common.wire.tensor_codec import encode_tensors
+from crossfed.v1 import admin_pb2, common_pb2, coordinator_pb2
+
+from tests.support.reliability.attack_harness import (
     AttackServer,
     attack_server,
     record_attack,
@@ -20,11 +25,7 @@ from attack_harness import (
     wait_for,
     wait_train,
 )
-from crossfed.common.config import PrivacyConfig
-from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
-from crossfed.common.wire.tensor_codec import encode_tensors
-from crossfed.v1 import admin_pb2, common_pb2, coordinator_pb2
-from reliability_harness import LightClient, projection_payload
+from tests.support.reliability.reliability_harness import LightClient, projection_payload
 
 SIGMA = PrivacyConfig().noise_multiplier  # the server's default mandate
 

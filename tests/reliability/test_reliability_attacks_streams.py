@@ -11,8 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-from attack_harness import attack_server, record_attack, wait_for, wait_train
 from crossfed.v1 import coordinator_pb2
+
+from tests.support.reliability.attack_harness import (
+    attack_server,
+    record_attack,
+    wait_for,
+    wait_train,
+)
 
 IDLE_S = 2.0
 

@@ -22,9 +22,9 @@ from crossfed.common.model.model_config import ModelConfig
 from crossfed.server.model_bootstrap import _standin_state
 from crossfed.server.server_app import ServerOptions
 from crossfed.v1 import coordinator_pb2
-from reliability_harness import (
+
+from tests.support.reliability.reliability_harness import (
     HERE,
-    SMALL_MODEL,
     LightClient,
     ResilientClientThread,
     ScenarioFailure,
@@ -40,6 +40,7 @@ from reliability_harness import (
     verify_committed_history,
     wait_until,
 )
+from tests.support.small_model import SMALL_MODEL
 
 FAULT_CLIENT = HERE / "fault_client.py"
 

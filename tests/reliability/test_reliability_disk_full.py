@@ -18,8 +18,8 @@ from crossfed.common import atomic_files
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.server.model_bootstrap import _standin_state
 from crossfed.server.server_app import ServerOptions
-from reliability_harness import (
-    SMALL_MODEL,
+
+from tests.support.reliability.reliability_harness import (
     LightClient,
     ResilientClientThread,
     checkpoint_digests,
@@ -31,6 +31,7 @@ from reliability_harness import (
     verify_committed_history,
     wait_until,
 )
+from tests.support.small_model import SMALL_MODEL
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])

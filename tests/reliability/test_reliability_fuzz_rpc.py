@@ -27,7 +27,8 @@ from crossfed.v1 import admin_pb2, common_pb2, coordinator_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from reliability_harness import (
+
+from tests.support.reliability.reliability_harness import (
     LightClient,
     checkpoint_digests,
     constant_update,
@@ -38,9 +39,11 @@ from reliability_harness import (
     upload_value,
     wait_until,
 )
-from rpc_fuzzing import (
+from tests.support.reliability.rpc_fuzzing import (
     ADMIN,
+    ADMIN_METHODS,
     COORDINATOR,
+    COORDINATOR_METHODS,
     FuzzTally,
     RawCaller,
     blobs,
@@ -328,28 +331,6 @@ def _run_coordinator_fuzz(fz: FuzzTarget, n_unary: int, n_upload: int) -> None:
     fz.assert_unchanged()
 
 
-COORDINATOR_METHODS = [
-    ("Enroll", "unary"),
-    ("Register", "unary"),
-    ("Heartbeat", "unary"),
-    ("DownloadGlobalModel", "server_stream"),
-    ("UploadUpdate", "client_stream"),
-    ("ExchangeProjections", "unary"),
-]
-ADMIN_METHODS = [
-    ("GetStatus", "unary"),
-    ("ListClients", "unary"),
-    ("ListRounds", "unary"),
-    ("StartRun", "unary"),
-    ("PauseRun", "unary"),
-    ("ResumeRun", "unary"),
-    ("StopRun", "unary"),
-    ("UpdateConfig", "unary"),
-    ("ExportModel", "server_stream"),
-    ("RemoveClient", "unary"),
-    ("CreateEnrollmentToken", "unary"),
-    ("StreamEvents", "server_stream"),
-]
 # raw bytes would reach state-changing admin calls as valid messages (an empty message is a
 # valid StopRun): only the read-only and refused-in-insecure-mode ones get raw bytes here
 _RAW_ADMIN_SAFE = {"GetStatus", "ListClients", "ListRounds", "ExportModel", "CreateEnrollmentToken"}

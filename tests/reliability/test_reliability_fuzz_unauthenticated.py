@@ -13,22 +13,31 @@ from pathlib import Path
 import grpc
 import pytest
 from crossfed.common.config import ServerConfig
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from crossfed.common.crypto.grpc_credentials import channel_credentials
 from crossfed.common.crypto.identity import create_enrollment_token
 from crossfed.server import server_app
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_harness import (
-    SMALL_MODEL,
+
+from tests.support.certificates import make_certs
+from tests.support.reliability.reliability_harness import (
     checkpoint_digests,
     dump_db,
     record_result,
     standin_model,
 )
-from rpc_fuzzing import ADMIN, COORDINATOR, FuzzTally, RawCaller, blobs, texts
-from test_reliability_fuzz_rpc import ADMIN_METHODS, COORDINATOR_METHODS
+from tests.support.reliability.rpc_fuzzing import (
+    ADMIN,
+    ADMIN_METHODS,
+    COORDINATOR,
+    COORDINATOR_METHODS,
+    FuzzTally,
+    RawCaller,
+    blobs,
+    texts,
+)
+from tests.support.small_model import SMALL_MODEL
 
 FAST_CASES = 150
 SLOW_CASES = 2500
@@ -70,8 +79,7 @@ def forged_metadata(draw: st.DrawFn, real_client: str) -> tuple[tuple[str, str],
 
 def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cases: int, name: str) -> None:
     certs = tmp_path / "certs"
-    create_ca(certs)
-    issue_certificate(certs, "server", "server")
+    make_certs(certs)
     monkeypatch.setattr(server_app, "build_initial_model", standin_model)
     state_dir = tmp_path / "state"
     cfg = ServerConfig.model_validate(

@@ -16,17 +16,18 @@ from pathlib import Path
 import pytest
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.server.model_bootstrap import _standin_state
-from load_clients import LoadStats, run_clients
-from reliability_harness import (
-    SMALL_MODEL,
+
+from tests.support.ports import free_port
+from tests.support.reliability.load_clients import LoadStats, run_clients
+from tests.support.reliability.reliability_harness import (
     ServerProcess,
-    free_port,
     record_result,
     rounds_of,
     uploads_of,
     verify_committed_history,
     write_server_config,
 )
+from tests.support.small_model import SMALL_MODEL
 
 
 def _run_load(root: Path, clients: int, rounds: int, timeout_s: float) -> dict[str, float]:

@@ -28,8 +28,8 @@ from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.model_bootstrap import _standin_state
 from crossfed.server.server_app import ServerOptions
-from reliability_harness import (
-    SMALL_MODEL,
+
+from tests.support.reliability.reliability_harness import (
     constant_update,
     inprocess_server,
     projection_payload,
@@ -40,7 +40,8 @@ from reliability_harness import (
     verify_committed_history,
     wait_until,
 )
-from tcp_fault_proxy import CutPlan, TcpFaultProxy
+from tests.support.reliability.tcp_fault_proxy import CutPlan, TcpFaultProxy
+from tests.support.small_model import SMALL_MODEL
 
 
 @dataclass

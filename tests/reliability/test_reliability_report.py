@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from write_report import main, render
+from tests.support.reliability.write_report import main, render
 
 
 def test_report_shows_recorded_numbers_and_marks_missing_ones(tmp_path: Path) -> None:

@@ -14,21 +14,22 @@ import pytest
 import torch
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.server.model_bootstrap import _standin_state
-from fault_injecting_server import FAULT_POINTS
-from reliability_harness import (
-    SMALL_MODEL,
+
+from tests.support.ports import free_port
+from tests.support.reliability.fault_injecting_server import FAULT_POINTS
+from tests.support.reliability.reliability_harness import (
     LightClient,
     ResilientClientThread,
     ScenarioFailure,
     ServerProcess,
     assert_checkpoints_whole,
-    free_port,
     record_result,
     rounds_of,
     run_row,
     verify_committed_history,
     write_server_config,
 )
+from tests.support.small_model import SMALL_MODEL
 
 ROUNDS = 3
 CLIENTS = 3

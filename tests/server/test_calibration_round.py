@@ -23,7 +23,15 @@ from crossfed.server.round_engine import (
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.sqlite import SqliteStateStore
 from crossfed.server.update_validation import TensorSlot
-from engine_fixtures import BOTH, IMAGE_ONLY, TEXT_ONLY, FakeClock, make_engine, small_state
+
+from tests.support.engine_fixtures import (
+    BOTH,
+    IMAGE_ONLY,
+    TEXT_ONLY,
+    FakeClock,
+    make_engine,
+    small_state,
+)
 
 SPEC = {"count": TensorSlot(torch.float64, (2,)), "sum": TensorSlot(torch.float64, (2,))}
 

@@ -21,7 +21,8 @@ from crossfed.server.credential_store import SqliteCredentialStore
 from crossfed.server.errors import CheckpointError, ConfigurationError, InvalidUpdateError
 from crossfed.server.projection_exchange import ProjectionSpec, decode_projections
 from crossfed.server.round_policy import RoundPolicy
-from engine_fixtures import small_state
+
+from tests.support.engine_fixtures import small_state
 
 
 def test_checkpoints_roundtrip_and_keep_last(tmp_path: Path) -> None:

@@ -15,10 +15,11 @@ from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.round_engine import load_prototypes
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 from crossfed.v1 import coordinator_pb2
-from grpc_fixtures import running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from scripted_client import ScriptedClient
+
+from tests.support.grpc_fixtures import running_server
+from tests.support.scripted_client import ScriptedClient
 
 
 def _wait_train(client: ScriptedClient, timeout: float = 10.0) -> coordinator_pb2.HeartbeatResponse:

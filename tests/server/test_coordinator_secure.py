@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 from crossfed.common.config import ServerConfig
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from crossfed.common.crypto.grpc_credentials import channel_credentials
 from crossfed.common.crypto.identity import (
     ClientCredential,
@@ -22,14 +21,16 @@ from crossfed.common.crypto.upload_encryption import UploadEncryptor
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from grpc_fixtures import SMALL_MODEL, free_port
+
+from tests.support.certificates import make_certs
+from tests.support.ports import free_port
+from tests.support.small_model import SMALL_MODEL
 
 
 @pytest.fixture()
 def secure_server(tmp_path: Path) -> Iterator[tuple[CoordinatorServer, str, Path]]:
     certs = tmp_path / "certs"
-    create_ca(certs)
-    issue_certificate(certs, "server", "server")
+    make_certs(certs)
     cfg = ServerConfig.model_validate(
         {
             "listen": f"127.0.0.1:{free_port()}",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from crossfed.server.aggregation import CentralDP, StreamingFedAvg
-from engine_fixtures import BOTH, FakeClock, make_engine, small_state
+
+from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
 
 
 def _module_of(key: str) -> str:

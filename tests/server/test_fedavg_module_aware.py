@@ -6,7 +6,8 @@ import pytest
 import torch
 from crossfed.server.aggregation import StreamingFedAvg, module_weights_of
 from crossfed.server.errors import InvalidUpdateError
-from engine_fixtures import module_of, small_state
+
+from tests.support.engine_fixtures import module_of, small_state
 
 MODULES = frozenset({"fusion", "mapper"})
 

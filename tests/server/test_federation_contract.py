@@ -15,7 +15,8 @@ from crossfed.server.state.base import StateStore
 from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.state.sqlite import SqliteStateStore
 from crossfed.v1 import coordinator_pb2
-from engine_fixtures import BOTH, FakeClock, make_engine
+
+from tests.support.engine_fixtures import BOTH, FakeClock, make_engine
 
 CLASSES = ("bird", "cat", "dog")
 MINILM = EncoderIdentity("minilm", "hf-text:all-MiniLM-L6-v2:aaaa")

@@ -20,8 +20,9 @@ from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.upload_receiver import UploadPolicy
 from crossfed.v1 import coordinator_pb2
-from grpc_fixtures import free_port
-from scripted_client import ScriptedClient
+
+from tests.support.ports import free_port
+from tests.support.scripted_client import ScriptedClient
 
 MiB = 1024 * 1024
 

@@ -5,7 +5,6 @@ reason, durations and client gauges all moved."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 import urllib.request
 import uuid
@@ -17,15 +16,10 @@ from crossfed.common.config import ServerConfig
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 from crossfed.v1 import common_pb2, coordinator_pb2
 from prometheus_client.parser import text_string_to_metric_families
-from scripted_client import ScriptedClient
 
-SMALL_MODEL = {"text_dim": 16, "image_dim": 8, "hidden_dim": 16, "num_classes": 3}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.ports import free_port
+from tests.support.scripted_client import ScriptedClient
+from tests.support.small_model import SMALL_MODEL
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -52,10 +46,10 @@ def _wait_scrape(port: int, name: str, at_least: float, **labels: str) -> dict: 
 
 
 def test_metrics_scraped_after_a_round(tmp_path: Path) -> None:
-    metrics_port = _free_port()
+    metrics_port = free_port()
     cfg = ServerConfig.model_validate(
         {
-            "listen": f"127.0.0.1:{_free_port()}",
+            "listen": f"127.0.0.1:{free_port()}",
             "state_dir": str(tmp_path / "state"),
             "model": SMALL_MODEL,
             "rounds": {"rounds": 2, "min_clients": 2, "round_deadline_s": 30.0},

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from crossfed.server.metrics import ServerMetrics
 from crossfed.server.round_engine import RoundEngine, UploadTicket
-from engine_fixtures import BOTH, FakeClock, make_engine, small_state
 from prometheus_client import generate_latest
+
+from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
 
 
 def _value(metrics: ServerMetrics, name: str, **labels: str) -> float:

@@ -16,7 +16,8 @@ from crossfed.server.federation_contract import ClientFacts, FederationContract
 from crossfed.server.model_bundles import BundleStore
 from crossfed.server.round_engine import RoundEngine, UploadTicket
 from crossfed.server.state.memory import InMemoryStateStore
-from engine_fixtures import BOTH, FakeClock, make_engine, small_state
+
+from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
 
 CLASSES = ("a", "b")
 TEXT = EncoderIdentity("minilm", "hf-text:m:1")

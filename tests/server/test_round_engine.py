@@ -35,7 +35,8 @@ from crossfed.server.state.records import (
     UploadRecord,
 )
 from crossfed.server.state.sqlite import SqliteStateStore
-from engine_fixtures import BOTH, IMAGE_ONLY, FakeClock, make_engine, small_state
+
+from tests.support.engine_fixtures import BOTH, IMAGE_ONLY, FakeClock, make_engine, small_state
 
 
 def _register(engine: RoundEngine, *ids: str, samples: int = 10) -> None:

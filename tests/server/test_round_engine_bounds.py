@@ -16,7 +16,8 @@ from crossfed.server.round_engine import RoundEngine, UploadOutcome, UploadTicke
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.update_bound import UpdateBound
-from engine_fixtures import BOTH, FakeClock, module_of, small_state
+
+from tests.support.engine_fixtures import BOTH, FakeClock, module_of, small_state
 
 
 def _engine(tmp_path: Path, clock: FakeClock, bound: UpdateBound | None) -> RoundEngine:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from crossfed.server.round_engine import ACTION_TRAIN, ACTION_WAIT, RoundEngine, UploadTicket
-from engine_fixtures import BOTH, FakeClock, make_engine, small_state
+
+from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
 
 
 def _upload(engine: RoundEngine, cid: str) -> None:

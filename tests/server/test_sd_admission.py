@@ -16,7 +16,8 @@ from crossfed.server.round_engine import RoundEngine, UploadTicket
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.sd_admission import SDRequirement, client_recovery
 from crossfed.server.state.memory import InMemoryStateStore
-from engine_fixtures import BOTH, TEXT_ONLY, FakeClock, module_of, small_state
+
+from tests.support.engine_fixtures import BOTH, TEXT_ONLY, FakeClock, module_of, small_state
 
 DIGEST = "ab" * 32
 SD_KEY = "sd_recovery.mid_block.attn2.to_k.weight"

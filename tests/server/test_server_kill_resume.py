@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,18 +15,11 @@ import yaml
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.state.sqlite import SqliteStateStore
 from crossfed.v1 import coordinator_pb2
-from grpc_fixtures import SMALL_MODEL, free_port
-from scripted_client import ScriptedClient
 
-
-def _start(state_dir: Path, config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable, "-m", "crossfed", "server", "start",
-        "--config", str(config), "--state-dir", str(state_dir),
-        "--listen", f"127.0.0.1:{port}", "--insecure", "--allow-unencrypted-uploads",
-        "--heartbeat-ms", "100", "--client-timeout-s", "20", "--exit-when-done", "--done-linger-s", "1",
-    ]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+from tests.support.grpc_fixtures import start_server_process
+from tests.support.ports import free_port
+from tests.support.scripted_client import ScriptedClient
+from tests.support.small_model import SMALL_MODEL
 
 
 def _wait_ready(client: ScriptedClient, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -76,7 +68,7 @@ def test_kill9_mid_round_then_resume_completes_without_double_count(tmp_path: Pa
     target = f"127.0.0.1:{port}"
     a, b = ScriptedClient(target, "alice"), ScriptedClient(target, "bob")
 
-    proc = _start(state_dir, config, port, log)
+    proc = start_server_process(state_dir, config, port, log)
     try:
         _wait_ready(a, proc)
         b.register()
@@ -90,7 +82,7 @@ def test_kill9_mid_round_then_resume_completes_without_double_count(tmp_path: Pa
         os.kill(proc.pid, signal.SIGKILL)  # ... which dies here
         proc.wait(timeout=10)
 
-        proc = _start(state_dir, config, port, log)
+        proc = start_server_process(state_dir, config, port, log)
         _wait_ready(a, proc)
         b.register()
         for c in (a, b):
@@ -101,7 +93,7 @@ def test_kill9_mid_round_then_resume_completes_without_double_count(tmp_path: Pa
         os.kill(proc.pid, signal.SIGKILL)  # round 3 open, nothing uploaded
         proc.wait(timeout=10)
 
-        proc = _start(state_dir, config, port, log)
+        proc = start_server_process(state_dir, config, port, log)
         _wait_ready(a, proc)
         b.register()
         for c in (a, b):

@@ -19,9 +19,11 @@ from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.model_bootstrap import build_initial_model
 from crossfed.server.state.sqlite import SqliteStateStore
 from crossfed.v1 import coordinator_pb2
-from grpc_fixtures import SMALL_MODEL, free_port
-from scripted_client import ScriptedClient
-from test_server_kill_resume import _start
+
+from tests.support.grpc_fixtures import start_server_process
+from tests.support.ports import free_port
+from tests.support.scripted_client import ScriptedClient
+from tests.support.small_model import SMALL_MODEL
 
 ROUNDS = 120  # the run must outlast 4 kills ~6-9 s apart; rounds take ~0.05-0.5 s (40 ran out)
 
@@ -77,7 +79,7 @@ def test_random_kill9_soak(tmp_path: Path) -> None:
     clients = [ScriptedClient(target, f"c{i}") for i in range(2)]
     stop = threading.Event()
     errors: list[str] = []
-    proc = _start(state_dir, config, port, log)
+    proc = start_server_process(state_dir, config, port, log)
     threads = [threading.Thread(target=_client_loop, args=(c, stop, errors)) for c in clients]
     for t in threads:
         t.start()
@@ -90,7 +92,7 @@ def test_random_kill9_soak(tmp_path: Path) -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
             kills += 1
-            proc = _start(state_dir, config, port, log)
+            proc = start_server_process(state_dir, config, port, log)
         for t in threads:
             t.join(timeout=180)
         assert not errors, errors

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from crossfed.common.config import ConfigError, ServerConfig
 from crossfed.server.server_app import ServerOptions, round_policy_from_config
-from grpc_fixtures import SMALL_MODEL
+
+from tests.support.small_model import SMALL_MODEL
 
 
 def _config(tmp_path: Path, **rounds: object) -> ServerConfig:

@@ -30,7 +30,8 @@ from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.server_app import CoordinatorServer
 from crossfed.server.upload_receiver import AEAD_TAGS_PREFIX
 from crossfed.v1 import coordinator_pb2
-from grpc_fixtures import running_server
+
+from tests.support.grpc_fixtures import running_server
 
 CHUNK = 4096
 

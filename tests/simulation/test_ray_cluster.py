@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
-from support.ray_cluster import local_ray_cluster, processes_with
-from support.simulation_data import experiment, write_embeddings
+
+from tests.support.ray_cluster import local_ray_cluster, processes_with
+from tests.support.simulation_data import experiment, write_embeddings
 
 CROSSFED = str(Path(sys.executable).with_name("crossfed"))
 

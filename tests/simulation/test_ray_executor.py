@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.simulation_data import experiment, write_embeddings
-from support.simulation_faults import deaths, dying_client
 
 from crossfed.simulation.experiment import ExecutionSection, ExperimentConfig
 from crossfed.simulation.experiment_run import ExperimentResult, run_experiment
 from crossfed.simulation.federation_data import load_data
 from crossfed.simulation.ray_executor import RayExecutor
+from tests.support.simulation_data import experiment, write_embeddings
+from tests.support.simulation_faults import deaths, dying_client
 
 EXECUTION = ExecutionSection(num_cpus=2, object_store_mb=200)
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from support.simulation_data import experiment, write_embeddings
+
+from tests.support.simulation_data import experiment, write_embeddings
 
 CROSSFED = str(Path(sys.executable).with_name("crossfed"))
 

@@ -18,7 +18,6 @@ from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes, compute_class_projections
 from crossfed.server.aggregation import StreamingFedAvg, module_weights_of
 from crossfed.server.projection_exchange import ProjectionAggregator, ProjectionSpec
-from support.simulation_data import clustered_embeddings
 
 from crossfed.simulation.client_executor import InlineExecutor
 from crossfed.simulation.experiment import RoundsSection
@@ -33,6 +32,7 @@ from crossfed.simulation.federation_run import (
 from crossfed.simulation.simulation_errors import SimulationError
 from crossfed.simulation.strategy import make_strategy
 from crossfed.simulation.virtual_client import Arrays, pack_memory, shard_arrays, unpack_memory
+from tests.support.simulation_data import clustered_embeddings
 
 # tau 0.3: clients admit pairs into their VLMR memory from the first round, so the memory a
 # client keeps between rounds shapes its next update

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from crossfed.common.data import embedding_cache
-from support.photo_manifest import CLASSES, make_rows, write_manifest
 
 from crossfed.simulation.experiment import (
     BuiltinSimData,
@@ -19,6 +18,7 @@ from crossfed.simulation.experiment import (
 )
 from crossfed.simulation.experiment_run import run_experiment
 from crossfed.simulation.federation_data import FederationSetup, build_federation, load_data
+from tests.support.photo_manifest import CLASSES, make_rows, write_manifest
 
 
 def _manifest(root: Path) -> Path:

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.ports import free_port
 
 _ADDRESS = re.compile(r"ray start --address='([^']+)'")
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -35,12 +36,6 @@ class LocalCluster:
     env: dict[str, str]
     nodes: int
     marker: str
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_for(path: Path, pattern: re.Pattern[str] | str, proc: subprocess.Popen[bytes]) -> str:
@@ -133,7 +128,7 @@ def local_ray_cluster(
                         RAY,
                         "start",
                         "--head",
-                        f"--port={_free_port()}",
+                        f"--port={free_port()}",
                         f"--temp-dir={temp}",
                         "--include-dashboard=false",
                         *common,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from crossfed.common.crypto.grpc_credentials import channel_credentials, server_credentials
+
+from tests.support.certificates import make_certs
 
 METHOD = "/crossfed.test.Echo/Echo"
 
@@ -38,9 +39,7 @@ def _call(port: int, creds: grpc.ChannelCredentials, host: str = "127.0.0.1") ->
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("certs")
-    create_ca(root)
-    issue_certificate(root, "server", "server")
-    issue_certificate(root, "client", "c1")
+    make_certs(root, ["c1"])
     return root
 
 
@@ -48,8 +47,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, unrelated project CA with its own client certificate."""
     root = tmp_path_factory.mktemp("other")
-    create_ca(root)
-    issue_certificate(root, "client", "c1")
+    make_certs(root, ["c1"], server=False)
     return root
 
 

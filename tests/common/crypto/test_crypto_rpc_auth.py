@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from crossfed.common.crypto.grpc_credentials import server_credentials
 from crossfed.common.crypto.identity import (
     ClientCredential,
@@ -28,6 +27,8 @@ from crossfed.common.crypto.rpc_auth import (
     authenticated_channel,
     authenticated_identity,
 )
+
+from tests.support.certificates import make_certs
 
 COORD = "crossfed.v1.Coordinator"
 ADMIN = "crossfed.v1.Admin"
@@ -69,8 +70,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     certs = tmp_path_factory.mktemp("rpcauth-certs")
-    create_ca(certs)
-    issue_certificate(certs, "server", "server")
+    make_certs(certs)
     store = InMemoryCredentialStore()
     client = enroll(store, create_enrollment_token(store).token.reveal(), "c1")
     admin = create_admin_credential(store, "ops")

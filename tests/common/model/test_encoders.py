@@ -13,7 +13,8 @@ from crossfed.common.model.encoders import (
     build_image_encoder,
     build_text_encoder,
 )
-from tiny_hf_models import save_tiny_clip
+
+from tests.support.tiny_hf_models import save_tiny_clip
 
 
 def test_cnn_is_identical_across_instances_and_seed_sensitive() -> None:

@@ -27,7 +27,8 @@ from crossfed.common.wire.tensor_codec import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_strategies import metadata_maps, same_bytes, tensor_sets
+
+from tests.support.wire_strategies import metadata_maps, same_bytes, tensor_sets
 
 
 @st.composite

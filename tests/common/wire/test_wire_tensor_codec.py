@@ -21,7 +21,8 @@ from crossfed.common.wire.tensor_codec import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wire_strategies import metadata_maps, same_bytes, tensor_sets
+
+from tests.support.wire_strategies import metadata_maps, same_bytes, tensor_sets
 
 
 def _payload(header: object, data: bytes = b"") -> bytes:

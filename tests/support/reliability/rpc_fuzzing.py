@@ -26,6 +26,30 @@ from hypothesis import strategies as st
 COORDINATOR = "/crossfed.v1.Coordinator/"
 ADMIN = "/crossfed.v1.Admin/"
 
+#: Every RPC of the two services and its kind (what the fuzzers call).
+COORDINATOR_METHODS = [
+    ("Enroll", "unary"),
+    ("Register", "unary"),
+    ("Heartbeat", "unary"),
+    ("DownloadGlobalModel", "server_stream"),
+    ("UploadUpdate", "client_stream"),
+    ("ExchangeProjections", "unary"),
+]
+ADMIN_METHODS = [
+    ("GetStatus", "unary"),
+    ("ListClients", "unary"),
+    ("ListRounds", "unary"),
+    ("StartRun", "unary"),
+    ("PauseRun", "unary"),
+    ("ResumeRun", "unary"),
+    ("StopRun", "unary"),
+    ("UpdateConfig", "unary"),
+    ("ExportModel", "server_stream"),
+    ("RemoveClient", "unary"),
+    ("CreateEnrollmentToken", "unary"),
+    ("StreamEvents", "server_stream"),
+]
+
 #: Status codes a fuzzed request may get. UNKNOWN means an exception escaped a servicer.
 PROPER_CODES = frozenset(
     {

@@ -94,5 +94,5 @@ def save_tiny_stable_diffusion(path: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(str(path))
+    pipe.save_pretrained(str(path))  # type: ignore[attr-defined]
     return path

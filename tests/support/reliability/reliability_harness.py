@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,17 +27,19 @@ import torch
 import yaml
 from crossfed.common.config import PrivacyConfig
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
-from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from crossfed.v1 import coordinator_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.scripted_client import ScriptedClient
+from tests.support.small_model import SMALL_MODEL
 
 HERE = Path(__file__).resolve().parent
 LAUNCHER = HERE / "fault_injecting_server.py"
-REPO_ROOT = HERE.parent.parent
+REPO_ROOT = HERE.parents[2]
 # numbers each scenario records for RELIABILITY.md (runs/ is git-ignored)
 RESULTS_DIR = Path(
     os.environ.get("CROSSFED_RELIABILITY_RESULTS", REPO_ROOT / "runs" / "reliability")
 )
-SMALL_MODEL = {"text_dim": 16, "image_dim": 8, "hidden_dim": 16, "num_classes": 3}
 CHECKPOINTS = "checkpoints"
 EXACT_FLOAT32_INT = 2**24  # integers below this are exact in float32
 STATE_DB = "state.db"
@@ -46,13 +47,6 @@ STATE_DB = "state.db"
 
 class ScenarioFailure(AssertionError):
     """A fault scenario did not reach the state it must reach (with the server log tail)."""
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bound and released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -338,123 +332,37 @@ def projection_payload(client_index: int, scale: float = 1.0) -> bytes:
 
 
 @dataclass
-class LightClient:
-    """A Coordinator client from the generated stubs: an insecure channel with the id in
-    metadata, or (``channel`` given, e.g. TLS with the signing interceptor) that channel."""
+class LightClient(ScriptedClient):
+    """The scripted client of the fault suite: |D_i| and every upload are known constants of
+    its ``index`` (see `samples_of`, `upload_value`), uploads of a round keep one upload id
+    (a retry is a retry), and transient failures are not retried by gRPC underneath."""
 
-    target: str
-    client_id: str
+    chunk_size: int = 1024  # a ~4 KB update travels as several chunks
+    grpc_retries: bool = False
+    stream_timeout_s: float = 30.0
     index: int = 0
-    modality: int = 1
-    channel: grpc.Channel | None = None
-    stub: coordinator_pb2_grpc.CoordinatorStub = field(init=False)
     upload_ids: dict[int, str] = field(default_factory=dict)
-    signed: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        self.signed = self.channel is not None
-        if self.channel is None:
-            self.channel = grpc.insecure_channel(
-                self.target,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.min_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", 300),
-                    ("grpc.enable_retries", 0),
-                ],
-            )
-        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.num_samples = samples_of(self.index)
+        super().__post_init__()
 
-    @property
-    def num_samples(self) -> int:
-        return samples_of(self.index)
-
-    @property
-    def md(self) -> tuple[tuple[str, str], ...]:
-        return () if self.signed else (("x-crossfed-client-id", self.client_id),)
-
-    def close(self) -> None:
-        assert self.channel is not None
-        self.channel.close()
-
-    def register(self) -> coordinator_pb2.RegisterResponse:
-        return self.stub.Register(
-            coordinator_pb2.RegisterRequest(
-                modality=self.modality,  # type: ignore[arg-type]
-                num_samples=self.num_samples,
-            ),
-            metadata=self.md,
-            timeout=10,
-        )
-
-    def heartbeat(self) -> coordinator_pb2.HeartbeatResponse:
-        return self.stub.Heartbeat(coordinator_pb2.HeartbeatRequest(), metadata=self.md, timeout=10)
-
-    def download(self, round_no: int) -> dict[str, torch.Tensor]:
-        parts, digest = [], b""
-        for chunk in self.stub.DownloadGlobalModel(
-            coordinator_pb2.DownloadRequest(round=round_no), metadata=self.md, timeout=30
-        ):
-            parts.append(chunk.data)
-            digest = chunk.payload_sha256
-        payload = b"".join(parts)
-        if hashlib.sha256(payload).digest() != digest:
-            raise ScenarioFailure(f"{self.client_id}: downloaded model fails its digest")
-        return decode_tensors(payload)
-
-    def upload_messages(
-        self, round_no: int, payload: bytes, upload_id: str, chunk_size: int = 1024
-    ) -> list[coordinator_pb2.UploadMessage]:
-        digest = hashlib.sha256(payload).digest()
-        total = max(1, -(-len(payload) // chunk_size))
-        header = coordinator_pb2.UploadHeader(
-            round=round_no,
-            num_samples=self.num_samples,
-            payload_size=len(payload),
-            payload_sha256=digest,
-            total_chunks=total,
-            encrypted=False,
-            upload_id=upload_id,
-        )
-        out = [coordinator_pb2.UploadMessage(header=header)]
-        for index in range(total):
-            out.append(
-                coordinator_pb2.UploadMessage(
-                    chunk=common_pb2.TensorChunk(
-                        index=index,
-                        total=total,
-                        data=payload[index * chunk_size : (index + 1) * chunk_size],
-                        payload_sha256=digest,
-                        payload_size=len(payload),
-                        round=round_no,
-                    )
-                )
-            )
-        return out
-
-    def upload(
+    def upload(  # type: ignore[override]
         self, round_no: int, update: Mapping[str, torch.Tensor], upload_id: str | None = None
     ) -> coordinator_pb2.UploadResponse:
         uid = upload_id or self.upload_ids.setdefault(round_no, uuid.uuid4().hex)
-        messages = self.upload_messages(round_no, encode_tensors(dict(update)), uid)
-        return self.stub.UploadUpdate(iter(messages), metadata=self.md, timeout=30)
+        return super().upload(round_no, update, upload_id=uid)
 
     def exchange(
-        self, round_no: int, payload: bytes, epsilon: float = 0.0
+        self,
+        round_no: int,
+        payload: bytes,
+        epsilon: float = 0.0,
+        noise_multiplier: float = PROJECTION_SIGMA,
+        clip_norm: float = 1.0,
     ) -> coordinator_pb2.ProjectionExchangeResponse:
-        return self.stub.ExchangeProjections(
-            coordinator_pb2.ProjectionExchangeRequest(
-                round=round_no,
-                projections=common_pb2.TensorPayload(
-                    safetensors=payload, payload_sha256=hashlib.sha256(payload).digest()
-                ),
-                epsilon_spent=epsilon,
-                noise_multiplier=PROJECTION_SIGMA,
-                clip_norm=1.0,
-            ),
-            metadata=self.md,
-            timeout=10,
-        )
+        """Declares the default mandate (sigma, clip 1), as an honest daemon does."""
+        return super().exchange(round_no, payload, epsilon, noise_multiplier, clip_norm)
 
     def train_and_upload(
         self, round_no: int, exchange: bool = True
@@ -469,18 +377,6 @@ class LightClient:
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
                     raise
         return self.upload(round_no, constant_update(start, upload_value(self.index, round_no)))
-
-    def wait_action(
-        self, action: int, timeout_s: float = 30.0
-    ) -> coordinator_pb2.HeartbeatResponse:
-        """Heartbeat until the server answers ``action``."""
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            hb = self.heartbeat()
-            if hb.action == action:
-                return hb
-            time.sleep(0.05)
-        raise ScenarioFailure(f"{self.client_id}: no action {action} within {timeout_s} s")
 
 
 #: Status codes a resilient scripted client rides out while a server dies and restarts.

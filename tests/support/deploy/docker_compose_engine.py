@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deploy_paths import REPO
+from tests.support.deploy.deploy_paths import REPO
 
 LOCAL_DOCKER = REPO / "deploy" / "local-docker.sh"
 

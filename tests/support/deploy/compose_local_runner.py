@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compose_project import healthcheck_argv, parse_duration_s, service_argv, volume_target
+from tests.support.deploy.compose_project import (
+    healthcheck_argv,
+    parse_duration_s,
+    service_argv,
+    volume_target,
+)
+from tests.support.ports import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -62,13 +67,6 @@ def parse_dockerfile(path: Path) -> ImageSpec:
         elif keyword == "USER":
             user = rest.strip()
     return ImageSpec(env=env, workdir=workdir, cmd=cmd, user=user)
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -3,35 +3,29 @@ scripted Coordinator client, for the admin tests; plus helpers to drive one roun
 
 from __future__ import annotations
 
-import hashlib
-import socket
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from crossfed.common.config import ServerConfig
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
 from crossfed.common.crypto.grpc_credentials import channel_credentials
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.crypto.rpc_auth import authenticated_channel
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.admin_servicer import ADMIN_CREDENTIAL_FILE
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
-from crossfed.v1 import admin_pb2, admin_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from crossfed.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 
-SMALL_MODEL = {"text_dim": 16, "image_dim": 8, "hidden_dim": 16, "num_classes": 3}
+from tests.support.certificates import make_certs
+from tests.support.ports import free_port
+from tests.support.scripted_client import ScriptedClient
+from tests.support.small_model import SMALL_MODEL
+
 CHUNK = 4096  # small, so a model export streams several chunks
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -105,8 +99,7 @@ def start_server(
     """Create and start a server in ``tmp_path`` (stop it with ``.server.stop()``)."""
     certs = tmp_path / "certs"
     if secure and not (certs / "ca.crt").exists():
-        create_ca(certs)
-        issue_certificate(certs, "server", "server")
+        make_certs(certs)
     policy: dict[str, Any] = {"rounds": 2, "min_clients": 2, "round_deadline_s": 30.0}
     policy.update(rounds)
     cfg = ServerConfig.model_validate(
@@ -141,86 +134,47 @@ def running_server(tmp_path: Path, **kw: Any) -> Iterator[AdminTestServer]:
         started.server.stop()
 
 
-@dataclass
-class RoundClient:
-    """A Coordinator client (signed when it has a credential) that trains by echoing the
-    global model back, plaintext (the test server allows unencrypted uploads)."""
+class RoundClient(ScriptedClient):
+    """A scripted client of an `AdminTestServer` (signed when it has a credential) that
+    trains by echoing the global model back, plaintext (the test server allows unencrypted
+    uploads)."""
 
-    test_server: AdminTestServer
-    client_id: str
-    credential: ClientCredential | None = None
-    num_samples: int = 10
-    channel: grpc.Channel = field(init=False)
-    stub: coordinator_pb2_grpc.CoordinatorStub = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.channel = self.test_server.channel()
-        target = self.channel
-        if self.credential is not None:
-            target = authenticated_channel(self.channel, self.credential)
-        self.stub = coordinator_pb2_grpc.CoordinatorStub(target)
-
-    @property
-    def md(self) -> tuple[tuple[str, str], ...]:
-        return () if self.credential is not None else (("x-crossfed-client-id", self.client_id),)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def register(self) -> None:
-        self.stub.Register(
-            coordinator_pb2.RegisterRequest(  # type: ignore[arg-type]
-                modality=1,
-                num_samples=self.num_samples,
-                num_paired=self.num_samples - 1,
-                num_text_only=1,
-            ),
-            metadata=self.md,
-            timeout=10,
+    def __init__(
+        self,
+        test_server: AdminTestServer,
+        client_id: str,
+        credential: ClientCredential | None = None,
+        num_samples: int = 10,
+    ) -> None:
+        channel = test_server.channel()
+        super().__init__(
+            test_server.target,
+            client_id,
+            num_samples=num_samples,
+            chunk_size=CHUNK,
+            channel=channel,
+            signed=credential is not None,
+            stream_timeout_s=30.0,
         )
+        if credential is not None:
+            self.stub = coordinator_pb2_grpc.CoordinatorStub(
+                authenticated_channel(channel, credential)
+            )
 
-    def heartbeat(self) -> coordinator_pb2.HeartbeatResponse:
-        return self.stub.Heartbeat(coordinator_pb2.HeartbeatRequest(), metadata=self.md, timeout=10)
+    def register(  # type: ignore[override]
+        self, num_paired: int | None = None, num_text_only: int | None = None
+    ) -> coordinator_pb2.RegisterResponse:
+        """One text-only sample, the rest paired."""
+        return super().register(
+            self.num_samples - 1 if num_paired is None else num_paired,
+            1 if num_text_only is None else num_text_only,
+        )
 
     def train_and_upload(self, round_no: int, payload: bytes | None = None) -> bool:
         """Download round ``round_no``'s model and upload it back (or ``payload``)."""
-        model = b"".join(
-            c.data
-            for c in self.stub.DownloadGlobalModel(
-                coordinator_pb2.DownloadRequest(round=round_no), metadata=self.md, timeout=30
-            )
-        )
+        model = self.download_payload(round_no)
         body = payload if payload is not None else encode_tensors(decode_tensors(model))
-        digest = hashlib.sha256(body).digest()
-        total = max(1, -(-len(body) // CHUNK))
-        messages = [
-            coordinator_pb2.UploadMessage(
-                header=coordinator_pb2.UploadHeader(
-                    round=round_no,
-                    num_samples=self.num_samples,
-                    payload_size=len(body),
-                    payload_sha256=digest,
-                    total_chunks=total,
-                    encrypted=False,
-                    upload_id=uuid.uuid4().hex,
-                    metrics=common_pb2.Metrics(values={"acc_both": 0.5}),
-                )
-            )
-        ]
-        for index in range(total):
-            messages.append(
-                coordinator_pb2.UploadMessage(
-                    chunk=common_pb2.TensorChunk(
-                        index=index,
-                        total=total,
-                        data=body[index * CHUNK : (index + 1) * CHUNK],
-                        payload_sha256=digest,
-                        payload_size=len(body),
-                        round=round_no,
-                    )
-                )
-            )
-        response = self.stub.UploadUpdate(iter(messages), metadata=self.md, timeout=30)
+        response = self.upload(round_no, body, metrics={"acc_both": 0.5})
         return bool(response.accepted)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMPOSE = REPO / "docker-compose.yml"
 OVERLAYS = REPO / "deploy" / "compose"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"

@@ -17,14 +17,21 @@ from typing import Any
 
 import grpc
 from crossfed.common.config import ServerConfig
-from crossfed.common.crypto.certificates import create_ca, issue_certificate
+from crossfed.common.crypto.certificates import issue_certificate
 from crossfed.common.crypto.grpc_credentials import channel_credentials
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.crypto.rpc_auth import authenticated_channel
 from crossfed.server.admin_servicer import ADMIN_CREDENTIAL_FILE
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 from crossfed.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
-from reliability_harness import SMALL_MODEL, LightClient, free_port, record_result
+
+from tests.support.certificates import make_certs
+from tests.support.ports import free_port
+from tests.support.reliability.reliability_harness import (
+    LightClient,
+    record_result,
+)
+from tests.support.small_model import SMALL_MODEL
 
 
 def record_attack(name: str, attempt: str, expected: str, observed: str) -> None:
@@ -127,7 +134,9 @@ class AttackServer:
         """An enrolled client whose every call is signed by the real interceptor."""
         credential = credential or self.enroll(client_id, cert)
         channel = authenticated_channel(self.channel(cert), credential)
-        client = LightClient(self.target, credential.client_id, index=index, channel=channel)
+        client = LightClient(
+            self.target, credential.client_id, index=index, channel=channel, signed=True
+        )
         self.clients.append(client)
         return client
 
@@ -144,10 +153,7 @@ def attack_server(
     replaces whole config sections, ``rounds`` sets round-policy values; ``client_certs``
     and ``admin_cert`` are issued (for mTLS)."""
     certs = tmp_path / "certs"
-    create_ca(certs)
-    issue_certificate(certs, "server", "server")
-    for name in client_certs:
-        issue_certificate(certs, "client", name)
+    make_certs(certs, client_certs)
     if admin_cert is not None:
         issue_certificate(certs, "admin", admin_cert)
     policy: dict[str, Any] = {"rounds": 3, "min_clients": 2, "round_deadline_s": 30.0}

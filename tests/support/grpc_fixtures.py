@@ -1,8 +1,10 @@
-"""In-process coordination server on 127.0.0.1 for gRPC tests (small model, insecure mode)."""
+"""In-process coordination server on 127.0.0.1 for gRPC tests (small model, insecure mode),
+and the real `crossfed server` as a child process."""
 
 from __future__ import annotations
 
-import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,13 +13,8 @@ from typing import Any
 from crossfed.common.config import ServerConfig
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 
-SMALL_MODEL = {"text_dim": 16, "image_dim": 8, "hidden_dim": 16, "num_classes": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.ports import free_port
+from tests.support.small_model import SMALL_MODEL
 
 
 def small_config(
@@ -56,3 +53,16 @@ def running_server(
         yield server, f"127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+def start_server_process(
+    state_dir: Path, config: Path, port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    """`crossfed server start` as a child process (insecure, small heartbeats), output to ``log``."""
+    cmd = [
+        sys.executable, "-m", "crossfed", "server", "start",
+        "--config", str(config), "--state-dir", str(state_dir),
+        "--listen", f"127.0.0.1:{port}", "--insecure", "--allow-unencrypted-uploads",
+        "--heartbeat-ms", "100", "--client-timeout-s", "20", "--exit-when-done", "--done-linger-s", "1",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import grpc
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from reliability_harness import (
+
+from tests.support.reliability.reliability_harness import (
     PROJECTION_SIGMA,
     constant_update,
     projection_payload,

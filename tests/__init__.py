@@ -1,0 +1,1 @@
+"""crossfed's test suite (a package so helpers import as `tests.support.<module>`)."""

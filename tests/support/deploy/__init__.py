@@ -1,0 +1,1 @@
+"""Helpers of the deployment tests (compose files, the local runner, Docker engine)."""

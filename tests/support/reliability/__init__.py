@@ -1,0 +1,1 @@
+"""Helpers of the fault-injection suite (server process, scripted clients, checks)."""
