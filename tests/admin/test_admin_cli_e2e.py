@@ -189,6 +189,7 @@ def test_cli_wrong_credentials_one_line(tmp_path: Path) -> None:
         assert code == 2 and "--server" in one_error_line(err)
 
 
+@pytest.mark.integration
 def test_cli_unreachable_server_real_process(tmp_path: Path) -> None:
     """A real `python -m crossfed` process: exit 1, one line on stderr, no traceback."""
     address = f"127.0.0.1:{free_port()}"  # nothing listens there

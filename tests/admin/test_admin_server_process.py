@@ -14,11 +14,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from crossfed.cli import app
 from tests.support.certificates import make_certs
 from tests.support.ports import free_port
+
+pytestmark = pytest.mark.integration  # starts real processes
 
 
 def test_server_process_with_json_logs_metrics_and_admin_start(tmp_path: Path) -> None:

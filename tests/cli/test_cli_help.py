@@ -6,7 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import crossfed
+
+pytestmark = pytest.mark.integration  # starts real processes
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # starts real processes
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

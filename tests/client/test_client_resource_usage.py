@@ -11,6 +11,7 @@ from crossfed.client.errors import ClientConfigError
 from crossfed.client.resource_usage import limit_threads, peak_rss_bytes, reset_peak_rss
 
 
+@pytest.mark.integration
 def test_limit_threads_sets_intra_and_interop_threads() -> None:
     code = (
         "import torch; from crossfed.client.resource_usage import limit_threads; "

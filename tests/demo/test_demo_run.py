@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # starts real processes
+
 TINY = ["--rounds", "2", "--clients", "3", "--samples", "600", "--epochs", "1", "--no-progress"]
 
 

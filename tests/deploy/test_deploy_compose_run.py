@@ -24,6 +24,8 @@ from tests.support.deploy.deploy_paths import (
     TINY_RUN_ENV,
 )
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 ROUNDS = int(TINY_RUN_ENV["CROSSFED_ROUNDS"])
 
 

@@ -256,6 +256,7 @@ def test_repository_files_compose_builds_from_exist() -> None:
 # ------------------------------------------------------------- commands that actually run
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("combination", ["base", "insecure"])
 def test_cert_init_is_idempotent_and_the_health_check_runs(
     tmp_path: Path, combination: str

@@ -33,7 +33,7 @@ from tests.support.deploy.docker_compose_engine import (
 )
 from tests.support.ports import free_port
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.timeout(2400)]
 
 IMAGE = "crossfed:docker-test"
 IMAGE_SIZE_TARGET_BYTES = 1_500_000_000  # with CPU torch (issue 15)

@@ -14,6 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.support.deploy.compose_local_runner import parse_dockerfile
 from tests.support.deploy.deploy_paths import DOCKERFILE, DOCKERIGNORE, REPO
 
@@ -115,6 +117,7 @@ def test_dockerignore_keeps_secrets_and_venv_out_but_sources_in() -> None:
         assert (REPO / path).exists(), f"COPY {path}: not in the repository"
 
 
+@pytest.mark.integration
 def test_package_builds_and_imports_from_the_copied_files_only(tmp_path: Path) -> None:
     context = tmp_path / "context"
     patterns = dockerignore_patterns()

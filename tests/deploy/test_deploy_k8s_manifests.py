@@ -232,6 +232,7 @@ def install_kit(spec: dict[str, Any], secret_dir: Path, data_dir: Path) -> None:
     subprocess.run([*init["command"][:-1], script], check=True, capture_output=True)
 
 
+@pytest.mark.integration
 def test_provision_publish_install_gives_usable_kits(tmp_path: Path) -> None:
     argv = provision_argv()
     work = tmp_path / "work"

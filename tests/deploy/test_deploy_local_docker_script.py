@@ -8,7 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.deploy.docker_compose_engine import LOCAL_DOCKER
+
+pytestmark = pytest.mark.integration  # starts real processes
 
 
 def run_script(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

@@ -21,6 +21,8 @@ import torch
 
 from tests.support.ports import free_port
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 HERE = Path(__file__).resolve().parent
 ROUNDS = 3
 MODALITIES = ("text_only", "image_only", "both")

@@ -42,6 +42,8 @@ from tests.support.reliability.reliability_harness import (
 )
 from tests.support.small_model import SMALL_MODEL
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 FAULT_CLIENT = HERE / "fault_client.py"
 
 

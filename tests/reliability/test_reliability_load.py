@@ -29,6 +29,8 @@ from tests.support.reliability.reliability_harness import (
 )
 from tests.support.small_model import SMALL_MODEL
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 
 def _run_load(root: Path, clients: int, rounds: int, timeout_s: float) -> dict[str, float]:
     state_dir = root / "state"

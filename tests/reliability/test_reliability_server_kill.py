@@ -105,6 +105,7 @@ def assert_checkpoints_whole_or_tmp(state_dir: Path) -> None:
         decode_tensors(path.read_bytes())
 
 
+@pytest.mark.integration
 def test_kill_chain_fast(tmp_path: Path) -> None:
     """One run survives four deaths: mid-upload, mid-checkpoint-write (half-written temp file
     on disk), after round 2's checkpoint landed but before its DB commit (keep_checkpoints=1,
@@ -124,6 +125,7 @@ def test_kill_chain_fast(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("point", sorted(FAULT_POINTS))
 @pytest.mark.parametrize("hit", [1, 2])
@@ -134,6 +136,7 @@ def test_kill_at_each_point(tmp_path: Path, point: str, hit: int) -> None:
                   round_attempts=counts["attempts"], committed_rounds=counts["committed"])  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_kill_chain_every_point(tmp_path: Path) -> None:
     """One run through a death at every crash point in turn, then a clean finish."""

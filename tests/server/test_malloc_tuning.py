@@ -22,6 +22,7 @@ def test_threshold_is_twice_the_frame_within_glibc_range() -> None:
     assert mmap_threshold_for(100 * MiB) == MAX_THRESHOLD_BYTES
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_first_call_wins_in_a_fresh_process() -> None:
     code = (

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 import yaml
 from crossfed.common.wire.tensor_codec import decode_tensors
@@ -20,6 +21,8 @@ from tests.support.grpc_fixtures import start_server_process
 from tests.support.ports import free_port
 from tests.support.scripted_client import ScriptedClient
 from tests.support.small_model import SMALL_MODEL
+
+pytestmark = pytest.mark.integration  # starts real processes
 
 
 def _wait_ready(client: ScriptedClient, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:

@@ -25,6 +25,8 @@ from tests.support.ports import free_port
 from tests.support.scripted_client import ScriptedClient
 from tests.support.small_model import SMALL_MODEL
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 ROUNDS = 120  # the run must outlast 4 kills ~6-9 s apart; rounds take ~0.05-0.5 s (40 ran out)
 
 

@@ -18,6 +18,8 @@ import yaml
 from tests.support.ray_cluster import local_ray_cluster, processes_with
 from tests.support.simulation_data import experiment, write_embeddings
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 CROSSFED = str(Path(sys.executable).with_name("crossfed"))
 
 

@@ -18,6 +18,8 @@ from crossfed.simulation.ray_executor import RayExecutor
 from tests.support.simulation_data import experiment, write_embeddings
 from tests.support.simulation_faults import deaths, dying_client
 
+pytestmark = pytest.mark.integration  # starts real processes
+
 EXECUTION = ExecutionSection(num_cpus=2, object_store_mb=200)
 
 

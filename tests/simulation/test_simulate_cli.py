@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.simulation_data import experiment, write_embeddings
+
+pytestmark = pytest.mark.integration  # starts real processes
 
 CROSSFED = str(Path(sys.executable).with_name("crossfed"))
 
