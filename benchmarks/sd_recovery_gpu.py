@@ -259,7 +259,7 @@ def _network_round(train: Any, spec: dict[str, tuple[int, ...]], digest: str) ->
     )
     model = CrossModalNet(config)
     t = time.perf_counter()
-    result = train_local(model, train, TrainConfig(epochs=1, batch_size=64, num_threads=1))
+    result = train_local(model, train, TrainConfig(epochs=1, batch_size=64, lr=2e-3, num_threads=1))
     seconds = time.perf_counter() - t
     state = model.shareable_state_dict()
     without_sd = {k: v for k, v in state.items() if not k.startswith(SD_MODULE + ".")}

@@ -59,7 +59,7 @@ def rate(
     torch.manual_seed(0)
     model = CrossModalNet(ModelConfig(missing_fill="zero") if zero else ModelConfig())
     extra = {"branch_threads": False} if intra_op else {}  # a field older checkouts lack
-    cfg = TrainConfig(epochs=epochs, batch_size=batch, num_threads=threads, **extra)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=2e-3, num_threads=threads, **extra)
     t0, c0 = time.perf_counter(), time.process_time()
     res = train_local(model, data, cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from crossfed.common.config import RECONNECT_INITIAL_S, RECONNECT_JITTER, RECONNECT_MAX_S
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -17,10 +19,10 @@ class RetryPolicy:
     spent failing in a row (``None`` = retry forever).
     """
 
-    initial_delay_s: float = 0.5
-    max_delay_s: float = 30.0
+    initial_delay_s: float = RECONNECT_INITIAL_S
+    max_delay_s: float = RECONNECT_MAX_S
     multiplier: float = 2.0
-    jitter: float = 0.5
+    jitter: float = RECONNECT_JITTER
     give_up_after_s: float | None = 600.0
 
     def __post_init__(self) -> None:

@@ -315,11 +315,8 @@ class ClientDaemon:
 
         credential, client_id = _identity(config, options, connect, backoff)
         transport = connect(client_id=client_id, credential=credential)
-        train = TrainConfig(
-            epochs=config.train.epochs,
-            batch_size=config.train.batch_size,
-            lr=config.train.lr,
-            num_threads=config.threads or DEFAULT_ROUND_THREADS,
+        train = TrainConfig.from_section(
+            config.train, num_threads=config.threads or DEFAULT_ROUND_THREADS
         )
         worker = ModelRoundWorker(
             self.data,

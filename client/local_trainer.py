@@ -15,8 +15,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
+from crossfed.common.config import TRAIN_BATCH_SIZE, TRAIN_EPOCHS, TRAIN_LR, TrainSection
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.data.progress_display import make_progress
 from crossfed.common.model.disentangler import orthogonality_loss
@@ -41,9 +43,9 @@ class TrainConfigError(ModelError):
 class TrainConfig:
     """Local optimisation settings (not shared with the server)."""
 
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 2e-3
+    epochs: int = TRAIN_EPOCHS
+    batch_size: int = TRAIN_BATCH_SIZE
+    lr: float = TRAIN_LR
     seed: int = 0
     weight_decay: float = 1e-4
     # Probability that a paired sample is shown to the fusion MLP with one modality hidden
@@ -59,6 +61,12 @@ class TrainConfig:
     # visual halves of eq. 14 on two threads (each with half the intra-op threads) instead of
     # splitting every operation; same gradients, no per-operation barrier.
     branch_threads: bool = True
+
+    @classmethod
+    def from_section(cls, section: TrainSection, **runtime: Any) -> TrainConfig:
+        """The one mapping from a client config's `train:` section; ``runtime`` sets what a
+        config file does not (threads, seed, ...)."""
+        return cls(epochs=section.epochs, batch_size=section.batch_size, lr=section.lr, **runtime)
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0:

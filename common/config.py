@@ -47,7 +47,7 @@ __all__ = [
     "RoundPolicy",
     "ServerConfig",
     "TLSConfig",
-    "TrainConfig",
+    "TrainSection",
     "TransportConfig",
     "load_config",
 ]
@@ -438,12 +438,20 @@ DataConfig = Annotated[
 ]
 
 
-class TrainConfig(_Section):
-    """Local training per round."""
+#: Local training per round when a client config says nothing: the one set of defaults, read
+#: by the `train:` section and by the trainer's TrainConfig (client/local_trainer.py).
+TRAIN_EPOCHS = 1
+TRAIN_BATCH_SIZE = 32
+TRAIN_LR = 1e-3
 
-    epochs: int = Field(default=1, gt=0)
-    batch_size: int = Field(default=32, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
+
+class TrainSection(_Section):
+    """The `train:` section: local training per round. `TrainConfig.from_section` (the
+    trainer's dataclass) is the one mapping onto what the trainer runs with."""
+
+    epochs: int = Field(default=TRAIN_EPOCHS, gt=0)
+    batch_size: int = Field(default=TRAIN_BATCH_SIZE, gt=0)
+    lr: float = Field(default=TRAIN_LR, gt=0)
 
 
 class ClientSDConfig(_Section):
@@ -461,13 +469,20 @@ class ClientSDConfig(_Section):
     )
 
 
+#: Reconnect backoff defaults: the one set, read by the `reconnect:` section and by the
+#: client's RetryPolicy (client/backoff.py).
+RECONNECT_INITIAL_S = 0.5
+RECONNECT_MAX_S = 30.0
+RECONNECT_JITTER = 0.2
+
+
 class ReconnectConfig(_Section):
     """Exponential backoff between reconnect attempts."""
 
-    initial_s: float = Field(default=0.5, gt=0)
-    max_s: float = Field(default=30.0, gt=0)
+    initial_s: float = Field(default=RECONNECT_INITIAL_S, gt=0)
+    max_s: float = Field(default=RECONNECT_MAX_S, gt=0)
     jitter: float = Field(
-        default=0.2, ge=0, le=1, description="+- fraction of randomness per delay"
+        default=RECONNECT_JITTER, ge=0, le=1, description="+- fraction of randomness per delay"
     )
 
     @model_validator(mode="after")
@@ -493,7 +508,7 @@ class ClientConfig(_Section):
     threads: int | None = Field(
         default=None, gt=0, description="torch CPU threads (unset: torch default)"
     )
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    train: TrainSection = Field(default_factory=lambda: TrainSection())
     reconnect: ReconnectConfig = Field(default_factory=lambda: ReconnectConfig())
     transport: TransportConfig = Field(default_factory=lambda: TransportConfig())
     enrollment_token: SecretStr | None = Field(

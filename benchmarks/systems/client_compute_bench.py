@@ -91,7 +91,7 @@ def _train_rate(
     """(samples per wall second, samples per CPU second of this process)."""
     torch.manual_seed(0)
     model = CrossModalNet(config)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, num_threads=threads)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=2e-3, num_threads=threads)
     cpu_started = time.process_time()
     result = train_local(model, data, cfg)
     cpu_s = time.process_time() - cpu_started

@@ -145,7 +145,7 @@ def test_eval_every_scores_only_those_rounds_and_the_last(federation: FederatedD
 
 def test_memory_packs_to_its_filled_entries_and_restores_exactly(federation: FederatedData) -> None:
     model = CrossModalNet(CONFIG)
-    train_local(model, federation.shards[0], TrainConfig(epochs=4, batch_size=16, seed=1))
+    train_local(model, federation.shards[0], TrainConfig(epochs=4, batch_size=16, lr=2e-3, seed=1))
     memory = model.memory
     assert 0 < int(memory.count.sum()) < memory.count.numel() * memory.capacity
     packed = pack_memory(memory)

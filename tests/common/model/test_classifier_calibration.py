@@ -90,7 +90,7 @@ def test_summed_client_stats_give_the_pooled_class_moments() -> None:
 def test_calibration_undoes_a_skewed_last_layer_for_image_only_rows_only() -> None:
     torch.manual_seed(0)
     model = CrossModalNet(CFG)
-    train_local(model, clustered(300, 0), TrainConfig(epochs=5, batch_size=32, seed=0))
+    train_local(model, clustered(300, 0), TrainConfig(epochs=5, batch_size=32, lr=2e-3, seed=0))
     test = clustered(150, 9)
     # Label skew: clients holding mostly class 0 leave its logit inflated in the FedAvg'd
     # last layers (image classifier and fusion head).

@@ -86,7 +86,9 @@ def test_paired_ensemble_leaves_an_interaction_label_to_the_fusion_head() -> Non
     )
     torch.manual_seed(0)
     model = CrossModalNet(CFG.model_copy(update={"hidden_dim": 32}))
-    train_local(model, data.subset(torch.arange(1500)), TrainConfig(epochs=30, batch_size=64))
+    train_local(
+        model, data.subset(torch.arange(1500)), TrainConfig(epochs=30, batch_size=64, lr=2e-3)
+    )
     test = data.subset(torch.arange(1500, n))
     model.config.paired_ensemble = False
     fusion = (model.predict(test.text, test.image).argmax(1) == test.labels).float().mean()
