@@ -26,7 +26,7 @@ from crossfed.client.local_data import LocalDataSpec, load_local_data
 from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.loop import Registered
 from crossfed.client.round_worker import ModelRoundWorker, WorkerSettings
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ClientPrivacyConfig
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.wire.tensor_codec import encode_tensors
@@ -39,7 +39,7 @@ after_data = peak_rss_bytes()
 config = ModelConfig()
 worker = ModelRoundWorker(data, WorkerSettings(
     train=TrainConfig(epochs=args["epochs"], batch_size=32, lr=1e-3, num_threads=args["threads"]),
-    privacy=PrivacyConfig()))
+    privacy=ClientPrivacyConfig()))
 worker.on_registered(Registered("bench", "run", 1, config.model_dump_json(), 1.0, 1 << 20))
 payload = encode_tensors(CrossModalNet(config).shareable_state_dict())
 reset_peak_rss()

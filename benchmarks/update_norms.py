@@ -25,7 +25,7 @@ from crossfed.client.local_data import ClientModality, LocalDataSpec, load_local
 from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.loop import Registered
 from crossfed.client.round_worker import ModelRoundWorker, WorkerSettings
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ClientPrivacyConfig
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.privacy.projection_dp import ProjectionMandate
@@ -54,7 +54,7 @@ class Setting:
 def replay(setting: Setting, cache_dir: Path) -> list[tuple[int, str, float]]:
     """(round, client, ratio) of every honest update of one federation."""
     config = ModelConfig()
-    privacy = PrivacyConfig()
+    privacy = ClientPrivacyConfig()
     mandate = ProjectionMandate(privacy.noise_multiplier, privacy.clip, privacy.delta, None)
     workers = []
     for index in range(setting.clients):

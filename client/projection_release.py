@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ClientPrivacyConfig
 from crossfed.common.crypto.secure_files import write_public_file
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.network import CrossModalNet
@@ -70,7 +70,7 @@ def _privatized(prototypes: ClassPrototypes, params: ProjectionDPParams) -> Clas
 class ProjectionReleaser:
     """Computes, privatizes and accounts one client's projection releases."""
 
-    def __init__(self, privacy: PrivacyConfig, state_dir: Path | None) -> None:
+    def __init__(self, privacy: ClientPrivacyConfig, state_dir: Path | None) -> None:
         self.own = privacy
         self.privacy = privacy  # the settings in force: own, tightened by a server mandate
         self._path = Path(state_dir) / ACCOUNTANT_FILE if state_dir is not None else None

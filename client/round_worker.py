@@ -23,7 +23,7 @@ from crossfed.client.projection_release import ProjectionReleaser
 from crossfed.client.resource_usage import peak_rss_bytes, reset_peak_rss
 from crossfed.client.sd_recovery_step import SDRecoveryStep
 from crossfed.client.update_upload import LocalUpdate
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ClientPrivacyConfig
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
@@ -50,7 +50,7 @@ class WorkerSettings:
     """Training, privacy and display settings of the worker."""
 
     train: TrainConfig
-    privacy: PrivacyConfig
+    privacy: ClientPrivacyConfig
     state_dir: Path | None = None
     progress: bool = False
     share_projections: bool = True

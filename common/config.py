@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from crossfed.common.data.class_list import check_class_names, default_class_names
@@ -38,14 +38,15 @@ from pydantic.fields import FieldInfo
 __all__ = [
     "BuiltinDataConfig",
     "ClientConfig",
+    "ClientPrivacyConfig",
     "ClientSDConfig",
     "ConfigError",
     "ManifestDataConfig",
     "MissingModalityConfig",
-    "PrivacyConfig",
     "ReconnectConfig",
     "RoundPolicy",
     "ServerConfig",
+    "ServerPrivacyConfig",
     "TLSConfig",
     "TrainSection",
     "TransportConfig",
@@ -65,7 +66,7 @@ class ConfigError(ValueError):
 
 #: Projection noise multiplier (sigma) and epsilon budget of the defaults: with them a client
 #: holding both modalities spends epsilon <= 10 at delta = 1e-5 over the default run (see
-#: PrivacyConfig.noise_multiplier).
+#: the privacy sections' noise_multiplier).
 DEFAULT_PROJECTION_NOISE_MULTIPLIER = 5.0
 DEFAULT_EPSILON_BUDGET = 10.0
 #: Default update bound (UpdateBoundConfig.max_norm_ratio).
@@ -201,8 +202,12 @@ class TransportConfig(_Section):
         return self
 
 
-class PrivacyConfig(_Section):
-    """Differential privacy: projection noise (eq. 16), optional DP-SGD and central DP."""
+class _ProjectionPrivacy(_Section):
+    """Projection DP (eq. 16), read by both sides: a client noises its releases with these
+    values, a server mandates them as the minimum and accounts epsilon per client."""
+
+    #: privacy settings of the other side -> the message that says where they belong
+    _OTHER_SIDE: ClassVar[dict[str, str]] = {}
 
     projection_dp: bool = Field(
         default=True,
@@ -227,6 +232,31 @@ class PrivacyConfig(_Section):
         description="stop a client's projection releases once its accounted epsilon would "
         "exceed it (server: computed per client from the mandated noise; null: no budget)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_the_other_sides_settings(cls, data: Any) -> Any:
+        """A setting only the other side reads is refused, naming where it belongs, rather
+        than silently ignored. One left at its default (e.g. in a dumped config) is dropped:
+        it never did anything."""
+        if not isinstance(data, Mapping):
+            return data
+        misplaced = [key for key in data if key in cls._OTHER_SIDE]
+        for key in misplaced:
+            if not _is_privacy_default(key, data[key]):
+                raise ValueError(f"{key} {cls._OTHER_SIDE[key]}")
+        return {k: v for k, v in data.items() if k not in misplaced}
+
+
+class ClientPrivacyConfig(_ProjectionPrivacy):
+    """A client's `privacy:` section: projection noise (eq. 16) and optional DP-SGD."""
+
+    _OTHER_SIDE: ClassVar[dict[str, str]] = {
+        name: "is a server setting (central DP is applied when the server aggregates): set "
+        "it in the server config's privacy section; a client never reads it"
+        for name in ("central_dp", "central_dp_clip", "central_dp_noise_multiplier")
+    }
+
     dp_sgd: bool = Field(default=False, description="train locally with Opacus DP-SGD")
     dp_sgd_target_epsilon: float = Field(default=8.0, gt=0)
     dp_sgd_target_delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -236,11 +266,41 @@ class PrivacyConfig(_Section):
         gt=0,
         description="stop training once DP-SGD's epsilon over all rounds would exceed it",
     )
+
+
+class ServerPrivacyConfig(_ProjectionPrivacy):
+    """The server's `privacy:` section: the projection-DP mandate (eq. 16) and central DP."""
+
+    _OTHER_SIDE: ClassVar[dict[str, str]] = {
+        name: "is a client setting (DP-SGD runs in each client's local training): set it in "
+        "the client config's privacy section; the server never reads it"
+        for name in (
+            "dp_sgd",
+            "dp_sgd_target_epsilon",
+            "dp_sgd_target_delta",
+            "dp_sgd_max_grad_norm",
+            "dp_sgd_epsilon_budget",
+        )
+    }
+
     central_dp: bool = Field(default=False, description="server clips updates and adds noise")
     central_dp_clip: float = Field(default=1.0, gt=0, description="L2 clip of each client update")
     central_dp_noise_multiplier: float = Field(
         default=1.0, ge=0, description="z: noise = z * clip / n"
     )
+
+
+def _is_privacy_default(key: str, value: object) -> bool:
+    """Whether ``value`` (as a file or the environment spells it) is the default of the
+    privacy setting ``key`` on the side that owns it."""
+    for model in (ClientPrivacyConfig, ServerPrivacyConfig):
+        if key in model.model_fields:
+            try:
+                typed = getattr(model.model_validate({key: value}), key)
+            except ValidationError:
+                return False
+            return bool(typed == model.model_fields[key].default)
+    return False
 
 
 class UpdateBoundConfig(_Section):
@@ -274,7 +334,7 @@ class ServerConfig(_Section):
     rounds: RoundPolicy = Field(default_factory=lambda: RoundPolicy())
     transport: TransportConfig = Field(default_factory=lambda: TransportConfig())
     tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
-    privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
+    privacy: ServerPrivacyConfig = Field(default_factory=lambda: ServerPrivacyConfig())
     update_bound: UpdateBoundConfig = Field(default_factory=lambda: UpdateBoundConfig())
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Prometheus /metrics"
@@ -516,7 +576,7 @@ class ClientConfig(_Section):
     )
     credentials_path: Path | None = Field(default=None, description="per-client credentials file")
     tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
-    privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
+    privacy: ClientPrivacyConfig = Field(default_factory=lambda: ClientPrivacyConfig())
     stable_diffusion: ClientSDConfig | None = Field(
         default=None, description="Stable Diffusion recovery (eq. 6-7) when the run uses it"
     )

@@ -15,7 +15,7 @@ from crossfed.client.local_trainer import TrainConfig
 from crossfed.client.loop import Registered
 from crossfed.client.projection_release import ACCOUNTANT_FILE, ProjectionReleaser
 from crossfed.client.round_worker import ModelMismatchError, ModelRoundWorker, WorkerSettings
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ClientPrivacyConfig
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
@@ -51,7 +51,7 @@ def _embeddings(n: int, modality: ClientModality, seed: int) -> EmbeddingSet:
 
 
 def _worker(
-    modality: ClientModality, tmp_path: Path, privacy: PrivacyConfig | None = None
+    modality: ClientModality, tmp_path: Path, privacy: ClientPrivacyConfig | None = None
 ) -> ModelRoundWorker:
     data = LocalData(
         train=_embeddings(30, modality, 0),
@@ -61,7 +61,7 @@ def _worker(
     )
     settings = WorkerSettings(
         train=TrainConfig(epochs=1, batch_size=8, num_threads=1),
-        privacy=privacy or PrivacyConfig(),
+        privacy=privacy or ClientPrivacyConfig(),
         state_dir=tmp_path,
     )
     worker = ModelRoundWorker(data, settings)
@@ -129,7 +129,7 @@ def test_server_model_with_other_dims_is_refused(tmp_path: Path) -> None:
 
 
 def test_received_prototypes_reach_the_next_training(tmp_path: Path) -> None:
-    worker = _worker(ClientModality.TEXT_ONLY, tmp_path, PrivacyConfig(projection_dp=False))
+    worker = _worker(ClientModality.TEXT_ONLY, tmp_path, ClientPrivacyConfig(projection_dp=False))
     worker.load_global(1, encode_tensors(CrossModalNet(CONFIG).shareable_state_dict()))
     worker.train(1, None)
     release = worker.projections(1)
@@ -142,7 +142,7 @@ def test_received_prototypes_reach_the_next_training(tmp_path: Path) -> None:
 
 
 def test_dp_release_hides_values_counts_presence_and_accounts_epsilon(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(
+    privacy = ClientPrivacyConfig(
         projection_dp=True, clip=1.0, noise_multiplier=1.0, delta=1e-5, epsilon_budget=None
     )
     model = CrossModalNet(CONFIG)
@@ -167,18 +167,20 @@ def test_dp_release_hides_values_counts_presence_and_accounts_epsilon(tmp_path: 
 def test_dp_release_stops_at_the_epsilon_budget(tmp_path: Path) -> None:
     model = CrossModalNet(CONFIG)
     data = _embeddings(30, ClientModality.BOTH, 0)
-    probe = ProjectionReleaser(PrivacyConfig(noise_multiplier=1.0, epsilon_budget=None), None)
+    probe = ProjectionReleaser(ClientPrivacyConfig(noise_multiplier=1.0, epsilon_budget=None), None)
     one = probe.release(model, data)
     assert one is not None
     budget = one.epsilon_spent * 1.5  # room for exactly one release
-    releaser = ProjectionReleaser(PrivacyConfig(noise_multiplier=1.0, epsilon_budget=budget), None)
+    releaser = ProjectionReleaser(
+        ClientPrivacyConfig(noise_multiplier=1.0, epsilon_budget=budget), None
+    )
     assert releaser.release(model, data) is not None
     assert releaser.release(model, data) is None
     assert releaser.epsilon() <= budget
 
 
 def test_dp_sgd_round_reports_epsilon_and_leaves_unused_modules_alone(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(dp_sgd=True, dp_sgd_target_epsilon=3.0)
+    privacy = ClientPrivacyConfig(dp_sgd=True, dp_sgd_target_epsilon=3.0)
     worker = _worker(ClientModality.TEXT_ONLY, tmp_path, privacy)
     global_state = CrossModalNet(CONFIG).shareable_state_dict()
     worker.load_global(1, encode_tensors(global_state))
@@ -199,7 +201,7 @@ def test_dp_sgd_round_reports_epsilon_and_leaves_unused_modules_alone(tmp_path: 
 
 
 def test_dp_sgd_stops_before_a_round_would_pass_the_epsilon_budget(tmp_path: Path) -> None:
-    privacy = PrivacyConfig(dp_sgd=True, dp_sgd_target_epsilon=3.0, dp_sgd_epsilon_budget=3.5)
+    privacy = ClientPrivacyConfig(dp_sgd=True, dp_sgd_target_epsilon=3.0, dp_sgd_epsilon_budget=3.5)
     worker = _worker(ClientModality.BOTH, tmp_path, privacy)
     worker.load_global(1, encode_tensors(CrossModalNet(CONFIG).shareable_state_dict()))
     first = worker.train(1, local_epochs=1)
@@ -229,7 +231,7 @@ def test_calibration_stats_cover_the_image_rows_and_decline_under_dp_sgd(
         assert update.num_samples == rows == int(sent["head.count"].sum())
         assert bool(sent["head.outer"].any()) == (rows > 0)
 
-    private = _worker(ClientModality.BOTH, tmp_path / "dp", PrivacyConfig(dp_sgd=True))
+    private = _worker(ClientModality.BOTH, tmp_path / "dp", ClientPrivacyConfig(dp_sgd=True))
     private.on_registered(Registered("c", "r", 1, config.model_dump_json(), 1.0, 1024))
     update = private.calibration_stats(3)
     assert update.num_samples == 0
@@ -245,9 +247,9 @@ def test_calibration_stats_are_noised_and_accounted_under_projection_dp(tmp_path
     global_bytes = encode_tensors(CrossModalNet(config).shareable_state_dict())
     sent = {}
     for name, privacy in (
-        ("exact", PrivacyConfig(projection_dp=False)),
-        ("noised", PrivacyConfig(noise_multiplier=1.0)),
-        ("over_budget", PrivacyConfig(noise_multiplier=1.0, epsilon_budget=1e-3)),
+        ("exact", ClientPrivacyConfig(projection_dp=False)),
+        ("noised", ClientPrivacyConfig(noise_multiplier=1.0)),
+        ("over_budget", ClientPrivacyConfig(noise_multiplier=1.0, epsilon_budget=1e-3)),
     ):
         worker = _worker(ClientModality.BOTH, tmp_path / name, privacy)
         worker.on_registered(Registered("c", "r", 1, config.model_dump_json(), 1.0, 1024))
@@ -264,7 +266,7 @@ def test_calibration_stats_are_noised_and_accounted_under_projection_dp(tmp_path
 
 
 def test_the_servers_mandate_tightens_the_local_privacy_settings() -> None:
-    own = PrivacyConfig(projection_dp=False, noise_multiplier=8.0, epsilon_budget=None)
+    own = ClientPrivacyConfig(projection_dp=False, noise_multiplier=8.0, epsilon_budget=None)
     releaser = ProjectionReleaser(own, None)
     releaser.adopt(ProjectionMandate(5.0, 0.5, 1e-6, 20.0))
     settings = releaser.privacy

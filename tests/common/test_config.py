@@ -203,3 +203,51 @@ def test_image_calibration_gives_the_server_a_calibration_round() -> None:
     assert calibration_step_from_config(ServerConfig(), "CrossModalNet") is None
     with pytest.raises(ConfigurationError, match="stand-in"):
         calibration_step_from_config(config, "stand-in")
+
+
+@pytest.mark.parametrize(
+    ("model", "key", "value", "belongs"),
+    [
+        (ServerConfig, "dp_sgd", "true", "the client config's privacy section"),
+        (ServerConfig, "dp_sgd_target_epsilon", "3", "the client config's privacy section"),
+        (ClientConfig, "central_dp", "true", "the server config's privacy section"),
+        (ClientConfig, "central_dp_noise_multiplier", "2", "the server config's privacy section"),
+    ],
+)
+def test_a_privacy_setting_on_the_wrong_side_is_refused_naming_where_it_belongs(
+    model: type[ServerConfig | ClientConfig], key: str, value: str, belongs: str
+) -> None:
+    env_name = f"CROSSFED_PRIVACY__{key.upper()}"
+    message = _error(model, env={env_name: value})
+    assert message.startswith(f"config: privacy: {key} is a ")
+    assert belongs in message and f"[from env {env_name}]" in message
+    with pytest.raises(ValueError, match=f"{key} is a .*{belongs}"):
+        model.model_validate({"privacy": {key: value}})
+
+
+def test_each_side_keeps_its_own_privacy_settings(tmp_path: Path) -> None:
+    server_yaml = "privacy:\n  central_dp: true\n  noise_multiplier: 2.0\n  clip: 0.5\n"
+    server = load_config(ServerConfig, _write(tmp_path, "s.yaml", server_yaml), env={})
+    assert server.privacy.central_dp and server.privacy.noise_multiplier == 2.0
+    client_yaml = "privacy:\n  dp_sgd: true\n  dp_sgd_target_epsilon: 4.0\n  noise_multiplier: 3\n"
+    client = load_config(ClientConfig, _write(tmp_path, "c.yaml", client_yaml), env={})
+    assert client.privacy.dp_sgd and client.privacy.dp_sgd_target_epsilon == 4.0
+    assert client.privacy.noise_multiplier == 3.0
+    assert "central_dp" not in client.privacy.model_dump()
+    assert "dp_sgd" not in server.privacy.model_dump()
+
+
+def test_a_config_written_with_both_sides_defaults_still_loads(tmp_path: Path) -> None:
+    """Configs dumped when one privacy section served both sides carry the other side's
+    defaults; those never did anything and still load."""
+    dumped = (
+        "privacy:\n  projection_dp: true\n  noise_multiplier: 4.0\n  dp_sgd: false\n"
+        "  dp_sgd_target_epsilon: 8.0\n  dp_sgd_epsilon_budget: null\n  central_dp: false\n"
+        "  central_dp_clip: 1.0\n"
+    )
+    path = _write(tmp_path, "old.yaml", dumped)
+    assert load_config(ServerConfig, path, env={}).privacy.noise_multiplier == 4.0
+    assert load_config(ClientConfig, path, env={}).privacy.noise_multiplier == 4.0
+    assert not load_config(
+        ClientConfig, env={"CROSSFED_PRIVACY__CENTRAL_DP": "false"}
+    ).privacy.dp_sgd

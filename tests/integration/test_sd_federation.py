@@ -25,7 +25,7 @@ from crossfed.client.round_worker import ModelMismatchError, ModelRoundWorker, W
 from crossfed.client.sd_recovery_step import SDClientOptions, SDRecoveryStep
 from crossfed.client.transport import CallDeadlines, ChannelSecurity, GrpcTransport
 from crossfed.client.update_upload import LocalUpdate, default_encryptor_factory
-from crossfed.common.config import PrivacyConfig, ServerConfig
+from crossfed.common.config import ClientPrivacyConfig, ServerConfig
 from crossfed.common.data.embedding_cache import EmbeddingCache
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.data.raw_dataset import RawDataset
@@ -117,7 +117,7 @@ def embed(raw: RawDataset, encoder: SmallCNNImageEncoder) -> EmbeddingSet:
 def worker_settings(tmp: Path) -> WorkerSettings:
     return WorkerSettings(
         train=TrainConfig(epochs=1, batch_size=8, num_threads=1),
-        privacy=PrivacyConfig(projection_dp=False),
+        privacy=ClientPrivacyConfig(projection_dp=False),
         state_dir=tmp,
     )
 

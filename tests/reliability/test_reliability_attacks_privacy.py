@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ServerPrivacyConfig
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
 from crossfed.common.wire.tensor_codec import encode_tensors
 from crossfed.v1 import admin_pb2, common_pb2, coordinator_pb2
@@ -27,7 +27,7 @@ from tests.support.reliability.attack_harness import (
 )
 from tests.support.reliability.reliability_harness import LightClient, projection_payload
 
-SIGMA = PrivacyConfig().noise_multiplier  # the server's default mandate
+SIGMA = ServerPrivacyConfig().noise_multiplier  # the server's default mandate
 
 
 def _exact_means() -> bytes:

@@ -5,13 +5,13 @@ the default budget is 10."""
 
 from __future__ import annotations
 
-from crossfed.common.config import PrivacyConfig, RoundPolicy
+from crossfed.common.config import ClientPrivacyConfig, RoundPolicy
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
 from crossfed.common.privacy.projection_dp import ProjectionDPParams
 
 
 def test_the_default_run_spends_at_most_epsilon_10() -> None:
-    privacy, rounds = PrivacyConfig(), RoundPolicy().rounds
+    privacy, rounds = ClientPrivacyConfig(), RoundPolicy().rounds
     assert privacy.delta == 1e-5 and privacy.epsilon_budget == 10.0
     z = ProjectionDPParams(privacy.clip, privacy.noise_multiplier).accounting_noise_multiplier
     accountant = PrivacyAccountant()

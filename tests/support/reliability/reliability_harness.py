@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import torch
 import yaml
-from crossfed.common.config import PrivacyConfig
+from crossfed.common.config import ServerPrivacyConfig
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.v1 import coordinator_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -305,7 +305,7 @@ def expected_average(
 
 
 #: The projection noise the server mandates by default (privacy.noise_multiplier, clip 1).
-PROJECTION_SIGMA = PrivacyConfig().noise_multiplier
+PROJECTION_SIGMA = ServerPrivacyConfig().noise_multiplier
 
 
 def projection_payload(client_index: int, scale: float = 1.0) -> bytes:
