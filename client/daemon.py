@@ -331,8 +331,6 @@ class ClientDaemon:
             self._sd_step(sd_device),
         )
         encryptor = default_encryptor_factory()
-        if encryptor is None:
-            log.warning("upload encryption module missing: updates go unencrypted")
         loop_ref: list[ClientLoop] = []
         loop = ClientLoop(
             transport,

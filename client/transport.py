@@ -227,7 +227,6 @@ class GrpcTransport:
         self._deadlines = deadlines or CallDeadlines()
         self._credential = credential
         self._client_id = credential.client_id if credential else client_id
-        self._call_credentials: grpc.CallCredentials | None = None
 
     @classmethod
     def connect(
@@ -270,7 +269,6 @@ class GrpcTransport:
                 request,
                 timeout=self._deadlines.unary_s,
                 metadata=self._metadata(),
-                credentials=self._call_credentials,
             )
         except grpc.RpcError as exc:
             classify_rpc_error(exc, "Register")
@@ -283,7 +281,6 @@ class GrpcTransport:
                 request,
                 timeout=self._deadlines.heartbeat_s,
                 metadata=self._metadata(),
-                credentials=self._call_credentials,
             )
         except grpc.RpcError as exc:
             classify_rpc_error(exc, "Heartbeat")
@@ -294,7 +291,6 @@ class GrpcTransport:
                 request,
                 timeout=self._deadlines.transfer_s,
                 metadata=self._metadata(),
-                credentials=self._call_credentials,
             )
             try:
                 yield from stream
@@ -313,7 +309,6 @@ class GrpcTransport:
                 requests,
                 timeout=self._deadlines.transfer_s,
                 metadata=self._metadata(),
-                credentials=self._call_credentials,
             )
         except grpc.RpcError as exc:
             classify_rpc_error(exc, "UploadUpdate")
@@ -326,7 +321,6 @@ class GrpcTransport:
                 request,
                 timeout=self._deadlines.unary_s,
                 metadata=self._metadata(),
-                credentials=self._call_credentials,
             )
         except grpc.RpcError as exc:
             classify_rpc_error(exc, "ExchangeProjections")

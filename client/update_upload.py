@@ -1,5 +1,5 @@
 """Build the UploadUpdate stream of a local update: one header, then chunks, each encrypted
-with the server's per-round X25519 key when the crypto module is available.
+with the server's per-round X25519 key (when the server published one).
 
 Chunks are produced lazily, one at a time, while gRPC sends the previous ones: encryption
 overlaps the transfer and no encrypted copy of the whole update is ever held. Over gRPC the
@@ -10,12 +10,12 @@ protobuf framing, into a reused buffer, then copied once into the message gRPC s
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from crossfed.common.crypto.upload_encryption import UploadEncryptor
 from crossfed.common.wire.chunk_frames import upload_chunk_prefix
 from crossfed.v1 import common_pb2, coordinator_pb2
 
@@ -44,14 +44,9 @@ class ChunkEncryptor(Protocol):
 EncryptorFactory = Callable[[bytes, str, int], ChunkEncryptor]
 
 
-def default_encryptor_factory() -> EncryptorFactory | None:
-    """The crypto engineer's UploadEncryptor, or None while that module is not installed."""
-    try:
-        module = importlib.import_module("crossfed.common.crypto.upload_encryption")
-    except ImportError:
-        return None
-    factory: EncryptorFactory | None = getattr(module, "UploadEncryptor", None)
-    return factory
+def default_encryptor_factory() -> EncryptorFactory:
+    """UploadEncryptor: X25519 + AES-GCM per chunk against the server's round key."""
+    return UploadEncryptor
 
 
 @dataclass(frozen=True)

@@ -481,7 +481,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             bundles = self.engine.bundles
             if bundles is None:
                 raise AdminRequestError(
-                    "this server runs the stand-in model, which has no model bundle"
+                    "this server's model is not the paper network, so it has no model bundle"
                 )
             try:
                 payload = bundles.read(version)

@@ -56,9 +56,6 @@ def start(
     ),
     keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints"),
     seed: int | None = typer.Option(None, "--seed", help="Initial model and selection seed."),
-    standin_model: bool = typer.Option(
-        False, "--standin-model", help="Placeholder model when the network is not built."
-    ),
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="Exit once the run completed/failed (after a linger)."
     ),
@@ -119,7 +116,6 @@ def start(
         cfg = load_config(ServerConfig, config, overrides=overrides)
         configure_logging(log_level, json_lines=cfg.log_json)
         options = ServerOptions(
-            standin_model=standin_model,
             exit_when_done=exit_when_done,
             auto_start=autostart,
             done_linger_s=done_linger_s,

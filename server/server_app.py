@@ -68,7 +68,6 @@ class ServerOptions:
     for code that embeds the server (tests, benchmarks): an override left None keeps the
     config's value, so defaults live in one place, the config model."""
 
-    standin_model: bool = False
     tick_interval_s: float = 0.25
     exit_when_done: bool = False
     done_linger_s: float = 5.0
@@ -140,8 +139,8 @@ def calibration_step_from_config(config: ServerConfig, model_source: str) -> Cal
         return None
     if model_source != "CrossModalNet":
         raise ConfigurationError(
-            "model.calibrate_image_classifier needs the real network; the stand-in model has "
-            "no calibration layers"
+            "model.calibrate_image_classifier needs the real network; the "
+            f"{model_source} model has no calibration layers"
         )
     return ccvr_calibration_step(config.model, config.seed)
 
@@ -200,7 +199,7 @@ class CoordinatorServer:
         config = options.apply_to(config)
         state_dir = prepare_state_dir(Path(config.state_dir))
         torch.set_num_threads(config.torch_threads)
-        model = build_initial_model(config.model, config.seed, options.standin_model)
+        model = build_initial_model(config.model, config.seed)
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
         epsilon_budget = config.privacy.epsilon_budget or 0.0
         store = open_state_store(state_dir)
@@ -209,7 +208,7 @@ class CoordinatorServer:
             config.class_names, store, configured=config.classes_configured
         )
         bundles = None
-        if model.source == "CrossModalNet":  # the stand-in model has no bundle form
+        if model.source == "CrossModalNet":  # an injected test model has no bundle form
             bundles = BundleStore(
                 checkpoints, config.model, contract, config.privacy.delta, _stored_run(store)
             )

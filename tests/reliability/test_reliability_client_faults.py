@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 import pytest
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.server.model_bootstrap import _standin_state
 from crossfed.server.server_app import ServerOptions
 from crossfed.v1 import coordinator_pb2
 
@@ -41,6 +40,7 @@ from tests.support.reliability.reliability_harness import (
     wait_until,
 )
 from tests.support.small_model import SMALL_MODEL
+from tests.support.standin_model import standin_state
 
 pytestmark = pytest.mark.integration  # starts real processes
 
@@ -87,7 +87,7 @@ class FaultClientProcess:
 
 
 def _initial() -> dict:
-    return _standin_state(ModelConfig(**SMALL_MODEL), 0)
+    return standin_state(ModelConfig(**SMALL_MODEL), 0)
 
 
 def _index(cid: str) -> int:

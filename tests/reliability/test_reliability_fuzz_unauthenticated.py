@@ -25,7 +25,6 @@ from tests.support.reliability.reliability_harness import (
     checkpoint_digests,
     dump_db,
     record_result,
-    standin_model,
 )
 from tests.support.reliability.rpc_fuzzing import (
     ADMIN,
@@ -38,6 +37,7 @@ from tests.support.reliability.rpc_fuzzing import (
     texts,
 )
 from tests.support.small_model import SMALL_MODEL
+from tests.support.standin_model import standin_model
 
 FAST_CASES = 150
 SLOW_CASES = 2500

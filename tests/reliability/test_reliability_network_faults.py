@@ -26,7 +26,6 @@ from crossfed.client.transport import CallDeadlines, ChannelOptions, ChannelSecu
 from crossfed.client.update_upload import LocalUpdate, default_encryptor_factory
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
-from crossfed.server.model_bootstrap import _standin_state
 from crossfed.server.server_app import ServerOptions
 
 from tests.support.reliability.reliability_harness import (
@@ -42,6 +41,7 @@ from tests.support.reliability.reliability_harness import (
 )
 from tests.support.reliability.tcp_fault_proxy import CutPlan, TcpFaultProxy
 from tests.support.small_model import SMALL_MODEL
+from tests.support.standin_model import standin_state
 
 
 @dataclass
@@ -128,7 +128,7 @@ class DaemonThread(threading.Thread):
 
 
 def _initial() -> dict[str, torch.Tensor]:
-    return _standin_state(ModelConfig(**SMALL_MODEL), 0)
+    return standin_state(ModelConfig(**SMALL_MODEL), 0)
 
 
 def _options() -> ServerOptions:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from crossfed.common.model.model_config import ModelConfig
-from crossfed.server.model_bootstrap import _standin_state
 
 from tests.support.ports import free_port
 from tests.support.reliability.fault_injecting_server import FAULT_POINTS
@@ -30,13 +29,14 @@ from tests.support.reliability.reliability_harness import (
     write_server_config,
 )
 from tests.support.small_model import SMALL_MODEL
+from tests.support.standin_model import standin_state
 
 ROUNDS = 3
 CLIENTS = 3
 
 
 def _initial_model() -> dict[str, torch.Tensor]:
-    return _standin_state(ModelConfig(**SMALL_MODEL), 0)
+    return standin_state(ModelConfig(**SMALL_MODEL), 0)
 
 
 def run_kill_chain(

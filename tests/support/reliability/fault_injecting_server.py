@@ -6,8 +6,10 @@ process reaches the point named by ``CROSSFED_FAULT_AT``, writes the point name 
 ``CROSSFED_FAULT_MARKER`` (so the test knows where it died) and SIGKILLs itself, which is
 indistinguishable from an external ``kill -9`` at that instant. Unset, nothing is wrapped.
 
-``CROSSFED_TEST_STANDIN=1`` swaps the paper network for the server's seeded stand-in model
-(same round logic, no diffusers import: process start-up drops from ~8 s to ~3 s).
+``CROSSFED_TEST_STANDIN=1`` swaps the paper network for the seeded stand-in model of
+tests/support/standin_model.py (same round logic, no diffusers import: process start-up drops
+from ~8 s to ~3 s). Run it as a module (``python -m tests.support.reliability.fault_injecting_server``)
+with the repository root on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -141,22 +143,15 @@ def install_faults() -> None:
 
 
 def install_standin_model() -> None:
-    """Use the server's seeded stand-in model (its documented fallback) instead of the paper
-    network, so the many server starts of this suite do not each import diffusers."""
+    """Use the seeded stand-in model instead of the paper network, so the many server starts
+    of this suite do not each import diffusers."""
     if os.environ.get(STANDIN_ENV) != "1":
         return
-    from crossfed.common.model.model_config import ModelConfig
     from crossfed.server import server_app
-    from crossfed.server.model_bootstrap import (
-        InitialModel,
-        _first_component,
-        _standin_state,
-    )
 
-    def build(config: ModelConfig, seed: int = 0, allow_standin: bool = False) -> InitialModel:
-        return InitialModel(_standin_state(config, seed), _first_component, "stand-in")
+    from tests.support.standin_model import standin_model
 
-    server_app.build_initial_model = build
+    server_app.build_initial_model = standin_model  # type: ignore[assignment]
 
 
 def main() -> None:

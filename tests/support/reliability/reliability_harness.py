@@ -32,9 +32,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.scripted_client import ScriptedClient
 from tests.support.small_model import SMALL_MODEL
+from tests.support.standin_model import standin_model
 
 HERE = Path(__file__).resolve().parent
-LAUNCHER = HERE / "fault_injecting_server.py"
+LAUNCHER = "tests.support.reliability.fault_injecting_server"  # run with -m
 REPO_ROOT = HERE.parents[2]
 # numbers each scenario records for RELIABILITY.md (runs/ is git-ignored)
 RESULTS_DIR = Path(
@@ -53,6 +54,8 @@ def child_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: single-threaded torch, unbuffered output."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # the repository root, so a child can import the test helpers as tests.support.*
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 
@@ -114,7 +117,7 @@ class ServerProcess:
                 CROSSFED_FAULT_MARKER=str(marker),
             )
         cmd = [
-            sys.executable, str(LAUNCHER),
+            sys.executable, "-m", LAUNCHER,
             "--config", str(config), "--state-dir", str(state_dir),
             "--listen", f"127.0.0.1:{port}", "--insecure", "--allow-unencrypted-uploads",
             "--heartbeat-ms", "100", "--client-timeout-s", "30",
@@ -181,13 +184,6 @@ class ServerProcess:
 
 
 # --------------------------------------------------------------------------- in-process server
-
-
-def standin_model(config: Any, seed: int = 0, allow_standin: bool = False) -> Any:
-    """`build_initial_model` replacement: the server's seeded stand-in (no diffusers import)."""
-    from crossfed.server.model_bootstrap import InitialModel, _first_component, _standin_state
-
-    return InitialModel(_standin_state(config, seed), _first_component, "stand-in")
 
 
 def small_server_config(state_dir: Path, chunk_size: int = 1024, **rounds: Any) -> Any:
