@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+from crossfed.common.data.encoder_interface import ImageEncoder
 from crossfed.common.data.synthetic_shapes import (
     COLOURS,
     SyntheticShapesConfig,
     generate_synthetic_shapes,
 )
 from crossfed.common.model.cnn_pretraining import ridge_probe_accuracy
-from crossfed.common.model.encoders import SMALL_CNN_WEIGHTS, ImageEncoder, SmallCNNImageEncoder
+from crossfed.common.model.encoders import SMALL_CNN_WEIGHTS, SmallCNNImageEncoder
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from crossfed.common.data.embedding_cache import EmbeddingCache
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.data.encoder_interface import ImageEncoder
 from crossfed.common.data.raw_dataset import RawDataset
-from crossfed.common.model.encoders import ImageEncoder
 from crossfed.common.model.model_errors import StableDiffusionSetupError
 from crossfed.common.model.sd_recovery import (
     SDRecoverySettings,

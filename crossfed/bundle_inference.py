@@ -22,6 +22,7 @@ import torch
 from crossfed.common.data.class_list import label_index
 from crossfed.common.data.data_errors import DataError
 from crossfed.common.data.embedding_cache import EmbeddingCache, encode_images, encode_texts
+from crossfed.common.data.encoder_interface import ImageEncoder, TextEncoder
 from crossfed.common.data.manifest import (
     IMAGE_ERRORS,
     ManifestIssue,
@@ -30,12 +31,7 @@ from crossfed.common.data.manifest import (
     load_image,
 )
 from crossfed.common.model.encoder_identity import EncoderIdentity, check_same_encoder
-from crossfed.common.model.encoders import (
-    ImageEncoder,
-    TextEncoder,
-    build_image_encoder,
-    build_text_encoder,
-)
+from crossfed.common.model.encoders import build_image_encoder, build_text_encoder
 from crossfed.common.model.evaluation import CONFIGURATIONS, confusion_matrix, macro_f1
 from crossfed.common.model.model_bundle import ModelBundle
 from crossfed.common.model.network import CrossModalNet

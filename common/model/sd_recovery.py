@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from crossfed.common.data.embedding_cache import EmbeddingCache, text_content_digest
-from crossfed.common.model.encoders import ImageEncoder
+from crossfed.common.data.encoder_interface import ImageEncoder
 from crossfed.common.model.mapper import squared_l2
 from crossfed.common.model.model_errors import StableDiffusionSetupError
 from crossfed.common.model.sd_trainable import (

@@ -30,7 +30,7 @@ from crossfed.simulation.experiment import (
 from crossfed.simulation.simulation_errors import SimulationError
 
 if TYPE_CHECKING:
-    from crossfed.common.model.encoders import ImageEncoder, TextEncoder
+    from crossfed.common.data.encoder_interface import ImageEncoder, TextEncoder
 
 Missingness = Literal["per_sample", "per_client"]
 

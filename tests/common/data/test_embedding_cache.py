@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from crossfed.common.data.embedding_cache import EmbeddingCache, encode_dataset, encode_texts
+from crossfed.common.data.encoder_interface import TextEncoder
 from crossfed.common.data.raw_dataset import RawDataset
-from crossfed.common.model.encoders import SmallCNNImageEncoder, TextEncoder
+from crossfed.common.model.encoders import SmallCNNImageEncoder
 
 
 class CountingTextEncoder(TextEncoder):
