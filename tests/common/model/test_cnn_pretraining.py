@@ -12,13 +12,6 @@ import pytest
 import torch
 from crossfed.common.data.data_errors import DataError, EncoderError
 from crossfed.common.data.embedding_cache import EmbeddingCache, encode_images
-from crossfed.common.model.cnn_pretraining import (
-    PretrainConfig,
-    PretrainingError,
-    main,
-    pretext_probe_scores,
-    pretrain,
-)
 from crossfed.common.model.encoders import (
     SMALL_CNN_WEIGHTS,
     SMALL_CNN_WEIGHTS_SHA256,
@@ -26,7 +19,15 @@ from crossfed.common.model.encoders import (
     build_image_encoder,
     load_small_cnn_weights,
 )
-from crossfed.common.model.primitive_corpus import (
+
+from tools.cnn_pretraining import (
+    PretrainConfig,
+    PretrainingError,
+    main,
+    pretext_probe_scores,
+    pretrain,
+)
+from tools.primitive_corpus import (
     NUM_HUE_BINS,
     PRIMITIVES,
     PrimitiveCorpusConfig,

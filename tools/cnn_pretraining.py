@@ -9,7 +9,7 @@ export the feature mean/std are calibrated on held-out draws; the file is safete
 
 Regenerate the shipped weights (1200 steps x 192 images; measured on the shared 2-core dev
 box: 3.4 min wall, 5.3 CPU-min, 0.7 GB RSS at load ~2-3; 20-44 min when it was at load 6-10):
-    python -m crossfed.common.model.cnn_pretraining --out common/model/weights/small_cnn.safetensors
+    python -m tools.cnn_pretraining --out common/model/weights/small_cnn.safetensors
 then set SMALL_CNN_WEIGHTS_SHA256 in encoders.py to the printed digest.
 """
 
@@ -34,7 +34,10 @@ from crossfed.common.model.encoders import (
     save_small_cnn_weights,
 )
 from crossfed.common.model.model_errors import ModelError
-from crossfed.common.model.primitive_corpus import (
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from tools.primitive_corpus import (
     NUM_HUE_BINS,
     NUM_QUADRANTS,
     NUM_SIZE_BINS,
@@ -43,8 +46,6 @@ from crossfed.common.model.primitive_corpus import (
     PrimitiveCorpusConfig,
     generate_primitives,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 TASKS: dict[str, int] = {
     "primitive": len(PRIMITIVES),
