@@ -15,14 +15,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from crossfed.common.crypto.upload_encryption import UploadEncryptor
+from crossfed.common.crypto.upload_encryption import TAG_SIZE, UploadEncryptor
 from crossfed.common.wire.chunk_frames import upload_chunk_prefix
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
 
 #: AES-GCM tag appended to every encrypted chunk (crossfed.common.crypto.upload_encryption).
-TAG_SIZE = 16
 
 
 class ChunkEncryptor(Protocol):

@@ -56,7 +56,7 @@ __all__ = [
 MiB = 1024 * 1024
 #: Bytes a chunk message carries besides its data (index, digest, AEAD tag, ids); headroom.
 CHUNK_ENVELOPE_BYTES = 64 * 1024
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+ADDRESS_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _SECRET_HINTS = ("token", "secret", "password")
 
 
@@ -86,7 +86,7 @@ class _Section(BaseModel):
 
 
 def _check_address(value: str) -> str:
-    match = _ADDRESS.match(value)
+    match = ADDRESS_RE.match(value)
     if match is None or not 0 <= int(match.group(2)) < 65536:
         raise ValueError(f"expected host:port (port 0-65535), e.g. 127.0.0.1:50051, got {value!r}")
     return value

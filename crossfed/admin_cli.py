@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crossfed.common.atomic_files import atomic_output
+from crossfed.common.config import ADDRESS_RE
 from crossfed.output_paths import OutputPathError, check_replaceable, safe_output_path
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 MODALITY_NAMES = {0: "unspecified", 1: "both", 2: "text_only", 3: "image_only"}
 TERMINAL_EVENTS = frozenset({"run_completed", "run_stopped", "run_failed"})
-_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _EXPORT_MIN_TIMEOUT_S = 600.0
 
@@ -73,7 +73,7 @@ class ConnectionSettings(BaseModel):
     @field_validator("server")
     @classmethod
     def _address(cls, value: str) -> str:
-        match = _ADDRESS.match(value)
+        match = ADDRESS_RE.match(value)
         if match is None or not 0 < int(match.group(2)) < 65536:
             raise ValueError(f"expected host:port, e.g. 127.0.0.1:50051, got {value!r}")
         return value

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from crossfed.client.enrollment import CREDENTIAL_FILE
 from crossfed.common.crypto.certificates import (
     CertificateError,
     CertificateLayout,
@@ -45,7 +46,7 @@ from crossfed.common.crypto.secure_files import (
     write_public_file,
     write_secret_file,
 )
-from crossfed.server.credential_store import SqliteCredentialStore
+from crossfed.server.credential_store import CREDENTIALS_DB, SqliteCredentialStore
 from crossfed.server.errors import StateStoreError
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ STATE_DIR = "state"
 CACHE_DIR = "cache"
 #: Same name as crossfed.server.server_app.CREDENTIALS_DB (a test keeps them equal; importing
 #: server_app would pull torch into a job that only writes files).
-SERVER_CREDENTIALS_DB = "credentials.db"
 #: Same name as crossfed.client.enrollment.CREDENTIAL_FILE: where an enrolled client keeps it.
-ENROLLED_CREDENTIAL_FILE = "credential.json"
 #: The admin principal the server creates for itself at start (crossfed.server.admin_servicer
 #: re-keys it when its own file is missing): a kit must not share that id.
 SERVER_OWN_ADMIN_ID = "admin"
@@ -208,7 +207,7 @@ def _client_identity(
     if config.exists():
         report.kept.append(f"enrollment config of {kit.name}")
         return
-    if (kit.root / STATE_DIR / ENROLLED_CREDENTIAL_FILE).exists():
+    if (kit.root / STATE_DIR / CREDENTIAL_FILE).exists():
         report.kept.append(f"{kit.name} is enrolled already (no token minted)")
         return
     issued = create_enrollment_token(store, ttl_s=plan.token_ttl_s, client_id=kit.name)
@@ -244,7 +243,7 @@ def provision(plan: ProvisionPlan) -> ProvisionReport:
             (kit.root / CACHE_DIR).mkdir(parents=True, exist_ok=True)
         for kit in plan.admins:
             _copy_tls(layout, kit, [(Role.ADMIN, kit.name)])
-        db = plan.server.root / STATE_DIR / SERVER_CREDENTIALS_DB
+        db = plan.server.root / STATE_DIR / CREDENTIALS_DB
         store = SqliteCredentialStore(db)
         try:
             for kit in plan.clients:

@@ -162,9 +162,8 @@ def token(
 ) -> None:
     """Print a one-time enrollment token for a client (run on the server host)."""
     from crossfed.common.crypto.identity import EnrollmentError, create_enrollment_token
-    from crossfed.server.credential_store import SqliteCredentialStore
+    from crossfed.server.credential_store import CREDENTIALS_DB, SqliteCredentialStore
     from crossfed.server.errors import ServerError
-    from crossfed.server.server_app import CREDENTIALS_DB
     from crossfed.server.state.factory import prepare_state_dir
 
     try:

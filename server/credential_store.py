@@ -16,6 +16,9 @@ from crossfed.common.crypto.identity import (
 )
 from crossfed.server.errors import StateStoreError
 
+#: The credential store's file in the server's state dir.
+CREDENTIALS_DB = "credentials.db"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS credentials (
     client_id TEXT PRIMARY KEY, secret BLOB NOT NULL, role TEXT NOT NULL,

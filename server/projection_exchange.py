@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from crossfed.common.model.prototypes import PROTOTYPE_KEYS
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.errors import InvalidUpdateError
-
-PROJECTION_KEYS = ("text_sum", "image_sum", "text_count", "image_count")
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def bound_projections(
 def prototypes_payload(sums: Mapping[str, torch.Tensor]) -> bytes:
     """Safetensors payload of the global prototypes: the summed keys plus per-class means
     ``text_prototype``/``image_prototype`` (zero rows where a class was never seen)."""
-    out = {k: sums[k].to(torch.float32).contiguous() for k in PROJECTION_KEYS}
+    out = {k: sums[k].to(torch.float32).contiguous() for k in PROTOTYPE_KEYS}
     for side in ("text", "image"):
         counts = sums[f"{side}_count"].clamp_min(1e-12).unsqueeze(1)
         mean = torch.where(
@@ -160,7 +159,7 @@ class ProjectionAggregator:
         """Add a validated payload; False (ignored) if this client already sent this round's."""
         if (client_id, round_no) in self.contributors:
             return False
-        for key in PROJECTION_KEYS:
+        for key in PROTOTYPE_KEYS:
             self._sums[key] += projections[key]
         self.contributors.add((client_id, round_no))
         return True

@@ -22,7 +22,7 @@ from crossfed.server.aggregation import CentralDP
 from crossfed.server.calibration_round import CalibrationStep, ccvr_calibration_step
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.coordinator_servicer import CoordinatorServicer
-from crossfed.server.credential_store import SqliteCredentialStore
+from crossfed.server.credential_store import CREDENTIALS_DB, SqliteCredentialStore
 from crossfed.server.errors import ConfigurationError, StateStoreError
 from crossfed.server.federation_contract import FederationContract
 from crossfed.server.grpc_server import RunningServer, start_grpc_server
@@ -45,7 +45,6 @@ from crossfed.server.upload_receiver import UploadPolicy
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-CREDENTIALS_DB = "credentials.db"
 NONCES = "nonces.journal"
 
 

@@ -20,7 +20,6 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-CONFIGURATIONS = ("both", "text_only", "image_only")
 MODALITY_CYCLE = ("both", "text_only", "image_only")
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 from crossfed.client.backoff import Backoff, RetryPolicy
-from crossfed.client.call_identity import CLIENT_ID_METADATA_KEY
 from crossfed.client.errors import (
     AlreadyUploadedError,
     ClientConfigError,
@@ -38,6 +37,7 @@ from crossfed.client.transport import (
     classify_rpc_error,
 )
 from crossfed.client.update_upload import LocalUpdate
+from crossfed.common.crypto.identity import HEADER_CLIENT_ID
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 from tests.support.certificates import make_certs
@@ -65,7 +65,7 @@ class Servicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     def _who(self, context: grpc.ServicerContext) -> str:
         meta = dict(context.invocation_metadata())
-        who = str(meta.get(CLIENT_ID_METADATA_KEY, ""))
+        who = str(meta.get(HEADER_CLIENT_ID, ""))
         self.shared.seen_ids.append(who)
         return who
 

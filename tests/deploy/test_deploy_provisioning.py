@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from crossfed.client import enrollment
+from crossfed.client.enrollment import CREDENTIAL_FILE
 from crossfed.common.crypto.certificates import load_certificate, verify_certificate
 from crossfed.common.crypto.identity import (
     ClientCredential,
@@ -19,7 +19,7 @@ from crossfed.common.crypto.identity import (
     create_admin_credential,
     enroll,
 )
-from crossfed.server.credential_store import SqliteCredentialStore
+from crossfed.server.credential_store import CREDENTIALS_DB, SqliteCredentialStore
 from typer.testing import CliRunner
 
 from crossfed.cli import app
@@ -27,9 +27,7 @@ from crossfed.provisioning import (
     ADMIN_CREDENTIAL_FILE,
     CLIENT_CONFIG_FILE,
     CLIENT_CREDENTIAL_FILE,
-    ENROLLED_CREDENTIAL_FILE,
     PROBE_CERT_NAME,
-    SERVER_CREDENTIALS_DB,
     SERVER_OWN_ADMIN_ID,
     STATE_DIR,
     ClientAuth,
@@ -56,12 +54,12 @@ def files_under(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.startswith(f"{SERVER_CREDENTIALS_DB}-")
+        if p.is_file() and not p.name.startswith(f"{CREDENTIALS_DB}-")
     }
 
 
 def open_store(plan: ProvisionPlan) -> SqliteCredentialStore:
-    return SqliteCredentialStore(plan.server.root / STATE_DIR / SERVER_CREDENTIALS_DB)
+    return SqliteCredentialStore(plan.server.root / STATE_DIR / CREDENTIALS_DB)
 
 
 def test_second_run_changes_nothing(tmp_path: Path) -> None:
@@ -128,7 +126,7 @@ def test_enrolled_client_gets_no_new_token(tmp_path: Path) -> None:
     plan = make_plan(tmp_path)
     state = plan.clients[0].root / STATE_DIR
     state.mkdir(parents=True)
-    ClientCredential("edge-text", b"s" * 32).save(state / ENROLLED_CREDENTIAL_FILE)
+    ClientCredential("edge-text", b"s" * 32).save(state / CREDENTIAL_FILE)
     report = provision(plan)
     assert not (plan.clients[0].root / CLIENT_CONFIG_FILE).exists()
     assert (plan.clients[1].root / CLIENT_CONFIG_FILE).exists()
@@ -207,10 +205,3 @@ def test_chown_hands_kits_to_the_image_user(tmp_path: Path) -> None:
         for path in [kit.root, *kit.root.rglob("*")]:
             assert (path.stat().st_uid, path.stat().st_gid) == (10001, 10002), path
     assert (tmp_path / "pki" / "ca.key").stat().st_uid == 0  # the CA stays the operator's
-
-
-def test_file_names_match_what_server_and_client_use() -> None:
-    from crossfed.server.server_app import CREDENTIALS_DB
-
-    assert SERVER_CREDENTIALS_DB == CREDENTIALS_DB
-    assert ENROLLED_CREDENTIAL_FILE == enrollment.CREDENTIAL_FILE
