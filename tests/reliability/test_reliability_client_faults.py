@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.server.server_app import ServerOptions
 from crossfed.v1 import coordinator_pb2
 
@@ -39,7 +38,7 @@ from tests.support.reliability.reliability_harness import (
     verify_committed_history,
     wait_until,
 )
-from tests.support.small_model import SMALL_MODEL
+from tests.support.small_model import small_model_config
 from tests.support.standin_model import standin_state
 
 pytestmark = pytest.mark.integration  # starts real processes
@@ -87,7 +86,7 @@ class FaultClientProcess:
 
 
 def _initial() -> dict:
-    return standin_state(ModelConfig(**SMALL_MODEL), 0)
+    return standin_state(small_model_config(), 0)
 
 
 def _index(cid: str) -> int:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from crossfed.common import atomic_files
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.server.server_app import ServerOptions
 
 from tests.support.reliability.reliability_harness import (
@@ -30,7 +29,7 @@ from tests.support.reliability.reliability_harness import (
     verify_committed_history,
     wait_until,
 )
-from tests.support.small_model import SMALL_MODEL
+from tests.support.small_model import small_model_config
 from tests.support.standin_model import standin_state
 
 
@@ -103,7 +102,7 @@ def test_checkpoint_write_failure_is_reported_and_the_round_not_committed(
     assert not errors, errors  # the uploading clients never saw UNKNOWN/INTERNAL
     assert (
         verify_committed_history(
-            state_dir, standin_state(ModelConfig(**SMALL_MODEL), 0), lambda c: int(c[1:])
+            state_dir, standin_state(small_model_config(), 0), lambda c: int(c[1:])
         )
         == 2
     )

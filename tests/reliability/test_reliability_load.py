@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from crossfed.common.model.model_config import ModelConfig
 
 from tests.support.ports import free_port
 from tests.support.reliability.load_clients import LoadStats, run_clients
@@ -26,7 +25,7 @@ from tests.support.reliability.reliability_harness import (
     verify_committed_history,
     write_server_config,
 )
-from tests.support.small_model import SMALL_MODEL
+from tests.support.small_model import small_model_config
 from tests.support.standin_model import standin_state
 
 pytestmark = pytest.mark.integration  # starts real processes
@@ -71,7 +70,7 @@ def _run_load(root: Path, clients: int, rounds: int, timeout_s: float) -> dict[s
     for row in committed:  # every client's upload in every round, each exactly once
         ups = uploads_of(state_dir, row.round, row.attempt)
         assert row.received == clients and len({c for c, _, _ in ups}) == clients
-    initial = standin_state(ModelConfig(**SMALL_MODEL), 0)
+    initial = standin_state(small_model_config(), 0)
     assert verify_committed_history(state_dir, initial, lambda c: int(c[1:])) == rounds
     everything = stats.all_latencies()
     return {

@@ -24,7 +24,6 @@ from crossfed.client.loop import (
 )
 from crossfed.client.transport import CallDeadlines, ChannelOptions, ChannelSecurity, GrpcTransport
 from crossfed.client.update_upload import LocalUpdate, default_encryptor_factory
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.server_app import ServerOptions
 
@@ -40,7 +39,7 @@ from tests.support.reliability.reliability_harness import (
     wait_until,
 )
 from tests.support.reliability.tcp_fault_proxy import CutPlan, TcpFaultProxy
-from tests.support.small_model import SMALL_MODEL
+from tests.support.small_model import small_model_config
 from tests.support.standin_model import standin_state
 
 
@@ -128,7 +127,7 @@ class DaemonThread(threading.Thread):
 
 
 def _initial() -> dict[str, torch.Tensor]:
-    return standin_state(ModelConfig(**SMALL_MODEL), 0)
+    return standin_state(small_model_config(), 0)
 
 
 def _options() -> ServerOptions:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from crossfed.common.model.model_config import ModelConfig
 
 from tests.support.ports import free_port
 from tests.support.reliability.fault_injecting_server import FAULT_POINTS
@@ -28,7 +27,7 @@ from tests.support.reliability.reliability_harness import (
     verify_committed_history,
     write_server_config,
 )
-from tests.support.small_model import SMALL_MODEL
+from tests.support.small_model import small_model_config
 from tests.support.standin_model import standin_state
 
 ROUNDS = 3
@@ -36,7 +35,7 @@ CLIENTS = 3
 
 
 def _initial_model() -> dict[str, torch.Tensor]:
-    return standin_state(ModelConfig(**SMALL_MODEL), 0)
+    return standin_state(small_model_config(), 0)
 
 
 def run_kill_chain(

@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.model_bootstrap import build_initial_model
 from crossfed.server.state.sqlite import SqliteStateStore
@@ -23,7 +22,7 @@ from crossfed.v1 import coordinator_pb2
 from tests.support.grpc_fixtures import start_server_process
 from tests.support.ports import free_port
 from tests.support.scripted_client import ScriptedClient
-from tests.support.small_model import SMALL_MODEL
+from tests.support.small_model import SMALL_MODEL, small_model_config
 
 pytestmark = pytest.mark.integration  # starts real processes
 
@@ -115,7 +114,7 @@ def test_random_kill9_soak(tmp_path: Path) -> None:
     assert committed == list(range(1, ROUNDS + 1))
     store.close()
     # the initial model is deterministic (seed 0); each committed round adds exactly +1
-    initial = build_initial_model(ModelConfig(**SMALL_MODEL), seed=0).state
+    initial = build_initial_model(small_model_config(), seed=0).state
     final_path = state_dir / "checkpoints" / f"global-{ROUNDS:06d}.safetensors"
     final = decode_tensors(final_path.read_bytes())
     for key, value in initial.items():
