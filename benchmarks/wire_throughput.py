@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from crossfed.common.wire.chunking import Chunk, ChunkAssembler, split_payload
+from crossfed.common.wire.chunk_stream import ChunkAssembler, ChunkFrame, split_payload
 from crossfed.common.wire.tensor_codec import (
     decode_tensors,
     encode_tensor_chunks,
@@ -55,7 +55,7 @@ def tensor_set(size_mb: float, seed: int = 0) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def assemble(chunks: Iterable[Chunk], limit: int) -> ChunkAssembler:
+def assemble(chunks: Iterable[ChunkFrame], limit: int) -> ChunkAssembler:
     assembler = ChunkAssembler(max_payload_bytes=limit)
     for chunk in chunks:
         assembler.add(chunk)

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crossfed.client.errors import PayloadIntegrityError
-from crossfed.common.wire.chunk_frames import ChunkFrame
-from crossfed.common.wire.chunking import BufferPool, Chunk, ChunkAssembler
+from crossfed.common.wire.chunk_stream import BufferPool, ChunkAssembler, ChunkFrame
 from crossfed.common.wire.errors import WireError
 from crossfed.v1 import common_pb2
 
@@ -46,7 +45,7 @@ class DownloadProgress:
 
     @property
     def total(self) -> int | None:
-        """Chunk count the stream announced, None before the first chunk."""
+        """ChunkFrame count the stream announced, None before the first chunk."""
         return self._assembler.expected_chunks
 
     @property
@@ -64,20 +63,12 @@ class DownloadProgress:
             raise PayloadIntegrityError(
                 f"chunk belongs to round {chunk.round}, expected round {self.round_id}"
             )
-        data = chunk.data
+        frame = chunk if isinstance(chunk, ChunkFrame) else ChunkFrame.from_proto(chunk)
         try:
-            self._assembler.add(
-                Chunk(
-                    index=int(chunk.index),
-                    total=int(chunk.total),
-                    data=data,
-                    payload_sha256=bytes(chunk.payload_sha256),
-                    payload_size=int(chunk.payload_size),
-                )
-            )
+            self._assembler.add(frame)
         except WireError as exc:
             raise PayloadIntegrityError(f"global model of round {self.round_id}: {exc}") from exc
-        self.bytes_received += len(data)
+        self.bytes_received += len(frame.data)
 
     def reset(self) -> None:
         """Drop everything received (after an integrity failure)."""

@@ -24,7 +24,7 @@ from crossfed.common.crypto.certificates import CertificateError
 from crossfed.common.crypto.grpc_credentials import channel_credentials, warn_insecure
 from crossfed.common.crypto.identity import ClientCredential
 from crossfed.common.crypto.rpc_auth import authenticated_channel
-from crossfed.common.wire.chunk_frames import ChunkFrame, chunk_frame_from_wire, wire_bytes
+from crossfed.common.wire.chunk_stream import ChunkFrame, chunk_frame_from_wire, wire_bytes
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class GrpcTransport:
         # sends the client id); without one, the bare client-id header is all we have.
         calls = authenticated_channel(channel, credential) if credential else channel
         self._stub = coordinator_pb2_grpc.CoordinatorStub(calls)
-        # the two bulk calls with zero-copy framing (crossfed.common.wire.chunk_frames): chunk
+        # the two bulk calls with zero-copy framing (crossfed.common.wire.chunk_stream): chunk
         # data arrives as a view of gRPC's message, uploads go out pre-serialized
         self._download_call = calls.unary_stream(
             _SERVICE + "DownloadGlobalModel",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from crossfed.common.crypto.upload_encryption import TAG_SIZE, UploadEncryptor
-from crossfed.common.wire.chunk_frames import upload_chunk_prefix
+from crossfed.common.wire.chunk_stream import upload_chunk_prefix
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)

@@ -642,30 +642,19 @@ def export_model_to(
         path = safe_output_path(Path(path), force)  # before a byte is fetched
     except OutputPathError as exc:
         _fail(str(exc))
-    sha = hashlib.sha256()
-    expected_digest = b""
-    expected_size = total = received = version = 0
-    payload = bytearray()
+    from crossfed.common.model.model_bundle import MAX_BUNDLE_BYTES
+    from crossfed.common.wire.chunk_stream import receive_payload
+    from crossfed.common.wire.errors import WireError
+
     request = admin_pb2.ExportModelRequest(round=round_no)
     timeout = max(session.settings.timeout_s, _EXPORT_MIN_TIMEOUT_S)
     with session.stream_errors():
-        for chunk in session.stub.ExportModel(request, timeout=timeout):
-            if received == 0:
-                total, expected_size = int(chunk.total), int(chunk.payload_size)
-                expected_digest, version = bytes(chunk.payload_sha256), int(chunk.round)
-            elif chunk.total != total or bytes(chunk.payload_sha256) != expected_digest:
-                _fail(f"chunk {chunk.index} disagrees with the first chunk's total/digest")
-            if chunk.index != received:
-                _fail(f"chunk {chunk.index} arrived where chunk {received} was expected")
-            sha.update(chunk.data)
-            payload += chunk.data
-            received += 1
-    if received == 0 or received != total:
-        _fail(f"export stream ended after {received} of {total or '?'} chunks (truncated)")
-    if len(payload) != expected_size:
-        _fail(f"received {len(payload)} bytes but the server announced {expected_size}")
-    if sha.digest() != expected_digest:
-        _fail("SHA-256 of the received model does not match the server's digest")
+        try:
+            stream = session.stub.ExportModel(request, timeout=timeout)
+            payload, version = receive_payload(stream, MAX_BUNDLE_BYTES)
+        except WireError as exc:
+            _fail(f"the exported model stream is broken: {exc}")
+    expected_digest = hashlib.sha256(payload).digest()  # verified against the stream's
     bundle = check_bundle_bytes(payload, path)
     try:  # the target is checked again right before the rename: it may have changed
         with atomic_output(path, before_replace=lambda: check_replaceable(path, force)) as out:

@@ -5,7 +5,6 @@ credential required), except in insecure mode where only loopback callers are se
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -26,6 +25,7 @@ from crossfed.common.crypto.identity import (
     create_enrollment_token,
 )
 from crossfed.common.crypto.rpc_auth import NotAuthenticatedError, authenticated_identity
+from crossfed.common.wire.chunk_stream import split_payload
 from crossfed.server.errors import (
     CheckpointError,
     ConfigurationError,
@@ -489,20 +489,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 raise AdminNotFoundError(str(exc)) from None
         except ServerError as exc:
             _abort(context, exc)
-        size = len(payload)
-        cs = self.options.chunk_size
-        total = max(1, -(-size // cs))
-        digest = hashlib.sha256(payload).digest()
-        view = memoryview(payload)
-        for index in range(total):
-            yield common_pb2.TensorChunk(
-                index=index,
-                total=total,
-                data=bytes(view[index * cs : (index + 1) * cs]),
-                payload_sha256=digest,
-                payload_size=size,
-                round=version,
-            )
+        for frame in split_payload(payload, self.options.chunk_size, round_id=version):
+            yield frame.to_proto()
 
     # -- clients and enrollment ----------------------------------------------------------
     def RemoveClient(

@@ -16,7 +16,7 @@ from crossfed.common.crypto.certificates import Role
 from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, enroll
 from crossfed.common.crypto.peer_certificate import peer_certificate
 from crossfed.common.privacy.projection_dp import ProjectionDPError, ProjectionDPParams
-from crossfed.common.wire.chunk_frames import (
+from crossfed.common.wire.chunk_stream import (
     ChunkFrame,
     tensor_chunk_prefix,
     upload_message_from_wire,

@@ -17,8 +17,7 @@ from crossfed.common.crypto.upload_encryption import (
     UploadDecryptor,
     UploadKeyPair,
 )
-from crossfed.common.wire.chunk_frames import ChunkFrame
-from crossfed.common.wire.chunking import SHA256_BYTES, BufferPool, ChunkAssembler
+from crossfed.common.wire.chunk_stream import SHA256_BYTES, BufferPool, ChunkAssembler, ChunkFrame
 from crossfed.common.wire.errors import PayloadTooLargeError, WireError
 from crossfed.server.errors import CorruptPayloadError, InvalidUpdateError, UploadRefusedError
 from crossfed.v1 import coordinator_pb2

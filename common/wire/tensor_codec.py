@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from crossfed.common.wire.chunking import Chunk, split_buffers
+from crossfed.common.wire.chunk_stream import ChunkFrame, split_buffers
 from crossfed.common.wire.errors import MalformedPayloadError, TensorValidationError, WireError
 
 __all__ = [
@@ -200,7 +200,7 @@ def encode_tensors(
 
 def encode_tensor_chunks(
     tensors: Mapping[str, torch.Tensor], chunk_size: int, metadata: Mapping[str, str] | None = None
-) -> Iterator[Chunk]:
+) -> Iterator[ChunkFrame]:
     """Serialize straight into wire chunks: hash the tensors once, then copy each chunk once.
 
     Equivalent to ``split_payload(encode_tensors(tensors, metadata), chunk_size)`` but never

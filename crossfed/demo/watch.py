@@ -58,24 +58,15 @@ class AdminWatcher:
     def export_model(self, round_no: int) -> ModelBundle:
         """The model bundle of committed round `round_no`, reassembled, digest-checked and
         loaded (the file `crossfed admin export-model` writes)."""
-        from crossfed.common.model.model_bundle import BundleError, decode_bundle
-        from crossfed.common.wire.chunking import Chunk, ChunkAssembler
+        from crossfed.common.model.model_bundle import MAX_BUNDLE_BYTES, BundleError, decode_bundle
+        from crossfed.common.wire.chunk_stream import receive_payload
         from crossfed.common.wire.errors import WireError
 
-        assembler = ChunkAssembler(max_payload_bytes=4 * 1024**3)
         request = admin_pb2.ExportModelRequest(round=round_no)
         try:
-            for msg in self.stub.ExportModel(request, timeout=120):
-                assembler.add(
-                    Chunk(
-                        index=msg.index,
-                        total=msg.total,
-                        data=msg.data,
-                        payload_sha256=msg.payload_sha256,
-                        payload_size=msg.payload_size,
-                    )
-                )
-            return decode_bundle(assembler.result(), f"model bundle of round {round_no}")
+            stream = self.stub.ExportModel(request, timeout=120)
+            payload, _ = receive_payload(stream, MAX_BUNDLE_BYTES)
+            return decode_bundle(payload, f"model bundle of round {round_no}")
         except grpc.RpcError as exc:
             raise WatchError(f"export of round {round_no} failed: {exc.details()}") from None
         except (WireError, BundleError) as exc:

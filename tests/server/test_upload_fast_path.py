@@ -21,7 +21,7 @@ from crossfed.client.update_upload import (
     prepare_upload,
 )
 from crossfed.common.crypto.upload_encryption import UploadEncryptor
-from crossfed.common.wire.chunk_frames import (
+from crossfed.common.wire.chunk_stream import (
     ChunkFrame,
     upload_chunk_prefix,
     upload_message_from_wire,

@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 from crossfed.common.crypto.upload_encryption import UploadEncryptor, UploadKeyPair
-from crossfed.common.wire.chunk_frames import ChunkFrame
+from crossfed.common.wire.chunk_stream import ChunkFrame
 from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.upload_receiver import AEAD_TAGS_PREFIX, UploadPolicy, receive_payload
 from crossfed.v1 import coordinator_pb2

@@ -1,10 +1,10 @@
-"""chunk_frames: hand-built framing is ordinary protobuf, the fast parser reads exactly what
+"""chunk_stream framing: hand-built framing is ordinary protobuf, the fast parser reads exactly what
 protobuf reads (or hands the bytes to protobuf), and chunk data stays a view."""
 
 from __future__ import annotations
 
 import pytest
-from crossfed.common.wire.chunk_frames import (
+from crossfed.common.wire.chunk_stream import (
     ChunkFrame,
     chunk_frame_from_wire,
     parse_chunk_frame,

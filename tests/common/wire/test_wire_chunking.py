@@ -1,4 +1,4 @@
-"""chunking: split/reassemble round trips (in order and within a reorder window), rejections."""
+"""chunk_stream: split/reassemble round trips (in order and within a reorder window), rejections."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import time
 
 import pytest
 import torch
-from crossfed.common.wire import chunking
-from crossfed.common.wire.chunking import Chunk, ChunkAssembler, split_buffers, split_payload
+from crossfed.common.wire import chunk_stream as chunking
+from crossfed.common.wire.chunk_stream import (
+    ChunkAssembler,
+    ChunkFrame,
+    receive_payload,
+    split_buffers,
+    split_payload,
+)
 from crossfed.common.wire.errors import (
     DigestMismatchError,
     DuplicateChunkError,
@@ -149,7 +155,7 @@ def test_chunks_beyond_the_reorder_window_are_rejected() -> None:
 
 
 def test_declared_size_over_limit_is_rejected_before_any_buffer_exists() -> None:
-    huge = Chunk(0, 2, b"x", b"\0" * 32, 10**15)  # a 1 PB buffer would fail loudly
+    huge = ChunkFrame(0, 2, b"x", b"\0" * 32, 10**15)  # a 1 PB buffer would fail loudly
     with pytest.raises(PayloadTooLargeError, match="1000000000000000-byte payload; the limit"):
         ChunkAssembler(max_payload_bytes=10**6).add(huge)
     with pytest.raises(PayloadTooLargeError, match="alone holds 1024 bytes"):
@@ -200,15 +206,17 @@ def test_chunks_that_disagree_with_the_stream_are_malformed(
 @pytest.mark.parametrize(
     ("chunk", "fragment"),
     [
-        (Chunk(0, 1, b"abc", b"\0" * 31, 3), "32 bytes"),
-        (Chunk(0, 5, b"abc", b"\0" * 32, 3), "total 5 chunks is impossible"),
-        (Chunk(0, 0, b"", b"\0" * 32, 0), "total 0 chunks is impossible"),
-        (Chunk(0, 1, b"ab", b"\0" * 32, 3), "holds 2 bytes, expected 3"),
-        (Chunk(0, 3, b"a", b"\0" * 32, 9), "cannot make a 9-byte payload in 3 chunks"),
-        (Chunk(0, 1, b"", b"\0" * 32, -1), "payload_size -1"),
+        (ChunkFrame(0, 1, b"abc", b"\0" * 31, 3), "32 bytes"),
+        (ChunkFrame(0, 5, b"abc", b"\0" * 32, 3), "total 5 chunks is impossible"),
+        (ChunkFrame(0, 0, b"", b"\0" * 32, 0), "total 0 chunks is impossible"),
+        (ChunkFrame(0, 1, b"ab", b"\0" * 32, 3), "holds 2 bytes, expected 3"),
+        (ChunkFrame(0, 3, b"a", b"\0" * 32, 9), "cannot make a 9-byte payload in 3 chunks"),
+        (ChunkFrame(0, 1, b"", b"\0" * 32, -1), "payload_size -1"),
     ],
 )
-def test_first_chunk_inconsistent_with_itself_is_malformed(chunk: Chunk, fragment: str) -> None:
+def test_first_chunk_inconsistent_with_itself_is_malformed(
+    chunk: ChunkFrame, fragment: str
+) -> None:
     with pytest.raises(MalformedPayloadError, match=fragment):
         ChunkAssembler(1000).add(chunk)
 
@@ -445,3 +453,24 @@ def test_lazily_freed_pool_buffers_are_reused_and_rewritten_whole(
     assert pool.reused == 1
     if hasattr(mmap, "MADV_FREE"):
         assert advised.count(mmap.MADV_FREE) == 2  # after each use
+
+
+def test_receive_payload_reassembles_a_proto_stream_and_names_its_round() -> None:
+    payload = bytes(range(256)) * 40
+    frames = list(split_payload(payload, 1000, round_id=7))
+    assert {f.round for f in frames} == {7} and len(frames) == 11
+    got, round_no = receive_payload([f.to_proto() for f in frames], len(payload))
+    assert got == payload and round_no == 7
+    got, _ = receive_payload(frames, len(payload))  # frames as the zero-copy parser yields them
+    assert got == payload
+
+
+def test_receive_payload_refuses_a_truncated_or_oversized_stream() -> None:
+    payload = b"x" * 5000
+    frames = list(split_payload(payload, 1000))
+    with pytest.raises(MissingChunkError, match="1 of 5 chunks missing"):
+        receive_payload(frames[:-1], len(payload))
+    with pytest.raises(MissingChunkError):
+        receive_payload([], len(payload))
+    with pytest.raises(PayloadTooLargeError):
+        receive_payload(frames, len(payload) - 1)
