@@ -350,7 +350,7 @@ def test_client_killed_mid_upload_round_completes_with_the_others(
         "text_only": fed.start_client("text_only", shards[0]),
         "both": fed.start_client("both", shards[2]),
         "image_only": fed.start_client(
-            "image_only", shards[1], script=HERE / "upload_killer_client.py"
+            "image_only", shards[1], script=HERE.parent / "support" / "upload_killer_client.py"
         ),
     }
     # The run starts only once all three are registered, so round 1 selects all of them.
