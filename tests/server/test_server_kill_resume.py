@@ -25,7 +25,9 @@ from tests.support.small_model import SMALL_MODEL
 pytestmark = pytest.mark.integration  # starts real processes
 
 
-def _wait_ready(client: ScriptedClient, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_ready(
+    client: ScriptedClient, proc: subprocess.Popen[bytes], timeout: float = 300
+) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         assert proc.poll() is None, "server exited during start-up"

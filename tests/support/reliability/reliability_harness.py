@@ -137,8 +137,11 @@ class ServerProcess:
         """The end of the server log (for failure messages)."""
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until the gRPC health check answers SERVING."""
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until the gRPC health check answers SERVING, or the process exits. The
+        timeout only catches a hung start: under a loaded CI machine importing torch alone has
+        taken over 60 s, so it is far above any start-up time (the process check ends a failed
+        start at once)."""
         end = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
