@@ -5,8 +5,9 @@ by one optimizer step on Delta = aggregate - global (Reddi et al., ICLR 2021, "A
 Federated Optimization", Algorithm 2; FedAvgM: Hsu et al. 2019). Module-aware: only keys of
 ``aggregate.trained_modules`` step; a module nobody trained keeps its global value and its
 optimizer state is neither updated nor decayed that round. Integer buffers are never touched.
-State (first/second moments per key, steps per module) is float32 / int64 and round-trips
-through ``state_dict`` / ``load_state_dict`` bit-identically, so a restarted server resumes.
+The update is the paper's, without Adam-style bias correction, with v_{-1} = tau^2. State
+(first/second moments per key in float32; per module, how many rounds it stepped, int64) round-
+trips through ``state_dict`` / ``load_state_dict`` bit-identically, so a restarted server resumes.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import pytest
 import torch
 from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.strategies import robust_aggregation
+from crossfed.server.strategies.base import RoundAggregator, Strategy
 from crossfed.server.strategies.robust_aggregation import (
     KrumStrategy,
     MedianStrategy,
@@ -242,3 +243,11 @@ def test_stateless_and_names() -> None:
     assert strategy.state_dict() == {}
     with pytest.raises(ValueError, match="no state"):
         strategy.load_state_dict({"m/x": torch.zeros(1)})
+
+
+def test_robust_rules_are_strategies() -> None:
+    """Static (mypy) and runtime check that the robust rules fit the Strategy protocol."""
+    strategies: list[Strategy] = [make() for make in ROBUST.values()]
+    aggregator: RoundAggregator = strategies[0].begin_round(global_state(), module_of_prefix)
+    assert aggregator.modules == frozenset({"enc", "head"}) and aggregator.num_updates == 0
+    assert [s.configure_round(1).proximal_mu for s in strategies] == [0.0] * len(strategies)

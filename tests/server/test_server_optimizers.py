@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 import pytest
 import torch
+from crossfed.server.strategies.base import RoundAggregator, Strategy
 from crossfed.server.strategies.server_optimizers import (
     FedAdagrad,
     FedAdam,
@@ -274,3 +275,11 @@ def test_checkpoint_bytes_are_safetensors() -> None:
         "steps/enc",
         "steps/head",
     }
+
+
+def test_optimizers_are_strategies() -> None:
+    """Static (mypy) and runtime check that every optimizer fits the Strategy protocol."""
+    strategies: list[Strategy] = [make() for make in OPTIMIZERS.values()]
+    assert sorted(s.name for s in strategies) == sorted(OPTIMIZERS)
+    aggregator: RoundAggregator = strategies[0].begin_round(initial_state(), module_of_prefix)
+    assert aggregator.num_updates == 0
