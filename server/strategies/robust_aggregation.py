@@ -23,10 +23,11 @@ import torch
 from crossfed.server.errors import InvalidUpdateError, ServerError, StatusKind
 from crossfed.server.strategies.base import ModuleOf, RoundInstructions, RoundResult
 
-#: Coordinates x uploads stacked at once while aggregating: bounds the transient buffer
-#: (float64) to CHUNK_ELEMENTS * 8 bytes, whatever the model's largest tensor.
-CHUNK_ELEMENTS = 1 << 22
-CHUNK_BYTES = CHUNK_ELEMENTS * 8
+#: Coordinates x uploads stacked at once while aggregating, whatever the model's largest
+#: tensor. Transient memory per chunk: the float64 stack plus the sort's float64 values and
+#: int64 indices (Krum: the stack and its square), so 3 x 8 bytes per stacked element.
+CHUNK_ELEMENTS = 1 << 20
+CHUNK_BYTES = 3 * 8 * CHUNK_ELEMENTS
 
 
 class MemoryBudgetError(ServerError, ValueError):
