@@ -20,7 +20,8 @@ from crossfed.server.strategies.robust_aggregation import (
     buffered_peak_bytes,
 )
 from scipy import stats
-from support.weighted_mean_strategy import WeightedMeanStrategy, module_of_prefix
+
+from tests.support.weighted_mean_strategy import WeightedMeanStrategy, module_of_prefix
 
 State = dict[str, torch.Tensor]
 ALL = {"enc": 1.0, "head": 1.0}

@@ -17,7 +17,8 @@ from crossfed.server.strategies.server_optimizers import (
     ServerOptimizer,
 )
 from safetensors.torch import load, save
-from support.weighted_mean_strategy import WeightedMeanStrategy, module_of_prefix
+
+from tests.support.weighted_mean_strategy import WeightedMeanStrategy, module_of_prefix
 
 State = dict[str, torch.Tensor]
 
