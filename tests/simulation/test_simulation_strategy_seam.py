@@ -7,6 +7,7 @@ import pytest
 import torch
 from crossfed.server.aggregation import StreamingFedAvg
 from crossfed.server.strategies.fedavg import FedAvg
+
 from crossfed.simulation.simulation_errors import SimulationError
 from crossfed.simulation.strategy import ServerStrategy, make_strategy
 
