@@ -4,9 +4,11 @@ the strategy in central DP when privacy.central_dp is on."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from crossfed.common.config import ServerConfig, StrategyConfig
 from crossfed.server.errors import ConfigurationError
 from crossfed.server.server_app import strategy_from_config
@@ -65,3 +67,12 @@ def test_server_start_refuses_an_unknown_strategy_in_one_line(tmp_path: Path) ->
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown strategy 'nope'" in lines[0] and "fedavg" in lines[0]
+
+
+def test_the_readme_strategy_example_is_a_valid_config() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Strategies", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
+    assert match is not None, "the README's Strategies section has no yaml block"
+    config = ServerConfig.model_validate(yaml.safe_load(match.group(1)))
+    assert isinstance(make_strategy(config.strategy), FedAvg)
