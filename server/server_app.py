@@ -342,6 +342,8 @@ class CoordinatorServer:
             self._ticker.join(timeout=5)
         if self.metrics is not None:
             self.metrics.stop()
+        if not self.engine.wait_idle(self.options.shutdown_grace_s):  # a commit in flight
+            log.warning("a round commit was still running at shutdown; it is re-run on restart")
         self.engine.store.close()
         if self.credential_store is not None:
             self.credential_store.close()
