@@ -58,6 +58,7 @@ from crossfed.server.projection_exchange import (
     prototypes_payload,
 )
 from crossfed.server.projection_privacy import ProjectionPrivacy
+from crossfed.server.round_commit import RoundCommitter
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.sd_admission import (
     RECOVERY_FEATURE,
@@ -277,7 +278,8 @@ class RoundEngine:
         self._global = self._load_global()
         self.registry = ClientRegistry(store, lambda: self.policy.client_timeout_s)
         self._prototypes = self._load_prototypes()
-        self._load_strategy_state()
+        self.committer = RoundCommitter(self.strategy, checkpoints, self._spec)
+        self.committer.load_state(self._run.last_committed_round)
         self._reopen_interrupted_rounds()
 
     # ------------------------------------------------------------------ startup / resume
@@ -320,11 +322,6 @@ class RoundEngine:
                 f"{what} or start from a fresh state directory"
             ) from exc
         return state
-
-    def _load_strategy_state(self) -> None:
-        """The strategy's state as checkpointed with the last committed round (none: fresh)."""
-        state = self.checkpoints.load_strategy_state(self._run.last_committed_round)
-        self.strategy.load_state_dict(state or {})
 
     def _load_prototypes(self) -> tuple[int, bytes] | None:
         last = self._run.last_committed_round
@@ -894,7 +891,7 @@ class RoundEngine:
             log.exception("commit of round %d failed", closing.opened.record.round)
             with self._lock:
                 if closing.opened.record.state != ROUND_COMMITTED:
-                    self._reload_strategy_state()
+                    self.committer.load_state(self._run.last_committed_round)
                     self._fail_round_locked(
                         closing.opened, f"commit failed: {exc}; the round is re-run", retry=True
                     )
@@ -908,39 +905,24 @@ class RoundEngine:
         publish the prototypes and record the commit atomically."""
         record = opened.record
         started = time.perf_counter()
-        values: dict[str, float] = {}
-        strategy_state: dict[str, torch.Tensor] | None = None
         if opened.stats is not None:
             assert self.calibration is not None
             new_state, reason = calibrated_model(
                 self.calibration, self._global, opened.stats, self._spec, reason
             )
+            prepared = self.committer.write(record.round, self._run.run_id, new_state)
         else:
-            aggregate = self._aggregator(opened).result()
-            values = dict(aggregate.values)
-            new_state = self.strategy.finish_round(self._global, aggregate)
-            try:  # an overflowing weighted sum is never committed
-                validate_update(new_state, self._spec, what=f"aggregate of round {record.round}")
-            except InvalidUpdateError as exc:
-                with self._lock:
-                    self._reload_strategy_state()
-                    self._aggregate_rejected_locked(opened, str(exc))
-                return
-            strategy_state = self.strategy.state_dict()
-        try:
-            # pruned only after the DB commit: a kill in between must find the last committed
-            # checkpoint still on disk (with keep_last=1 it used to be deleted here)
-            self.checkpoints.save(record.round, new_state, self._run.run_id, prune=False)
-            if strategy_state:
-                self.checkpoints.save_strategy_state(record.round, strategy_state)
-        except OSError as exc:  # disk full, read-only state dir, ...
+            prepared = self.committer.prepare_training(
+                record.round, self._run.run_id, self._global, self._aggregator(opened)
+            )
+        if prepared.refused:
             with self._lock:
-                self._reload_strategy_state()
-                self._checkpoint_failed_locked(opened, exc)
+                self._refuse_commit_locked(opened, prepared.refused, prepared.message)
             return
+        new_state, values = prepared.state, prepared.values
         with self._lock:
             if not self._record_commit_locked(opened, reason, new_state):
-                self._reload_strategy_state()
+                self.committer.load_state(self._run.last_committed_round)
                 return
             self._event(
                 "round_committed",
@@ -979,9 +961,15 @@ class RoundEngine:
                     RUN_COMPLETED,
                     f"{done}; calibration: {reason}" if opened.stats is not None else done,
                 )
-        self.checkpoints.prune(protect=record.round)
-        if self.bundles is not None:
-            self._write_bundle(record.round, new_state)
+        self.committer.after_commit(
+            record.round,
+            new_state,
+            self.bundles,
+            lambda message: self._write_best_effort(
+                "bundle_failed event",
+                lambda: self._event("bundle_failed", round_no=record.round, message=message),
+            ),
+        )
 
     def _record_commit_locked(
         self, opened: _OpenRound, reason: str, new_state: dict[str, torch.Tensor]
@@ -1001,7 +989,13 @@ class RoundEngine:
             try:
                 atomic_files.write_atomic(self.checkpoints.prototypes_path(record.round), payload)
             except OSError as exc:
-                self._checkpoint_failed_locked(opened, exc)
+                self._refuse_commit_locked(
+                    opened,
+                    "checkpoint_failed",
+                    f"checkpoint of round {record.round} could not be written "
+                    f"({exc.strerror or exc}); the round is not committed, the last good "
+                    "checkpoint is kept",
+                )
                 return False
             published = (record.round, payload)
         before = (record.state, record.ended_unix_s, record.message, record.metrics)
@@ -1045,58 +1039,21 @@ class RoundEngine:
             self.registry.save(self.registry.records[cid])
         return True
 
-    def _reload_strategy_state(self) -> None:
-        """After a failed commit: the strategy's state as of the last committed round (its
-        step on the failed aggregate must not count when the round is re-run)."""
-        self._load_strategy_state()
-
-    def _write_bundle(self, round_no: int, state: dict[str, torch.Tensor]) -> None:
-        """The committed round's model bundle beside its checkpoint; the commit stands if the
-        disk refuses it (export-model then builds the bundle from the checkpoint)."""
-        assert self.bundles is not None
-        try:
-            self.bundles.write(round_no, state)
-        except (OSError, StateStoreError) as exc:
-            message = (
-                f"model bundle of round {round_no} not written ({exc}); the round is "
-                "committed, export-model builds its bundle from the checkpoint"
-            )
-            log.error(message)
-            self._write_best_effort(
-                "bundle_failed event",
-                lambda: self._event("bundle_failed", round_no=round_no, message=message),
-            )
-
     def _aggregator(self, opened: _OpenRound) -> RoundAggregator:
         """The training round's aggregator (the calibration round has none)."""
         if opened.aggregator is None:
             raise WrongRoundError(f"round {opened.record.round} is the calibration round")
         return opened.aggregator
 
-    def _aggregate_rejected_locked(self, opened: _OpenRound, problem: str) -> None:
-        """The round's aggregate is not a usable model: fail the attempt (retried, bounded by
-        max_round_attempts); the last good model stays the global model."""
-        round_no = opened.record.round
-        message = f"{problem}; the round is not committed, the last good model is kept"
+    def _refuse_commit_locked(self, opened: _OpenRound, kind: str, message: str) -> None:
+        """The round's new model is unusable or could not be written: the attempt fails (and
+        is retried, bounded by max_round_attempts); the last good model stays, and so does
+        the strategy's state of the last committed round."""
+        self.committer.load_state(self._run.last_committed_round)
         log.error(message)
         self._write_best_effort(
-            "aggregate_rejected event",
-            lambda: self._event("aggregate_rejected", round_no=round_no, message=message),
-        )
-        self._fail_round_locked(opened, message, retry=True)
-
-    def _checkpoint_failed_locked(self, opened: _OpenRound, exc: OSError) -> None:
-        """The new global model could not be written: the round is not committed (its attempt
-        fails and is retried, bounded by max_round_attempts); the last good checkpoint stays."""
-        round_no = opened.record.round
-        message = (
-            f"checkpoint of round {round_no} could not be written ({exc.strerror or exc}); "
-            "the round is not committed, the last good checkpoint is kept"
-        )
-        log.error(message)
-        self._write_best_effort(
-            "checkpoint_failed event",
-            lambda: self._event("checkpoint_failed", round_no=round_no, message=message),
+            f"{kind} event",
+            lambda: self._event(kind, round_no=opened.record.round, message=message),
         )
         self._fail_round_locked(opened, message, retry=True)
 
