@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from crossfed.common import atomic_files
 from crossfed.common.privacy.projection_dp import ProjectionDPParams
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
@@ -49,13 +48,10 @@ from crossfed.server.errors import (
 from crossfed.server.federation_contract import ClientFacts, FederationContract
 from crossfed.server.model_bundles import BundleStore
 from crossfed.server.privacy_ledger import PrivacyLedger
+from crossfed.server.projection_desk import ProjectionDesk, ProjectionReply
 from crossfed.server.projection_exchange import (
-    ProjectionAggregator,
     ProjectionNoiseHook,
     ProjectionSpec,
-    bound_projections,
-    decode_projections,
-    prototypes_payload,
 )
 from crossfed.server.projection_privacy import ProjectionPrivacy
 from crossfed.server.round_commit import RoundCommitter
@@ -163,17 +159,6 @@ class UploadTicket:
 
 
 @dataclass(frozen=True)
-class ProjectionReply:
-    """What ExchangeProjections answers: the latest global prototypes (round 0 and no bytes
-    before the first) and the caller's epsilon as the server counts it, with its budget."""
-
-    prototypes_round: int
-    prototypes: bytes
-    epsilon_spent: float
-    epsilon_budget: float
-
-
-@dataclass(frozen=True)
 class UploadOutcome:
     """Result of an upload: accepted (counted once), or a duplicate of an earlier one."""
 
@@ -272,12 +257,11 @@ class RoundEngine:
         self._idle = threading.Condition(self._lock)
         self._waiting_since: float | None = None
         self._global_bytes: bytes | None = None
-        self._prototypes: tuple[int, bytes] | None = None
-        self._projections = ProjectionAggregator(projection_spec) if projection_spec else None
         self._run = self._load_or_create_run(initial_state)
         self._global = self._load_global()
         self.registry = ClientRegistry(store, lambda: self.policy.client_timeout_s)
-        self._prototypes = self._load_prototypes()
+        self.projections = ProjectionDesk(projection_spec, self.projection_privacy, noise_hook)
+        self.projections.load_published(checkpoints, self._run.last_committed_round)
         self.committer = RoundCommitter(self.strategy, checkpoints, self._spec)
         self.committer.load_state(self._run.last_committed_round)
         self._reopen_interrupted_rounds()
@@ -322,14 +306,6 @@ class RoundEngine:
                 f"{what} or start from a fresh state directory"
             ) from exc
         return state
-
-    def _load_prototypes(self) -> tuple[int, bytes] | None:
-        last = self._run.last_committed_round
-        for round_no in range(last, 0, -1):
-            path = self.checkpoints.prototypes_path(round_no)
-            if path.exists():
-                return round_no, path.read_bytes()
-        return None
 
     def _reopen_interrupted_rounds(self) -> None:
         """A round open when the server died is failed (not counted) and re-run as a new
@@ -978,26 +954,19 @@ class RoundEngine:
         memory on; False (the attempt failed, to be retried) when the disk or the database
         refuses."""
         record = opened.record
-        pending = self._projections if opened.stats is None else None
         published: tuple[int, bytes] | None = None
-        if pending is not None and pending.contributors:
-            # late projections of the last training round stay unpublished at calibration
-            sums = pending.sums()
-            if self.noise_hook is not None:
-                sums = self.noise_hook(sums, record.round)
-            payload = prototypes_payload(sums)
-            try:
-                atomic_files.write_atomic(self.checkpoints.prototypes_path(record.round), payload)
-            except OSError as exc:
-                self._refuse_commit_locked(
-                    opened,
-                    "checkpoint_failed",
-                    f"checkpoint of round {record.round} could not be written "
-                    f"({exc.strerror or exc}); the round is not committed, the last good "
-                    "checkpoint is kept",
-                )
-                return False
-            published = (record.round, payload)
+        try:  # late projections of the last training round stay unpublished at calibration
+            if opened.stats is None:
+                published = self.projections.publish(record.round, self.checkpoints)
+        except OSError as exc:
+            self._refuse_commit_locked(
+                opened,
+                "checkpoint_failed",
+                f"checkpoint of round {record.round} could not be written "
+                f"({exc.strerror or exc}); the round is not committed, the last good "
+                "checkpoint is kept",
+            )
+            return False
         before = (record.state, record.ended_unix_s, record.message, record.metrics)
         last_before = self._run.last_committed_round
         record.state = ROUND_COMMITTED
@@ -1025,9 +994,8 @@ class RoundEngine:
             )
             self._fail_round_locked(opened, message, retry=True)
             return False
-        if published is not None and pending is not None:
-            self._prototypes = published
-            self._projections = ProjectionAggregator(pending.spec)
+        if published is not None:
+            self.projections.adopt(published)
         self._global = new_state
         self._global_bytes = None
         for cid in opened.uploaders:
@@ -1351,25 +1319,16 @@ class RoundEngine:
             self.registry.touch(client, self.clock())
             registered = client.num_samples
         if payload:
-            if self.projection_spec is None:
-                raise InvalidUpdateError("this server is not configured for projection exchange")
-            projections = decode_projections(payload, self.projection_spec)
+            projections = self.projections.decode(payload)
             with self._lock:
                 self._check_projection_round(client_id, round_no)
-                assert self._projections is not None
-                fresh = not self._projections.has(client_id, round_no)
+                fresh = self.projections.is_fresh(client_id, round_no)
             if fresh:  # a repeat is ignored, and not counted twice
                 self._take_projections(
                     client_id, round_no, projections, registered, mechanism, epsilon_spent
                 )
         with self._lock:
-            prototypes_round, prototypes = self._prototypes or (0, b"")
-        return ProjectionReply(
-            prototypes_round,
-            prototypes,
-            self.projection_privacy.ledger.epsilon(client_id),
-            self.epsilon_budget,
-        )
+            return self.projections.reply(client_id, self.epsilon_budget)
 
     def _take_projections(
         self,
@@ -1381,22 +1340,21 @@ class RoundEngine:
         reported_epsilon: float,
     ) -> None:
         """Bound, admit (mandate, noise, budget: counted before use) and add one release."""
-        privacy = self.projection_privacy
         try:
-            bounded, clipped = bound_projections(projections, privacy.limits(registered))
-            spent = privacy.admit_projections(client_id, mechanism, bounded, self.epsilon_budget)
+            release = self.projections.admit(
+                client_id, projections, registered, mechanism, self.epsilon_budget
+            )
         except ServerError as exc:
             self._event("projections_refused", round_no, client_id, str(exc))
             raise
         with self._lock:
             self._check_projection_round(client_id, round_no)
-            assert self._projections is not None
-            if not self._projections.add(client_id, round_no, bounded):
+            if not self.projections.add(client_id, round_no, release):
                 return
-            if spent.epsilon > self._run.epsilon_spent:  # the run's figure: the largest client's
-                self._run.epsilon_spent = spent.epsilon
+            if release.epsilon > self._run.epsilon_spent:  # the run's: the largest client's
+                self._run.epsilon_spent = release.epsilon
                 self.store.put_run(self._run)
-            values = {"epsilon_spent": spent.epsilon, "clipped_rows": float(clipped)}
+            values = {"epsilon_spent": release.epsilon, "clipped_rows": float(release.clipped_rows)}
             if math.isfinite(reported_epsilon):
                 values["client_reported_epsilon"] = reported_epsilon
             self._event("projections_accepted", round_no, client_id, values=values)
