@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from crossfed.common import atomic_files
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, payload_pieces
-from crossfed.server.errors import CheckpointError
+from crossfed.server.errors import CheckpointError, InvalidUpdateError
+from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
 
 _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
 #: The global prototypes published at a round's commit (eq. 16), beside its checkpoint.
@@ -112,6 +114,26 @@ class CheckpointStore:
             raise CheckpointError(
                 f"checkpoint for round {round_no} not found at {path}; on disk: {self.rounds()}"
             ) from exc
+
+    def load_checked(
+        self, round_no: int, spec: Mapping[str, TensorSlot]
+    ) -> dict[str, torch.Tensor]:
+        """The checkpoint of ``round_no``, validated against the model's ``spec``; a file of
+        another model configuration, or with unusable values, is named as such."""
+        state = self.load(round_no)
+        what = f"checkpoint of round {round_no}"
+        try:
+            validate_update(state, spec, what=what)
+        except InvalidUpdateError as exc:
+            if spec_of_state(state) != spec:
+                raise CheckpointError(
+                    f"{exc}; the state directory belongs to a different model configuration"
+                ) from exc
+            raise CheckpointError(  # the right layout with unusable values
+                f"{exc}; the file is damaged or holds a poisoned model: restore a good "
+                f"{what} or start from a fresh state directory"
+            ) from exc
+        return state
 
     def load(self, round_no: int) -> dict[str, torch.Tensor]:
         """Decode a checkpoint (safetensors: no pickle)."""

@@ -56,6 +56,7 @@ from crossfed.server.projection_exchange import (
 from crossfed.server.projection_privacy import ProjectionPrivacy
 from crossfed.server.round_commit import RoundCommitter
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.run_resume import fail_interrupted_rounds, load_or_create_run
 from crossfed.server.sd_admission import (
     RECOVERY_FEATURE,
     SDRequirement,
@@ -73,7 +74,6 @@ from crossfed.server.state.records import (
     ROUND_OPEN,
     RUN_COMPLETED,
     RUN_FAILED,
-    RUN_IDLE,
     RUN_PAUSED,
     RUN_RUNNING,
     RUN_STOPPED,
@@ -257,71 +257,23 @@ class RoundEngine:
         self._idle = threading.Condition(self._lock)
         self._waiting_since: float | None = None
         self._global_bytes: bytes | None = None
-        self._run = self._load_or_create_run(initial_state)
-        self._global = self._load_global()
+
+        def event(kind: str, round_no: int, message: str) -> None:
+            self._event(kind, round_no=round_no, message=message)
+
+        self._run = load_or_create_run(
+            store, checkpoints, policy, initial_state, self.clock(), event
+        )
+        self._global = checkpoints.load_checked(self._run.last_committed_round, self._spec)
         self.registry = ClientRegistry(store, lambda: self.policy.client_timeout_s)
         self.projections = ProjectionDesk(projection_spec, self.projection_privacy, noise_hook)
         self.projections.load_published(checkpoints, self._run.last_committed_round)
         self.committer = RoundCommitter(self.strategy, checkpoints, self._spec)
         self.committer.load_state(self._run.last_committed_round)
-        self._reopen_interrupted_rounds()
-
-    # ------------------------------------------------------------------ startup / resume
-    def _load_or_create_run(self, initial_state: Mapping[str, torch.Tensor]) -> RunRecord:
-        run = self.store.get_run()
-        now = self.clock()
-        if run is None:
-            run = RunRecord(
-                run_id=uuid.uuid4().hex[:12],
-                state=RUN_RUNNING if self.policy.auto_start else RUN_IDLE,
-                total_rounds=self.policy.total_rounds,
-                created_unix_s=now,
-            )
-            self.checkpoints.save(0, dict(initial_state), run.run_id)
-            self.store.put_run(run)
-            self._event("run_created", message=f"run {run.run_id}, {run.total_rounds} rounds")
-            if run.state == RUN_RUNNING:
-                self._event("run_started")
-        else:
-            self._event(
-                "run_resumed",
-                round_no=run.last_committed_round,
-                message=f"resumed at last committed round {run.last_committed_round}",
-            )
-        return run
-
-    def _load_global(self) -> dict[str, torch.Tensor]:
-        version = self._run.last_committed_round
-        state = self.checkpoints.load(version)
-        what = f"checkpoint of round {version}"
-        try:
-            validate_update(state, self._spec, what=what)
-        except InvalidUpdateError as exc:
-            if spec_of_state(state) != self._spec:
-                raise CheckpointError(
-                    f"{exc}; the state directory belongs to a different model configuration"
-                ) from exc
-            raise CheckpointError(  # the right layout with unusable values
-                f"{exc}; the file is damaged or holds a poisoned model: restore a good "
-                f"{what} or start from a fresh state directory"
-            ) from exc
-        return state
-
-    def _reopen_interrupted_rounds(self) -> None:
-        """A round open when the server died is failed (not counted) and re-run as a new
-        attempt; its uploads lived only in the lost running sum, so clients train again."""
-        now = self.clock()
-        for rec in self.store.list_rounds():
-            if rec.state in (ROUND_COMMITTED, ROUND_FAILED):
-                continue
-            rec.state = ROUND_FAILED
-            rec.ended_unix_s = now
-            rec.counts_as_retry = False
-            rec.message = "server restarted while the round was open; the round is re-run"
-            self.store.put_round(rec)
-            self._event("round_interrupted", round_no=rec.round, message=rec.message)
+        fail_interrupted_rounds(store, self.clock(), event)
         self.registry.reset_after_restart()
 
+    # ------------------------------------------------------------------ startup / resume
     # ------------------------------------------------------------------ helpers
     def _event(
         self,
