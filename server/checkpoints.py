@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from crossfed.common import atomic_files
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, payload_pieces
-from crossfed.server.errors import CheckpointError
+from crossfed.server.errors import CheckpointError, InvalidUpdateError
+from crossfed.server.update_validation import TensorSlot, spec_of_state, validate_update
 
 _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
 #: The global prototypes published at a round's commit (eq. 16), beside its checkpoint.
 PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 _PROTOTYPES_NAME = re.compile(r"^prototypes-(\d{6,})\.safetensors$")
+#: The strategy's server-side state (optimizer moments) as of a round's commit.
+STRATEGY_FILE_NAME = "strategy-{:06d}.safetensors"
+_STRATEGY_NAME = re.compile(r"^strategy-(\d{6,})\.safetensors$")
 
 
 class CheckpointStore:
@@ -49,6 +54,29 @@ class CheckpointStore:
         """Where the global prototypes published at ``round_no``'s commit live."""
         return self.directory / PROTOTYPES_FILE_NAME.format(round_no)
 
+    def strategy_state_path(self, round_no: int) -> Path:
+        """Where the strategy state checkpointed with ``round_no``'s commit lives."""
+        return self.directory / STRATEGY_FILE_NAME.format(round_no)
+
+    def save_strategy_state(self, round_no: int, state: dict[str, torch.Tensor]) -> Path:
+        """Write the strategy's state of ``round_no`` atomically (before the round's commit
+        is recorded, like its checkpoint; pruned with it)."""
+        path = self.strategy_state_path(round_no)
+        atomic_files.write_atomic(path, payload_pieces(state, metadata={"round": str(round_no)}))
+        return path
+
+    def load_strategy_state(self, round_no: int) -> dict[str, torch.Tensor] | None:
+        """The strategy state checkpointed with ``round_no`` (None: the strategy kept none)."""
+        path = self.strategy_state_path(round_no)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return decode_tensors(data)
+        except WireError as exc:
+            raise CheckpointError(f"strategy state {path} is corrupt: {exc}") from exc
+
     def save(
         self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "", prune: bool = True
     ) -> Path:
@@ -64,11 +92,12 @@ class CheckpointStore:
         return path
 
     def prune(self, protect: int) -> None:
-        """Delete all but the newest ``keep_last`` checkpoints and prototypes files (never
-        those of round ``protect``)."""
+        """Delete all but the newest ``keep_last`` checkpoints, prototypes and strategy files
+        (never those of round ``protect``)."""
         for pattern, path_of in (
             (_NAME, self.path_of),
             (_PROTOTYPES_NAME, self.prototypes_path),
+            (_STRATEGY_NAME, self.strategy_state_path),
         ):
             rounds = [r for r in self.rounds(pattern) if r <= protect]
             for old in rounds[: max(len(rounds) - self.keep_last, 0)]:
@@ -85,6 +114,26 @@ class CheckpointStore:
             raise CheckpointError(
                 f"checkpoint for round {round_no} not found at {path}; on disk: {self.rounds()}"
             ) from exc
+
+    def load_checked(
+        self, round_no: int, spec: Mapping[str, TensorSlot]
+    ) -> dict[str, torch.Tensor]:
+        """The checkpoint of ``round_no``, validated against the model's ``spec``; a file of
+        another model configuration, or with unusable values, is named as such."""
+        state = self.load(round_no)
+        what = f"checkpoint of round {round_no}"
+        try:
+            validate_update(state, spec, what=what)
+        except InvalidUpdateError as exc:
+            if spec_of_state(state) != spec:
+                raise CheckpointError(
+                    f"{exc}; the state directory belongs to a different model configuration"
+                ) from exc
+            raise CheckpointError(  # the right layout with unusable values
+                f"{exc}; the file is damaged or holds a poisoned model: restore a good "
+                f"{what} or start from a fresh state directory"
+            ) from exc
+        return state
 
     def load(self, round_no: int) -> dict[str, torch.Tensor]:
         """Decode a checkpoint (safetensors: no pickle)."""

@@ -56,6 +56,9 @@ def start(
     ),
     keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints"),
     seed: int | None = typer.Option(None, "--seed", help="Initial model and selection seed."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="Aggregation strategy (config: strategy.name), e.g. fedavg."
+    ),
     exit_when_done: bool = typer.Option(
         False, "--exit-when-done", help="Exit once the run completed/failed (after a linger)."
     ),
@@ -99,6 +102,7 @@ def start(
         ("keep_checkpoints", keep_checkpoints),
         ("seed", seed),
         ("torch_threads", torch_threads),
+        ("strategy.name", strategy),
     ):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value

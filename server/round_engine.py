@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -24,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from crossfed.common import atomic_files
 from crossfed.common.privacy.projection_dp import ProjectionDPParams
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
-from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
-from crossfed.server.calibration_round import CalibrationStep, StatsSum
+from crossfed.server.aggregation import ModuleOf, module_weights_of
+from crossfed.server.calibration_round import CalibrationStep, StatsSum, calibrated_model
 from crossfed.server.checkpoints import CheckpointStore
+from crossfed.server.client_registry import ClientRegistry
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
@@ -49,16 +48,15 @@ from crossfed.server.errors import (
 from crossfed.server.federation_contract import ClientFacts, FederationContract
 from crossfed.server.model_bundles import BundleStore
 from crossfed.server.privacy_ledger import PrivacyLedger
+from crossfed.server.projection_desk import ProjectionDesk, ProjectionReply
 from crossfed.server.projection_exchange import (
-    ProjectionAggregator,
     ProjectionNoiseHook,
     ProjectionSpec,
-    bound_projections,
-    decode_projections,
-    prototypes_payload,
 )
 from crossfed.server.projection_privacy import ProjectionPrivacy
+from crossfed.server.round_commit import RoundCommitter
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.run_resume import fail_interrupted_rounds, load_or_create_run
 from crossfed.server.sd_admission import (
     RECOVERY_FEATURE,
     SDRequirement,
@@ -76,7 +74,6 @@ from crossfed.server.state.records import (
     ROUND_OPEN,
     RUN_COMPLETED,
     RUN_FAILED,
-    RUN_IDLE,
     RUN_PAUSED,
     RUN_RUNNING,
     RUN_STOPPED,
@@ -87,6 +84,9 @@ from crossfed.server.state.records import (
     RunRecord,
     UploadRecord,
 )
+from crossfed.server.strategies.base import RoundAggregator, RoundInstructions, Strategy
+from crossfed.server.strategies.central_dp import CentralDPStrategy
+from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.update_bound import BoundCheck, UpdateBound, UpdateBounder
 from crossfed.server.update_validation import (
     TensorSlot,
@@ -110,7 +110,6 @@ MODALITY_UNSPECIFIED = 0
 _VALID_MODALITIES = {1, 2, 3}
 _IMAGE_MODALITIES = {1, 3}  # BOTH, IMAGE_ONLY
 
-_LAST_SEEN_PERSIST_S = 5.0
 # A client whose update is in is needed again the moment the round commits, so it polls
 # faster than the base interval (else every round waits up to one poll interval for the
 # last client to notice it); the fleet's total rate of such polls stays bounded.
@@ -130,6 +129,7 @@ class NextAction:
     local_epochs: int = 0
     run_state: str = ""
     message: str = ""
+    proximal_mu: float = 0.0  # the strategy's FedProx mu for this round (0: plain training)
 
 
 @dataclass(frozen=True)
@@ -159,17 +159,6 @@ class UploadTicket:
 
 
 @dataclass(frozen=True)
-class ProjectionReply:
-    """What ExchangeProjections answers: the latest global prototypes (round 0 and no bytes
-    before the first) and the caller's epsilon as the server counts it, with its budget."""
-
-    prototypes_round: int
-    prototypes: bytes
-    epsilon_spent: float
-    epsilon_budget: float
-
-
-@dataclass(frozen=True)
 class UploadOutcome:
     """Result of an upload: accepted (counted once), or a duplicate of an earlier one."""
 
@@ -182,13 +171,22 @@ class UploadOutcome:
 @dataclass
 class _OpenRound:
     record: RoundRecord
-    fedavg: StreamingFedAvg
+    aggregator: RoundAggregator | None  # None for the calibration round (it folds no weights)
+    instructions: RoundInstructions = field(default_factory=RoundInstructions)
     uploaders: dict[str, str] = field(default_factory=dict)  # client_id -> upload_id
     min_reached_at: float | None = None
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weights: dict[str, float] = field(default_factory=dict)
     stats: StatsSum | None = None  # set for the calibration round (which folds no weights)
     bounder: UpdateBounder | None = None  # the update bound of a training round, if any
+
+
+@dataclass(frozen=True)
+class _Closing:
+    """A round attempt that stopped taking uploads and waits for (or is in) its commit."""
+
+    opened: _OpenRound
+    reason: str
 
 
 def holds_images(client: ClientRecord) -> bool:
@@ -202,7 +200,10 @@ class RoundEngine:
     """Network-free federated-run state machine over a `StateStore` and `CheckpointStore`.
 
     Thread-safe: every public method takes one lock; heavy per-upload work (validation) runs
-    outside it. Call `tick()` periodically (the server does, every ~0.5 s) so deadlines fire.
+    outside it, and so does a round's commit (aggregate, server step, checkpoint fsync): it
+    runs on a committer thread of its own (``commit_inline``: on the caller, after the lock is
+    released; deterministic, for tests). Call `tick()` periodically (the server does, every
+    ~0.5 s) so deadlines fire; `wait_idle` waits for a pending commit.
     """
 
     def __init__(
@@ -218,7 +219,7 @@ class RoundEngine:
         epsilon_budget: float = 0.0,
         noise_hook: ProjectionNoiseHook | None = None,
         projection_privacy: ProjectionPrivacy | None = None,
-        central_dp: CentralDP | None = None,
+        strategy: Strategy | None = None,
         central_dp_delta: float = 1e-5,
         calibration: CalibrationStep | None = None,
         contract: FederationContract | None = None,
@@ -226,16 +227,16 @@ class RoundEngine:
         sd_requirement: SDRequirement | None = None,
         update_bound: UpdateBound | None = None,
         clock: Clock = time.time,
+        commit_inline: bool = False,
     ) -> None:
         self.store = store
+        self.strategy: Strategy = strategy or FedAvg()
+        self.commit_inline = commit_inline
         self.contract = contract
         self.bundles = bundles
         self.sd_requirement = sd_requirement
-        # recovery each client registered with in this process ("feature": no SD uploads)
-        self._recovery_of: dict[str, str] = {}
         self.update_bound = update_bound
         self.calibration = calibration
-        self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
         self.checkpoints = checkpoints
         self.module_of = module_of
@@ -251,87 +252,28 @@ class RoundEngine:
         self.events_changed = threading.Condition(self._lock)
         self._spec = spec_of_state(initial_state)
         self._open: _OpenRound | None = None
+        self._closing: _Closing | None = None
+        self._commit_started = False
+        self._idle = threading.Condition(self._lock)
         self._waiting_since: float | None = None
         self._global_bytes: bytes | None = None
-        self._prototypes: tuple[int, bytes] | None = None
-        self._projections = ProjectionAggregator(projection_spec) if projection_spec else None
-        self._persisted_seen: dict[str, float] = {}
-        # only clients heard from since this engine started are selectable (after a restart,
-        # stored last_seen times describe connections that died with the old process)
-        self._seen_since_start: set[str] = set()
-        self._run = self._load_or_create_run(initial_state)
-        self._global = self._load_global()
-        self._clients = {c.client_id: c for c in store.list_clients()}
-        self._prototypes = self._load_prototypes()
-        self._reopen_interrupted_rounds()
+
+        def event(kind: str, round_no: int, message: str) -> None:
+            self._event(kind, round_no=round_no, message=message)
+
+        self._run = load_or_create_run(
+            store, checkpoints, policy, initial_state, self.clock(), event
+        )
+        self._global = checkpoints.load_checked(self._run.last_committed_round, self._spec)
+        self.registry = ClientRegistry(store, lambda: self.policy.client_timeout_s)
+        self.projections = ProjectionDesk(projection_spec, self.projection_privacy, noise_hook)
+        self.projections.load_published(checkpoints, self._run.last_committed_round)
+        self.committer = RoundCommitter(self.strategy, checkpoints, self._spec)
+        self.committer.load_state(self._run.last_committed_round)
+        fail_interrupted_rounds(store, self.clock(), event)
+        self.registry.reset_after_restart()
 
     # ------------------------------------------------------------------ startup / resume
-    def _load_or_create_run(self, initial_state: Mapping[str, torch.Tensor]) -> RunRecord:
-        run = self.store.get_run()
-        now = self.clock()
-        if run is None:
-            run = RunRecord(
-                run_id=uuid.uuid4().hex[:12],
-                state=RUN_RUNNING if self.policy.auto_start else RUN_IDLE,
-                total_rounds=self.policy.total_rounds,
-                created_unix_s=now,
-            )
-            self.checkpoints.save(0, dict(initial_state), run.run_id)
-            self.store.put_run(run)
-            self._event("run_created", message=f"run {run.run_id}, {run.total_rounds} rounds")
-            if run.state == RUN_RUNNING:
-                self._event("run_started")
-        else:
-            self._event(
-                "run_resumed",
-                round_no=run.last_committed_round,
-                message=f"resumed at last committed round {run.last_committed_round}",
-            )
-        return run
-
-    def _load_global(self) -> dict[str, torch.Tensor]:
-        version = self._run.last_committed_round
-        state = self.checkpoints.load(version)
-        what = f"checkpoint of round {version}"
-        try:
-            validate_update(state, self._spec, what=what)
-        except InvalidUpdateError as exc:
-            if spec_of_state(state) != self._spec:
-                raise CheckpointError(
-                    f"{exc}; the state directory belongs to a different model configuration"
-                ) from exc
-            raise CheckpointError(  # the right layout with unusable values
-                f"{exc}; the file is damaged or holds a poisoned model: restore a good "
-                f"{what} or start from a fresh state directory"
-            ) from exc
-        return state
-
-    def _load_prototypes(self) -> tuple[int, bytes] | None:
-        last = self._run.last_committed_round
-        for round_no in range(last, 0, -1):
-            path = self.checkpoints.prototypes_path(round_no)
-            if path.exists():
-                return round_no, path.read_bytes()
-        return None
-
-    def _reopen_interrupted_rounds(self) -> None:
-        """A round open when the server died is failed (not counted) and re-run as a new
-        attempt; its uploads lived only in the lost running sum, so clients train again."""
-        now = self.clock()
-        for rec in self.store.list_rounds():
-            if rec.state in (ROUND_COMMITTED, ROUND_FAILED):
-                continue
-            rec.state = ROUND_FAILED
-            rec.ended_unix_s = now
-            rec.counts_as_retry = False
-            rec.message = "server restarted while the round was open; the round is re-run"
-            self.store.put_round(rec)
-            self._event("round_interrupted", round_no=rec.round, message=rec.message)
-        for client in self._clients.values():
-            if client.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
-                client.state = CLIENT_REGISTERED
-                self.store.put_client(client)
-
     # ------------------------------------------------------------------ helpers
     def _event(
         self,
@@ -347,32 +289,6 @@ class RoundEngine:
             )
             self.events_changed.notify_all()
             return event
-
-    def _online(self, client: ClientRecord, now: float) -> bool:
-        return (
-            client.state != CLIENT_REMOVED
-            and client.client_id in self._seen_since_start
-            and now - client.last_seen_unix_s <= self.policy.client_timeout_s
-        )
-
-    def _save_client(self, client: ClientRecord) -> None:
-        self._clients[client.client_id] = client
-        self._persisted_seen[client.client_id] = client.last_seen_unix_s
-        self.store.put_client(client)
-
-    def _touch(self, client: ClientRecord, now: float) -> None:
-        client.last_seen_unix_s = now
-        self._seen_since_start.add(client.client_id)
-        if now - self._persisted_seen.get(client.client_id, 0.0) >= _LAST_SEEN_PERSIST_S:
-            self._save_client(client)
-
-    def _known_client(self, client_id: str) -> ClientRecord:
-        client = self._clients.get(client_id)
-        if client is None or client.state == CLIENT_REMOVED:
-            raise UnknownClientError(
-                f"client {client_id!r} is not registered with this server; call Register first"
-            )
-        return client
 
     def _next_round(self) -> int:
         return self._run.last_committed_round + 1
@@ -415,14 +331,7 @@ class RoundEngine:
     def clients(self) -> list[ClientRecord]:
         """All clients with state 'offline' substituted for silent ones."""
         with self._lock:
-            now = self.clock()
-            out = []
-            for c in sorted(self._clients.values(), key=lambda c: c.client_id):
-                copy = ClientRecord(**vars(c))
-                if c.state != CLIENT_REMOVED and not self._online(c, now):
-                    copy.state = "offline"
-                out.append(copy)
-            return out
+            return self.registry.snapshot(self.clock())
 
     # ------------------------------------------------------------------ public: clients
     def register(
@@ -471,9 +380,9 @@ class RoundEngine:
             self._event("client_refused", client_id=client_id, message=str(exc))
             raise
         with self._lock:
-            self._recovery_of[client_id] = recovery
+            self.registry.recovery_of[client_id] = recovery
             now = self.clock()
-            existing = self._clients.get(client_id)
+            existing = self.registry.get(client_id)
             state = CLIENT_REGISTERED
             if existing is not None and existing.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
                 state = existing.state  # reconnect while selected: keep its place
@@ -491,8 +400,8 @@ class RoundEngine:
                 rounds_completed=existing.rounds_completed if existing else 0,
                 daemon_version=daemon_version,
             )
-            self._save_client(client)
-            self._seen_since_start.add(client_id)
+            self.registry.save(client)
+            self.registry.mark_seen(client_id)
             if existing is None or existing.state == CLIENT_REMOVED:
                 self._event(
                     "client_registered",
@@ -511,7 +420,7 @@ class RoundEngine:
     def heartbeat(self, client_id: str) -> NextAction:
         """Liveness + what to do now: TRAIN a round, WAIT, DONE, or REGISTER again."""
         with self._lock:
-            client = self._clients.get(client_id)
+            client = self.registry.get(client_id)
             poll = self.policy.poll_after_ms
             if client is None or client.state == CLIENT_REMOVED:
                 return NextAction(
@@ -520,9 +429,22 @@ class RoundEngine:
                     run_state=self._run.state,
                     message="this server does not know you; register again",
                 )
-            self._touch(client, self.clock())
+            self.registry.touch(client, self.clock())
             self._tick_locked()
+        self._commit_pending_inline()
+        with self._lock:
             run = self._run
+            closing = self._closing
+            if closing is not None and run.state not in TERMINAL_RUN_STATES:
+                record = closing.opened.record
+                if client_id in closing.opened.uploaders:
+                    poll = min(poll, _FINISHING_POLL_MIN_MS)  # needed again right after it
+                return NextAction(
+                    ACTION_WAIT,
+                    poll_after_ms=poll,
+                    run_state=run.state,
+                    message=f"round {record.round} is being committed",
+                )
             if run.state in TERMINAL_RUN_STATES:
                 return NextAction(
                     ACTION_DONE,
@@ -545,6 +467,7 @@ class RoundEngine:
                         local_epochs=0 if calibrate else self.policy.local_epochs,
                         run_state=run.state,
                         message=f"{what} {record.round} (attempt {record.attempt})",
+                        proximal_mu=opened.instructions.proximal_mu,
                     )
                 why = f"your update for round {opened.record.round} is in; waiting for others"
                 poll = min(
@@ -565,11 +488,11 @@ class RoundEngine:
     def remove_client(self, client_id: str) -> bool:
         """Forget a client (it gets ACTION_REGISTER); False if it was unknown."""
         with self._lock:
-            client = self._clients.get(client_id)
+            client = self.registry.get(client_id)
             if client is None or client.state == CLIENT_REMOVED:
                 return False
             client.state = CLIENT_REMOVED
-            self._save_client(client)
+            self.registry.save(client)
             self._event("client_removed", client_id=client_id)
             return True
 
@@ -656,9 +579,12 @@ class RoundEngine:
         """Advance the state machine: open, close (commit/fail) rounds as time passes."""
         with self._lock:
             self._tick_locked()
+        self._commit_pending_inline()
 
     def _tick_locked(self) -> None:
         run = self._run
+        if self._closing is not None:  # nothing moves until the closing round's commit ends
+            return
         # a paused run still closes its open round (commit/fail); it only opens no new one
         if run.state != RUN_RUNNING and not (run.state == RUN_PAUSED and self._open is not None):
             return
@@ -667,7 +593,7 @@ class RoundEngine:
             return
         now = self.clock()
         if self._open is None:
-            available = [c.client_id for c in self._clients.values() if self._online(c, now)]
+            available = self.registry.online_ids(now)
             if len(available) >= self.policy.min_clients:
                 if self.is_calibration_round(self._next_round()):
                     self._open_calibration_locked(available, now)
@@ -684,11 +610,11 @@ class RoundEngine:
         selected = len(opened.record.selected)
         needed = self._min_uploads(opened)
         if received >= selected:
-            self._commit_locked("every selected client uploaded")
+            self._close_locked("every selected client uploaded")
         elif self.policy.straggler_fraction < 1.0 and self.policy.enough_to_close(
             received, selected
         ):
-            self._commit_locked(
+            self._close_locked(
                 f"straggler cut-off: {received}/{selected} uploaded "
                 f"(straggler_fraction={self.policy.straggler_fraction:g})"
             )
@@ -698,13 +624,13 @@ class RoundEngine:
             and opened.min_reached_at is not None
             and now - opened.min_reached_at >= self.policy.wait_after_min_s
         ):
-            self._commit_locked(
+            self._close_locked(
                 f"straggler cut-off: {received}/{selected} uploaded, "
                 f"{self.policy.wait_after_min_s:g} s after min_clients was reached"
             )
         elif now >= opened.record.deadline_unix_s:
             if received >= needed:
-                self._commit_locked(f"deadline: {received}/{selected} uploaded")
+                self._close_locked(f"deadline: {received}/{selected} uploaded")
             else:
                 why = (
                     f"min_clients is {needed}"
@@ -725,7 +651,7 @@ class RoundEngine:
     def _open_calibration_locked(self, available: list[str], now: float) -> None:
         """Open the calibration round for every online client holding images; none: the
         run completes with the last training round's model, uncalibrated."""
-        holders = sorted(cid for cid in available if holds_images(self._clients[cid]))
+        holders = sorted(cid for cid in available if holds_images(self.registry.records[cid]))
         if not holders:
             self._skip_calibration_locked(
                 f"none of the {len(available)} online client(s) holds images"
@@ -756,9 +682,12 @@ class RoundEngine:
         self.store.put_round(record)
         self._open = _OpenRound(
             record=record,
-            fedavg=StreamingFedAvg(
-                self._global, self.module_of, self.central_dp, _central_dp_generator()
-            ),
+            aggregator=None
+            if calibration
+            else self.strategy.begin_round(self._global, self.module_of),
+            instructions=RoundInstructions()
+            if calibration
+            else self.strategy.configure_round(round_no),
             stats=StatsSum(self.calibration.spec) if calibration and self.calibration else None,
             bounder=(
                 UpdateBounder(self._global, self.update_bound)
@@ -768,9 +697,9 @@ class RoundEngine:
         )
         self._waiting_since = None
         for cid in selected:
-            client = self._clients[cid]
+            client = self.registry.records[cid]
             client.state = CLIENT_SELECTED
-            self._save_client(client)
+            self.registry.save(client)
         kind = "calibration, " if calibration else ""
         self._event(
             "round_started",
@@ -800,17 +729,21 @@ class RoundEngine:
         self._after_failure(round_no, record.message)
 
     def _fail_open_locked(self, message: str, retry: bool) -> None:
-        """End the open attempt as failed. Memory moves on even when the database refuses the
+        """End the open attempt as failed (see `_fail_round_locked`)."""
+        assert self._open is not None
+        opened, self._open = self._open, None
+        self._fail_round_locked(opened, message, retry)
+
+    def _fail_round_locked(self, opened: _OpenRound, message: str, retry: bool) -> None:
+        """End an attempt as failed. Memory moves on even when the database refuses the
         record (full disk, lock): a restart would find the attempt still open and re-run it as
         interrupted, the same outcome, so a failing database never wedges the open round."""
-        assert self._open is not None
-        record = self._open.record
+        record = opened.record
         record.state = ROUND_FAILED
         record.ended_unix_s = self.clock()
         record.message = message
-        self._open = None
         self._write_best_effort(f"failure of round {record.round}", self.store.put_round, record)
-        self._release_clients(record.selected)
+        self.registry.release(record.selected)
         self._write_best_effort(
             "round_failed event",
             lambda: self._event("round_failed", round_no=record.round, message=message),
@@ -847,57 +780,145 @@ class RoundEngine:
         else:
             self._waiting_since = self.clock()
 
-    def _release_clients(self, client_ids: list[str]) -> None:
-        """Selected clients become selectable again: all in memory first, then persisted
-        (best effort: a restart re-reads every client as registered anyway)."""
-        released = [
-            c
-            for c in (self._clients.get(cid) for cid in client_ids)
-            if c is not None and c.state in (CLIENT_SELECTED, CLIENT_UPLOADED)
-        ]
-        for client in released:
-            client.state = CLIENT_REGISTERED
-        for client in released:
-            self._write_best_effort(
-                f"release of client {client.client_id}", self._save_client, client
-            )
-
-    def _commit_locked(self, reason: str) -> None:
-        """Finish the running sum, checkpoint, then record the commit atomically."""
-        assert self._open is not None
-        opened = self._open
-        record = opened.record
-        started = time.perf_counter()
+    def _close_locked(self, reason: str) -> None:
+        """The open attempt takes no more uploads; its commit runs off this thread (or, with
+        ``commit_inline``, on the caller once it released the lock)."""
+        assert self._open is not None and self._closing is None
+        self._closing = _Closing(self._open, reason)
+        self._open = None
         # the serialized input model is not needed any more (a late download reloads it from
         # its checkpoint): dropping it first keeps the commit's peak memory lower
         self._global_bytes = None
-        if opened.stats is not None:
-            new_state, reason = self._calibrated_state_locked(opened.stats, reason)
-            pending = None  # late projections of the last training round stay unpublished
-        else:
-            new_state = opened.fedavg.result()
-            pending = self._projections
-            try:  # an overflowing weighted sum is never committed
-                validate_update(new_state, self._spec, what=f"aggregate of round {record.round}")
-            except InvalidUpdateError as exc:
-                self._aggregate_rejected_locked(record.round, str(exc))
+        self._commit_started = False
+        if not self.commit_inline:
+            self._commit_started = True
+            threading.Thread(target=self._run_commit, name="round-commit", daemon=True).start()
+
+    def _commit_pending_inline(self) -> None:
+        """Run a commit left by a public method (``commit_inline``), outside the lock."""
+        with self._lock:
+            if self._closing is None or self._commit_started:
                 return
-        published: tuple[int, bytes] | None = None
-        try:
-            # pruned only after the DB commit: a kill in between must find the last committed
-            # checkpoint still on disk (with keep_last=1 it used to be deleted here)
-            self.checkpoints.save(record.round, new_state, self._run.run_id, prune=False)
-            if pending is not None and pending.contributors:
-                sums = pending.sums()
-                if self.noise_hook is not None:
-                    sums = self.noise_hook(sums, record.round)
-                payload = prototypes_payload(sums)
-                path = self.checkpoints.prototypes_path(record.round)
-                atomic_files.write_atomic(path, payload)
-                published = (record.round, payload)
-        except OSError as exc:  # disk full, read-only state dir, ...
-            self._checkpoint_failed_locked(record.round, exc)
+            self._commit_started = True
+        self._run_commit()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no commit is pending; False if one still is after ``timeout`` s."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._closing is None, timeout)
+
+    def _run_commit(self) -> None:
+        """Commit the closing attempt; it never leaves the engine stuck in 'closing'."""
+        with self._lock:
+            closing = self._closing
+        if closing is None:
             return
+        try:
+            self._commit(closing.opened, closing.reason)
+        except Exception as exc:  # a bug must fail the attempt, not wedge the run
+            log.exception("commit of round %d failed", closing.opened.record.round)
+            with self._lock:
+                if closing.opened.record.state != ROUND_COMMITTED:
+                    self.committer.load_state(self._run.last_committed_round)
+                    self._fail_round_locked(
+                        closing.opened, f"commit failed: {exc}; the round is re-run", retry=True
+                    )
+        finally:
+            with self._lock:
+                self._closing = None
+                self._idle.notify_all()
+
+    def _commit(self, opened: _OpenRound, reason: str) -> None:
+        """Aggregate, step the strategy and checkpoint outside the lock; then, under it,
+        publish the prototypes and record the commit atomically."""
+        record = opened.record
+        started = time.perf_counter()
+        if opened.stats is not None:
+            assert self.calibration is not None
+            new_state, reason = calibrated_model(
+                self.calibration, self._global, opened.stats, self._spec, reason
+            )
+            prepared = self.committer.write(record.round, self._run.run_id, new_state)
+        else:
+            prepared = self.committer.prepare_training(
+                record.round, self._run.run_id, self._global, self._aggregator(opened)
+            )
+        if prepared.refused:
+            with self._lock:
+                self._refuse_commit_locked(opened, prepared.refused, prepared.message)
+            return
+        new_state, values = prepared.state, prepared.values
+        with self._lock:
+            if not self._record_commit_locked(opened, reason, new_state):
+                self.committer.load_state(self._run.last_committed_round)
+                return
+            self._event(
+                "round_committed",
+                round_no=record.round,
+                message=reason,
+                values={
+                    "received": float(record.received),
+                    "num_samples": float(record.num_samples),
+                    "aggregate_s": time.perf_counter() - started,
+                    **record.metrics,
+                    **values,
+                    **(
+                        self.strategy.epsilon_values(
+                            record.round, self.policy.fraction, self.central_dp_delta
+                        )
+                        if opened.stats is None and isinstance(self.strategy, CentralDPStrategy)
+                        else {}
+                    ),
+                },
+            )
+            log.info(
+                "round %d committed: %d upload(s), %d samples, %.1f s, epsilon %.2f so far%s",
+                record.round,
+                record.received,
+                record.num_samples,
+                record.ended_unix_s - record.started_unix_s,
+                self._run.epsilon_spent,
+                " (calibration)" if opened.stats is not None else "",
+            )
+            if (
+                self._run.last_committed_round >= self._final_round()
+                and self._run.state not in TERMINAL_RUN_STATES
+            ):
+                done = f"all {self._run.total_rounds} rounds committed"
+                self._set_run_state(
+                    RUN_COMPLETED,
+                    f"{done}; calibration: {reason}" if opened.stats is not None else done,
+                )
+        self.committer.after_commit(
+            record.round,
+            new_state,
+            self.bundles,
+            lambda message: self._write_best_effort(
+                "bundle_failed event",
+                lambda: self._event("bundle_failed", round_no=record.round, message=message),
+            ),
+        )
+
+    def _record_commit_locked(
+        self, opened: _OpenRound, reason: str, new_state: dict[str, torch.Tensor]
+    ) -> bool:
+        """Publish the pending prototypes, record the commit in the database, then move
+        memory on; False (the attempt failed, to be retried) when the disk or the database
+        refuses."""
+        record = opened.record
+        published: tuple[int, bytes] | None = None
+        try:  # late projections of the last training round stay unpublished at calibration
+            if opened.stats is None:
+                published = self.projections.publish(record.round, self.checkpoints)
+        except OSError as exc:
+            self._refuse_commit_locked(
+                opened,
+                "checkpoint_failed",
+                f"checkpoint of round {record.round} could not be written "
+                f"({exc.strerror or exc}); the round is not committed, the last good "
+                "checkpoint is kept",
+            )
+            return False
         before = (record.state, record.ended_unix_s, record.message, record.metrics)
         last_before = self._run.last_committed_round
         record.state = ROUND_COMMITTED
@@ -923,130 +944,38 @@ class RoundEngine:
                 "commit_failed event",
                 lambda: self._event("commit_failed", round_no=record.round, message=message),
             )
-            self._fail_open_locked(message, retry=True)
-            return
-        if published is not None and pending is not None:
-            self._prototypes = published
-            self._projections = ProjectionAggregator(pending.spec)
-        self.checkpoints.prune(protect=record.round)
+            self._fail_round_locked(opened, message, retry=True)
+            return False
+        if published is not None:
+            self.projections.adopt(published)
         self._global = new_state
         self._global_bytes = None
-        if self.bundles is not None:
-            self._write_bundle_locked(record.round, new_state)
         for cid in opened.uploaders:
-            client = self._clients[cid]
+            client = self.registry.records[cid]
             client.rounds_completed += 1 if opened.stats is None else 0
             client.last_round = record.round
-        self._release_clients(record.selected)
+        self.registry.release(record.selected)
         for cid in opened.uploaders:
-            self._save_client(self._clients[cid])
-        self._open = None
-        self._event(
-            "round_committed",
-            round_no=record.round,
-            message=reason,
-            values={
-                "received": float(record.received),
-                "num_samples": float(record.num_samples),
-                "aggregate_s": time.perf_counter() - started,
-                **record.metrics,
-                **(
-                    {}
-                    if opened.stats is not None
-                    else self._central_dp_values(opened.fedavg, record.round)
-                ),
-            },
-        )
-        log.info(
-            "round %d committed: %d upload(s), %d samples, %.1f s, epsilon %.2f so far%s",
-            record.round,
-            record.received,
-            record.num_samples,
-            record.ended_unix_s - record.started_unix_s,
-            self._run.epsilon_spent,
-            " (calibration)" if opened.stats is not None else "",
-        )
-        if self._run.last_committed_round >= self._final_round():
-            done = f"all {self._run.total_rounds} rounds committed"
-            self._set_run_state(
-                RUN_COMPLETED,
-                f"{done}; calibration: {reason}" if opened.stats is not None else done,
-            )
+            self.registry.save(self.registry.records[cid])
+        return True
 
-    def _write_bundle_locked(self, round_no: int, state: dict[str, torch.Tensor]) -> None:
-        """The committed round's model bundle beside its checkpoint; the commit stands if the
-        disk refuses it (export-model then builds the bundle from the checkpoint)."""
-        assert self.bundles is not None
-        try:
-            self.bundles.write(round_no, state)
-        except (OSError, StateStoreError) as exc:
-            message = (
-                f"model bundle of round {round_no} not written ({exc}); the round is "
-                "committed, export-model builds its bundle from the checkpoint"
-            )
-            log.error(message)
-            self._write_best_effort(
-                "bundle_failed event",
-                lambda: self._event("bundle_failed", round_no=round_no, message=message),
-            )
+    def _aggregator(self, opened: _OpenRound) -> RoundAggregator:
+        """The training round's aggregator (the calibration round has none)."""
+        if opened.aggregator is None:
+            raise WrongRoundError(f"round {opened.record.round} is the calibration round")
+        return opened.aggregator
 
-    def _calibrated_state_locked(
-        self, stats: StatsSum, reason: str
-    ) -> tuple[dict[str, torch.Tensor], str]:
-        """The calibration round's new global model and commit message: the fitted model
-        when it validates against the global spec, else the last training round's model."""
-        assert self.calibration is not None
-        started = time.perf_counter()
-        fitted, what = self.calibration.fit(self._global, stats.result())
-        what = f"{reason}; {stats.contributors} client(s): {what}"
-        took = f" ({time.perf_counter() - started:.1f} s)"
-        if fitted is None:
-            return dict(self._global), what + took
-        try:
-            validate_update(fitted, self._spec, what="calibrated model")
-        except InvalidUpdateError as exc:
-            log.error("calibration produced an unusable model: %s", exc)
-            return dict(self._global), f"{reason}; the fit failed ({exc}), left uncalibrated"
-        return fitted, what + took
-
-    def _central_dp_values(self, fedavg: StreamingFedAvg, round_no: int) -> dict[str, float]:
-        """Central-DP figures of a commit: clipped updates and epsilon after `round_no` rounds
-        (Gaussian mechanism, noise multiplier z, client sampling rate = policy.fraction)."""
-        if self.central_dp is None or self.central_dp.noise_multiplier <= 0:
-            return {}
-        from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
-
-        accountant = PrivacyAccountant()
-        accountant.step(self.central_dp.noise_multiplier, self.policy.fraction, steps=round_no)
-        return {
-            "central_dp_clipped": float(fedavg.clipped_updates),
-            "central_dp_epsilon": accountant.epsilon(self.central_dp_delta),
-        }
-
-    def _aggregate_rejected_locked(self, round_no: int, problem: str) -> None:
-        """The round's aggregate is not a usable model: fail the attempt (retried, bounded by
-        max_round_attempts); the last good model stays the global model."""
-        message = f"{problem}; the round is not committed, the last good model is kept"
+    def _refuse_commit_locked(self, opened: _OpenRound, kind: str, message: str) -> None:
+        """The round's new model is unusable or could not be written: the attempt fails (and
+        is retried, bounded by max_round_attempts); the last good model stays, and so does
+        the strategy's state of the last committed round."""
+        self.committer.load_state(self._run.last_committed_round)
         log.error(message)
         self._write_best_effort(
-            "aggregate_rejected event",
-            lambda: self._event("aggregate_rejected", round_no=round_no, message=message),
+            f"{kind} event",
+            lambda: self._event(kind, round_no=opened.record.round, message=message),
         )
-        self._fail_open_locked(message, retry=True)
-
-    def _checkpoint_failed_locked(self, round_no: int, exc: OSError) -> None:
-        """The new global model could not be written: the round is not committed (its attempt
-        fails and is retried, bounded by max_round_attempts); the last good checkpoint stays."""
-        message = (
-            f"checkpoint of round {round_no} could not be written ({exc.strerror or exc}); "
-            "the round is not committed, the last good checkpoint is kept"
-        )
-        log.error(message)
-        self._write_best_effort(
-            "checkpoint_failed event",
-            lambda: self._event("checkpoint_failed", round_no=round_no, message=message),
-        )
-        self._fail_open_locked(message, retry=True)
+        self._fail_round_locked(opened, message, retry=True)
 
     # ------------------------------------------------------------------ model download
     def global_model_bytes(self, round_no: int) -> tuple[int, bytes]:
@@ -1101,8 +1030,8 @@ class RoundEngine:
         if not upload_id:
             raise InvalidUpdateError("upload header has an empty upload_id (idempotency key)")
         with self._lock:
-            client = self._known_client(client_id)
-            self._touch(client, self.clock())
+            client = self.registry.known(client_id)
+            self.registry.touch(client, self.clock())
             opened = self._require_open(round_no)
             record = opened.record
             if self.store.get_upload(record.round, record.attempt, client_id, upload_id):
@@ -1129,9 +1058,11 @@ class RoundEngine:
             weights = (
                 {}
                 if calibration
-                else module_weights_of(num_samples, module_samples, opened.fedavg.modules)
+                else module_weights_of(
+                    num_samples, module_samples, self._aggregator(opened).modules
+                )
             )
-            check_sd_weight(client_id, self._recovery_of.get(client_id), weights)
+            check_sd_weight(client_id, self.registry.recovery_of.get(client_id), weights)
             return UploadTicket(
                 client_id=client_id,
                 upload_id=upload_id,
@@ -1152,6 +1083,9 @@ class RoundEngine:
             raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
         opened = self._open
         last = self._run.last_committed_round
+        closing = self._closing
+        if opened is None and closing is not None and closing.opened.record.round == round_no:
+            raise WrongRoundError(f"round {round_no} is closed (its commit is running)")
         if opened is None:
             state = "closed" if round_no <= last else "not open yet"
             raise WrongRoundError(
@@ -1218,7 +1152,7 @@ class RoundEngine:
             if opened.stats is not None:
                 opened.stats.add(tensors)
             else:
-                opened.fedavg.add(
+                self._aggregator(opened).add(
                     tensors, ticket.weights, ticket.num_samples, bound.scale if bound else 1.0
                 )
             fold_s = time.perf_counter() - fold_started
@@ -1233,7 +1167,7 @@ class RoundEngine:
             record = opened.record
             record.received = len(opened.uploaders)
             record.num_samples += ticket.num_samples
-            client = self._clients[ticket.client_id]
+            client = self.registry.records[ticket.client_id]
             client.state = CLIENT_UPLOADED
             now = self.clock()
             if opened.min_reached_at is None and record.received >= self._min_uploads(opened):
@@ -1243,7 +1177,7 @@ class RoundEngine:
             self._write_best_effort(
                 f"progress of round {record.round}", self.store.put_round, record
             )
-            self._write_best_effort(f"upload of {client.client_id}", self._save_client, client)
+            self._write_best_effort(f"upload of {client.client_id}", self.registry.save, client)
             if bound is not None and bound.clipped:
                 self._write_best_effort(
                     "update_clipped event", self._update_clipped_event, ticket, bound
@@ -1263,9 +1197,10 @@ class RoundEngine:
             )
             self._tick_locked()
             closed = self._open is not opened
-            return UploadOutcome(
-                True, False, f"update for round {ticket.round} accepted", round_closed=closed
-            )
+        self._commit_pending_inline()
+        return UploadOutcome(
+            True, False, f"update for round {ticket.round} accepted", round_closed=closed
+        )
 
     def _bound_check(
         self, ticket: UploadTicket, tensors: Mapping[str, torch.Tensor]
@@ -1281,7 +1216,8 @@ class RoundEngine:
             or (opened.record.round, opened.record.attempt) != (ticket.round, ticket.attempt)
         ):
             return None
-        return opened.bounder.check(tensors, opened.fedavg.contributed_keys(ticket.weights))
+        keys = self._aggregator(opened).contributed_keys(ticket.weights)
+        return opened.bounder.check(tensors, keys)
 
     def _update_clipped_event(self, ticket: UploadTicket, bound: BoundCheck) -> None:
         self._event(
@@ -1304,7 +1240,7 @@ class RoundEngine:
     def require_known(self, client_id: str) -> None:
         """Raise `UnknownClientError` unless ``client_id`` is registered (marks it alive)."""
         with self._lock:
-            self._touch(self._known_client(client_id), self.clock())
+            self.registry.touch(self.registry.known(client_id), self.clock())
 
     def new_client_id(self) -> str:
         """A fresh id for an unauthenticated (insecure-mode) client that sent none."""
@@ -1331,29 +1267,20 @@ class RoundEngine:
         applied); its epsilon is the server's count, ``epsilon_spent`` (the client's own
         figure) is only recorded beside it."""
         with self._lock:
-            client = self._known_client(client_id)
-            self._touch(client, self.clock())
+            client = self.registry.known(client_id)
+            self.registry.touch(client, self.clock())
             registered = client.num_samples
         if payload:
-            if self.projection_spec is None:
-                raise InvalidUpdateError("this server is not configured for projection exchange")
-            projections = decode_projections(payload, self.projection_spec)
+            projections = self.projections.decode(payload)
             with self._lock:
                 self._check_projection_round(client_id, round_no)
-                assert self._projections is not None
-                fresh = not self._projections.has(client_id, round_no)
+                fresh = self.projections.is_fresh(client_id, round_no)
             if fresh:  # a repeat is ignored, and not counted twice
                 self._take_projections(
                     client_id, round_no, projections, registered, mechanism, epsilon_spent
                 )
         with self._lock:
-            prototypes_round, prototypes = self._prototypes or (0, b"")
-        return ProjectionReply(
-            prototypes_round,
-            prototypes,
-            self.projection_privacy.ledger.epsilon(client_id),
-            self.epsilon_budget,
-        )
+            return self.projections.reply(client_id, self.epsilon_budget)
 
     def _take_projections(
         self,
@@ -1365,22 +1292,21 @@ class RoundEngine:
         reported_epsilon: float,
     ) -> None:
         """Bound, admit (mandate, noise, budget: counted before use) and add one release."""
-        privacy = self.projection_privacy
         try:
-            bounded, clipped = bound_projections(projections, privacy.limits(registered))
-            spent = privacy.admit_projections(client_id, mechanism, bounded, self.epsilon_budget)
+            release = self.projections.admit(
+                client_id, projections, registered, mechanism, self.epsilon_budget
+            )
         except ServerError as exc:
             self._event("projections_refused", round_no, client_id, str(exc))
             raise
         with self._lock:
             self._check_projection_round(client_id, round_no)
-            assert self._projections is not None
-            if not self._projections.add(client_id, round_no, bounded):
+            if not self.projections.add(client_id, round_no, release):
                 return
-            if spent.epsilon > self._run.epsilon_spent:  # the run's figure: the largest client's
-                self._run.epsilon_spent = spent.epsilon
+            if release.epsilon > self._run.epsilon_spent:  # the run's: the largest client's
+                self._run.epsilon_spent = release.epsilon
                 self.store.put_run(self._run)
-            values = {"epsilon_spent": spent.epsilon, "clipped_rows": float(clipped)}
+            values = {"epsilon_spent": release.epsilon, "clipped_rows": float(release.clipped_rows)}
             if math.isfinite(reported_epsilon):
                 values["client_reported_epsilon"] = reported_epsilon
             self._event("projections_accepted", round_no, client_id, values=values)
@@ -1388,7 +1314,7 @@ class RoundEngine:
     def _check_projection_round(self, client_id: str, round_no: int) -> None:
         if self._run.state in TERMINAL_RUN_STATES:
             raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
-        opened = self._open
+        opened = self._open or (self._closing.opened if self._closing else None)
         if opened is not None and opened.record.round == round_no:
             if opened.stats is not None:
                 raise WrongRoundError(
@@ -1400,7 +1326,7 @@ class RoundEngine:
                 )
             return
         last = self._run.last_committed_round
-        if 0 < last == round_no and self._clients[client_id].last_round == last:
+        if 0 < last == round_no and self.registry.records[client_id].last_round == last:
             return  # an uploader of the just-committed round (there is none before round 1)
         raise WrongRoundError(
             f"projections for round {round_no} are not accepted now (open round: "
@@ -1414,10 +1340,3 @@ def load_prototypes(payload: bytes) -> dict[str, torch.Tensor]:
         return decode_tensors(payload)
     except WireError as exc:
         raise InvalidUpdateError(f"prototypes payload is corrupt: {exc}") from exc
-
-
-def _central_dp_generator() -> torch.Generator:
-    """A fresh, unpredictable noise seed per round (DP noise must not be reproducible)."""
-    generator = torch.Generator()
-    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-    return generator

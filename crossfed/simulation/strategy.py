@@ -1,8 +1,8 @@
 """The one seam between the simulator and the server's aggregation: an `AggregationStrategy`
-turns a round's client updates into the next global model. Today the only implementation
-adapts the server's module-aware `StreamingFedAvg` (eq. 15, server/aggregation.py), the code
-`crossfed server` runs; when the server grows pluggable strategies, `make_strategy` returns
-theirs and nothing else here changes."""
+turns a round's client updates into the next global model. `make_strategy` returns the
+server's own strategies (server/strategies/, by the same names and parameters as the server
+config's ``strategy`` section), so a simulated run aggregates with the code `crossfed server`
+runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from typing import Protocol
 
 import torch
 
-from crossfed.server.aggregation import ModuleOf, StreamingFedAvg, module_weights_of
+from crossfed.common.config import StrategyConfig
+from crossfed.server.aggregation import ModuleOf, module_weights_of
+from crossfed.server.strategies.base import RoundAggregator, RoundInstructions, Strategy
+from crossfed.server.strategies.registry import make_strategy as make_server_strategy
 from crossfed.simulation.simulation_errors import SimulationError
 
 
@@ -38,18 +41,23 @@ class AggregationStrategy(Protocol):
         ...
 
 
-class ServerFedAvg:
-    """`AggregationStrategy` over the server's `StreamingFedAvg`: module-aware, weighted by
-    the samples that trained each module, O(model) memory whatever the client count."""
+class ServerStrategy:
+    """`AggregationStrategy` over a server `Strategy`: its aggregator folds the updates, its
+    ``finish_round`` makes the next global model (a server optimizer steps there)."""
 
-    def __init__(self, module_of: ModuleOf) -> None:
+    def __init__(self, strategy: Strategy, module_of: ModuleOf) -> None:
+        self.strategy = strategy
         self._module_of = module_of
-        self._fold: StreamingFedAvg | None = None
+        self._global: Mapping[str, torch.Tensor] = {}
+        self._fold: RoundAggregator | None = None
+        self.instructions = RoundInstructions()
 
     def begin_round(self, global_state: Mapping[str, torch.Tensor], round_no: int) -> None:
-        self._fold = StreamingFedAvg(global_state, self._module_of)
+        self._global = global_state
+        self.instructions = self.strategy.configure_round(round_no + 1)
+        self._fold = self.strategy.begin_round(global_state, self._module_of)
 
-    def _current(self) -> StreamingFedAvg:
+    def _current(self) -> RoundAggregator:
         if self._fold is None:
             raise RuntimeError("begin_round first")
         return self._fold
@@ -63,13 +71,17 @@ class ServerFedAvg:
         self._current().add(update, weights, num_samples)
 
     def result(self) -> dict[str, torch.Tensor]:
-        state = self._current().result()
+        aggregate = self._current().result()
         self._fold = None
-        return state
+        return self.strategy.finish_round(self._global, aggregate)
 
 
-def make_strategy(name: str, module_of: ModuleOf) -> AggregationStrategy:
-    """The strategy an experiment names (``strategy.name``)."""
-    if name == "fedavg":
-        return ServerFedAvg(module_of)
-    raise SimulationError(f"unknown strategy {name!r}; known: fedavg")
+def make_strategy(
+    name: str, module_of: ModuleOf, params: Mapping[str, float] | None = None
+) -> ServerStrategy:
+    """The server strategy an experiment names (``strategy.name``) with its parameters."""
+    try:
+        config = StrategyConfig.model_validate({"name": name, **(params or {})})
+        return ServerStrategy(make_server_strategy(config), module_of)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise SimulationError(f"strategy: {exc}") from exc
