@@ -28,6 +28,7 @@ from crossfed.common.model.prototypes import ClassPrototypes, apply_global_proto
 from crossfed.server.calibration_round import StatsSum, ccvr_calibration_step
 from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.projection_exchange import ProjectionAggregator, ProjectionSpec
+from crossfed.simulation.byzantine import NO_ATTACK, Attack
 from crossfed.simulation.client_executor import ClientExecutor, DataRef
 from crossfed.simulation.experiment import RoundsSection
 from crossfed.simulation.simulation_errors import SimulationError
@@ -59,6 +60,11 @@ class RunPlan:
     exchange_projections: bool
     calibration_noise: float
     threads_per_client: int
+    #: FedProx's mu for every client's local objective (0: plain local training)
+    proximal_mu: float = 0.0
+    #: benchmarks/tests only: what the clients in ``attackers`` do to their updates
+    attack: Attack = NO_ATTACK
+    attackers: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -148,6 +154,24 @@ def _check_plan(plan: RunPlan, num_clients: int) -> None:
         )
 
 
+def local_train_config(plan: RunPlan, round_no: int, client: int) -> TrainConfig:
+    """A client's local training settings in a round (FedProx's mu included when set)."""
+    extra: dict[str, float] = {}
+    if plan.proximal_mu > 0:
+        if "proximal_mu" not in TrainConfig.__dataclass_fields__:
+            raise SimulationError("proximal_mu needs a local trainer with FedProx support")
+        extra["proximal_mu"] = plan.proximal_mu
+    return TrainConfig(
+        epochs=plan.local_epochs,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        seed=client_seed(plan.seed, round_no, client),
+        modality_dropout=plan.modality_dropout,
+        num_threads=plan.threads_per_client,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
 def run_federation(
     plan: RunPlan,
     executor: ClientExecutor,
@@ -175,15 +199,9 @@ def run_federation(
             ClientTask(
                 client=c,
                 round_no=rnd,
-                train=TrainConfig(
-                    epochs=plan.local_epochs,
-                    batch_size=plan.batch_size,
-                    lr=plan.lr,
-                    seed=client_seed(plan.seed, rnd, c),
-                    modality_dropout=plan.modality_dropout,
-                    num_threads=plan.threads_per_client,
-                ),
+                train=local_train_config(plan, rnd, c),
                 share_projections=plan.exchange_projections,
+                attack=plan.attack if c in plan.attackers else NO_ATTACK,
             )
             for c in clients
         ]

@@ -68,6 +68,11 @@ class ServerFedAvg:
         return state
 
 
+def strategy_names() -> tuple[str, ...]:
+    """The names an experiment's ``strategy.name`` accepts."""
+    return ("fedavg",)
+
+
 def make_strategy(name: str, module_of: ModuleOf) -> AggregationStrategy:
     """The strategy an experiment names (``strategy.name``)."""
     if name == "fedavg":
