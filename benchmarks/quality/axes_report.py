@@ -183,7 +183,7 @@ def strategy_targets(
         for c in CEILING_OF:
             vals = closures[c]
             mean = sum(vals) / len(vals) if vals else math.nan
-            parts.append(f"{c} closure {mean:.2f} ({'met' if mean >= 0.5 else 'NOT met'})")
+            parts.append(f"{c} closure {mean:.2f} ({'met' if mean >= 0.5 - 1e-9 else 'NOT met'})")
         lift = sum(paired) / len(paired) if paired else math.nan
         parts.append(f"paired {lift * 100:+.1f} points ({'met' if lift > 0 else 'NOT met'})")
         if worst < math.inf:

@@ -33,7 +33,8 @@ _REPO = _BENCHMARKS.parent
 if str(_BENCHMARKS) not in sys.path:  # `quality.*` is a folder of scripts, not a package
     sys.path.insert(0, str(_BENCHMARKS))
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from crossfed.common.config import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crossfed.simulation.byzantine import AttackKind
 from crossfed.simulation.federation_data import FederationSetup
@@ -103,6 +104,14 @@ class AxesSettings(BaseModel):
     benchmarks_md: Path = _REPO / "BENCHMARKS.md"
     note: str = ""
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _attackers_fit(self) -> AxesSettings:
+        if self.attackers > self.clients:
+            raise ValueError(
+                f"attack.clients {self.attackers} exceeds federation.clients {self.clients}"
+            )
+        return self
 
     def sample_count(self) -> int:
         return self.samples or (10_000 if self.dataset == "builtin" else 4_000)
@@ -339,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(s.benchmarks_md, body, AXES_START, AXES_END, after=SECTION_END)
         print(body)
         return 0
-    except (QualityBenchmarkError, SimulationError, OSError) as exc:
+    except (QualityBenchmarkError, SimulationError, ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
