@@ -25,7 +25,7 @@ from crossfed.common.model.mapper import squared_l2
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelError, ModelInputError
 from crossfed.common.model.network import PRIVATE_MODULES, CrossModalNet, Recovery
-from crossfed.common.model.objective import TERMS, weighted_sum
+from crossfed.common.model.objective import TERMS, ProximalTerm, weighted_sum
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from crossfed.common.model.sd_trainable import SD_MODULE
 from safetensors import SafetensorError
@@ -59,6 +59,9 @@ class TrainConfig:
     # visual halves of eq. 14 on two threads (each with half the intra-op threads) instead of
     # splitting every operation; same gradients, no per-operation barrier.
     branch_threads: bool = True
+    # FedProx mu (sent by the server with the round): mu/2 ||w - w_global||^2 over the
+    # parameters this round trains is added to eq. 14; 0 = plain local training.
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0:
@@ -71,6 +74,8 @@ class TrainConfig:
             raise TrainConfigError(
                 f"modality_dropout must be in [0, 1], got {self.modality_dropout}"
             )
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise TrainConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
 
 @dataclass
@@ -114,6 +119,26 @@ def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int)
         SD_MODULE: 0,  # set by the SD fine-tuning of a client holding the checkpoint
     }
     return {m: counts.get(m, n) for m in sorted(modules)}
+
+
+def trained_parameters(model: CrossModalNet, data: EmbeddingSet) -> list[nn.Parameter]:
+    """Trainable parameters of the modules `data` trains (module_samples > 0): what DP-SGD
+    updates and what FedProx's proximal term anchors."""
+    counts = module_samples_of(model, data, 1)
+    return [
+        p
+        for name, p in model.named_parameters()
+        if p.requires_grad and counts.get(model.module_of(name), 1) > 0
+    ]
+
+
+def proximal_term(
+    model: CrossModalNet, data: EmbeddingSet, cfg: TrainConfig
+) -> ProximalTerm | None:
+    """FedProx's term anchored at the model's current (global) values; None when mu is 0."""
+    if cfg.proximal_mu == 0:
+        return None
+    return ProximalTerm(trained_parameters(model, data), cfg.proximal_mu)
 
 
 def _dropout_view(
@@ -464,6 +489,7 @@ def train_local(
         apply_global_prototypes(model, prototypes)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    prox = proximal_term(model, data, cfg)
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
     total_steps = cfg.epochs * steps_per_epoch
@@ -507,6 +533,8 @@ def train_local(
                         terms = _backward_two_threads(
                             model, pool, *batch, cfg, gen, ext, while_waiting=ahead
                         )
+                    if prox is not None:
+                        prox.add_gradient()
                     if cfg.max_grad_norm:
                         nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     if pool is not None and len(opts) == 2:
@@ -607,4 +635,5 @@ __all__ = [
     "run_local_training",
     "save_model",
     "train_local",
+    "trained_parameters",
 ]

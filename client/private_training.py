@@ -29,6 +29,8 @@ from crossfed.client.local_trainer import (
     _check_data,
     _dropout_view,
     module_samples_of,
+    proximal_term,
+    trained_parameters,
 )
 from crossfed.common.crypto.secure_files import write_public_file
 from crossfed.common.data.embeddings import EmbeddingSet
@@ -37,10 +39,11 @@ from crossfed.common.model.disentangler import orthogonality_per_row
 from crossfed.common.model.mapper import squared_l2_per_row
 from crossfed.common.model.network import CrossModalNet, Recovery
 from crossfed.common.model.objective import TERMS as OBJECTIVE_TERMS
-from crossfed.common.model.objective import weight_vector
+from crossfed.common.model.objective import ProximalTerm, weight_vector
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from crossfed.common.privacy.dp_sgd import DPSGDError, make_private_training
 from crossfed.common.privacy.privacy_accountant import PrivacyAccountant, PrivacyAccountantError
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -174,20 +177,6 @@ class PrivateTrainResult(LocalTrainResult):
     steps: int = 0
 
 
-def _trainable_for(model: CrossModalNet, data: EmbeddingSet) -> list[nn.Parameter]:
-    """Parameters of the modules this client's data trains (module_samples > 0).
-
-    The others would only receive DP noise (the server gives them weight 0 anyway), and
-    Opacus needs a per-sample gradient for every parameter it updates.
-    """
-    counts = module_samples_of(model, data, 1)
-    return [
-        p
-        for name, p in model.named_parameters()
-        if p.requires_grad and counts.get(model.module_of(name), 1) > 0
-    ]
-
-
 def planned_round(
     num_samples: int, cfg: TrainConfig, dp: DPSGDSettings
 ) -> tuple[float, float, int]:
@@ -207,7 +196,20 @@ def planned_round(
     return float(sigma), sample_rate, cfg.epochs * batches
 
 
-def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+def _private_step(optimizer: torch.optim.Optimizer, prox: ProximalTerm | None) -> None:
+    """One DP-SGD step; FedProx's gradient is added after clipping and noise (it depends on
+    no sample, so it is post-processing and spends no privacy)."""
+    if prox is None:
+        optimizer.step()
+        return
+    if not isinstance(optimizer, DPOptimizer):
+        raise DPSGDError(f"expected Opacus' DPOptimizer, got {type(optimizer).__name__}")
+    if optimizer.pre_step():  # clip, noise, scale, count the step (False: a skipped step)
+        prox.add_gradient()
+        optimizer.original_optimizer.step()
+
+
+def _noise_only_step(optimizer: torch.optim.Optimizer, prox: ProximalTerm | None = None) -> None:
     """Step the DP optimizer on a zero gradient: it adds the noise and the accountant counts
     the step, as the mechanism requires (Opacus' ghost clipping cannot run an empty batch)."""
     optimizer.zero_grad(set_to_none=True)
@@ -215,7 +217,7 @@ def _noise_only_step(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
-    optimizer.step()
+    _private_step(optimizer, prox)
 
 
 def train_private(
@@ -236,7 +238,11 @@ def train_private(
     if prototypes is not None:
         apply_global_prototypes(model, prototypes)
     gen = torch.Generator().manual_seed(cfg.seed)
-    params = _trainable_for(model, data)
+    # The modules this client's data trains: the others would only receive DP noise (the
+    # server gives them weight 0 anyway), and Opacus needs a per-sample gradient for every
+    # parameter it updates.
+    params = trained_parameters(model, data)
+    prox = proximal_term(model, data, cfg)
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)
@@ -284,14 +290,14 @@ def train_private(
                     for batch in private.data_loader:
                         size = int(batch[0].shape[0])
                         if size == 0:  # Poisson sampling drew nobody: still a (noise-only) step
-                            _noise_only_step(private.optimizer)
+                            _noise_only_step(private.optimizer, prox)
                             steps += 1
                             continue
                         rows = private.module(*batch)
                         loss = private.criterion(rows)
                         private.optimizer.zero_grad(set_to_none=True)
                         loss.backward()  # ghost clipping: norms pass, then clipped-sum pass
-                        private.optimizer.step()
+                        _private_step(private.optimizer, prox)
                         steps += 1
                         sums += rows.detach().sum(dim=0)
                         bar.advance(task, size)

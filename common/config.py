@@ -236,11 +236,48 @@ class PrivacyConfig(_Section):
         gt=0,
         description="stop training once DP-SGD's epsilon over all rounds would exceed it",
     )
-    central_dp: bool = Field(default=False, description="server clips updates and adds noise")
+    central_dp: bool = Field(
+        default=False, description="server clips updates and adds noise (around any strategy)"
+    )
     central_dp_clip: float = Field(default=1.0, gt=0, description="L2 clip of each client update")
     central_dp_noise_multiplier: float = Field(
-        default=1.0, ge=0, description="z: noise = z * clip / n"
+        default=1.0, ge=0, description="z: noise std = z * 2 * clip * max_w / W per module"
     )
+
+
+class StrategyConfig(_Section):
+    """How uploads become the next global model (server/strategies/): a strategy name and
+    the parameters that strategy takes (the server refuses parameters it does not take)."""
+
+    name: str = Field(
+        default="fedavg",
+        min_length=1,
+        description="fedavg (module-aware streaming FedAvg, eq. 15) or another registered "
+        "strategy (`crossfed server start --strategy NAME`)",
+    )
+    server_lr: float | None = Field(default=None, gt=0, le=1000, description="server step size")
+    momentum: float | None = Field(default=None, ge=0, lt=1, description="FedAvgM momentum")
+    beta1: float | None = Field(default=None, ge=0, lt=1, description="FedAdam/FedYogi beta1")
+    beta2: float | None = Field(default=None, ge=0, lt=1, description="FedAdam/FedYogi beta2")
+    tau: float | None = Field(default=None, gt=0, le=1, description="adaptivity (Reddi et al.)")
+    proximal_mu: float | None = Field(
+        default=None, ge=0, le=1000, description="FedProx mu sent to clients (0: plain)"
+    )
+    trim_ratio: float | None = Field(
+        default=None, ge=0, lt=0.5, description="share trimmed at each end (trimmed mean)"
+    )
+    krum_f: int | None = Field(
+        default=None, ge=0, le=MAX_COUNT, description="Byzantine clients Krum tolerates"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _lower_name(cls, value: str) -> str:
+        return value.strip().lower()
+
+    def params(self) -> dict[str, float]:
+        """The parameters that were set (name excluded)."""
+        return {k: float(v) for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
 
 
 class UpdateBoundConfig(_Section):
@@ -276,6 +313,7 @@ class ServerConfig(_Section):
     tls: TLSConfig = Field(default_factory=lambda: TLSConfig())
     privacy: PrivacyConfig = Field(default_factory=lambda: PrivacyConfig())
     update_bound: UpdateBoundConfig = Field(default_factory=lambda: UpdateBoundConfig())
+    strategy: StrategyConfig = Field(default_factory=lambda: StrategyConfig())
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535, description="Prometheus /metrics"
     )

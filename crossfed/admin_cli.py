@@ -360,6 +360,9 @@ def status_dict(response: admin_pb2.GetStatusResponse) -> dict[str, Any]:
         "last_metrics": dict(response.last_metrics.values),
         "server_version": response.server_version,
         "uptime_s": response.uptime_s,
+        "strategy": response.strategy,
+        "strategy_params": dict(response.strategy_params),
+        "central_dp": response.central_dp,
     }
 
 
@@ -391,6 +394,19 @@ def status(ctx: typer.Context, json_output: JsonOpt = False) -> None:
         budget = data["epsilon_budget"]
         table.add_row(
             "epsilon", f"{data['epsilon_spent']:.4g}" + (f" of {budget:.4g}" if budget else "")
+        )
+        params = " ".join(f"{k}={v:g}" for k, v in sorted(data["strategy_params"].items()))
+        table.add_row(
+            "strategy",
+            " ".join(
+                part
+                for part in (
+                    data["strategy"] or "?",
+                    params,
+                    "(central DP)" if data["central_dp"] else "",
+                )
+                if part
+            ),
         )
         table.add_row("last metrics", _metrics_text(data["last_metrics"]))
         table.add_row(

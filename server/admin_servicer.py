@@ -332,6 +332,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             last_metrics=common_pb2.Metrics(values=last_metrics),
             server_version=__version__,
             uptime_s=time.monotonic() - self._started,
+            strategy=engine.strategy.name,
+            strategy_params=self.config.strategy.params(),
+            central_dp=self.config.privacy.central_dp,
         )
 
     def ListClients(

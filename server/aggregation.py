@@ -7,18 +7,13 @@ client's untouched mapper copy gets weight 0 and cannot dilute the paired client
 A module nobody trained keeps its previous global value; integer/bool buffers are never
 averaged (the global value is kept).
 
-Optional central DP (DP-FedAvg): each client's whole update delta is clipped to L2 <= C before
-it is folded in, and every module's average gets Gaussian noise of std z * C * max_i w_im / W_m
-(the sensitivity of a weighted mean; see crossfed.common.privacy.central_dp). Over all modules
-this is one Gaussian mechanism with noise multiplier z, because the clipped delta's norm is
-bounded across modules together.
+Central DP wraps any strategy around this fold (server/strategies/central_dp.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from crossfed.server.errors import InvalidUpdateError
@@ -60,22 +55,6 @@ def module_weights_of(
     return {m: float(module_samples.get(m, 0)) for m in modules}
 
 
-@dataclass(frozen=True)
-class CentralDP:
-    """Server-side clipping bound C and noise multiplier z of central DP."""
-
-    clip_norm: float
-    noise_multiplier: float
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise ValueError(f"central DP clip_norm must be > 0, got {self.clip_norm}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(
-                f"central DP noise_multiplier must be >= 0, got {self.noise_multiplier}"
-            )
-
-
 class StreamingFedAvg:
     """Running weighted sum of one round attempt: ``add`` each validated update, then
     ``result`` gives theta_global[k] = sum_i w_im theta_i[k] / sum_i w_im (m = module of k)."""
@@ -84,20 +63,14 @@ class StreamingFedAvg:
         self,
         global_state: Mapping[str, torch.Tensor],
         module_of: ModuleOf,
-        central_dp: CentralDP | None = None,
-        generator: torch.Generator | None = None,
     ) -> None:
         self._global = dict(global_state)
-        self.central_dp = central_dp
-        self._generator = generator
-        self.clipped_updates = 0
         self._module_of_key = {k: module_of(k) for k in self._global}
         self.modules: frozenset[str] = frozenset(
             m for k, m in self._module_of_key.items() if is_averaged(self._global[k])
         )
         self._acc: dict[str, torch.Tensor] = {}
         self._weight: dict[str, float] = {m: 0.0 for m in self.modules}
-        self._max_weight: dict[str, float] = {m: 0.0 for m in self.modules}
         self.num_updates = 0
         self.total_samples = 0
         self._result: dict[str, torch.Tensor] | None = None
@@ -124,13 +97,11 @@ class StreamingFedAvg:
     ) -> None:
         """Fold one already-validated update into the running sum (one fused pass per tensor).
         ``scale`` < 1 folds theta_g + scale (theta_i - theta_g) instead (an update clipped by
-        the server's update bound); central DP clips what is left to its own norm."""
+        the server's update bound, or by central DP)."""
         if self._result is not None:
             raise RuntimeError("this round's running sum was already turned into its result")
         if not (math.isfinite(scale) and 0.0 <= scale <= 1.0):
             raise ValueError(f"scale must be in [0, 1], got {scale}")
-        if self.central_dp is not None:
-            scale *= self._clip_scale(update, weights, scale)
         for key in self.contributed_keys(weights):
             glob = self._global[key]
             w = float(weights[self._module_of_key[key]])
@@ -146,34 +117,8 @@ class StreamingFedAvg:
         for module in self.modules:
             w = float(weights.get(module, 0.0))
             self._weight[module] += w
-            self._max_weight[module] = max(self._max_weight[module], w)
         self.num_updates += 1
         self.total_samples += int(num_samples)
-
-    def _clip_scale(
-        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float], prescale: float
-    ) -> float:
-        """min(1, C / ||delta||) over every tensor this upload contributes to, where delta is
-        the update after ``prescale`` (the update bound's clip)."""
-        assert self.central_dp is not None
-        total = 0.0
-        for key in self.contributed_keys(weights):
-            glob = self._global[key]
-            diff = update[key].to(torch.float64) - glob.to(torch.float64)
-            total += float(diff.pow(2).sum())
-        norm = math.sqrt(total) * prescale
-        if norm <= self.central_dp.clip_norm:
-            return 1.0
-        self.clipped_updates += 1
-        return self.central_dp.clip_norm / norm
-
-    def noise_std(self, module: str) -> float:
-        """Per-coordinate std of the central-DP noise on `module`'s average (0 without DP)."""
-        total = self._weight.get(module, 0.0)
-        if self.central_dp is None or total <= 0.0:
-            return 0.0
-        dp = self.central_dp
-        return dp.noise_multiplier * dp.clip_norm * self._max_weight[module] / total
 
     def result(self) -> dict[str, torch.Tensor]:
         """The new global state: averaged where some client trained the module, else kept.
@@ -191,12 +136,7 @@ class StreamingFedAvg:
             if acc is None or total <= 0.0 or not is_averaged(glob):
                 out[key] = glob
                 continue
-            mean = acc.div_(total)
-            std = self.noise_std(module)
-            if std > 0.0:
-                noise = torch.randn(mean.shape, generator=self._generator, dtype=mean.dtype)
-                mean.add_(noise, alpha=std)
-            out[key] = mean.to(glob.dtype)
+            out[key] = acc.div_(total).to(glob.dtype)
         self._acc = {}
         self._result = out
         return dict(out)

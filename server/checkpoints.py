@@ -19,6 +19,9 @@ _NAME = re.compile(r"^global-(\d{6,})\.safetensors$")
 #: The global prototypes published at a round's commit (eq. 16), beside its checkpoint.
 PROTOTYPES_FILE_NAME = "prototypes-{:06d}.safetensors"
 _PROTOTYPES_NAME = re.compile(r"^prototypes-(\d{6,})\.safetensors$")
+#: The strategy's server-side state (optimizer moments) as of a round's commit.
+STRATEGY_FILE_NAME = "strategy-{:06d}.safetensors"
+_STRATEGY_NAME = re.compile(r"^strategy-(\d{6,})\.safetensors$")
 
 
 class CheckpointStore:
@@ -49,6 +52,29 @@ class CheckpointStore:
         """Where the global prototypes published at ``round_no``'s commit live."""
         return self.directory / PROTOTYPES_FILE_NAME.format(round_no)
 
+    def strategy_state_path(self, round_no: int) -> Path:
+        """Where the strategy state checkpointed with ``round_no``'s commit lives."""
+        return self.directory / STRATEGY_FILE_NAME.format(round_no)
+
+    def save_strategy_state(self, round_no: int, state: dict[str, torch.Tensor]) -> Path:
+        """Write the strategy's state of ``round_no`` atomically (before the round's commit
+        is recorded, like its checkpoint; pruned with it)."""
+        path = self.strategy_state_path(round_no)
+        atomic_files.write_atomic(path, payload_pieces(state, metadata={"round": str(round_no)}))
+        return path
+
+    def load_strategy_state(self, round_no: int) -> dict[str, torch.Tensor] | None:
+        """The strategy state checkpointed with ``round_no`` (None: the strategy kept none)."""
+        path = self.strategy_state_path(round_no)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return decode_tensors(data)
+        except WireError as exc:
+            raise CheckpointError(f"strategy state {path} is corrupt: {exc}") from exc
+
     def save(
         self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "", prune: bool = True
     ) -> Path:
@@ -64,11 +90,12 @@ class CheckpointStore:
         return path
 
     def prune(self, protect: int) -> None:
-        """Delete all but the newest ``keep_last`` checkpoints and prototypes files (never
-        those of round ``protect``)."""
+        """Delete all but the newest ``keep_last`` checkpoints, prototypes and strategy files
+        (never those of round ``protect``)."""
         for pattern, path_of in (
             (_NAME, self.path_of),
             (_PROTOTYPES_NAME, self.prototypes_path),
+            (_STRATEGY_NAME, self.strategy_state_path),
         ):
             rounds = [r for r in self.rounds(pattern) if r <= protect]
             for old in rounds[: max(len(rounds) - self.keep_last, 0)]:

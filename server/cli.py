@@ -56,6 +56,9 @@ def start(
     ),
     keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints"),
     seed: int | None = typer.Option(None, "--seed", help="Initial model and selection seed."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="Aggregation strategy (config: strategy.name), e.g. fedavg."
+    ),
     standin_model: bool = typer.Option(
         False, "--standin-model", help="Placeholder model when the network is not built."
     ),
@@ -102,6 +105,7 @@ def start(
         ("keep_checkpoints", keep_checkpoints),
         ("seed", seed),
         ("torch_threads", torch_threads),
+        ("strategy.name", strategy),
     ):
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value

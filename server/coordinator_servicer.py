@@ -292,6 +292,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             local_epochs=act.local_epochs,
             run_state=act.run_state,
             message=act.message,
+            proximal_mu=act.proximal_mu,
         )
 
     # -- Download ----------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -28,7 +27,7 @@ from crossfed.common import atomic_files
 from crossfed.common.privacy.projection_dp import ProjectionDPParams
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
-from crossfed.server.aggregation import CentralDP, ModuleOf, StreamingFedAvg, module_weights_of
+from crossfed.server.aggregation import ModuleOf, module_weights_of
 from crossfed.server.calibration_round import CalibrationStep, StatsSum
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import (
@@ -87,6 +86,9 @@ from crossfed.server.state.records import (
     RunRecord,
     UploadRecord,
 )
+from crossfed.server.strategies.base import RoundAggregator, RoundInstructions, Strategy
+from crossfed.server.strategies.central_dp import CentralDPStrategy
+from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.update_bound import BoundCheck, UpdateBound, UpdateBounder
 from crossfed.server.update_validation import (
     TensorSlot,
@@ -130,6 +132,7 @@ class NextAction:
     local_epochs: int = 0
     run_state: str = ""
     message: str = ""
+    proximal_mu: float = 0.0  # the strategy's FedProx mu for this round (0: plain training)
 
 
 @dataclass(frozen=True)
@@ -182,13 +185,22 @@ class UploadOutcome:
 @dataclass
 class _OpenRound:
     record: RoundRecord
-    fedavg: StreamingFedAvg
+    aggregator: RoundAggregator | None  # None for the calibration round (it folds no weights)
+    instructions: RoundInstructions = field(default_factory=RoundInstructions)
     uploaders: dict[str, str] = field(default_factory=dict)  # client_id -> upload_id
     min_reached_at: float | None = None
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weights: dict[str, float] = field(default_factory=dict)
     stats: StatsSum | None = None  # set for the calibration round (which folds no weights)
     bounder: UpdateBounder | None = None  # the update bound of a training round, if any
+
+
+@dataclass(frozen=True)
+class _Closing:
+    """A round attempt that stopped taking uploads and waits for (or is in) its commit."""
+
+    opened: _OpenRound
+    reason: str
 
 
 def holds_images(client: ClientRecord) -> bool:
@@ -202,7 +214,10 @@ class RoundEngine:
     """Network-free federated-run state machine over a `StateStore` and `CheckpointStore`.
 
     Thread-safe: every public method takes one lock; heavy per-upload work (validation) runs
-    outside it. Call `tick()` periodically (the server does, every ~0.5 s) so deadlines fire.
+    outside it, and so does a round's commit (aggregate, server step, checkpoint fsync): it
+    runs on a committer thread of its own (``commit_inline``: on the caller, after the lock is
+    released; deterministic, for tests). Call `tick()` periodically (the server does, every
+    ~0.5 s) so deadlines fire; `wait_idle` waits for a pending commit.
     """
 
     def __init__(
@@ -218,7 +233,7 @@ class RoundEngine:
         epsilon_budget: float = 0.0,
         noise_hook: ProjectionNoiseHook | None = None,
         projection_privacy: ProjectionPrivacy | None = None,
-        central_dp: CentralDP | None = None,
+        strategy: Strategy | None = None,
         central_dp_delta: float = 1e-5,
         calibration: CalibrationStep | None = None,
         contract: FederationContract | None = None,
@@ -226,8 +241,11 @@ class RoundEngine:
         sd_requirement: SDRequirement | None = None,
         update_bound: UpdateBound | None = None,
         clock: Clock = time.time,
+        commit_inline: bool = False,
     ) -> None:
         self.store = store
+        self.strategy: Strategy = strategy or FedAvg()
+        self.commit_inline = commit_inline
         self.contract = contract
         self.bundles = bundles
         self.sd_requirement = sd_requirement
@@ -235,7 +253,6 @@ class RoundEngine:
         self._recovery_of: dict[str, str] = {}
         self.update_bound = update_bound
         self.calibration = calibration
-        self.central_dp = central_dp
         self.central_dp_delta = central_dp_delta
         self.checkpoints = checkpoints
         self.module_of = module_of
@@ -251,6 +268,9 @@ class RoundEngine:
         self.events_changed = threading.Condition(self._lock)
         self._spec = spec_of_state(initial_state)
         self._open: _OpenRound | None = None
+        self._closing: _Closing | None = None
+        self._commit_started = False
+        self._idle = threading.Condition(self._lock)
         self._waiting_since: float | None = None
         self._global_bytes: bytes | None = None
         self._prototypes: tuple[int, bytes] | None = None
@@ -263,6 +283,7 @@ class RoundEngine:
         self._global = self._load_global()
         self._clients = {c.client_id: c for c in store.list_clients()}
         self._prototypes = self._load_prototypes()
+        self._load_strategy_state()
         self._reopen_interrupted_rounds()
 
     # ------------------------------------------------------------------ startup / resume
@@ -305,6 +326,11 @@ class RoundEngine:
                 f"{what} or start from a fresh state directory"
             ) from exc
         return state
+
+    def _load_strategy_state(self) -> None:
+        """The strategy's state as checkpointed with the last committed round (none: fresh)."""
+        state = self.checkpoints.load_strategy_state(self._run.last_committed_round)
+        self.strategy.load_state_dict(state or {})
 
     def _load_prototypes(self) -> tuple[int, bytes] | None:
         last = self._run.last_committed_round
@@ -522,7 +548,20 @@ class RoundEngine:
                 )
             self._touch(client, self.clock())
             self._tick_locked()
+        self._commit_pending_inline()
+        with self._lock:
             run = self._run
+            closing = self._closing
+            if closing is not None and run.state not in TERMINAL_RUN_STATES:
+                record = closing.opened.record
+                if client_id in closing.opened.uploaders:
+                    poll = min(poll, _FINISHING_POLL_MIN_MS)  # needed again right after it
+                return NextAction(
+                    ACTION_WAIT,
+                    poll_after_ms=poll,
+                    run_state=run.state,
+                    message=f"round {record.round} is being committed",
+                )
             if run.state in TERMINAL_RUN_STATES:
                 return NextAction(
                     ACTION_DONE,
@@ -545,6 +584,7 @@ class RoundEngine:
                         local_epochs=0 if calibrate else self.policy.local_epochs,
                         run_state=run.state,
                         message=f"{what} {record.round} (attempt {record.attempt})",
+                        proximal_mu=opened.instructions.proximal_mu,
                     )
                 why = f"your update for round {opened.record.round} is in; waiting for others"
                 poll = min(
@@ -656,9 +696,12 @@ class RoundEngine:
         """Advance the state machine: open, close (commit/fail) rounds as time passes."""
         with self._lock:
             self._tick_locked()
+        self._commit_pending_inline()
 
     def _tick_locked(self) -> None:
         run = self._run
+        if self._closing is not None:  # nothing moves until the closing round's commit ends
+            return
         # a paused run still closes its open round (commit/fail); it only opens no new one
         if run.state != RUN_RUNNING and not (run.state == RUN_PAUSED and self._open is not None):
             return
@@ -684,11 +727,11 @@ class RoundEngine:
         selected = len(opened.record.selected)
         needed = self._min_uploads(opened)
         if received >= selected:
-            self._commit_locked("every selected client uploaded")
+            self._close_locked("every selected client uploaded")
         elif self.policy.straggler_fraction < 1.0 and self.policy.enough_to_close(
             received, selected
         ):
-            self._commit_locked(
+            self._close_locked(
                 f"straggler cut-off: {received}/{selected} uploaded "
                 f"(straggler_fraction={self.policy.straggler_fraction:g})"
             )
@@ -698,13 +741,13 @@ class RoundEngine:
             and opened.min_reached_at is not None
             and now - opened.min_reached_at >= self.policy.wait_after_min_s
         ):
-            self._commit_locked(
+            self._close_locked(
                 f"straggler cut-off: {received}/{selected} uploaded, "
                 f"{self.policy.wait_after_min_s:g} s after min_clients was reached"
             )
         elif now >= opened.record.deadline_unix_s:
             if received >= needed:
-                self._commit_locked(f"deadline: {received}/{selected} uploaded")
+                self._close_locked(f"deadline: {received}/{selected} uploaded")
             else:
                 why = (
                     f"min_clients is {needed}"
@@ -756,9 +799,12 @@ class RoundEngine:
         self.store.put_round(record)
         self._open = _OpenRound(
             record=record,
-            fedavg=StreamingFedAvg(
-                self._global, self.module_of, self.central_dp, _central_dp_generator()
-            ),
+            aggregator=None
+            if calibration
+            else self.strategy.begin_round(self._global, self.module_of),
+            instructions=RoundInstructions()
+            if calibration
+            else self.strategy.configure_round(round_no),
             stats=StatsSum(self.calibration.spec) if calibration and self.calibration else None,
             bounder=(
                 UpdateBounder(self._global, self.update_bound)
@@ -800,15 +846,19 @@ class RoundEngine:
         self._after_failure(round_no, record.message)
 
     def _fail_open_locked(self, message: str, retry: bool) -> None:
-        """End the open attempt as failed. Memory moves on even when the database refuses the
+        """End the open attempt as failed (see `_fail_round_locked`)."""
+        assert self._open is not None
+        opened, self._open = self._open, None
+        self._fail_round_locked(opened, message, retry)
+
+    def _fail_round_locked(self, opened: _OpenRound, message: str, retry: bool) -> None:
+        """End an attempt as failed. Memory moves on even when the database refuses the
         record (full disk, lock): a restart would find the attempt still open and re-run it as
         interrupted, the same outcome, so a failing database never wedges the open round."""
-        assert self._open is not None
-        record = self._open.record
+        record = opened.record
         record.state = ROUND_FAILED
         record.ended_unix_s = self.clock()
         record.message = message
-        self._open = None
         self._write_best_effort(f"failure of round {record.round}", self.store.put_round, record)
         self._release_clients(record.selected)
         self._write_best_effort(
@@ -862,42 +912,146 @@ class RoundEngine:
                 f"release of client {client.client_id}", self._save_client, client
             )
 
-    def _commit_locked(self, reason: str) -> None:
-        """Finish the running sum, checkpoint, then record the commit atomically."""
-        assert self._open is not None
-        opened = self._open
-        record = opened.record
-        started = time.perf_counter()
+    def _close_locked(self, reason: str) -> None:
+        """The open attempt takes no more uploads; its commit runs off this thread (or, with
+        ``commit_inline``, on the caller once it released the lock)."""
+        assert self._open is not None and self._closing is None
+        self._closing = _Closing(self._open, reason)
+        self._open = None
         # the serialized input model is not needed any more (a late download reloads it from
         # its checkpoint): dropping it first keeps the commit's peak memory lower
         self._global_bytes = None
+        self._commit_started = False
+        if not self.commit_inline:
+            self._commit_started = True
+            threading.Thread(target=self._run_commit, name="round-commit", daemon=True).start()
+
+    def _commit_pending_inline(self) -> None:
+        """Run a commit left by a public method (``commit_inline``), outside the lock."""
+        with self._lock:
+            if self._closing is None or self._commit_started:
+                return
+            self._commit_started = True
+        self._run_commit()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no commit is pending; False if one still is after ``timeout`` s."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._closing is None, timeout)
+
+    def _run_commit(self) -> None:
+        """Commit the closing attempt; it never leaves the engine stuck in 'closing'."""
+        with self._lock:
+            closing = self._closing
+        if closing is None:
+            return
+        try:
+            self._commit(closing.opened, closing.reason)
+        except Exception as exc:  # a bug must fail the attempt, not wedge the run
+            log.exception("commit of round %d failed", closing.opened.record.round)
+            with self._lock:
+                if closing.opened.record.state != ROUND_COMMITTED:
+                    self._reload_strategy_state()
+                    self._fail_round_locked(
+                        closing.opened, f"commit failed: {exc}; the round is re-run", retry=True
+                    )
+        finally:
+            with self._lock:
+                self._closing = None
+                self._idle.notify_all()
+
+    def _commit(self, opened: _OpenRound, reason: str) -> None:
+        """Aggregate, step the strategy and checkpoint outside the lock; then, under it,
+        publish the prototypes and record the commit atomically."""
+        record = opened.record
+        started = time.perf_counter()
+        values: dict[str, float] = {}
+        strategy_state: dict[str, torch.Tensor] | None = None
         if opened.stats is not None:
-            new_state, reason = self._calibrated_state_locked(opened.stats, reason)
-            pending = None  # late projections of the last training round stay unpublished
+            new_state, reason = self._calibrated_state(opened.stats, reason)
         else:
-            new_state = opened.fedavg.result()
-            pending = self._projections
+            aggregate = self._aggregator(opened).result()
+            values = dict(aggregate.values)
+            new_state = self.strategy.finish_round(self._global, aggregate)
             try:  # an overflowing weighted sum is never committed
                 validate_update(new_state, self._spec, what=f"aggregate of round {record.round}")
             except InvalidUpdateError as exc:
-                self._aggregate_rejected_locked(record.round, str(exc))
+                with self._lock:
+                    self._reload_strategy_state()
+                    self._aggregate_rejected_locked(opened, str(exc))
                 return
-        published: tuple[int, bytes] | None = None
+            strategy_state = self.strategy.state_dict()
         try:
             # pruned only after the DB commit: a kill in between must find the last committed
             # checkpoint still on disk (with keep_last=1 it used to be deleted here)
             self.checkpoints.save(record.round, new_state, self._run.run_id, prune=False)
-            if pending is not None and pending.contributors:
-                sums = pending.sums()
-                if self.noise_hook is not None:
-                    sums = self.noise_hook(sums, record.round)
-                payload = prototypes_payload(sums)
-                path = self.checkpoints.prototypes_path(record.round)
-                atomic_files.write_atomic(path, payload)
-                published = (record.round, payload)
+            if strategy_state:
+                self.checkpoints.save_strategy_state(record.round, strategy_state)
         except OSError as exc:  # disk full, read-only state dir, ...
-            self._checkpoint_failed_locked(record.round, exc)
+            with self._lock:
+                self._reload_strategy_state()
+                self._checkpoint_failed_locked(opened, exc)
             return
+        with self._lock:
+            if not self._record_commit_locked(opened, reason, new_state):
+                self._reload_strategy_state()
+                return
+            self._event(
+                "round_committed",
+                round_no=record.round,
+                message=reason,
+                values={
+                    "received": float(record.received),
+                    "num_samples": float(record.num_samples),
+                    "aggregate_s": time.perf_counter() - started,
+                    **record.metrics,
+                    **values,
+                    **({} if opened.stats is not None else self._central_dp_values(record.round)),
+                },
+            )
+            log.info(
+                "round %d committed: %d upload(s), %d samples, %.1f s, epsilon %.2f so far%s",
+                record.round,
+                record.received,
+                record.num_samples,
+                record.ended_unix_s - record.started_unix_s,
+                self._run.epsilon_spent,
+                " (calibration)" if opened.stats is not None else "",
+            )
+            if (
+                self._run.last_committed_round >= self._final_round()
+                and self._run.state not in TERMINAL_RUN_STATES
+            ):
+                done = f"all {self._run.total_rounds} rounds committed"
+                self._set_run_state(
+                    RUN_COMPLETED,
+                    f"{done}; calibration: {reason}" if opened.stats is not None else done,
+                )
+        self.checkpoints.prune(protect=record.round)
+        if self.bundles is not None:
+            self._write_bundle(record.round, new_state)
+
+    def _record_commit_locked(
+        self, opened: _OpenRound, reason: str, new_state: dict[str, torch.Tensor]
+    ) -> bool:
+        """Publish the pending prototypes, record the commit in the database, then move
+        memory on; False (the attempt failed, to be retried) when the disk or the database
+        refuses."""
+        record = opened.record
+        pending = self._projections if opened.stats is None else None
+        published: tuple[int, bytes] | None = None
+        if pending is not None and pending.contributors:
+            # late projections of the last training round stay unpublished at calibration
+            sums = pending.sums()
+            if self.noise_hook is not None:
+                sums = self.noise_hook(sums, record.round)
+            payload = prototypes_payload(sums)
+            try:
+                atomic_files.write_atomic(self.checkpoints.prototypes_path(record.round), payload)
+            except OSError as exc:
+                self._checkpoint_failed_locked(opened, exc)
+                return False
+            published = (record.round, payload)
         before = (record.state, record.ended_unix_s, record.message, record.metrics)
         last_before = self._run.last_committed_round
         record.state = ROUND_COMMITTED
@@ -923,16 +1077,13 @@ class RoundEngine:
                 "commit_failed event",
                 lambda: self._event("commit_failed", round_no=record.round, message=message),
             )
-            self._fail_open_locked(message, retry=True)
-            return
+            self._fail_round_locked(opened, message, retry=True)
+            return False
         if published is not None and pending is not None:
             self._prototypes = published
             self._projections = ProjectionAggregator(pending.spec)
-        self.checkpoints.prune(protect=record.round)
         self._global = new_state
         self._global_bytes = None
-        if self.bundles is not None:
-            self._write_bundle_locked(record.round, new_state)
         for cid in opened.uploaders:
             client = self._clients[cid]
             client.rounds_completed += 1 if opened.stats is None else 0
@@ -940,40 +1091,14 @@ class RoundEngine:
         self._release_clients(record.selected)
         for cid in opened.uploaders:
             self._save_client(self._clients[cid])
-        self._open = None
-        self._event(
-            "round_committed",
-            round_no=record.round,
-            message=reason,
-            values={
-                "received": float(record.received),
-                "num_samples": float(record.num_samples),
-                "aggregate_s": time.perf_counter() - started,
-                **record.metrics,
-                **(
-                    {}
-                    if opened.stats is not None
-                    else self._central_dp_values(opened.fedavg, record.round)
-                ),
-            },
-        )
-        log.info(
-            "round %d committed: %d upload(s), %d samples, %.1f s, epsilon %.2f so far%s",
-            record.round,
-            record.received,
-            record.num_samples,
-            record.ended_unix_s - record.started_unix_s,
-            self._run.epsilon_spent,
-            " (calibration)" if opened.stats is not None else "",
-        )
-        if self._run.last_committed_round >= self._final_round():
-            done = f"all {self._run.total_rounds} rounds committed"
-            self._set_run_state(
-                RUN_COMPLETED,
-                f"{done}; calibration: {reason}" if opened.stats is not None else done,
-            )
+        return True
 
-    def _write_bundle_locked(self, round_no: int, state: dict[str, torch.Tensor]) -> None:
+    def _reload_strategy_state(self) -> None:
+        """After a failed commit: the strategy's state as of the last committed round (its
+        step on the failed aggregate must not count when the round is re-run)."""
+        self._load_strategy_state()
+
+    def _write_bundle(self, round_no: int, state: dict[str, torch.Tensor]) -> None:
         """The committed round's model bundle beside its checkpoint; the commit stands if the
         disk refuses it (export-model then builds the bundle from the checkpoint)."""
         assert self.bundles is not None
@@ -990,7 +1115,7 @@ class RoundEngine:
                 lambda: self._event("bundle_failed", round_no=round_no, message=message),
             )
 
-    def _calibrated_state_locked(
+    def _calibrated_state(
         self, stats: StatsSum, reason: str
     ) -> tuple[dict[str, torch.Tensor], str]:
         """The calibration round's new global model and commit message: the fitted model
@@ -1009,34 +1134,40 @@ class RoundEngine:
             return dict(self._global), f"{reason}; the fit failed ({exc}), left uncalibrated"
         return fitted, what + took
 
-    def _central_dp_values(self, fedavg: StreamingFedAvg, round_no: int) -> dict[str, float]:
-        """Central-DP figures of a commit: clipped updates and epsilon after `round_no` rounds
-        (Gaussian mechanism, noise multiplier z, client sampling rate = policy.fraction)."""
-        if self.central_dp is None or self.central_dp.noise_multiplier <= 0:
+    def _central_dp_values(self, round_no: int) -> dict[str, float]:
+        """Central-DP epsilon after `round_no` rounds (Gaussian mechanism, noise multiplier z,
+        client sampling rate = policy.fraction); the clipped count comes with the aggregate."""
+        strategy = self.strategy
+        if not isinstance(strategy, CentralDPStrategy) or strategy.noise_multiplier <= 0:
             return {}
         from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
 
         accountant = PrivacyAccountant()
-        accountant.step(self.central_dp.noise_multiplier, self.policy.fraction, steps=round_no)
-        return {
-            "central_dp_clipped": float(fedavg.clipped_updates),
-            "central_dp_epsilon": accountant.epsilon(self.central_dp_delta),
-        }
+        accountant.step(strategy.noise_multiplier, self.policy.fraction, steps=round_no)
+        return {"central_dp_epsilon": accountant.epsilon(self.central_dp_delta)}
 
-    def _aggregate_rejected_locked(self, round_no: int, problem: str) -> None:
+    def _aggregator(self, opened: _OpenRound) -> RoundAggregator:
+        """The training round's aggregator (the calibration round has none)."""
+        if opened.aggregator is None:
+            raise WrongRoundError(f"round {opened.record.round} is the calibration round")
+        return opened.aggregator
+
+    def _aggregate_rejected_locked(self, opened: _OpenRound, problem: str) -> None:
         """The round's aggregate is not a usable model: fail the attempt (retried, bounded by
         max_round_attempts); the last good model stays the global model."""
+        round_no = opened.record.round
         message = f"{problem}; the round is not committed, the last good model is kept"
         log.error(message)
         self._write_best_effort(
             "aggregate_rejected event",
             lambda: self._event("aggregate_rejected", round_no=round_no, message=message),
         )
-        self._fail_open_locked(message, retry=True)
+        self._fail_round_locked(opened, message, retry=True)
 
-    def _checkpoint_failed_locked(self, round_no: int, exc: OSError) -> None:
+    def _checkpoint_failed_locked(self, opened: _OpenRound, exc: OSError) -> None:
         """The new global model could not be written: the round is not committed (its attempt
         fails and is retried, bounded by max_round_attempts); the last good checkpoint stays."""
+        round_no = opened.record.round
         message = (
             f"checkpoint of round {round_no} could not be written ({exc.strerror or exc}); "
             "the round is not committed, the last good checkpoint is kept"
@@ -1046,7 +1177,7 @@ class RoundEngine:
             "checkpoint_failed event",
             lambda: self._event("checkpoint_failed", round_no=round_no, message=message),
         )
-        self._fail_open_locked(message, retry=True)
+        self._fail_round_locked(opened, message, retry=True)
 
     # ------------------------------------------------------------------ model download
     def global_model_bytes(self, round_no: int) -> tuple[int, bytes]:
@@ -1129,7 +1260,9 @@ class RoundEngine:
             weights = (
                 {}
                 if calibration
-                else module_weights_of(num_samples, module_samples, opened.fedavg.modules)
+                else module_weights_of(
+                    num_samples, module_samples, self._aggregator(opened).modules
+                )
             )
             check_sd_weight(client_id, self._recovery_of.get(client_id), weights)
             return UploadTicket(
@@ -1152,6 +1285,9 @@ class RoundEngine:
             raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
         opened = self._open
         last = self._run.last_committed_round
+        closing = self._closing
+        if opened is None and closing is not None and closing.opened.record.round == round_no:
+            raise WrongRoundError(f"round {round_no} is closed (its commit is running)")
         if opened is None:
             state = "closed" if round_no <= last else "not open yet"
             raise WrongRoundError(
@@ -1218,7 +1354,7 @@ class RoundEngine:
             if opened.stats is not None:
                 opened.stats.add(tensors)
             else:
-                opened.fedavg.add(
+                self._aggregator(opened).add(
                     tensors, ticket.weights, ticket.num_samples, bound.scale if bound else 1.0
                 )
             fold_s = time.perf_counter() - fold_started
@@ -1263,9 +1399,10 @@ class RoundEngine:
             )
             self._tick_locked()
             closed = self._open is not opened
-            return UploadOutcome(
-                True, False, f"update for round {ticket.round} accepted", round_closed=closed
-            )
+        self._commit_pending_inline()
+        return UploadOutcome(
+            True, False, f"update for round {ticket.round} accepted", round_closed=closed
+        )
 
     def _bound_check(
         self, ticket: UploadTicket, tensors: Mapping[str, torch.Tensor]
@@ -1281,7 +1418,8 @@ class RoundEngine:
             or (opened.record.round, opened.record.attempt) != (ticket.round, ticket.attempt)
         ):
             return None
-        return opened.bounder.check(tensors, opened.fedavg.contributed_keys(ticket.weights))
+        keys = self._aggregator(opened).contributed_keys(ticket.weights)
+        return opened.bounder.check(tensors, keys)
 
     def _update_clipped_event(self, ticket: UploadTicket, bound: BoundCheck) -> None:
         self._event(
@@ -1388,7 +1526,7 @@ class RoundEngine:
     def _check_projection_round(self, client_id: str, round_no: int) -> None:
         if self._run.state in TERMINAL_RUN_STATES:
             raise RunNotActiveError(f"the run is {self._run.state}; nothing more is accepted")
-        opened = self._open
+        opened = self._open or (self._closing.opened if self._closing else None)
         if opened is not None and opened.record.round == round_no:
             if opened.stats is not None:
                 raise WrongRoundError(
@@ -1414,10 +1552,3 @@ def load_prototypes(payload: bytes) -> dict[str, torch.Tensor]:
         return decode_tensors(payload)
     except WireError as exc:
         raise InvalidUpdateError(f"prototypes payload is corrupt: {exc}") from exc
-
-
-def _central_dp_generator() -> torch.Generator:
-    """A fresh, unpredictable noise seed per round (DP noise must not be reproducible)."""
-    generator = torch.Generator()
-    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-    return generator

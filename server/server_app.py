@@ -18,7 +18,6 @@ from crossfed.common.crypto.nonce_journal import NonceJournal, NonceJournalError
 from crossfed.common.crypto.rpc_auth import ServerAuthInterceptor
 from crossfed.common.privacy.projection_dp import ProjectionMandate
 from crossfed.server.admin_servicer import AdminServicer, ensure_admin_credential
-from crossfed.server.aggregation import CentralDP
 from crossfed.server.calibration_round import CalibrationStep, ccvr_calibration_step
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.coordinator_servicer import CoordinatorServicer
@@ -38,6 +37,9 @@ from crossfed.server.sd_admission import SDRequirement
 from crossfed.server.state.base import StateStore
 from crossfed.server.state.factory import open_state_store, prepare_state_dir
 from crossfed.server.state.records import TERMINAL_RUN_STATES, RunRecord
+from crossfed.server.strategies.base import Strategy
+from crossfed.server.strategies.central_dp import CentralDPStrategy
+from crossfed.server.strategies.registry import make_strategy
 from crossfed.server.update_bound import UpdateBound
 from crossfed.server.upload_keys import load_or_create_upload_key
 from crossfed.server.upload_receiver import UploadPolicy
@@ -99,12 +101,16 @@ class ServerOptions:
         return ServerConfig.model_validate(data)
 
 
-def central_dp_from_config(config: ServerConfig) -> CentralDP | None:
-    """Server-side clipping + noise of updates when `privacy.central_dp` is on."""
+def strategy_from_config(config: ServerConfig) -> Strategy:
+    """The config's strategy, behind central DP when `privacy.central_dp` is on."""
+    try:
+        strategy = make_strategy(config.strategy)
+    except ValueError as exc:
+        raise ConfigurationError(f"strategy: {exc}") from exc
     privacy = config.privacy
     if not privacy.central_dp:
-        return None
-    return CentralDP(privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
+        return strategy
+    return CentralDPStrategy(strategy, privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
 
 
 def projection_privacy_from_config(config: ServerConfig, state_dir: Path) -> ProjectionPrivacy:
@@ -225,7 +231,7 @@ class CoordinatorServer:
             model_config_digest=model_config_digest(config.model),
             epsilon_budget=epsilon_budget,
             projection_privacy=projection_privacy_from_config(config, state_dir),
-            central_dp=central_dp_from_config(config),
+            strategy=strategy_from_config(config),
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
             contract=contract,

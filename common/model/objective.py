@@ -2,14 +2,18 @@
 trainers (client/local_trainer.py, and client/private_training.py which evaluates the same
 terms per sample for DP-SGD). The terms themselves live beside their modules: L_orth (eq. 3)
 in disentangler.py, L_align / L_mem (eq. 5, 11) in mapper.py, L_diff (eq. 7) in
-feature_diffusion.py; each has a per-row form and a batch mean."""
+feature_diffusion.py; each has a per-row form and a batch mean. FedProx's proximal term
+(mu/2 ||w - w_global||^2, Li et al. 2020), added to eq. 14 when the server asks for it, is here
+too (``ProximalTerm``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from crossfed.common.model.model_config import LossWeights
+from torch import nn
 
 #: Eq. 14's terms: L_cls (eq. 13), the unimodal classifiers of eq. 9 (text, and its image
 #: twin), L_orth, L_align, L_diff and L_mem.
@@ -43,3 +47,38 @@ def weight_vector(names: tuple[str, ...], weights: LossWeights) -> torch.Tensor:
     """The lambdas of ``names`` as a vector (per-sample terms [B, k] @ vector = eq. 14)."""
     lam = term_weights(weights)
     return torch.tensor([lam[name] for name in names])
+
+
+class ProximalTerm:
+    """FedProx: mu/2 sum ||w - w_global||^2 over ``params`` (the round's trained parameters),
+    anchored at their values when constructed (the global model the round started from).
+
+    Its gradient, mu (w - w_global), is data-independent, so the trainers add it to the
+    parameters' gradients after the data terms' backward (and, under DP-SGD, after clipping
+    and noise: it touches no sample and spends no privacy)."""
+
+    def __init__(self, params: Sequence[nn.Parameter], mu: float) -> None:
+        if not (math.isfinite(mu) and mu > 0):
+            raise ValueError(f"proximal mu must be a finite number > 0, got {mu}")
+        self.mu = mu
+        self.params = list(params)
+        self.anchors = [p.detach().clone() for p in self.params]
+
+    def value(self) -> torch.Tensor:
+        """mu/2 sum ||w - w_global||^2 (no gradient; for reporting)."""
+        with torch.no_grad():
+            total = sum(
+                ((p - a).pow(2).sum() for p, a in zip(self.params, self.anchors, strict=True)),
+                start=torch.zeros(()),
+            )
+        return total * (self.mu / 2)
+
+    def add_gradient(self) -> None:
+        """grad += mu (w - w_global): the term's gradient, as if it were in the loss."""
+        with torch.no_grad():
+            for p, anchor in zip(self.params, self.anchors, strict=True):
+                pull = (p - anchor).mul_(self.mu)
+                if p.grad is None:
+                    p.grad = pull
+                else:
+                    p.grad.add_(pull)

@@ -11,6 +11,7 @@ from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.base import StateStore
 from crossfed.server.state.memory import InMemoryStateStore
+from crossfed.server.strategies.base import Strategy
 
 BOTH = 1
 TEXT_ONLY = 2
@@ -51,9 +52,11 @@ def make_engine(
     clock: FakeClock,
     store: StateStore | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    strategy: Strategy | None = None,
     **policy_kw: object,
 ) -> RoundEngine:
-    """An engine over ``tmp_path/ckpt`` with a default 2-client policy (overridable)."""
+    """An engine over ``tmp_path/ckpt`` with a default 2-client policy (overridable); its
+    commits run inline on the caller (deterministic under the fake clock)."""
     kw: dict[str, object] = {
         "total_rounds": 3,
         "min_clients": 2,
@@ -68,5 +71,7 @@ def make_engine(
         module_of,
         RoundPolicy(**kw),  # type: ignore[arg-type]
         projection_spec=ProjectionSpec(num_classes=2, text_dim=3, image_dim=2),
+        strategy=strategy,
         clock=clock,
+        commit_inline=True,
     )

@@ -63,6 +63,7 @@ def test_200mb_model_download_and_encrypted_upload(tmp_path: Path) -> None:
         reply = client.upload(1, update, server_key=hb.upload_public_key, chunk_size=1 * MiB)
         t_up = time.perf_counter() - t0
         assert reply.accepted
+        assert engine.wait_idle(60.0)  # the commit runs on the engine's committer thread
         assert engine.run.state == "completed"
         final = engine.global_state
         assert torch.allclose(final["big.b"], state["big.b"] * 0.5)

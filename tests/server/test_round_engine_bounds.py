@@ -28,6 +28,7 @@ def _engine(tmp_path: Path, clock: FakeClock, bound: UpdateBound | None) -> Roun
         RoundPolicy(total_rounds=2, min_clients=2, round_deadline_s=60.0),
         update_bound=bound,
         clock=clock,
+        commit_inline=True,
     )
 
 
@@ -104,6 +105,7 @@ def test_a_checkpoint_with_unusable_values_is_named_as_such_at_restart(tmp_path:
             module_of,
             RoundPolicy(total_rounds=2, min_clients=2),
             clock=clock,
+            commit_inline=True,
         )
 
     start()  # creates the run and checkpoint 0

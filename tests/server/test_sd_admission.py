@@ -33,6 +33,7 @@ def _engine(tmp_path: Path, refuse: bool) -> RoundEngine:
         projection_spec=ProjectionSpec(num_classes=2, text_dim=3, image_dim=2),
         sd_requirement=SDRequirement(DIGEST, refuse_without=refuse),
         clock=FakeClock(),
+        commit_inline=True,
     )
 
 

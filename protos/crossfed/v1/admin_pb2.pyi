@@ -12,7 +12,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("run_id", "run_state", "current_round", "total_rounds", "last_committed_round", "clients_by_state", "epsilon_spent", "epsilon_budget", "last_metrics", "server_version", "uptime_s")
+    __slots__ = ("run_id", "run_state", "current_round", "total_rounds", "last_committed_round", "clients_by_state", "epsilon_spent", "epsilon_budget", "last_metrics", "server_version", "uptime_s", "strategy", "strategy_params", "central_dp")
     class ClientsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,13 @@ class GetStatusResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class StrategyParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +38,9 @@ class GetStatusResponse(_message.Message):
     LAST_METRICS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_DP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     run_state: str
     current_round: int
@@ -42,7 +52,10 @@ class GetStatusResponse(_message.Message):
     last_metrics: _common_pb2.Metrics
     server_version: str
     uptime_s: float
-    def __init__(self, run_id: _Optional[str] = ..., run_state: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., clients_by_state: _Optional[_Mapping[str, int]] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., last_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., server_version: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    strategy: str
+    strategy_params: _containers.ScalarMap[str, float]
+    central_dp: bool
+    def __init__(self, run_id: _Optional[str] = ..., run_state: _Optional[str] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., last_committed_round: _Optional[int] = ..., clients_by_state: _Optional[_Mapping[str, int]] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., last_metrics: _Optional[_Union[_common_pb2.Metrics, _Mapping]] = ..., server_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., strategy: _Optional[str] = ..., strategy_params: _Optional[_Mapping[str, float]] = ..., central_dp: _Optional[bool] = ...) -> None: ...
 
 class ClientInfo(_message.Message):
     __slots__ = ("client_id", "modality", "num_samples", "state", "last_seen_unix_s", "last_round", "rounds_completed", "num_paired", "num_text_only", "num_image_only")

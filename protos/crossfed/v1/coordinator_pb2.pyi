@@ -110,7 +110,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, last_completed_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("action", "round", "poll_after_ms", "deadline_unix_s", "upload_public_key", "local_epochs", "run_state", "message")
+    __slots__ = ("action", "round", "poll_after_ms", "deadline_unix_s", "upload_public_key", "local_epochs", "run_state", "message", "proximal_mu")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     POLL_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class HeartbeatResponse(_message.Message):
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     poll_after_ms: int
@@ -127,7 +128,8 @@ class HeartbeatResponse(_message.Message):
     local_epochs: int
     run_state: str
     message: str
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., poll_after_ms: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., upload_public_key: _Optional[bytes] = ..., local_epochs: _Optional[int] = ..., run_state: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., poll_after_ms: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., upload_public_key: _Optional[bytes] = ..., local_epochs: _Optional[int] = ..., run_state: _Optional[str] = ..., message: _Optional[str] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("round", "start_chunk")

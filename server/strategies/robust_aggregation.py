@@ -1,0 +1,346 @@
+"""Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum / Multi-Krum.
+
+Unlike streaming FedAvg (eq. 15) these rules need every upload at once, so the aggregator
+buffers each upload's contributed tensors: server memory is about clients x model, stated by
+``peak_bytes`` and refused up front by ``check_fits`` (and at run time by ``max_buffer_bytes``).
+
+Module-aware: each module is aggregated over the uploads with weight > 0 on it; a module nobody
+trained keeps its global value; integer buffers are never aggregated. The rules are unweighted
+on purpose: sample counts are claimed by the client, and weighting by them would let a single
+Byzantine client claim a huge n and dominate (the very thing these rules exist to resist).
+Krum needs n > 2f + 2 uploads on a module; with fewer, that module falls back to the median
+(counted in ``RoundResult.values["krum_median_fallback_modules"]``) rather than stalling a
+round in which few clients hold that modality.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+from crossfed.server.errors import InvalidUpdateError, ServerError, StatusKind
+from crossfed.server.strategies.base import ModuleOf, RoundInstructions, RoundResult
+
+#: Coordinates x uploads stacked at once while aggregating, whatever the model's largest
+#: tensor. Transient memory per chunk: the float64 stack plus the sort's float64 values and
+#: int64 indices (Krum: the stack and its square), so 3 x 8 bytes per stacked element.
+CHUNK_ELEMENTS = 1 << 20
+CHUNK_BYTES = 3 * 8 * CHUNK_ELEMENTS
+
+
+class MemoryBudgetError(ServerError, ValueError):
+    """A buffering aggregator would need more memory than its budget allows."""
+
+    status = StatusKind.RESOURCE_EXHAUSTED
+
+
+def buffered_peak_bytes(model_bytes: int, clients_per_round: int) -> int:
+    """Memory of one buffered round beyond the global model: every client's copy of the model,
+    the aggregated output, and the bounded stacking chunk."""
+    return int(clients_per_round) * int(model_bytes) + int(model_bytes) + CHUNK_BYTES
+
+
+def check_fits(name: str, model_bytes: int, clients_per_round: int, budget_bytes: int) -> None:
+    """Refuse a configuration whose buffered round cannot fit in ``budget_bytes``."""
+    need = buffered_peak_bytes(model_bytes, clients_per_round)
+    if need > budget_bytes:
+        raise MemoryBudgetError(
+            f"strategy {name!r} buffers every upload: {clients_per_round} clients x "
+            f"{model_bytes:,} model bytes needs {need:,} bytes, over the budget of "
+            f"{budget_bytes:,} bytes; lower clients_per_round or use a streaming strategy "
+            "(fedavg)"
+        )
+
+
+def _is_averaged(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _chunks(numel: int, uploads: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(uploads, 1))
+    return [slice(start, min(start + step, numel)) for start in range(0, numel, step)]
+
+
+def _stacked(values: list[torch.Tensor], part: slice) -> torch.Tensor:
+    """[n, chunk] float64 view of one chunk of every upload's flattened tensor."""
+    return torch.stack([v.reshape(-1)[part].to(torch.float64) for v in values])
+
+
+def coordinate_median(values: list[torch.Tensor]) -> torch.Tensor:
+    """Per coordinate, the median of the uploads (mean of the two middle ones for even n)."""
+    return trimmed_mean(values, (len(values) - 1) // 2)
+
+
+def trimmed_mean(values: list[torch.Tensor], trim: int) -> torch.Tensor:
+    """Per coordinate, the mean after dropping the ``trim`` highest and lowest values."""
+    n = len(values)
+    if not 0 <= 2 * trim < n:
+        raise ValueError(f"cannot trim {trim} from each end of {n} values")
+    like = values[0]
+    out = torch.empty(like.numel(), dtype=torch.float64)
+    for part in _chunks(like.numel(), n):
+        ordered = _stacked(values, part).sort(dim=0).values
+        out[part] = ordered[trim : n - trim].mean(dim=0)
+    return out.reshape(like.shape).to(like.dtype)
+
+
+def pairwise_sq_distances(uploads: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[n, n] squared L2 distances between uploads, each a list of a module's tensors."""
+    n = len(uploads)
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    for t in range(len(uploads[0])):
+        values = [u[t] for u in uploads]
+        for part in _chunks(values[0].numel(), n):
+            x = _stacked(values, part)
+            sq = (x * x).sum(dim=1)
+            dist += (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+    return dist
+
+
+def krum_select(dist: torch.Tensor, num_byzantine: int, num_selected: int) -> list[int]:
+    """Indices of the ``num_selected`` uploads with the lowest Krum score (sum of squared
+    distances to the n - f - 2 nearest others; Blanchard et al. 2017)."""
+    n = dist.shape[0]
+    nearest = n - num_byzantine - 2
+    others = dist + torch.diag(torch.full((n,), math.inf, dtype=dist.dtype))
+    scores = others.sort(dim=1).values[:, :nearest].sum(dim=1)
+    order = sorted(range(n), key=lambda i: (float(scores[i]), i))
+    return sorted(order[:num_selected])
+
+
+class RobustRule(Protocol):
+    """How one module's buffered uploads become its aggregate."""
+
+    name: str
+
+    def aggregate(
+        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+    ) -> list[torch.Tensor]:
+        """``uploads[i][t]`` is upload i's tensor for ``keys[t]``; returns one per key."""
+        ...
+
+
+class MedianRule:
+    name = "median"
+
+    def aggregate(
+        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+    ) -> list[torch.Tensor]:
+        return [coordinate_median([u[t] for u in uploads]) for t in range(len(keys))]
+
+
+class TrimmedMeanRule:
+    name = "trimmed_mean"
+
+    def __init__(self, trim_ratio: float) -> None:
+        if not (math.isfinite(trim_ratio) and 0.0 <= trim_ratio < 0.5):
+            raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+        self.trim_ratio = trim_ratio
+
+    def aggregate(
+        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+    ) -> list[torch.Tensor]:
+        trim = math.floor(self.trim_ratio * len(uploads))
+        return [trimmed_mean([u[t] for u in uploads], trim) for t in range(len(keys))]
+
+
+class KrumRule:
+    name = "krum"
+
+    def __init__(self, num_byzantine: int, num_selected: int) -> None:
+        if num_byzantine < 0:
+            raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+        if num_selected < 1:
+            raise ValueError(f"num_selected must be >= 1, got {num_selected}")
+        self.num_byzantine = num_byzantine
+        self.num_selected = num_selected
+
+    def aggregate(
+        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+    ) -> list[torch.Tensor]:
+        n, f = len(uploads), self.num_byzantine
+        if n <= 2 * f + 2:
+            values["krum_median_fallback_modules"] = (
+                values.get("krum_median_fallback_modules", 0.0) + 1.0
+            )
+            return MedianRule().aggregate(keys, uploads, values)
+        chosen = krum_select(pairwise_sq_distances(uploads), f, min(self.num_selected, n - f))
+        out = []
+        for t in range(len(keys)):
+            total = torch.zeros(uploads[0][t].shape, dtype=torch.float64)
+            for i in chosen:
+                total += uploads[i][t].to(torch.float64)
+            out.append((total / len(chosen)).to(uploads[0][t].dtype))
+        return out
+
+
+class BufferedAggregator:
+    """RoundAggregator that keeps every upload's contributed tensors, then applies ``rule``
+    per module over the uploads that trained it."""
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        module_of: ModuleOf,
+        rule: RobustRule,
+        max_buffer_bytes: int | None = None,
+    ) -> None:
+        self._global = dict(global_state)
+        self._module_of_key = {k: module_of(k) for k in self._global}
+        self.modules: frozenset[str] = frozenset(
+            m for k, m in self._module_of_key.items() if _is_averaged(self._global[k])
+        )
+        self.rule = rule
+        self.max_buffer_bytes = max_buffer_bytes
+        self.buffered_bytes = 0
+        self._buffer: dict[str, list[torch.Tensor]] = {}
+        self.num_updates = 0
+        self.total_samples = 0
+        self._finished = False
+
+    def contributed_keys(self, weights: Mapping[str, float]) -> list[str]:
+        return [
+            key
+            for key, glob in self._global.items()
+            if _is_averaged(glob) and float(weights.get(self._module_of_key[key], 0.0)) > 0.0
+        ]
+
+    def add(
+        self,
+        update: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        num_samples: int,
+        scale: float = 1.0,
+    ) -> None:
+        """Buffer theta_g + scale (theta_i - theta_g) for every contributed key."""
+        if self._finished:
+            raise RuntimeError("this round's aggregator already produced its result")
+        if not (math.isfinite(scale) and 0.0 <= scale <= 1.0):
+            raise ValueError(f"scale must be in [0, 1], got {scale}")
+        keys = self.contributed_keys(weights)
+        incoming = 0
+        for key in keys:
+            value = update.get(key)
+            glob = self._global[key]
+            if value is None or value.shape != glob.shape:
+                got = "missing" if value is None else f"shape {tuple(value.shape)}"
+                raise InvalidUpdateError(
+                    f"update tensor {key!r} is {got}; the model's is {tuple(glob.shape)}"
+                )
+            incoming += glob.numel() * glob.element_size()
+        cap = self.max_buffer_bytes
+        if cap is not None and self.buffered_bytes + incoming > cap:
+            raise MemoryBudgetError(
+                f"{self.rule.name}: buffering upload {self.num_updates + 1} "
+                f"({incoming:,} bytes) would hold {self.buffered_bytes + incoming:,} bytes, "
+                f"over max_buffer_bytes={cap:,}"
+            )
+        for key in keys:
+            glob = self._global[key]
+            value = update[key]
+            if scale < 1.0:
+                wide = torch.lerp(glob.to(torch.float64), value.to(torch.float64), scale)
+                stored = wide.to(glob.dtype)
+            else:
+                stored = value.to(glob.dtype, copy=True)
+            self._buffer.setdefault(key, []).append(stored.contiguous())
+        self.buffered_bytes += incoming
+        self.num_updates += 1
+        self.total_samples += int(num_samples)
+
+    def result(self) -> RoundResult:
+        """Apply the rule per module; buffers are released as each module is done."""
+        if self._finished:
+            raise RuntimeError("this round's aggregator already produced its result")
+        self._finished = True
+        out = dict(self._global)
+        values: dict[str, float] = {}
+        trained: set[str] = set()
+        by_module: dict[str, list[str]] = {}
+        for key in self._buffer:
+            by_module.setdefault(self._module_of_key[key], []).append(key)
+        for module, keys in sorted(by_module.items()):
+            per_key = [self._buffer.pop(k) for k in keys]
+            uploads = [[tensors[i] for tensors in per_key] for i in range(len(per_key[0]))]
+            del per_key
+            for key, value in zip(keys, self.rule.aggregate(keys, uploads, values), strict=True):
+                out[key] = value
+            values[f"uploads.{module}"] = float(len(uploads))
+            trained.add(module)
+        self.buffered_bytes = 0
+        return RoundResult(state=out, trained_modules=frozenset(trained), values=values)
+
+
+class RobustStrategy:
+    """A stateless strategy whose round aggregates with a buffered robust ``rule``."""
+
+    def __init__(self, rule: RobustRule, max_buffer_bytes: int | None = None) -> None:
+        if max_buffer_bytes is not None and max_buffer_bytes <= 0:
+            raise ValueError(f"max_buffer_bytes must be > 0, got {max_buffer_bytes}")
+        self.rule = rule
+        self.name = rule.name
+        self.max_buffer_bytes = max_buffer_bytes
+
+    def configure_round(self, round_no: int) -> RoundInstructions:
+        return RoundInstructions()
+
+    def begin_round(
+        self, global_state: Mapping[str, torch.Tensor], module_of: ModuleOf
+    ) -> BufferedAggregator:
+        return BufferedAggregator(global_state, module_of, self.rule, self.max_buffer_bytes)
+
+    def finish_round(
+        self, global_state: Mapping[str, torch.Tensor], aggregate: RoundResult
+    ) -> dict[str, torch.Tensor]:
+        return dict(aggregate.state)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} has no state, got key {min(state)!r}")
+
+    def peak_bytes(self, model_bytes: int, clients_per_round: int) -> int:
+        return buffered_peak_bytes(model_bytes, clients_per_round)
+
+    def check_fits(self, model_bytes: int, clients_per_round: int, budget_bytes: int) -> None:
+        """MemoryBudgetError (a ValueError) naming the numbers when a round cannot fit."""
+        check_fits(self.name, model_bytes, clients_per_round, budget_bytes)
+
+
+class MedianStrategy(RobustStrategy):
+    """Coordinate-wise median (Yin et al. 2018)."""
+
+    def __init__(self, max_buffer_bytes: int | None = None) -> None:
+        super().__init__(MedianRule(), max_buffer_bytes)
+
+
+class TrimmedMeanStrategy(RobustStrategy):
+    """Coordinate-wise trimmed mean: drop floor(beta n) highest and lowest, average the rest."""
+
+    def __init__(self, trim_ratio: float = 0.2, max_buffer_bytes: int | None = None) -> None:
+        super().__init__(TrimmedMeanRule(trim_ratio), max_buffer_bytes)
+
+
+class KrumStrategy(RobustStrategy):
+    """Krum (num_selected 1) / Multi-Krum: average the uploads with the lowest Krum scores."""
+
+    def __init__(
+        self, num_byzantine: int = 1, num_selected: int = 1, max_buffer_bytes: int | None = None
+    ) -> None:
+        super().__init__(KrumRule(num_byzantine, num_selected), max_buffer_bytes)
+
+
+__all__ = [
+    "BufferedAggregator",
+    "KrumStrategy",
+    "MedianStrategy",
+    "MemoryBudgetError",
+    "RobustStrategy",
+    "TrimmedMeanStrategy",
+    "buffered_peak_bytes",
+    "check_fits",
+]

@@ -1,0 +1,178 @@
+"""The engine runs a `Strategy`: its instructions reach the clients with the round, its state
+is checkpointed with each commit and restored after a restart, and the commit runs off the
+lock (a heartbeat answers while a commit is held inside its checkpoint write)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+import torch
+from crossfed.server.checkpoints import CheckpointStore
+from crossfed.server.projection_exchange import ProjectionSpec
+from crossfed.server.round_engine import ACTION_TRAIN, ACTION_WAIT, RoundEngine
+from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.state.sqlite import SqliteStateStore
+from crossfed.server.strategies.base import ModuleOf, RoundInstructions, RoundResult
+from crossfed.server.strategies.fedavg import FedAvg, FedAvgAggregator
+from engine_fixtures import BOTH, FakeClock, module_of, small_state
+
+
+class _CountingStrategy(FedAvg):
+    """FedAvg with server state (a running sum of the aggregates' fusion bias) and a mu."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        super().__init__(proximal_mu=0.25)
+        self.state: dict[str, torch.Tensor] = {"rounds": torch.zeros(1), "bias": torch.zeros(4)}
+
+    def configure_round(self, round_no: int) -> RoundInstructions:
+        return RoundInstructions(proximal_mu=self.proximal_mu * round_no)
+
+    def begin_round(
+        self, global_state: Mapping[str, torch.Tensor], module_of: ModuleOf
+    ) -> FedAvgAggregator:
+        return FedAvgAggregator(global_state, module_of)
+
+    def finish_round(
+        self, global_state: Mapping[str, torch.Tensor], aggregate: RoundResult
+    ) -> dict[str, torch.Tensor]:
+        self.state = {
+            "rounds": self.state["rounds"] + 1,
+            "bias": self.state["bias"] + aggregate.state["fusion.bias"],
+        }
+        return aggregate.state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = dict(state) or {"rounds": torch.zeros(1), "bias": torch.zeros(4)}
+
+
+class _HeldCheckpoints(CheckpointStore):
+    """A checkpoint store whose writes of round >= 1 wait on an event (a slow disk)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, keep_last=2)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def save(
+        self, round_no: int, state: dict[str, torch.Tensor], run_id: str = "", prune: bool = True
+    ) -> Path:
+        if round_no >= 1:
+            self.entered.set()
+            assert self.release.wait(30.0), "the test never released the commit"
+        return super().save(round_no, state, run_id, prune)
+
+
+def _engine(
+    tmp_path: Path,
+    clock: FakeClock,
+    strategy: FedAvg,
+    checkpoints: CheckpointStore | None = None,
+    inline: bool = True,
+) -> RoundEngine:
+    return RoundEngine(
+        SqliteStateStore(tmp_path / "state.db"),
+        checkpoints or CheckpointStore(tmp_path / "ckpt", keep_last=2),
+        small_state(),
+        module_of,
+        RoundPolicy(total_rounds=3, min_clients=2, round_deadline_s=60.0),
+        projection_spec=ProjectionSpec(num_classes=2, text_dim=3, image_dim=2),
+        strategy=strategy,
+        clock=clock,
+        commit_inline=inline,
+    )
+
+
+def _upload_round(engine: RoundEngine, round_no: int, seed: int) -> None:
+    for cid in "ab":
+        ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", 10, {})
+        engine.complete_upload(ticket, small_state(seed))  # type: ignore[arg-type]
+
+
+def test_instructions_reach_clients_and_state_survives_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    strategy = _CountingStrategy()
+    engine = _engine(tmp_path, clock, strategy)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    for round_no in (1, 2):
+        action = engine.heartbeat("a")
+        assert action.action == ACTION_TRAIN and action.round == round_no
+        assert action.proximal_mu == pytest.approx(0.25 * round_no)
+        _upload_round(engine, round_no, seed=round_no + 20)
+    assert engine.run.last_committed_round == 2
+    expected = {k: v.clone() for k, v in strategy.state.items()}
+    assert float(expected["rounds"]) == 2.0
+    # the process dies; a new engine over the same database and checkpoint directory
+    del engine
+    restarted = _CountingStrategy()
+    again = _engine(tmp_path, clock, restarted)
+    assert again.run.last_committed_round == 2
+    assert set(restarted.state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(restarted.state[key], value)
+
+
+def test_a_failed_commit_does_not_advance_the_strategy_state(tmp_path: Path) -> None:
+    """A round whose checkpoint cannot be written is re-run; the strategy's step on the
+    failed attempt is rolled back to the last committed round's state."""
+    clock = FakeClock()
+    strategy = _CountingStrategy()
+    engine = _engine(tmp_path, clock, strategy)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    engine.heartbeat("a")
+    _upload_round(engine, 1, seed=5)
+    committed = {k: v.clone() for k, v in strategy.state.items()}
+    original = engine.checkpoints.save
+
+    def refuse(*args: object, **kwargs: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    engine.checkpoints.save = refuse  # type: ignore[method-assign]
+    engine.heartbeat("a")
+    _upload_round(engine, 2, seed=6)
+    assert engine.run.last_committed_round == 1
+    for key, value in committed.items():
+        assert torch.equal(strategy.state[key], value)
+    engine.checkpoints.save = original  # type: ignore[method-assign]
+    engine.heartbeat("a")
+    assert engine.open_round is not None and engine.open_round.attempt == 2
+
+
+def test_heartbeats_and_registrations_answer_while_a_commit_is_held(tmp_path: Path) -> None:
+    clock = FakeClock()
+    checkpoints = _HeldCheckpoints(tmp_path / "ckpt")
+    engine = _engine(tmp_path, clock, FedAvg(), checkpoints, inline=False)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    engine.heartbeat("a")
+    _upload_round(engine, 1, seed=3)  # the last upload closes the round: the commit starts
+    assert checkpoints.entered.wait(30.0)
+    try:
+        # the commit is inside its checkpoint write; these must not wait for it
+        done = threading.Event()
+        answers: list[int] = []
+
+        def poll() -> None:
+            answers.append(engine.heartbeat("a").action)
+            engine.register("c", BOTH, 10)
+            answers.append(engine.heartbeat("c").action)
+            done.set()
+
+        threading.Thread(target=poll, daemon=True).start()
+        assert done.wait(10.0), "a heartbeat blocked on the held commit"
+        assert answers == [ACTION_WAIT, ACTION_WAIT]
+        assert not engine.wait_idle(0.0)
+        assert engine.run.last_committed_round == 0
+    finally:
+        checkpoints.release.set()
+    assert engine.wait_idle(30.0)
+    assert engine.run.last_committed_round == 1
