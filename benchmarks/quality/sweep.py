@@ -54,6 +54,11 @@ class RunVariant:
                 parts.append(f"{name}{value:g}")
         return "+".join(parts)
 
+    def params(self) -> dict[str, float]:
+        """The strategy's parameters (FedProx's mu is one)."""
+        mu = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
+        return {**dict(self.strategy_params), **mu}
+
     @classmethod
     def of(cls, record: dict[str, Any]) -> RunVariant:
         """The variant a record was run with (none stated: the default)."""
@@ -215,10 +220,9 @@ def experiment_of(
             "lr": variant.lr or grid.lr,
             "modality_dropout": grid.modality_dropout,
             "central_epochs": grid.central_epochs,
-            "proximal_mu": variant.proximal_mu,
         },
         "model": {"hidden_dim": grid.hidden_dim},
-        "strategy": {"name": variant.strategy, "params": dict(variant.strategy_params)},
+        "strategy": {"name": variant.strategy, "params": variant.params()},
         "methods": methods,
         "seeds": [setup.seed],
         "execution": execution,

@@ -157,12 +157,6 @@ class TrainSection(_Section):
     central_epochs: int = Field(
         default=10, gt=0, le=10_000, description="central references' epochs"
     )
-    proximal_mu: float = Field(
-        default=0.0,
-        ge=0,
-        le=1e3,
-        description="FedProx: mu/2 ||w - w_global||^2 added to every client's local objective",
-    )
 
 
 class StrategySection(_Section):
@@ -175,7 +169,8 @@ class StrategySection(_Section):
     )
     params: dict[str, float] = Field(
         default_factory=dict,
-        description="the strategy's parameters (server_lr, momentum, trim_ratio, ...)",
+        description="the strategy's parameters (server_lr, momentum, trim_ratio, krum_f, "
+        "proximal_mu: FedProx's mu/2 ||w - w_global||^2 in every client's local objective)",
     )
 
     @field_validator("name")
@@ -187,6 +182,17 @@ class StrategySection(_Section):
         if value not in known:
             raise ValueError(f"unknown strategy {value!r}; known: {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _buildable(self) -> StrategySection:
+        from crossfed.simulation.simulation_errors import SimulationError
+        from crossfed.simulation.strategy import make_strategy
+
+        try:
+            make_strategy(self.name, lambda key: key, self.params)
+        except SimulationError as exc:  # names what is wrong
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class AttackSection(_Section):

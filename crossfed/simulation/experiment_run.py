@@ -121,7 +121,6 @@ def run_plan(
         exchange_projections=recipe.exchange,
         calibration_noise=recipe.calibration_noise,
         threads_per_client=threads,
-        proximal_mu=cfg.train.proximal_mu,
         attack=Attack(cfg.attack.kind, cfg.attack.factor),
         attackers=attacker_clients(cfg.federation.clients, cfg.attack.clients, seed),
     )
@@ -289,7 +288,7 @@ def _run_all(
             executor,
             refs,
             sd.test,
-            make_strategy(cfg.strategy.name, CrossModalNet.module_of),
+            make_strategy(cfg.strategy.name, CrossModalNet.module_of, cfg.strategy.params),
             on_round,
         )
         finished(outcome.record)

@@ -28,6 +28,7 @@ from crossfed.common.model.prototypes import ClassPrototypes, apply_global_proto
 from crossfed.server.calibration_round import StatsSum, ccvr_calibration_step
 from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.projection_exchange import ProjectionAggregator, ProjectionSpec
+from crossfed.server.strategies.base import RoundInstructions
 from crossfed.simulation.byzantine import NO_ATTACK, Attack
 from crossfed.simulation.client_executor import ClientExecutor, DataRef
 from crossfed.simulation.experiment import RoundsSection
@@ -60,8 +61,6 @@ class RunPlan:
     exchange_projections: bool
     calibration_noise: float
     threads_per_client: int
-    #: FedProx's mu for every client's local objective (0: plain local training)
-    proximal_mu: float = 0.0
     #: benchmarks/tests only: what the clients in ``attackers`` do to their updates
     attack: Attack = NO_ATTACK
     attackers: frozenset[int] = frozenset()
@@ -154,13 +153,10 @@ def _check_plan(plan: RunPlan, num_clients: int) -> None:
         )
 
 
-def local_train_config(plan: RunPlan, round_no: int, client: int) -> TrainConfig:
-    """A client's local training settings in a round (FedProx's mu included when set)."""
-    extra: dict[str, float] = {}
-    if plan.proximal_mu > 0:
-        if "proximal_mu" not in TrainConfig.__dataclass_fields__:
-            raise SimulationError("proximal_mu needs a local trainer with FedProx support")
-        extra["proximal_mu"] = plan.proximal_mu
+def local_train_config(
+    plan: RunPlan, round_no: int, client: int, instructions: RoundInstructions
+) -> TrainConfig:
+    """A client's local training settings in a round, with what the strategy asks of it."""
     return TrainConfig(
         epochs=plan.local_epochs,
         batch_size=plan.batch_size,
@@ -168,7 +164,7 @@ def local_train_config(plan: RunPlan, round_no: int, client: int) -> TrainConfig
         seed=client_seed(plan.seed, round_no, client),
         modality_dropout=plan.modality_dropout,
         num_threads=plan.threads_per_client,
-        **extra,  # type: ignore[arg-type]
+        proximal_mu=instructions.proximal_mu,
     )
 
 
@@ -195,11 +191,12 @@ def run_federation(
     for rnd in range(policy.rounds):
         round_start = time.perf_counter()
         clients = sample_clients(len(shards), policy.fraction, plan.seed, rnd)
+        instructions = strategy.instructions(rnd)
         tasks = [
             ClientTask(
                 client=c,
                 round_no=rnd,
-                train=local_train_config(plan, rnd, c),
+                train=local_train_config(plan, rnd, c, instructions),
                 share_projections=plan.exchange_projections,
                 attack=plan.attack if c in plan.attackers else NO_ATTACK,
             )

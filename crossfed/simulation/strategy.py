@@ -1,8 +1,8 @@
 """The one seam between the simulator and the server's aggregation: an `AggregationStrategy`
-turns a round's client updates into the next global model. Today the only implementation
-adapts the server's module-aware `StreamingFedAvg` (eq. 15, server/aggregation.py), the code
-`crossfed server` runs; when the server grows pluggable strategies, `make_strategy` returns
-theirs and nothing else here changes."""
+turns a round's client updates into the next global model and says what the round asks of
+clients (FedProx's mu). `make_strategy` builds the server's own strategies by name through
+their registry (server/strategies/registry.py), the code `crossfed server` runs: module-aware
+streaming FedAvg (eq. 15) by default, server optimizers and robust aggregators by name."""
 
 from __future__ import annotations
 
@@ -10,14 +10,24 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import torch
+from pydantic import ValidationError
 
-from crossfed.server.aggregation import ModuleOf, StreamingFedAvg, module_weights_of
+from crossfed.common.config import StrategyConfig
+from crossfed.server.aggregation import ModuleOf, module_weights_of
+from crossfed.server.strategies.base import RoundAggregator, RoundInstructions, Strategy
+from crossfed.server.strategies.registry import known_strategies
+from crossfed.server.strategies.registry import make_strategy as make_server_strategy
 from crossfed.simulation.simulation_errors import SimulationError
 
 
 class AggregationStrategy(Protocol):
-    """A round's aggregation: ``begin_round`` with the global state, ``add`` each update
-    (weights from ``weights_of``), then ``result`` is the next global state."""
+    """A round's aggregation: ``instructions`` for the clients, ``begin_round`` with the
+    global state, ``add`` each update (weights from ``weights_of``), then ``result`` is the
+    next global state."""
+
+    def instructions(self, round_no: int) -> RoundInstructions:
+        """What the clients of ``round_no`` are asked to do (FedProx's mu)."""
+        ...
 
     def begin_round(self, global_state: Mapping[str, torch.Tensor], round_no: int) -> None:
         """Start a round from ``global_state`` (forgets any previous round's sums)."""
@@ -38,18 +48,25 @@ class AggregationStrategy(Protocol):
         ...
 
 
-class ServerFedAvg:
-    """`AggregationStrategy` over the server's `StreamingFedAvg`: module-aware, weighted by
-    the samples that trained each module, O(model) memory whatever the client count."""
+class ServerStrategy:
+    """`AggregationStrategy` over a server `Strategy`: its aggregator folds the updates
+    (module-aware, weighted by the samples that trained each module), then its
+    ``finish_round`` (a server optimizer's step, or the identity) makes the next model."""
 
-    def __init__(self, module_of: ModuleOf) -> None:
+    def __init__(self, strategy: Strategy, module_of: ModuleOf) -> None:
+        self.strategy = strategy
         self._module_of = module_of
-        self._fold: StreamingFedAvg | None = None
+        self._global: dict[str, torch.Tensor] | None = None
+        self._fold: RoundAggregator | None = None
+
+    def instructions(self, round_no: int) -> RoundInstructions:
+        return self.strategy.configure_round(round_no)
 
     def begin_round(self, global_state: Mapping[str, torch.Tensor], round_no: int) -> None:
-        self._fold = StreamingFedAvg(global_state, self._module_of)
+        self._global = dict(global_state)
+        self._fold = self.strategy.begin_round(global_state, self._module_of)
 
-    def _current(self) -> StreamingFedAvg:
+    def _current(self) -> RoundAggregator:
         if self._fold is None:
             raise RuntimeError("begin_round first")
         return self._fold
@@ -63,18 +80,28 @@ class ServerFedAvg:
         self._current().add(update, weights, num_samples)
 
     def result(self) -> dict[str, torch.Tensor]:
-        state = self._current().result()
-        self._fold = None
+        aggregate = self._current().result()
+        assert self._global is not None
+        state = self.strategy.finish_round(self._global, aggregate)
+        self._fold, self._global = None, None
         return state
 
 
 def strategy_names() -> tuple[str, ...]:
-    """The names an experiment's ``strategy.name`` accepts."""
-    return ("fedavg",)
+    """The names an experiment's ``strategy.name`` accepts (the server's registry)."""
+    return tuple(known_strategies())
 
 
-def make_strategy(name: str, module_of: ModuleOf) -> AggregationStrategy:
-    """The strategy an experiment names (``strategy.name``)."""
-    if name == "fedavg":
-        return ServerFedAvg(module_of)
-    raise SimulationError(f"unknown strategy {name!r}; known: fedavg")
+def make_strategy(
+    name: str, module_of: ModuleOf, params: Mapping[str, float] | None = None
+) -> AggregationStrategy:
+    """The server strategy an experiment names (``strategy.name`` and ``strategy.params``)."""
+    try:
+        config = StrategyConfig.model_validate({"name": name, **(params or {})})
+        return ServerStrategy(make_server_strategy(config), module_of)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise SimulationError(f"strategy {name!r}: {where}: {first['msg']}") from exc
+    except ValueError as exc:
+        raise SimulationError(str(exc)) from exc

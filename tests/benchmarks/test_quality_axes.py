@@ -100,7 +100,7 @@ def test_experiment_files_carry_the_variant(tmp_path: Path) -> None:
     cfg = ExperimentConfig.model_validate(doc)
     assert cfg.attack.kind == "scale" and cfg.attack.clients == 2
     assert cfg.rounds.rounds == 20 and cfg.train.lr == 5e-3 and cfg.train.local_epochs == 1
-    assert cfg.strategy.name == "fedavg" and cfg.train.proximal_mu == 0.0
+    assert cfg.strategy.name == "fedavg" and cfg.strategy.params == {}
     plain = experiment_of(HEAD, ["ours"], grid)
     assert plain["name"] != doc["name"] and "attack" not in plain
 

@@ -135,7 +135,18 @@ def test_experiment_refuses_inconsistent_attacks(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValidationError, match=match):
             ExperimentConfig.model_validate({**base, "attack": bad})
-    with pytest.raises(ValidationError, match="proximal_mu"):
-        ExperimentConfig.model_validate({**base, "train": {"proximal_mu": -1.0}})
-    with pytest.raises(ValidationError, match="unknown strategy"):
-        ExperimentConfig.model_validate({**base, "strategy": {"name": "no-such-rule"}})
+
+
+def test_experiment_strategy_names_and_params_are_the_servers(tmp_path: Path) -> None:
+    base = experiment(tmp_path / "e.safetensors")
+    cfg = ExperimentConfig.model_validate(
+        {**base, "strategy": {"name": "fedavgm", "params": {"momentum": 0.5}}}
+    )
+    assert cfg.strategy.params == {"momentum": 0.5}
+    for bad, match in (
+        ({"name": "no-such-rule"}, "unknown strategy"),
+        ({"name": "fedavgm", "params": {"trim_ratio": 0.2}}, "does not take trim_ratio"),
+        ({"name": "fedavg", "params": {"proximal_mu": -1.0}}, "proximal_mu"),
+    ):
+        with pytest.raises(ValidationError, match=match):
+            ExperimentConfig.model_validate({**base, "strategy": bad})
