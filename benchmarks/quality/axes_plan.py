@@ -6,7 +6,7 @@ finished -- run by `quality.sweep.run_jobs` like the main grid."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from crossfed.simulation.byzantine import AttackKind
 from crossfed.simulation.federation_data import FederationSetup
@@ -82,9 +82,12 @@ class AttackPlan:
         for seed in self.seeds:
             setup = FederationSetup(s.missingness, s.rate, s.alpha, s.clients, seed)
             for name in self.strategies:
-                out.append(Job(setup, "ours", "attacks", RunVariant(strategy=name)))
+                # Krum is told how many attackers to tolerate
+                params = (("krum_f", float(self.attackers)),) if name == "krum" else ()
+                clean = RunVariant(strategy=name, strategy_params=params)
+                out.append(Job(setup, "ours", "attacks", clean))
                 for kind in self.attacks:
-                    variant = RunVariant(strategy=name, attack=kind, attackers=self.attackers)
+                    variant = replace(clean, attack=kind, attackers=self.attackers)
                     out.append(Job(setup, "ours", "attacks", variant))
         return _unique(out)
 

@@ -58,7 +58,7 @@ from quality.axes_report import (
 )
 from quality.quality_errors import QualityBenchmarkError
 from quality.quality_report import SECTION_END, write_section
-from quality.sweep import GridSettings, Job, read_records, run_jobs
+from quality.sweep import GridSettings, Job, read_records, record_key, run_jobs
 
 Suite = Literal["strategies", "attacks", "defaults", "report"]
 Dataset = Literal["builtin", "swatches"]
@@ -101,6 +101,9 @@ class AxesSettings(BaseModel):
     cache_dir: Path = _REPO / ".crossfed" / "cache"
     results_dir: Path = _BENCHMARKS / "results"
     records: Path | None = None
+    reuse: Path | None = Field(
+        None, description="records of the main grid: runs already there are copied, not rerun"
+    )
     benchmarks_md: Path = _REPO / "BENCHMARKS.md"
     note: str = ""
     progress: bool = True
@@ -174,6 +177,20 @@ def plan(s: AxesSettings) -> list[Job]:
         ).jobs()
     budgets = budget_grid(s.rounds_grid, s.epochs_grid, s.lr_grid, s.max_epochs_total)
     return DefaultsPlan(budgets, s.headline(), seeds).jobs()
+
+
+def reuse_records(jobs: list[Job], source: Path, records: Path) -> int:
+    """Copy into ``records`` the runs of ``jobs`` that ``source`` (the main grid's records,
+    same code and settings) already holds, marked ``reused_from``; returns how many."""
+    done = {record_key(r) for r in read_records(records)}
+    wanted = {j.key() for j in jobs} - done
+    found = [r for r in read_records(source) if record_key(r) in wanted]
+    if found:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        with records.open("a") as sink:
+            for r in found:
+                sink.write(json.dumps({**r, "reused_from": source.name}, allow_nan=True) + "\n")
+    return len(found)
 
 
 def grid_of(s: AxesSettings, embeddings: Path) -> GridSettings:
@@ -319,6 +336,7 @@ def parse(argv: list[str] | None) -> AxesSettings:
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--results-dir", type=Path)
     p.add_argument("--records", type=Path)
+    p.add_argument("--reuse", type=Path, help="main grid records: matching runs are copied")
     p.add_argument("--benchmarks-md", type=Path)
     p.add_argument("--note")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -338,9 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         if s.suite != "report":
             embeddings = prepare_dataset(s)
+            jobs = plan(s)
+            if s.reuse is not None and s.dataset == "builtin":
+                print(f"reused {reuse_records(jobs, s.reuse, s.records_path())} runs", flush=True)
             cache = s.results_dir / ".cache" / "experiments" / f"{s.suite}-{s.dataset}"
             run_jobs(
-                plan(s), s.records_path(), grid_of(s, embeddings), cache, s.deadline_s, s.progress
+                jobs, s.records_path(), grid_of(s, embeddings), cache, s.deadline_s, s.progress
             )
         body, doc, _ = build_section(s)
         doc["wall_s"] = time.perf_counter() - start

@@ -5,9 +5,12 @@
 #     with the central unimodal ceilings as references;
 #  2. 2 of 10 clients sending ×100-scaled or sign-flipped updates at the headline cell:
 #     FedAvg beside the robust rules, each also clean.
-# Seeds run one after another, so DEADLINE (seconds per part) cuts whole seeds first. On the
-# shared 2-core box one run takes ~15-30 s: part 1 is 90 runs of ours + 30 central
-# references, part 2 is 36 runs; trim STRATEGIES / seeds to fit 20 minutes.
+# Runs the main grid already holds (benchmarks/results/quality_records.jsonl: FedAvg's ours
+# and the central ceilings, same code path and settings) are copied, not rerun. Seeds run one
+# after another, so DEADLINE (seconds per part) cuts whole seeds first. On the shared 2-core
+# box (load 4-6) a run takes 30-60 s with two at a time: 6 strategies x 5 cells x 3 seeds are
+# 75 new runs (~35 min), so the default list leaves out fedadagrad (STRATEGIES=... adds it);
+# part 2 is 33 new runs (~15 min).
 #   benchmarks/quality/strategy_sweep.sh [SEEDS...]   (default 0 1 2)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,9 +22,10 @@ run() {
         --no-progress --seeds "${SEEDS[@]}"
 }
 SEEDS=("$@")
-run strategies --deadline-s "${DEADLINE:-720}" \
-    --strategies "${STRATEGIES:-fedavg,fedavgm,fedadam,fedyogi,fedadagrad,fedprox}" \
+REUSE=(--reuse benchmarks/results/quality_records.jsonl)
+run strategies --deadline-s "${DEADLINE:-1500}" "${REUSE[@]}" \
+    --strategies "${STRATEGIES:-fedavg,fedavgm,fedadam,fedyogi,fedprox}" \
     --proximal-mu "${PROXIMAL_MU:-0.01}" --alpha 0.1 --rates 0.3 0.5 0.7 0.9
-run attacks --deadline-s "${ATTACK_DEADLINE:-420}" \
+run attacks --deadline-s "${ATTACK_DEADLINE:-900}" "${REUSE[@]}" \
     --strategies "${ROBUST:-fedavg,median,trimmed_mean,krum}" \
     --attacks scale,sign_flip --attackers 2
