@@ -94,7 +94,8 @@ class AttackPlan:
 
 @dataclass(frozen=True)
 class DefaultsPlan:
-    """Training budgets (rounds x local epochs x lr) for ours with FedAvg at one setup."""
+    """Training budgets (rounds x local epochs x lr) for ours with FedAvg at one setup, with
+    the central references (paired upper bound, unimodal ceilings) for scale."""
 
     budgets: tuple[tuple[int, int, float], ...]  # (rounds, local epochs, lr)
     setup: FederationSetup  # its seed is ignored
@@ -105,6 +106,8 @@ class DefaultsPlan:
         s = self.setup
         for seed in self.seeds:
             setup = FederationSetup(s.missingness, s.rate, s.alpha, s.clients, seed)
+            for ref in ("central_paired", *CENTRAL_REFERENCES):
+                out.append(Job(canonical(setup, ref), ref, "defaults"))
             for rounds, epochs, lr in self.budgets:
                 variant = RunVariant(rounds=rounds, local_epochs=epochs, lr=lr)
                 out.append(Job(setup, "ours", "defaults", variant))

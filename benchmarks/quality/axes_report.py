@@ -306,6 +306,28 @@ def defaults_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def central_references(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Per dataset: the central references' accuracy (mean ± std over seeds), for scale."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["method"] in ("central_paired", *CENTRAL_REFERENCES):
+            by[(r.get("dataset", "builtin"), r["method"])].append(r)
+    out = []
+    for dataset in dict.fromkeys(d for d, _ in by):
+        parts = []
+        for method, config in (
+            ("central_paired", "both"),
+            ("ceiling_text", "text_only"),
+            ("ceiling_image", "image_only"),
+        ):
+            rs = by.get((dataset, method), [])
+            if rs:
+                ms = MeanStd.of(_acc(r, config) for r in rs)
+                parts.append(f"{method} {config} {ms.text()}")
+        out.append(f"- {dataset}, central references (10 epochs): " + ", ".join(parts))
+    return out
+
+
 def defaults_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
         (
