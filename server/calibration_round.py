@@ -12,6 +12,7 @@ calibrated model as the run's last checkpoint. The engine sees only this module'
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import torch
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelError, ModelInputError
 from crossfed.server.errors import InvalidUpdateError
-from crossfed.server.update_validation import TensorSlot
+from crossfed.server.update_validation import TensorSlot, validate_update
 
 FitCalibration = Callable[
     [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
@@ -88,3 +89,26 @@ def ccvr_calibration_step(config: ModelConfig, seed: int = 0) -> CalibrationStep
             return None, f"the fit failed ({exc}); left uncalibrated"
 
     return CalibrationStep(spec=spec, check=check, fit=fit)
+
+
+def calibrated_model(
+    step: CalibrationStep,
+    global_state: Mapping[str, torch.Tensor],
+    stats: StatsSum,
+    spec: Mapping[str, TensorSlot],
+    reason: str,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The calibration round's new global model and commit message: the fitted model when it
+    validates against the global ``spec``, else ``global_state`` (left uncalibrated)."""
+    started = time.perf_counter()
+    fitted, what = step.fit(global_state, stats.result())
+    what = f"{reason}; {stats.contributors} client(s): {what}"
+    took = f" ({time.perf_counter() - started:.1f} s)"
+    if fitted is None:
+        return dict(global_state), what + took
+    try:
+        validate_update(fitted, spec, what="calibrated model")
+    except InvalidUpdateError as exc:
+        log.error("calibration produced an unusable model: %s", exc)
+        return dict(global_state), f"{reason}; the fit failed ({exc}), left uncalibrated"
+    return fitted, what + took

@@ -28,8 +28,9 @@ from crossfed.common.privacy.projection_dp import ProjectionDPParams
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import ModuleOf, module_weights_of
-from crossfed.server.calibration_round import CalibrationStep, StatsSum
+from crossfed.server.calibration_round import CalibrationStep, StatsSum, calibrated_model
 from crossfed.server.checkpoints import CheckpointStore
+from crossfed.server.client_registry import ClientRegistry
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
@@ -112,7 +113,6 @@ MODALITY_UNSPECIFIED = 0
 _VALID_MODALITIES = {1, 2, 3}
 _IMAGE_MODALITIES = {1, 3}  # BOTH, IMAGE_ONLY
 
-_LAST_SEEN_PERSIST_S = 5.0
 # A client whose update is in is needed again the moment the round commits, so it polls
 # faster than the base interval (else every round waits up to one poll interval for the
 # last client to notice it); the fleet's total rate of such polls stays bounded.
@@ -249,8 +249,6 @@ class RoundEngine:
         self.contract = contract
         self.bundles = bundles
         self.sd_requirement = sd_requirement
-        # recovery each client registered with in this process ("feature": no SD uploads)
-        self._recovery_of: dict[str, str] = {}
         self.update_bound = update_bound
         self.calibration = calibration
         self.central_dp_delta = central_dp_delta
@@ -275,13 +273,9 @@ class RoundEngine:
         self._global_bytes: bytes | None = None
         self._prototypes: tuple[int, bytes] | None = None
         self._projections = ProjectionAggregator(projection_spec) if projection_spec else None
-        self._persisted_seen: dict[str, float] = {}
-        # only clients heard from since this engine started are selectable (after a restart,
-        # stored last_seen times describe connections that died with the old process)
-        self._seen_since_start: set[str] = set()
         self._run = self._load_or_create_run(initial_state)
         self._global = self._load_global()
-        self._clients = {c.client_id: c for c in store.list_clients()}
+        self.registry = ClientRegistry(store, lambda: self.policy.client_timeout_s)
         self._prototypes = self._load_prototypes()
         self._load_strategy_state()
         self._reopen_interrupted_rounds()
@@ -353,10 +347,7 @@ class RoundEngine:
             rec.message = "server restarted while the round was open; the round is re-run"
             self.store.put_round(rec)
             self._event("round_interrupted", round_no=rec.round, message=rec.message)
-        for client in self._clients.values():
-            if client.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
-                client.state = CLIENT_REGISTERED
-                self.store.put_client(client)
+        self.registry.reset_after_restart()
 
     # ------------------------------------------------------------------ helpers
     def _event(
@@ -373,32 +364,6 @@ class RoundEngine:
             )
             self.events_changed.notify_all()
             return event
-
-    def _online(self, client: ClientRecord, now: float) -> bool:
-        return (
-            client.state != CLIENT_REMOVED
-            and client.client_id in self._seen_since_start
-            and now - client.last_seen_unix_s <= self.policy.client_timeout_s
-        )
-
-    def _save_client(self, client: ClientRecord) -> None:
-        self._clients[client.client_id] = client
-        self._persisted_seen[client.client_id] = client.last_seen_unix_s
-        self.store.put_client(client)
-
-    def _touch(self, client: ClientRecord, now: float) -> None:
-        client.last_seen_unix_s = now
-        self._seen_since_start.add(client.client_id)
-        if now - self._persisted_seen.get(client.client_id, 0.0) >= _LAST_SEEN_PERSIST_S:
-            self._save_client(client)
-
-    def _known_client(self, client_id: str) -> ClientRecord:
-        client = self._clients.get(client_id)
-        if client is None or client.state == CLIENT_REMOVED:
-            raise UnknownClientError(
-                f"client {client_id!r} is not registered with this server; call Register first"
-            )
-        return client
 
     def _next_round(self) -> int:
         return self._run.last_committed_round + 1
@@ -441,14 +406,7 @@ class RoundEngine:
     def clients(self) -> list[ClientRecord]:
         """All clients with state 'offline' substituted for silent ones."""
         with self._lock:
-            now = self.clock()
-            out = []
-            for c in sorted(self._clients.values(), key=lambda c: c.client_id):
-                copy = ClientRecord(**vars(c))
-                if c.state != CLIENT_REMOVED and not self._online(c, now):
-                    copy.state = "offline"
-                out.append(copy)
-            return out
+            return self.registry.snapshot(self.clock())
 
     # ------------------------------------------------------------------ public: clients
     def register(
@@ -497,9 +455,9 @@ class RoundEngine:
             self._event("client_refused", client_id=client_id, message=str(exc))
             raise
         with self._lock:
-            self._recovery_of[client_id] = recovery
+            self.registry.recovery_of[client_id] = recovery
             now = self.clock()
-            existing = self._clients.get(client_id)
+            existing = self.registry.get(client_id)
             state = CLIENT_REGISTERED
             if existing is not None and existing.state in (CLIENT_SELECTED, CLIENT_UPLOADED):
                 state = existing.state  # reconnect while selected: keep its place
@@ -517,8 +475,8 @@ class RoundEngine:
                 rounds_completed=existing.rounds_completed if existing else 0,
                 daemon_version=daemon_version,
             )
-            self._save_client(client)
-            self._seen_since_start.add(client_id)
+            self.registry.save(client)
+            self.registry.mark_seen(client_id)
             if existing is None or existing.state == CLIENT_REMOVED:
                 self._event(
                     "client_registered",
@@ -537,7 +495,7 @@ class RoundEngine:
     def heartbeat(self, client_id: str) -> NextAction:
         """Liveness + what to do now: TRAIN a round, WAIT, DONE, or REGISTER again."""
         with self._lock:
-            client = self._clients.get(client_id)
+            client = self.registry.get(client_id)
             poll = self.policy.poll_after_ms
             if client is None or client.state == CLIENT_REMOVED:
                 return NextAction(
@@ -546,7 +504,7 @@ class RoundEngine:
                     run_state=self._run.state,
                     message="this server does not know you; register again",
                 )
-            self._touch(client, self.clock())
+            self.registry.touch(client, self.clock())
             self._tick_locked()
         self._commit_pending_inline()
         with self._lock:
@@ -605,11 +563,11 @@ class RoundEngine:
     def remove_client(self, client_id: str) -> bool:
         """Forget a client (it gets ACTION_REGISTER); False if it was unknown."""
         with self._lock:
-            client = self._clients.get(client_id)
+            client = self.registry.get(client_id)
             if client is None or client.state == CLIENT_REMOVED:
                 return False
             client.state = CLIENT_REMOVED
-            self._save_client(client)
+            self.registry.save(client)
             self._event("client_removed", client_id=client_id)
             return True
 
@@ -710,7 +668,7 @@ class RoundEngine:
             return
         now = self.clock()
         if self._open is None:
-            available = [c.client_id for c in self._clients.values() if self._online(c, now)]
+            available = self.registry.online_ids(now)
             if len(available) >= self.policy.min_clients:
                 if self.is_calibration_round(self._next_round()):
                     self._open_calibration_locked(available, now)
@@ -768,7 +726,7 @@ class RoundEngine:
     def _open_calibration_locked(self, available: list[str], now: float) -> None:
         """Open the calibration round for every online client holding images; none: the
         run completes with the last training round's model, uncalibrated."""
-        holders = sorted(cid for cid in available if holds_images(self._clients[cid]))
+        holders = sorted(cid for cid in available if holds_images(self.registry.records[cid]))
         if not holders:
             self._skip_calibration_locked(
                 f"none of the {len(available)} online client(s) holds images"
@@ -814,9 +772,9 @@ class RoundEngine:
         )
         self._waiting_since = None
         for cid in selected:
-            client = self._clients[cid]
+            client = self.registry.records[cid]
             client.state = CLIENT_SELECTED
-            self._save_client(client)
+            self.registry.save(client)
         kind = "calibration, " if calibration else ""
         self._event(
             "round_started",
@@ -860,7 +818,7 @@ class RoundEngine:
         record.ended_unix_s = self.clock()
         record.message = message
         self._write_best_effort(f"failure of round {record.round}", self.store.put_round, record)
-        self._release_clients(record.selected)
+        self.registry.release(record.selected)
         self._write_best_effort(
             "round_failed event",
             lambda: self._event("round_failed", round_no=record.round, message=message),
@@ -896,21 +854,6 @@ class RoundEngine:
             )
         else:
             self._waiting_since = self.clock()
-
-    def _release_clients(self, client_ids: list[str]) -> None:
-        """Selected clients become selectable again: all in memory first, then persisted
-        (best effort: a restart re-reads every client as registered anyway)."""
-        released = [
-            c
-            for c in (self._clients.get(cid) for cid in client_ids)
-            if c is not None and c.state in (CLIENT_SELECTED, CLIENT_UPLOADED)
-        ]
-        for client in released:
-            client.state = CLIENT_REGISTERED
-        for client in released:
-            self._write_best_effort(
-                f"release of client {client.client_id}", self._save_client, client
-            )
 
     def _close_locked(self, reason: str) -> None:
         """The open attempt takes no more uploads; its commit runs off this thread (or, with
@@ -968,7 +911,10 @@ class RoundEngine:
         values: dict[str, float] = {}
         strategy_state: dict[str, torch.Tensor] | None = None
         if opened.stats is not None:
-            new_state, reason = self._calibrated_state(opened.stats, reason)
+            assert self.calibration is not None
+            new_state, reason = calibrated_model(
+                self.calibration, self._global, opened.stats, self._spec, reason
+            )
         else:
             aggregate = self._aggregator(opened).result()
             values = dict(aggregate.values)
@@ -1006,7 +952,13 @@ class RoundEngine:
                     "aggregate_s": time.perf_counter() - started,
                     **record.metrics,
                     **values,
-                    **({} if opened.stats is not None else self._central_dp_values(record.round)),
+                    **(
+                        self.strategy.epsilon_values(
+                            record.round, self.policy.fraction, self.central_dp_delta
+                        )
+                        if opened.stats is None and isinstance(self.strategy, CentralDPStrategy)
+                        else {}
+                    ),
                 },
             )
             log.info(
@@ -1085,12 +1037,12 @@ class RoundEngine:
         self._global = new_state
         self._global_bytes = None
         for cid in opened.uploaders:
-            client = self._clients[cid]
+            client = self.registry.records[cid]
             client.rounds_completed += 1 if opened.stats is None else 0
             client.last_round = record.round
-        self._release_clients(record.selected)
+        self.registry.release(record.selected)
         for cid in opened.uploaders:
-            self._save_client(self._clients[cid])
+            self.registry.save(self.registry.records[cid])
         return True
 
     def _reload_strategy_state(self) -> None:
@@ -1114,37 +1066,6 @@ class RoundEngine:
                 "bundle_failed event",
                 lambda: self._event("bundle_failed", round_no=round_no, message=message),
             )
-
-    def _calibrated_state(
-        self, stats: StatsSum, reason: str
-    ) -> tuple[dict[str, torch.Tensor], str]:
-        """The calibration round's new global model and commit message: the fitted model
-        when it validates against the global spec, else the last training round's model."""
-        assert self.calibration is not None
-        started = time.perf_counter()
-        fitted, what = self.calibration.fit(self._global, stats.result())
-        what = f"{reason}; {stats.contributors} client(s): {what}"
-        took = f" ({time.perf_counter() - started:.1f} s)"
-        if fitted is None:
-            return dict(self._global), what + took
-        try:
-            validate_update(fitted, self._spec, what="calibrated model")
-        except InvalidUpdateError as exc:
-            log.error("calibration produced an unusable model: %s", exc)
-            return dict(self._global), f"{reason}; the fit failed ({exc}), left uncalibrated"
-        return fitted, what + took
-
-    def _central_dp_values(self, round_no: int) -> dict[str, float]:
-        """Central-DP epsilon after `round_no` rounds (Gaussian mechanism, noise multiplier z,
-        client sampling rate = policy.fraction); the clipped count comes with the aggregate."""
-        strategy = self.strategy
-        if not isinstance(strategy, CentralDPStrategy) or strategy.noise_multiplier <= 0:
-            return {}
-        from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
-
-        accountant = PrivacyAccountant()
-        accountant.step(strategy.noise_multiplier, self.policy.fraction, steps=round_no)
-        return {"central_dp_epsilon": accountant.epsilon(self.central_dp_delta)}
 
     def _aggregator(self, opened: _OpenRound) -> RoundAggregator:
         """The training round's aggregator (the calibration round has none)."""
@@ -1232,8 +1153,8 @@ class RoundEngine:
         if not upload_id:
             raise InvalidUpdateError("upload header has an empty upload_id (idempotency key)")
         with self._lock:
-            client = self._known_client(client_id)
-            self._touch(client, self.clock())
+            client = self.registry.known(client_id)
+            self.registry.touch(client, self.clock())
             opened = self._require_open(round_no)
             record = opened.record
             if self.store.get_upload(record.round, record.attempt, client_id, upload_id):
@@ -1264,7 +1185,7 @@ class RoundEngine:
                     num_samples, module_samples, self._aggregator(opened).modules
                 )
             )
-            check_sd_weight(client_id, self._recovery_of.get(client_id), weights)
+            check_sd_weight(client_id, self.registry.recovery_of.get(client_id), weights)
             return UploadTicket(
                 client_id=client_id,
                 upload_id=upload_id,
@@ -1369,7 +1290,7 @@ class RoundEngine:
             record = opened.record
             record.received = len(opened.uploaders)
             record.num_samples += ticket.num_samples
-            client = self._clients[ticket.client_id]
+            client = self.registry.records[ticket.client_id]
             client.state = CLIENT_UPLOADED
             now = self.clock()
             if opened.min_reached_at is None and record.received >= self._min_uploads(opened):
@@ -1379,7 +1300,7 @@ class RoundEngine:
             self._write_best_effort(
                 f"progress of round {record.round}", self.store.put_round, record
             )
-            self._write_best_effort(f"upload of {client.client_id}", self._save_client, client)
+            self._write_best_effort(f"upload of {client.client_id}", self.registry.save, client)
             if bound is not None and bound.clipped:
                 self._write_best_effort(
                     "update_clipped event", self._update_clipped_event, ticket, bound
@@ -1442,7 +1363,7 @@ class RoundEngine:
     def require_known(self, client_id: str) -> None:
         """Raise `UnknownClientError` unless ``client_id`` is registered (marks it alive)."""
         with self._lock:
-            self._touch(self._known_client(client_id), self.clock())
+            self.registry.touch(self.registry.known(client_id), self.clock())
 
     def new_client_id(self) -> str:
         """A fresh id for an unauthenticated (insecure-mode) client that sent none."""
@@ -1469,8 +1390,8 @@ class RoundEngine:
         applied); its epsilon is the server's count, ``epsilon_spent`` (the client's own
         figure) is only recorded beside it."""
         with self._lock:
-            client = self._known_client(client_id)
-            self._touch(client, self.clock())
+            client = self.registry.known(client_id)
+            self.registry.touch(client, self.clock())
             registered = client.num_samples
         if payload:
             if self.projection_spec is None:
@@ -1538,7 +1459,7 @@ class RoundEngine:
                 )
             return
         last = self._run.last_committed_round
-        if 0 < last == round_no and self._clients[client_id].last_round == last:
+        if 0 < last == round_no and self.registry.records[client_id].last_round == last:
             return  # an uploader of the just-committed round (there is none before round 1)
         raise WrongRoundError(
             f"projections for round {round_no} are not accepted now (open round: "

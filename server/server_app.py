@@ -204,6 +204,7 @@ class CoordinatorServer:
         """Open (or resume) the state in ``config.state_dir`` and build the servicer; the
         server's ``config`` is ``config`` with the options' overrides applied."""
         config = options.apply_to(config)
+        strategy = strategy_from_config(config)  # a bad strategy section fails before any I/O
         state_dir = prepare_state_dir(Path(config.state_dir))
         torch.set_num_threads(config.torch_threads)
         model = build_initial_model(config.model, config.seed, options.standin_model)
@@ -231,7 +232,7 @@ class CoordinatorServer:
             model_config_digest=model_config_digest(config.model),
             epsilon_budget=epsilon_budget,
             projection_privacy=projection_privacy_from_config(config, state_dir),
-            strategy=strategy_from_config(config),
+            strategy=strategy,
             central_dp_delta=config.privacy.delta,
             calibration=calibration_step_from_config(config, model.source),
             contract=contract,
@@ -341,6 +342,8 @@ class CoordinatorServer:
             self._ticker.join(timeout=5)
         if self.metrics is not None:
             self.metrics.stop()
+        if not self.engine.wait_idle(self.options.shutdown_grace_s):  # a commit in flight
+            log.warning("a round commit was still running at shutdown; it is re-run on restart")
         self.engine.store.close()
         if self.credential_store is not None:
             self.credential_store.close()

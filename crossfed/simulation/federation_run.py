@@ -191,7 +191,8 @@ def run_federation(
     for rnd in range(policy.rounds):
         round_start = time.perf_counter()
         clients = sample_clients(len(shards), policy.fraction, plan.seed, rnd)
-        instructions = strategy.instructions(rnd)
+        strategy.begin_round(state, rnd)
+        instructions = strategy.instructions
         tasks = [
             ClientTask(
                 client=c,
@@ -202,7 +203,6 @@ def run_federation(
             )
             for c in clients
         ]
-        strategy.begin_round(state, rnd)
         projections = ProjectionAggregator(spec)
         failed: list[int] = []
         reported = 0

@@ -1,8 +1,8 @@
 """The one seam between the simulator and the server's aggregation: an `AggregationStrategy`
 turns a round's client updates into the next global model and says what the round asks of
-clients (FedProx's mu). `make_strategy` builds the server's own strategies by name through
-their registry (server/strategies/registry.py), the code `crossfed server` runs: module-aware
-streaming FedAvg (eq. 15) by default, server optimizers and robust aggregators by name."""
+clients (FedProx's mu). `make_strategy` returns the server's own strategies (server/
+strategies/, by the same names and parameters as the server config's ``strategy`` section),
+so a simulated run aggregates with the code `crossfed server` runs."""
 
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ from crossfed.simulation.simulation_errors import SimulationError
 
 
 class AggregationStrategy(Protocol):
-    """A round's aggregation: ``instructions`` for the clients, ``begin_round`` with the
-    global state, ``add`` each update (weights from ``weights_of``), then ``result`` is the
-    next global state."""
+    """A round's aggregation: ``begin_round`` with the global state (then ``instructions``
+    says what the round asks of its clients), ``add`` each update (weights from
+    ``weights_of``), then ``result`` is the next global state."""
 
-    def instructions(self, round_no: int) -> RoundInstructions:
-        """What the clients of ``round_no`` are asked to do (FedProx's mu)."""
-        ...
+    instructions: RoundInstructions
 
     def begin_round(self, global_state: Mapping[str, torch.Tensor], round_no: int) -> None:
         """Start a round from ``global_state`` (forgets any previous round's sums)."""
@@ -49,21 +47,19 @@ class AggregationStrategy(Protocol):
 
 
 class ServerStrategy:
-    """`AggregationStrategy` over a server `Strategy`: its aggregator folds the updates
-    (module-aware, weighted by the samples that trained each module), then its
-    ``finish_round`` (a server optimizer's step, or the identity) makes the next model."""
+    """`AggregationStrategy` over a server `Strategy`: its aggregator folds the updates, its
+    ``finish_round`` makes the next global model (a server optimizer steps there)."""
 
     def __init__(self, strategy: Strategy, module_of: ModuleOf) -> None:
         self.strategy = strategy
         self._module_of = module_of
-        self._global: dict[str, torch.Tensor] | None = None
+        self._global: Mapping[str, torch.Tensor] = {}
         self._fold: RoundAggregator | None = None
-
-    def instructions(self, round_no: int) -> RoundInstructions:
-        return self.strategy.configure_round(round_no)
+        self.instructions = RoundInstructions()
 
     def begin_round(self, global_state: Mapping[str, torch.Tensor], round_no: int) -> None:
-        self._global = dict(global_state)
+        self._global = global_state
+        self.instructions = self.strategy.configure_round(round_no + 1)  # the server counts from 1
         self._fold = self.strategy.begin_round(global_state, self._module_of)
 
     def _current(self) -> RoundAggregator:
@@ -81,10 +77,8 @@ class ServerStrategy:
 
     def result(self) -> dict[str, torch.Tensor]:
         aggregate = self._current().result()
-        assert self._global is not None
-        state = self.strategy.finish_round(self._global, aggregate)
-        self._fold, self._global = None, None
-        return state
+        self._fold = None
+        return self.strategy.finish_round(self._global, aggregate)
 
 
 def strategy_names() -> tuple[str, ...]:
@@ -94,8 +88,9 @@ def strategy_names() -> tuple[str, ...]:
 
 def make_strategy(
     name: str, module_of: ModuleOf, params: Mapping[str, float] | None = None
-) -> AggregationStrategy:
-    """The server strategy an experiment names (``strategy.name`` and ``strategy.params``)."""
+) -> ServerStrategy:
+    """The server strategy an experiment names (``strategy.name``) with its parameters; a
+    bad name or parameter is a one-line SimulationError."""
     try:
         config = StrategyConfig.model_validate({"name": name, **(params or {})})
         return ServerStrategy(make_server_strategy(config), module_of)
@@ -104,4 +99,4 @@ def make_strategy(
         where = ".".join(str(x) for x in first["loc"])
         raise SimulationError(f"strategy {name!r}: {where}: {first['msg']}") from exc
     except ValueError as exc:
-        raise SimulationError(str(exc)) from exc
+        raise SimulationError(f"strategy: {exc}") from exc

@@ -174,6 +174,17 @@ class CentralDPStrategy:
         """Restore the inner strategy's state."""
         self.inner.load_state_dict(state)
 
+    def epsilon_values(self, rounds: int, sample_rate: float, delta: float) -> dict[str, float]:
+        """Epsilon of ``rounds`` noised rounds (Gaussian mechanism, noise multiplier z,
+        client sampling rate ``sample_rate``) for a commit event; none without noise."""
+        if self.noise_multiplier <= 0:
+            return {}
+        from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
+
+        accountant = PrivacyAccountant()
+        accountant.step(self.noise_multiplier, sample_rate, steps=rounds)
+        return {"central_dp_epsilon": accountant.epsilon(delta)}
+
     def peak_bytes(self, model_bytes: int, clients_per_round: int) -> int:
         """The inner strategy's peak plus one tensor's noise at a time (bounded by a model)."""
         return self.inner.peak_bytes(model_bytes, clients_per_round) + model_bytes

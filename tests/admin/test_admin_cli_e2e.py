@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,11 @@ def test_cli_after_a_round(tmp_path: Path) -> None:
         status = json.loads(out)
         assert status["last_committed_round"] == 1 and status["total_rounds"] == 2
         assert status["run_state"] == "running"
+        assert status["strategy"] == "fedavg" and status["strategy_params"] == {}
+        assert status["central_dp"] is False
         code, out, _ = admin(conn, "status")
         assert code == 0 and "last committed 1" in out and "acc_both=0.5" in out
+        assert re.search(r"strategy\s+fedavg", out)
 
         code, out, _ = admin(conn, "clients", "--json")
         rows = json.loads(out)

@@ -175,6 +175,7 @@ def test_plaintext_off_loopback_needs_an_explicit_flag() -> None:
 
 def _wait_committed(srv: AttackServer, round_no: int) -> None:
     wait_for(lambda: srv.engine.run.last_committed_round >= round_no, 30, f"round {round_no}")
+    assert srv.engine.wait_idle(30.0)  # the committer prunes after recording the commit
 
 
 def test_prototype_files_are_pruned_like_checkpoints(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ def test_encrypted_round_end_to_end_matches_hand_average(
         update = {k: (v + delta if v.is_floating_point() else v + 100) for k, v in initial.items()}
         reply = client.upload(1, update, server_key=hb.upload_public_key)
         assert reply.accepted and not reply.duplicate
+    assert srv.engine.wait_idle(30.0)  # the commit runs on the engine's committer thread
     assert srv.engine.run.last_committed_round == 1
     committed = a.download(0)
     for key, value in initial.items():
@@ -209,6 +210,7 @@ def test_exact_projection_exchange_publishes_bounded_prototypes_at_commit(
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         a.upload(1, initial, server_key=hb.upload_public_key)
         b.upload(1, initial, server_key=hb.upload_public_key)  # commits round 1
+        assert srv.engine.wait_idle(30.0)
         late = b.exchange(1, proj(0.5))  # after its upload: accepted, published at next commit
         assert late.prototypes_round == 1
         protos = load_prototypes(bytes(late.global_prototypes.safetensors))
@@ -231,6 +233,7 @@ def test_unencrypted_allowed_only_when_configured(tmp_path: Path) -> None:
         _wait_train(a)
         initial = a.download(1)
         assert a.upload(1, initial).accepted
+        assert srv.engine.wait_idle(30.0)
         assert srv.engine.run.state == "completed"
         assert a.heartbeat().action == coordinator_pb2.ACTION_DONE
         stored = decode_tensors(srv.engine.checkpoints.load_bytes(1))

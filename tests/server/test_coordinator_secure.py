@@ -115,5 +115,6 @@ def test_enroll_then_signed_round_trip(secure_server: tuple[CoordinatorServer, s
             ),
         ]
         assert signed.UploadUpdate(iter(msgs), timeout=30).accepted
+    assert server.engine.wait_idle(30.0)
     assert server.engine.run.state == "completed"
     assert [c.client_id for c in server.engine.clients()] == ["alice"]

@@ -87,6 +87,7 @@ def test_metrics_scraped_after_a_round(tmp_path: Path) -> None:
             state = client.download(1)
             model_bytes = sum(t.numel() * t.element_size() for t in state.values())
             assert client.upload(1, state, chunk_size=4096).accepted
+        assert server.engine.wait_idle(30.0)
         assert server.engine.run.last_committed_round == 1
 
         # a late upload for the closed round 1 is refused: FAILED_PRECONDITION

@@ -118,6 +118,14 @@ def test_instructions_reach_clients_and_state_survives_a_restart(tmp_path: Path)
     assert set(restarted.state) == set(expected)
     for key, value in expected.items():
         assert torch.equal(restarted.state[key], value)
+    # the strategy files are pruned with the checkpoints (keep_last=2)
+    for cid in "ab":
+        again.register(cid, BOTH, 10)
+    again.heartbeat("a")
+    _upload_round(again, 3, seed=23)
+    assert float(restarted.state["rounds"]) == 3.0
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("strategy-*.safetensors"))
+    assert kept == ["strategy-000002.safetensors", "strategy-000003.safetensors"]
 
 
 def test_a_failed_commit_does_not_advance_the_strategy_state(tmp_path: Path) -> None:
