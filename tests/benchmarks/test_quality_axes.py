@@ -167,8 +167,8 @@ def test_attack_and_defaults_summaries_by_hand() -> None:
     rows = defaults_summary(budget)
     assert len(rows) == 3 and all(r["dataset"] == "builtin" for r in rows)
     reading = defaults_reading(rows, (10, 1, 2e-3))[0]
-    assert "best 10 rounds × 5 epochs" in reading and "best − current +10.0 points" in reading
-    assert "cheapest within one std of it: 20 rounds × 1 epochs" in reading
+    assert "best 10 rounds × 5 epochs, lr 0.002 +10.0 ± 0.0 (1 seeds" in reading
+    assert "of it: 20 rounds × 1 epochs, lr 0.002 +9.9 ± 0.0 (1 seeds, 20 s/run)" in reading
     assert math.isclose(rows[0]["seconds"].mean, 10.0)
 
 
