@@ -334,8 +334,8 @@ def defaults_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def defaults_reading(rows: Sequence[dict[str, Any]], current: tuple[int, int, float]) -> list[str]:
     """Per dataset: every budget against the current default ``current`` (rounds, epochs,
-    lr) on the seeds both ran (paired, mean accuracy points), the best by that, and the
-    cheapest within max(its std, 0.5 points) of the best."""
+    lr) on the seeds both ran (paired, mean accuracy points), the best by that among budgets
+    with >= 2 shared seeds, and the cheapest within max(its std, 0.5 points) of the best."""
     out = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == dataset and r["mean"].n]
@@ -347,7 +347,10 @@ def defaults_reading(rows: Sequence[dict[str, Any]], current: tuple[int, int, fl
             return f"{r['rounds']} rounds × {r['local_epochs']} epochs, lr {r['lr']:g}"
 
         gains = {id(r): _paired(r, cur) for r in rs}
-        best = max(rs, key=lambda r: gains[id(r)].mean if gains[id(r)].n else -math.inf)
+        # a budget a single seed ran is listed in the table, not picked as the best
+        enough = min(2, max(g.n for g in gains.values()))
+        rs = [r for r in rs if gains[id(r)].n >= enough]
+        best = max(rs, key=lambda r: gains[id(r)].mean)
         g = gains[id(best)]
         near = [r for r in rs if gains[id(r)].n and gains[id(r)].mean >= g.mean - max(g.std, 0.005)]
         cheap = min(near, key=lambda r: r["seconds"].mean)
