@@ -310,25 +310,36 @@ def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
-def write_section(benchmarks_md: Path, body: str) -> None:
-    """Replace the text between the quality markers (append the section if absent); every
-    other section of the file is kept byte for byte."""
-    block = f"{SECTION_START}\n{body.rstrip()}\n{SECTION_END}"
+def write_section(
+    benchmarks_md: Path,
+    body: str,
+    start: str = SECTION_START,
+    end: str = SECTION_END,
+    after: str | None = None,
+) -> None:
+    """Replace the text between the ``start``/``end`` markers (absent: insert the section
+    after the marker ``after`` when the file has it, else append it); every other section of
+    the file is kept byte for byte."""
+    block = f"{start}\n{body.rstrip()}\n{end}"
     if not benchmarks_md.exists():
         benchmarks_md.write_text(f"# Benchmarks\n\n{block}\n")
         return
     text = benchmarks_md.read_text()
-    starts, ends = text.count(SECTION_START), text.count(SECTION_END)
+    starts, ends = text.count(start), text.count(end)
     if starts == 0 and ends == 0:
+        if after is not None and text.count(after) == 1:
+            head, tail = text.split(after, 1)
+            benchmarks_md.write_text(f"{head}{after}\n\n{block}{tail}")
+            return
         benchmarks_md.write_text(text.rstrip() + "\n\n" + block + "\n")
         return
-    if starts != 1 or ends != 1 or text.index(SECTION_START) > text.index(SECTION_END):
+    if starts != 1 or ends != 1 or text.index(start) > text.index(end):
         raise QualityBenchmarkError(
-            f"{benchmarks_md}: expected one {SECTION_START} before one {SECTION_END}, found "
+            f"{benchmarks_md}: expected one {start} before one {end}, found "
             f"{starts} start and {ends} end markers; fix the file by hand"
         )
-    head, rest = text.split(SECTION_START, 1)
-    _, tail = rest.split(SECTION_END, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     benchmarks_md.write_text(head + block + tail)
 
 

@@ -6,19 +6,68 @@ sweep keeps its work."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from crossfed.simulation.byzantine import AttackKind
 from crossfed.simulation.experiment import ExperimentConfig
 from crossfed.simulation.experiment_run import SeedFederation
 from crossfed.simulation.federation_data import FederationSetup, LoadedData, Missingness
 from crossfed.simulation.federation_run import RunRecord
+
+
+@dataclass(frozen=True)
+class RunVariant:
+    """How a run departs from the grid's shared settings (the strategy, attack and budget
+    axes); the default departs in nothing, and its runs keep the grid's record keys."""
+
+    strategy: str = "fedavg"
+    strategy_params: tuple[tuple[str, float], ...] = ()
+    proximal_mu: float = 0.0
+    attack: AttackKind = "none"
+    attackers: int = 0
+    rounds: int | None = None
+    local_epochs: int | None = None
+    lr: float | None = None
+
+    def tag(self) -> str:
+        """A short stable name ("" for the default)."""
+        parts = []
+        if self.strategy != "fedavg" or self.strategy_params:
+            params = ",".join(f"{k}={v:g}" for k, v in self.strategy_params)
+            parts.append(self.strategy + (f"[{params}]" if params else ""))
+        if self.proximal_mu:
+            parts.append(f"mu{self.proximal_mu:g}")
+        if self.attack != "none":
+            parts.append(f"{self.attack}x{self.attackers}")
+        for name, value in (("r", self.rounds), ("e", self.local_epochs), ("lr", self.lr)):
+            if value is not None:
+                parts.append(f"{name}{value:g}")
+        return "+".join(parts)
+
+    def params(self) -> dict[str, float]:
+        """The strategy's parameters (FedProx's mu is one)."""
+        mu = {"proximal_mu": self.proximal_mu} if self.proximal_mu else {}
+        return {**dict(self.strategy_params), **mu}
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> RunVariant:
+        """The variant a record was run with (none stated: the default)."""
+        raw = dict(record.get("variant") or {})
+        raw["strategy_params"] = tuple(tuple(p) for p in raw.get("strategy_params", ()))
+        return cls(**raw)
+
+
+DEFAULT_VARIANT = RunVariant()
 
 
 @dataclass(frozen=True)
@@ -27,11 +76,14 @@ class Job:
 
     setup: FederationSetup
     method: str
-    group: str  # "headline", "sweep"
+    group: str  # "headline", "sweep", or an axis suite's own
+    variant: RunVariant = DEFAULT_VARIANT
 
     def key(self) -> str:
         s = self.setup
-        return f"{self.method}|{s.missingness}|{s.rate:g}|{s.alpha:g}|{s.clients}|{s.seed}"
+        key = f"{self.method}|{s.missingness}|{s.rate:g}|{s.alpha:g}|{s.clients}|{s.seed}"
+        tag = self.variant.tag()
+        return f"{key}|{tag}" if tag else key
 
 
 @dataclass(frozen=True)
@@ -65,6 +117,11 @@ class GridSettings:
     backend: Literal["ray", "inline"] = "ray"
     ray_address: str | None = None
     concurrent_runs: int = 1
+    #: the dataset's name in the records (the embeddings file holds it)
+    dataset: str = "builtin"
+    num_cpus: int | None = None
+    #: score the global model every N rounds (None: every round; the records keep the last)
+    eval_every: int | None = None
 
 
 def canonical(setup: FederationSetup, method: str) -> FederationSetup:
@@ -114,14 +171,23 @@ def plan_jobs(plan: SweepPlan) -> list[Job]:
     return jobs
 
 
-def experiment_name(setup: FederationSetup) -> str:
-    return (
+def experiment_name(setup: FederationSetup, variant: RunVariant = DEFAULT_VARIANT) -> str:
+    name = (
         f"quality-{setup.missingness}-rate{setup.rate:g}-alpha{setup.alpha:g}-"
         f"clients{setup.clients}-seed{setup.seed}"
     )
+    tag = variant.tag()
+    if tag:  # experiment names allow [A-Za-z0-9_.-], 64 characters
+        name += "-" + hashlib.sha256(tag.encode()).hexdigest()[:10]
+    return name
 
 
-def experiment_of(setup: FederationSetup, methods: list[str], grid: GridSettings) -> dict[str, Any]:
+def experiment_of(
+    setup: FederationSetup,
+    methods: list[str],
+    grid: GridSettings,
+    variant: RunVariant = DEFAULT_VARIANT,
+) -> dict[str, Any]:
     """The experiment file (as a mapping) that runs ``methods`` on ``setup``."""
     execution: dict[str, Any] = {
         "backend": grid.backend,
@@ -129,8 +195,10 @@ def experiment_of(setup: FederationSetup, methods: list[str], grid: GridSettings
     }
     if grid.ray_address is not None:
         execution["address"] = grid.ray_address
-    return {
-        "name": experiment_name(setup),
+    if grid.num_cpus is not None and grid.ray_address is None:
+        execution["num_cpus"] = grid.num_cpus
+    doc: dict[str, Any] = {
+        "name": experiment_name(setup, variant),
         "data": {
             "kind": "embeddings",
             "path": str(grid.embeddings),
@@ -142,33 +210,40 @@ def experiment_of(setup: FederationSetup, methods: list[str], grid: GridSettings
             "missing": {"mode": setup.missingness, "rate": setup.rate},
             "min_samples_per_client": setup.min_samples,
         },
-        "rounds": {"rounds": grid.rounds},
+        "rounds": {
+            "rounds": variant.rounds or grid.rounds,
+            **({"eval_every": grid.eval_every} if grid.eval_every else {}),
+        },
         "train": {
-            "local_epochs": grid.local_epochs,
+            "local_epochs": variant.local_epochs or grid.local_epochs,
             "batch_size": grid.batch_size,
-            "lr": grid.lr,
+            "lr": variant.lr or grid.lr,
             "modality_dropout": grid.modality_dropout,
             "central_epochs": grid.central_epochs,
         },
         "model": {"hidden_dim": grid.hidden_dim},
+        "strategy": {"name": variant.strategy, "params": variant.params()},
         "methods": methods,
         "seeds": [setup.seed],
         "execution": execution,
     }
+    if variant.attack != "none":
+        doc["attack"] = {"kind": variant.attack, "clients": variant.attackers}
+    return doc
 
 
 def write_experiment_files(
     jobs: Iterable[Job], grid: GridSettings, out_dir: Path
 ) -> list[tuple[Path, list[Job]]]:
-    """One experiment file per federation setup (in the jobs' priority order), holding the
-    setup's methods; returns each file with the jobs it covers."""
-    groups: dict[FederationSetup, list[Job]] = {}
+    """One experiment file per federation setup and variant (in the jobs' priority order),
+    holding its methods; returns each file with the jobs it covers."""
+    groups: dict[tuple[FederationSetup, RunVariant], list[Job]] = {}
     for job in jobs:
-        groups.setdefault(job.setup, []).append(job)
+        groups.setdefault((job.setup, job.variant), []).append(job)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    for setup, members in groups.items():
-        doc = experiment_of(setup, [j.method for j in members], grid)
+    for (setup, variant), members in groups.items():
+        doc = experiment_of(setup, [j.method for j in members], grid, variant)
         path = out_dir / f"{doc['name']}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         files.append((path, members))
@@ -190,17 +265,21 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def record_key(record: dict[str, Any]) -> str:
     s = record["setup"]
-    return (
+    key = (
         f"{record['method']}|{s['missingness']}|{s['rate']:g}|{s['alpha']:g}|{s['clients']}|"
         f"{s['seed']}"
     )
+    tag = RunVariant.of(record).tag()
+    return f"{key}|{tag}" if tag else key
 
 
-def record_of(job: Job, run: RunRecord, fed: SeedFederation) -> dict[str, Any]:
+def record_of(
+    job: Job, run: RunRecord, fed: SeedFederation, dataset: str = "builtin"
+) -> dict[str, Any]:
     """One line of the records file (the report's input)."""
     setup = asdict(job.setup)
     setup.pop("min_samples")
-    return {
+    record: dict[str, Any] = {
         "setup": setup,
         "method": job.method,
         "group": job.group,
@@ -209,6 +288,11 @@ def record_of(job: Job, run: RunRecord, fed: SeedFederation) -> dict[str, Any]:
         "client_sizes": fed.client_sizes,
         "seconds": run.seconds,
     }
+    if job.variant != DEFAULT_VARIANT:
+        record["variant"] = asdict(job.variant)
+    if dataset != "builtin":
+        record["dataset"] = dataset
+    return record
 
 
 def run_jobs(
@@ -218,10 +302,12 @@ def run_jobs(
     experiments_dir: Path,
     deadline_s: float | None = None,
     progress: bool = True,
+    parallel_files: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run the jobs not already in `records_path`, experiment file by experiment file, on one
-    executor (a Ray instance shared by the whole grid); stop starting experiments at
-    `deadline_s` (wall clock from start) and return every record on file."""
+    """Run the jobs not already in `records_path`, experiment file by experiment file (up to
+    ``parallel_files`` at once: an axis sweep's files hold one run each), on one executor (a
+    Ray instance shared by the whole grid); stop starting experiments at `deadline_s` (wall
+    clock from start) and return every record on file."""
     from crossfed.simulation.experiment import load_experiment
     from crossfed.simulation.experiment_run import open_executor, run_experiment
     from crossfed.simulation.federation_data import load_data
@@ -236,21 +322,30 @@ def run_jobs(
     first = ExperimentConfig.model_validate(experiment_of(todo[0].setup, ["ours"], grid))
     data: LoadedData = load_data(first.data)
     executor = open_executor(first)
+    lock = threading.Lock()
     try:
         with records_path.open("a") as sink:
-            for path, members in files:
+
+            def run_file(path: Path, members: list[Job]) -> None:
                 if deadline_s is not None and time.perf_counter() - start > deadline_s:
-                    break
+                    return
                 by_method = {j.method: j for j in members}
 
-                def keep(
-                    run: RunRecord, fed: SeedFederation, by_method: dict[str, Job] = by_method
-                ) -> None:
-                    record = record_of(by_method[run.method], run, fed)
-                    sink.write(json.dumps(record, allow_nan=True) + "\n")
-                    sink.flush()
+                def keep(run: RunRecord, fed: SeedFederation) -> None:
+                    record = record_of(by_method[run.method], run, fed, grid.dataset)
+                    with lock:
+                        sink.write(json.dumps(record, allow_nan=True) + "\n")
+                        sink.flush()
 
                 run_experiment(load_experiment(path), executor, data, progress, on_run=keep)
+
+            if parallel_files <= 1:
+                for path, members in files:
+                    run_file(path, members)
+            else:
+                with ThreadPoolExecutor(parallel_files, "quality-file") as pool:
+                    for fut in [pool.submit(run_file, p, m) for p, m in files]:
+                        fut.result()
     finally:
         executor.close()
     return read_records(records_path)

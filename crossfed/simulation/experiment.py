@@ -1,7 +1,8 @@
 """The experiment file `crossfed simulate` runs (YAML or TOML, loaded with
 `crossfed.common.config.load_config`): data, how it is split over virtual clients and how
 modalities go missing, rounds and their client policy, local training, the aggregation
-strategy, the methods compared, seeds, and where the clients run (Ray or inline).
+strategy, byzantine clients (benchmarks only), the methods compared, seeds, and where the
+clients run (Ray or inline).
 
 Every field is validated; a bad value is one line naming it. The network's input sizes and
 class count come from the data, so `model` takes every other `ModelConfig` field.
@@ -13,10 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from crossfed.common.config import MAX_COUNT, MissingModalityConfig, load_config
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.simulation.byzantine import AttackKind
 from crossfed.simulation.methods import ALL_METHODS
 
 #: Environment variables that override an experiment file (``CROSSFED_SIM_ROUNDS__ROUNDS=3``).
@@ -150,12 +160,61 @@ class TrainSection(_Section):
 
 
 class StrategySection(_Section):
-    """How a round's updates become the next global model (server/aggregation.py)."""
+    """How a round's updates become the next global model (crossfed/simulation/strategy.py:
+    the server's strategies by name, with their parameters)."""
 
-    name: Literal["fedavg"] = Field(
+    name: str = Field(
         default="fedavg",
-        description="module-aware streaming FedAvg (eq. 15), what `crossfed server` runs",
+        description="a server strategy by name; fedavg = module-aware streaming FedAvg (eq. 15)",
     )
+    params: dict[str, float] = Field(
+        default_factory=dict,
+        description="the strategy's parameters (server_lr, momentum, trim_ratio, krum_f, "
+        "proximal_mu: FedProx's mu/2 ||w - w_global||^2 in every client's local objective)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from crossfed.simulation.strategy import strategy_names
+
+        known = strategy_names()
+        if value not in known:
+            raise ValueError(f"unknown strategy {value!r}; known: {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _buildable(self) -> StrategySection:
+        from crossfed.simulation.simulation_errors import SimulationError
+        from crossfed.simulation.strategy import make_strategy
+
+        try:
+            make_strategy(self.name, lambda key: key, self.params)
+        except SimulationError as exc:  # names what is wrong
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class AttackSection(_Section):
+    """Byzantine clients, for robustness benchmarks only (crossfed/simulation/byzantine.py):
+    ``clients`` of the federation, drawn per seed, poison every update they send."""
+
+    kind: AttackKind = Field(
+        default="none",
+        description="none; scale: theta_g + factor*(theta_i - theta_g); "
+        "sign_flip: theta_g - (theta_i - theta_g)",
+    )
+    clients: int = Field(default=0, ge=0, le=MAX_COUNT, description="how many clients attack")
+    factor: float = Field(default=100.0, gt=0, le=1e6, description="the scale attack's boost")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttackSection:
+        if (self.kind == "none") != (self.clients == 0):
+            raise ValueError(
+                f"attack kind {self.kind!r} with {self.clients} attacking clients: an attack "
+                "needs clients >= 1, and clients > 0 needs an attack kind"
+            )
+        return self
 
 
 class ExecutionSection(_Section):
@@ -209,6 +268,7 @@ class ExperimentConfig(_Section):
         "come from the data",
     )
     strategy: StrategySection = Field(default_factory=lambda: StrategySection())
+    attack: AttackSection = Field(default_factory=lambda: AttackSection())
     methods: list[str] = Field(
         default_factory=lambda: ["ours", "zero_fill", "dropout", "ceiling_text", "ceiling_image"],
         min_length=1,
@@ -233,6 +293,15 @@ class ExperimentConfig(_Section):
         if len(set(value)) != len(value) or min(value) < 0:
             raise ValueError(f"seeds must be distinct and >= 0, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _attackers_fit(self) -> ExperimentConfig:
+        if self.attack.clients > self.federation.clients:
+            raise ValueError(
+                f"attack.clients {self.attack.clients} exceeds federation.clients "
+                f"{self.federation.clients}"
+            )
+        return self
 
     @field_validator("model")
     @classmethod

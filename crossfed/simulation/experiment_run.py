@@ -21,6 +21,7 @@ from crossfed.common.data.progress_display import make_progress
 from crossfed.common.model.evaluation import CONFIGURATIONS
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
+from crossfed.simulation.byzantine import Attack, attacker_clients
 from crossfed.simulation.client_executor import ClientExecutor, DataRef, InlineExecutor, Pending
 from crossfed.simulation.experiment import ExperimentConfig
 from crossfed.simulation.federation_data import (
@@ -120,6 +121,8 @@ def run_plan(
         exchange_projections=recipe.exchange,
         calibration_noise=recipe.calibration_noise,
         threads_per_client=threads,
+        attack=Attack(cfg.attack.kind, cfg.attack.factor),
+        attackers=attacker_clients(cfg.federation.clients, cfg.attack.clients, seed),
     )
 
 
@@ -285,7 +288,7 @@ def _run_all(
             executor,
             refs,
             sd.test,
-            make_strategy(cfg.strategy.name, CrossModalNet.module_of),
+            make_strategy(cfg.strategy.name, CrossModalNet.module_of, cfg.strategy.params),
             on_round,
         )
         finished(outcome.record)

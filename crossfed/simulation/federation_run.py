@@ -28,6 +28,8 @@ from crossfed.common.model.prototypes import ClassPrototypes, apply_global_proto
 from crossfed.server.calibration_round import StatsSum, ccvr_calibration_step
 from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.projection_exchange import ProjectionAggregator, ProjectionSpec
+from crossfed.server.strategies.base import RoundInstructions
+from crossfed.simulation.byzantine import NO_ATTACK, Attack
 from crossfed.simulation.client_executor import ClientExecutor, DataRef
 from crossfed.simulation.experiment import RoundsSection
 from crossfed.simulation.simulation_errors import SimulationError
@@ -59,6 +61,9 @@ class RunPlan:
     exchange_projections: bool
     calibration_noise: float
     threads_per_client: int
+    #: benchmarks/tests only: what the clients in ``attackers`` do to their updates
+    attack: Attack = NO_ATTACK
+    attackers: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -148,6 +153,21 @@ def _check_plan(plan: RunPlan, num_clients: int) -> None:
         )
 
 
+def local_train_config(
+    plan: RunPlan, round_no: int, client: int, instructions: RoundInstructions
+) -> TrainConfig:
+    """A client's local training settings in a round, with what the strategy asks of it."""
+    return TrainConfig(
+        epochs=plan.local_epochs,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        seed=client_seed(plan.seed, round_no, client),
+        modality_dropout=plan.modality_dropout,
+        num_threads=plan.threads_per_client,
+        proximal_mu=instructions.proximal_mu,
+    )
+
+
 def run_federation(
     plan: RunPlan,
     executor: ClientExecutor,
@@ -171,23 +191,18 @@ def run_federation(
     for rnd in range(policy.rounds):
         round_start = time.perf_counter()
         clients = sample_clients(len(shards), policy.fraction, plan.seed, rnd)
+        strategy.begin_round(state, rnd)
+        instructions = strategy.instructions
         tasks = [
             ClientTask(
                 client=c,
                 round_no=rnd,
-                train=TrainConfig(
-                    epochs=plan.local_epochs,
-                    batch_size=plan.batch_size,
-                    lr=plan.lr,
-                    seed=client_seed(plan.seed, rnd, c),
-                    modality_dropout=plan.modality_dropout,
-                    num_threads=plan.threads_per_client,
-                ),
+                train=local_train_config(plan, rnd, c, instructions),
                 share_projections=plan.exchange_projections,
+                attack=plan.attack if c in plan.attackers else NO_ATTACK,
             )
             for c in clients
         ]
-        strategy.begin_round(state, rnd)
         projections = ProjectionAggregator(spec)
         failed: list[int] = []
         reported = 0

@@ -26,6 +26,7 @@ from crossfed.common.model.memory import VisualLinguisticMemory
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes, compute_class_projections
+from crossfed.simulation.byzantine import NO_ATTACK, Attack, poison_update
 
 Arrays = dict[str, np.ndarray]
 Scores = dict[str, dict[str, float]]
@@ -41,6 +42,8 @@ class ClientTask:
     round_no: int
     train: TrainConfig
     share_projections: bool
+    #: benchmarks/tests only: this client poisons its update (crossfed/simulation/byzantine.py)
+    attack: Attack = NO_ATTACK
 
 
 @dataclass
@@ -158,9 +161,12 @@ def train_client(
     metrics["private_rss_mib"] = (private_rss_bytes() or 0) / 2**20
     memory = pack_memory(model.memory)
     metrics["memory_kib"] = sum(a.nbytes for a in memory.values()) / 1024
+    state = {k: v.numpy() for k, v in model.shareable_state_dict().items()}  # fresh clones
+    if task.attack.kind != "none":
+        state = poison_update(state, global_state, task.attack)
     update = ClientUpdate(
         client=task.client,
-        state={k: v.numpy() for k, v in model.shareable_state_dict().items()},  # fresh clones
+        state=state,
         num_samples=result.num_samples,
         module_samples=dict(result.module_samples),
         projections=projections,

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from crossfed.common.config import StrategyConfig
 from crossfed.server.strategies.base import Strategy
 from crossfed.server.strategies.fedavg import FedAvg
+from crossfed.server.strategies.robust_aggregation import (
+    KrumStrategy,
+    MedianStrategy,
+    TrimmedMeanStrategy,
+)
+from crossfed.server.strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 
 @dataclass(frozen=True)
@@ -18,11 +24,40 @@ class StrategyEntry:
     params: frozenset[str]
 
 
-#: name -> entry; the other strategies (server optimizers, robust aggregators) join here
+def _fedavg(p: Mapping[str, float]) -> FedAvg:
+    return FedAvg(proximal_mu=float(p.get("proximal_mu", 0.0)))
+
+
+def _adaptive(cls: type[FedAdagrad | FedAdam | FedYogi]) -> StrategyEntry:
+    """A Reddi et al. server optimizer over FedAvg (the constructor's defaults where unset)."""
+    keys = ("server_lr", "beta1", "beta2", "tau")
+    return StrategyEntry(
+        lambda p: cls(_fedavg(p), **{k: float(p[k]) for k in keys if k in p}),
+        frozenset({*keys, "proximal_mu"}),
+    )
+
+
+#: name -> entry
 STRATEGIES: dict[str, StrategyEntry] = {
-    "fedavg": StrategyEntry(
-        lambda p: FedAvg(proximal_mu=float(p.get("proximal_mu", 0.0))),
-        frozenset({"proximal_mu"}),
+    "fedavg": StrategyEntry(_fedavg, frozenset({"proximal_mu"})),
+    "fedavgm": StrategyEntry(
+        lambda p: FedAvgM(
+            _fedavg(p), **{k: float(p[k]) for k in ("server_lr", "momentum") if k in p}
+        ),
+        frozenset({"server_lr", "momentum", "proximal_mu"}),
+    ),
+    "fedadagrad": _adaptive(FedAdagrad),
+    "fedadam": _adaptive(FedAdam),
+    "fedyogi": _adaptive(FedYogi),
+    "median": StrategyEntry(lambda p: MedianStrategy(), frozenset()),
+    "trimmed_mean": StrategyEntry(
+        lambda p: TrimmedMeanStrategy(
+            **({"trim_ratio": p["trim_ratio"]} if "trim_ratio" in p else {})
+        ),
+        frozenset({"trim_ratio"}),
+    ),
+    "krum": StrategyEntry(
+        lambda p: KrumStrategy(num_byzantine=int(p.get("krum_f", 1))), frozenset({"krum_f"})
     ),
 }
 

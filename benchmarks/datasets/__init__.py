@@ -1,0 +1,1 @@
+"""Benchmark datasets built from sources other than the built-in synthetic shapes."""
