@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ from crossfed.client.update_upload import (
     PreparedUpload,
     prepare_upload,
 )
+from crossfed.common.config import MAX_PROXIMAL_MU
 from crossfed.common.model.encoder_identity import EncoderIdentity
 from crossfed.common.privacy.projection_dp import (
     ProjectionDPError,
@@ -102,6 +104,18 @@ class ProjectionUpload:
     mechanism: ProjectionDPParams | None = None  # the clip and noise applied (None: none)
 
 
+def proximal_mu_of(response: coordinator_pb2.HeartbeatResponse) -> float:
+    """FedProx's mu from a round's instructions; a value no strategy sends (negative, not
+    finite, over MAX_PROXIMAL_MU) is logged and ignored: training goes on without the term."""
+    mu = float(response.proximal_mu)
+    if math.isfinite(mu) and 0.0 <= mu <= MAX_PROXIMAL_MU:
+        return mu
+    log.error(
+        "the server sent proximal_mu=%r for round %d; training without it", mu, response.round
+    )
+    return 0.0
+
+
 def projection_mandate(message: coordinator_pb2.ProjectionPrivacy) -> ProjectionMandate | None:
     """The server's projection-privacy mandate from a RegisterResponse (None: not required)."""
     if not message.required:
@@ -132,8 +146,11 @@ class RoundWorker(Protocol):
         """Load the downloaded global weights (safetensors bytes; a read-only view of the
         download buffer, valid as long as it is referenced)."""
 
-    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
-        """Train locally (with the last global prototypes) and serialize the update."""
+    def train(
+        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+    ) -> LocalUpdate:
+        """Train locally (with the last global prototypes) and serialize the update;
+        ``proximal_mu`` > 0 adds FedProx's proximal term (the server's strategy asks for it)."""
 
     def calibration_stats(self, round_id: int) -> LocalUpdate:
         """The calibration round's upload: statistics of the loaded (final) global model on
@@ -185,6 +202,7 @@ class _RoundState:
     download: DownloadProgress
     upload_id: str
     calibrate: bool = False  # ACTION_CALIBRATE: statistics instead of training, no exchange
+    proximal_mu: float = 0.0  # FedProx mu the server's strategy sent with the round
     update: LocalUpdate | None = None
     prepared: PreparedUpload | None = None
     projections: ProjectionUpload | None = None
@@ -443,6 +461,7 @@ class ClientLoop:
             server_public_key=key,
             local_epochs=int(response.local_epochs) or None,
             started=self._clock(),
+            proximal_mu=proximal_mu_of(response),
             download=DownloadProgress(round_id, buffer_pool=self._download_buffers),
             upload_id=upload_id,
             calibrate=calibrate,
@@ -490,7 +509,7 @@ class ClientLoop:
             state.update = self.worker.calibration_stats(state.round_id)
             self.phase = Phase.UPLOAD
             return
-        state.update = self.worker.train(state.round_id, state.local_epochs)
+        state.update = self.worker.train(state.round_id, state.local_epochs, state.proximal_mu)
         self.phase = Phase.EXCHANGE
 
     def _upload(self) -> None:

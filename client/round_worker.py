@@ -206,10 +206,17 @@ class ModelRoundWorker:
             raise ModelMismatchError(f"round {round_id}: {exc}") from exc
         self._global_metrics = _accuracy_metrics("global", evaluate(model, self._holdout_set))
 
-    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
+    def train(
+        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+    ) -> LocalUpdate:
         model = self._require_model()
         base = self.settings.train
-        cfg = replace(base, epochs=local_epochs or base.epochs, seed=base.seed + round_id)
+        cfg = replace(
+            base,
+            epochs=local_epochs or base.epochs,
+            seed=base.seed + round_id,
+            proximal_mu=proximal_mu,
+        )
         dp_metrics: dict[str, float] = {}
         if self.sd_active:
             self._generate_features(model, round_id)

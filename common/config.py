@@ -305,6 +305,9 @@ def _is_privacy_default(key: str, value: object) -> bool:
     return False
 
 
+MAX_PROXIMAL_MU = 1000.0  # FedProx mu above this is no strategy's; clients ignore it
+
+
 class StrategyConfig(_Section):
     """How uploads become the next global model (server/strategies/): a strategy name and
     the parameters that strategy takes (the server refuses parameters it does not take)."""
@@ -321,7 +324,10 @@ class StrategyConfig(_Section):
     beta2: float | None = Field(default=None, ge=0, lt=1, description="FedAdam/FedYogi beta2")
     tau: float | None = Field(default=None, gt=0, le=1, description="adaptivity (Reddi et al.)")
     proximal_mu: float | None = Field(
-        default=None, ge=0, le=1000, description="FedProx mu sent to clients (0: plain)"
+        default=None,
+        ge=0,
+        le=MAX_PROXIMAL_MU,
+        description="FedProx mu sent to clients (0: plain)",
     )
     trim_ratio: float | None = Field(
         default=None, ge=0, lt=0.5, description="share trimmed at each end (trimmed mean)"
@@ -335,9 +341,19 @@ class StrategyConfig(_Section):
     def _lower_name(cls, value: str) -> str:
         return value.strip().lower()
 
+    buffer_budget_mb: float = Field(
+        default=2048.0,
+        gt=0,
+        le=1_048_576,
+        description="memory the buffering strategies (median, trimmed_mean, krum) may hold for "
+        "one round's uploads; they cannot stream (about clients x model bytes), so a start "
+        "whose min_clients uploads cannot fit is refused, and an upload past it is refused",
+    )
+
     def params(self) -> dict[str, float]:
-        """The parameters that were set (name excluded)."""
-        return {k: float(v) for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+        """The strategy's own parameters that were set (name and memory budget excluded)."""
+        dumped = self.model_dump(exclude={"name", "buffer_budget_mb"})
+        return {k: float(v) for k, v in dumped.items() if v is not None}
 
 
 class UpdateBoundConfig(_Section):

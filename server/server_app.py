@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from crossfed.server.state.records import TERMINAL_RUN_STATES, RunRecord
 from crossfed.server.strategies.base import Strategy
 from crossfed.server.strategies.central_dp import CentralDPStrategy
 from crossfed.server.strategies.registry import make_strategy
+from crossfed.server.strategies.robust_aggregation import RobustStrategy
 from crossfed.server.update_bound import UpdateBound
 from crossfed.server.upload_keys import load_or_create_upload_key
 from crossfed.server.upload_receiver import UploadPolicy
@@ -99,6 +100,23 @@ class ServerOptions:
         return ServerConfig.model_validate(data)
 
 
+def check_strategy_fits(
+    strategy: Strategy, state: Mapping[str, torch.Tensor], config: ServerConfig
+) -> None:
+    """Refuse a buffering strategy whose round of min_clients uploads cannot fit its memory
+    budget (strategy.buffer_budget_mb), before the server opens any state."""
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    need = strategy.peak_bytes(model_bytes, config.rounds.min_clients)
+    budget = int(config.strategy.buffer_budget_mb * 2**20)
+    if isinstance(strategy, RobustStrategy) and need > budget:
+        raise ConfigurationError(
+            f"strategy {strategy.name!r} buffers every upload: {config.rounds.min_clients} "
+            f"clients x {model_bytes:,} model bytes needs {need:,} bytes, over "
+            f"strategy.buffer_budget_mb={config.strategy.buffer_budget_mb:g} ({budget:,} bytes); "
+            "raise the budget, lower rounds.min_clients, or use a streaming strategy (fedavg)"
+        )
+
+
 def strategy_from_config(config: ServerConfig) -> Strategy:
     """The config's strategy, behind central DP when `privacy.central_dp` is on."""
     try:
@@ -108,6 +126,12 @@ def strategy_from_config(config: ServerConfig) -> Strategy:
     privacy = config.privacy
     if not privacy.central_dp:
         return strategy
+    if isinstance(strategy, RobustStrategy):
+        raise ConfigurationError(
+            f"privacy.central_dp: its noise is calibrated to a weighted mean's sensitivity; "
+            f"strategy {strategy.name!r} is not a mean, so the noise would not give the "
+            "stated epsilon. Use a mean-based strategy (fedavg, fedavgm, fedadam, ...) with it"
+        )
     return CentralDPStrategy(strategy, privacy.central_dp_clip, privacy.central_dp_noise_multiplier)
 
 
@@ -207,6 +231,7 @@ class CoordinatorServer:
         torch.set_num_threads(config.torch_threads)
         model = build_initial_model(config.model, config.seed)
         log.info("initial model: %s, %d tensors", model.source, len(model.state))
+        check_strategy_fits(strategy, model.state, config)
         epsilon_budget = config.privacy.epsilon_budget or 0.0
         store = open_state_store(state_dir)
         checkpoints = CheckpointStore(state_dir / CHECKPOINT_DIR, keep_last=config.keep_checkpoints)

@@ -11,6 +11,7 @@ from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.strategies.robust_aggregation import (
     KrumStrategy,
     MedianStrategy,
+    RobustStrategy,
     TrimmedMeanStrategy,
 )
 from crossfed.server.strategies.server_optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -82,4 +83,7 @@ def make_strategy(config: StrategyConfig) -> Strategy:
         raise ValueError(
             f"strategy {config.name!r} does not take {', '.join(unused)} (it takes: {takes})"
         )
-    return entry.build(params)
+    strategy = entry.build(params)
+    if isinstance(strategy, RobustStrategy):
+        strategy.max_buffer_bytes = int(config.buffer_budget_mb * 2**20)
+    return strategy

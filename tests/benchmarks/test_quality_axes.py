@@ -36,10 +36,10 @@ from quality.sweep import (
     experiment_of,
     record_key,
 )
-from support.simulation_data import clustered_embeddings
 
 from crossfed.simulation.experiment import ExperimentConfig
 from crossfed.simulation.federation_data import FederationSetup
+from tests.support.simulation_data import clustered_embeddings
 
 HEAD = FederationSetup("per_sample", 0.5, 0.5, 10, 0)
 

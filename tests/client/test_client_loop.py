@@ -54,6 +54,7 @@ class FakeServer:
     exchanges: list[int] = field(default_factory=list)
     decrypt: object = None
     calibration_round: int | None = None  # answered with ACTION_CALIBRATE
+    proximal_mu: float = 0.0  # sent with every TRAIN action (the strategy's FedProx mu)
 
     def current_round(self) -> int | None:
         done = {r for r, _ in self.counted}
@@ -100,7 +101,10 @@ class FakeTransport:
             else coordinator_pb2.ACTION_TRAIN
         )
         return coordinator_pb2.HeartbeatResponse(
-            action=action, round=current, upload_public_key=self.server.key
+            action=action,
+            round=current,
+            upload_public_key=self.server.key,
+            proximal_mu=self.server.proximal_mu,
         )
 
     def download(
@@ -186,6 +190,7 @@ class FakeWorker:
     projection_calls: int = 0
     registered: list[Registered] = field(default_factory=list)
     calibrated: list[int] = field(default_factory=list)
+    proximal_mus: list[float] = field(default_factory=list)
 
     def registration(self) -> Registration:
         return Registration(
@@ -202,8 +207,11 @@ class FakeWorker:
     def load_global(self, round_id: int, payload: bytes | memoryview) -> None:
         self.loaded[round_id] = bytes(payload)
 
-    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
+    def train(
+        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+    ) -> LocalUpdate:
         self.trained.append(round_id)
+        self.proximal_mus.append(proximal_mu)
         self.prototypes_at_train.append(self.prototypes)
         return LocalUpdate(
             payload=b"update-" + self.loaded[round_id][::-1],
@@ -289,6 +297,18 @@ def test_calibration_round_sends_statistics_of_the_final_model_without_exchange(
     assert not server.upload_headers[-1].module_samples
     assert stats.rounds_completed == [1, 2, 3] and reports[-1].round_id == 3
     assert [r.calibration for r in reports] == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("sent", "trained_with"),
+    [(0.0, 0.0), (0.05, 0.05), (float("nan"), 0.0), (-1.0, 0.0), (1e9, 0.0)],
+)
+def test_the_strategys_proximal_mu_reaches_local_training(sent: float, trained_with: float) -> None:
+    """FedProx's mu travels with the round; a value no strategy sends is ignored, not obeyed."""
+    server = FakeServer(rounds=[1, 2], proximal_mu=sent)
+    loop, worker, _, _ = _loop(server)
+    assert loop.run().rounds_completed == [1, 2]
+    assert worker.proximal_mus == [trained_with, trained_with]
 
 
 def test_global_prototypes_reach_the_next_local_training() -> None:

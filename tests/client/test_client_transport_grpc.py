@@ -217,7 +217,9 @@ class Worker:
     def load_global(self, round_id: int, payload: bytes) -> None:
         self.loaded.append(payload)
 
-    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
+    def train(
+        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+    ) -> LocalUpdate:
         return LocalUpdate(payload=bytes([round_id]) * 5000, num_samples=5)
 
     def projections(self, round_id: int) -> ProjectionUpload | None:

@@ -162,7 +162,9 @@ class RecordingWorker:
     def __getattr__(self, name: str) -> object:
         return getattr(self.worker, name)
 
-    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
+    def train(
+        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+    ) -> LocalUpdate:
         update = self.worker.train(round_id, local_epochs)
         self.updates.append(update)
         return update

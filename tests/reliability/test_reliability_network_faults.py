@@ -63,7 +63,9 @@ class ConstantWorker:
     def load_global(self, round_id: int, payload: bytes) -> None:
         self.template = decode_tensors(payload)
 
-    def train(self, round_id: int, local_epochs: int | None) -> LocalUpdate:
+    def train(
+        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+    ) -> LocalUpdate:
         if self.before_upload is not None:
             self.before_upload.wait(30)
         for hook in self.on_train:

@@ -8,13 +8,15 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from crossfed.common.config import ServerConfig, StrategyConfig
 from crossfed.server.errors import ConfigurationError
-from crossfed.server.server_app import strategy_from_config
+from crossfed.server.server_app import check_strategy_fits, strategy_from_config
 from crossfed.server.strategies.central_dp import CentralDPStrategy
 from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.strategies.registry import known_strategies, make_strategy
+from crossfed.server.strategies.robust_aggregation import RobustStrategy
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -56,6 +58,27 @@ def test_server_wraps_the_strategy_in_central_dp_and_names_bad_config() -> None:
     assert strategy.clip_norm == 0.5
     with pytest.raises(ConfigurationError, match="strategy: unknown strategy"):
         strategy_from_config(ServerConfig.model_validate({"strategy": {"name": "nope"}}))
+
+
+def test_central_dp_is_refused_around_a_strategy_that_is_not_a_mean() -> None:
+    config = ServerConfig.model_validate(
+        {"privacy": {"central_dp": True}, "strategy": {"name": "median"}}
+    )
+    with pytest.raises(ConfigurationError, match="'median' is not a mean"):
+        strategy_from_config(config)
+
+
+def test_a_buffering_strategy_gets_the_memory_budget_and_is_refused_when_it_cannot_fit() -> None:
+    config = ServerConfig.model_validate(
+        {"strategy": {"name": "trimmed_mean", "buffer_budget_mb": 40}, "rounds": {"min_clients": 4}}
+    )
+    strategy = strategy_from_config(config)
+    assert isinstance(strategy, RobustStrategy) and strategy.max_buffer_bytes == 40 * 2**20
+    state = {"w": torch.zeros(2_000_000)}  # 8 MB: 4 buffered uploads + work > 40 MiB
+    with pytest.raises(ConfigurationError, match=r"4 clients x 8,000,000 model bytes"):
+        check_strategy_fits(strategy, state, config)
+    check_strategy_fits(strategy, {"w": torch.zeros(1_000)}, config)  # fits: no error
+    check_strategy_fits(make_strategy(StrategyConfig()), state, config)  # fedavg streams
 
 
 def test_server_start_refuses_an_unknown_strategy_in_one_line(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import pytest
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from pydantic import ValidationError
-from support.simulation_data import clustered_embeddings, experiment
 
 from crossfed.simulation.byzantine import Attack, attacker_clients, poison_update
 from crossfed.simulation.client_executor import InlineExecutor
@@ -27,6 +26,7 @@ from crossfed.simulation.virtual_client import (
     shard_arrays,
     train_client,
 )
+from tests.support.simulation_data import clustered_embeddings, experiment
 
 CONFIG = ModelConfig(text_dim=16, image_dim=8, num_classes=4, hidden_dim=16)
 

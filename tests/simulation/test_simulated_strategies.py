@@ -12,7 +12,6 @@ import pytest
 import torch
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
-from support.simulation_data import clustered_embeddings
 
 from crossfed.simulation.client_executor import InlineExecutor
 from crossfed.simulation.experiment import RoundsSection
@@ -27,6 +26,7 @@ from crossfed.simulation.virtual_client import (
     shard_arrays,
     train_client,
 )
+from tests.support.simulation_data import clustered_embeddings
 
 CONFIG = ModelConfig(text_dim=16, image_dim=8, num_classes=4, hidden_dim=16)
 PLAN = RunPlan(
