@@ -762,7 +762,11 @@ class RoundEngine:
 
     def _after_failure(self, round_no: int, message: str) -> None:
         """Retry the round (new attempt) or end the run when attempts are used up. Attempts
-        the database could not record do not count: they are retried like interrupted ones."""
+        the database could not record do not count: they are retried like interrupted ones.
+        A run that ended meanwhile (stopped while the attempt's commit ran outside the lock)
+        keeps its state: the operator's stop is not overwritten by 'failed' or 'completed'."""
+        if self._run.state in TERMINAL_RUN_STATES:
+            return
         try:
             attempts = self._attempts_of(round_no)
         except StateStoreError as exc:
@@ -906,6 +910,18 @@ class RoundEngine:
         memory on; False (the attempt failed, to be retried) when the disk or the database
         refuses."""
         record = opened.record
+        if (opened.stats is not None) != self.is_calibration_round(record.round):
+            # rounds changed (update_policy) while this commit ran outside the lock: the
+            # round is now of the other kind; dropped uncounted like an open one would be
+            record.counts_as_retry = False
+            self._fail_round_locked(
+                opened,
+                f"rounds changed to {self._run.total_rounds} while round {record.round} "
+                f"was being committed; it is re-run as a "
+                f"{'training' if opened.stats is not None else 'calibration'} round",
+                retry=False,
+            )
+            return False
         published: tuple[int, bytes] | None = None
         try:  # late projections of the last training round stay unpublished at calibration
             if opened.stats is None:

@@ -1,0 +1,144 @@
+"""The commit runs outside the engine's lock: what an operator does while it runs (stop,
+update_policy) must still hold once the commit ends, whatever the commit's outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from crossfed.server.calibration_round import CalibrationStep
+from crossfed.server.round_engine import (
+    ACTION_CALIBRATE,
+    ACTION_TRAIN,
+    RoundEngine,
+    UploadOutcome,
+)
+from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.update_validation import TensorSlot
+
+from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
+
+
+def _fit(
+    state: Mapping[str, torch.Tensor], summed: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    out = {k: v.clone() for k, v in state.items()}
+    out["fusion.bias"][:2] = (summed["sum"] / summed["count"]).float()
+    return out, "fitted"
+
+
+STEP = CalibrationStep(
+    spec={"count": TensorSlot(torch.float64, (2,)), "sum": TensorSlot(torch.float64, (2,))},
+    check=lambda tensors, num_samples: None,
+    fit=_fit,
+)
+
+
+def _stats(counts: tuple[float, float], sums: tuple[float, float]) -> dict[str, torch.Tensor]:
+    return {
+        "count": torch.tensor(counts, dtype=torch.float64),
+        "sum": torch.tensor(sums, dtype=torch.float64),
+    }
+
+
+def _send(
+    engine: RoundEngine, cid: str, round_no: int, tensors: dict[str, torch.Tensor], n: int
+) -> UploadOutcome:
+    ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", n, {})
+    assert not isinstance(ticket, UploadOutcome)
+    return engine.complete_upload(ticket, tensors)
+
+
+def _during_commit(engine: RoundEngine, round_no: int, action: object, fail: bool) -> None:
+    """Run ``action`` inside the checkpoint write of ``round_no``'s commit (which then fails
+    with a full disk when ``fail``): the commit runs without the lock, an operator can act."""
+    original = engine.checkpoints.save
+
+    def save(
+        rnd: int, state: dict[str, torch.Tensor], run_id: str = "", prune: bool = True
+    ) -> Path:
+        if rnd == round_no:
+            action()  # type: ignore[operator]
+            if fail:
+                raise OSError(28, "No space left on device")
+        return original(rnd, state, run_id, prune)
+
+    engine.checkpoints.save = save  # type: ignore[method-assign]
+
+
+def test_stop_during_a_failing_commit_leaves_the_run_stopped(tmp_path: Path) -> None:
+    """The operator's stop wins: the failed commit of the last allowed attempt must not turn
+    the stopped run into a failed one."""
+    engine = make_engine(tmp_path, FakeClock(), max_round_attempts=1)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    assert engine.heartbeat("a").action == ACTION_TRAIN
+    _during_commit(engine, 1, lambda: engine.stop("operator"), fail=True)
+    for cid in "ab":
+        ticket = engine.begin_upload(cid, 1, f"{cid}-1", 10, {})
+        engine.complete_upload(ticket, small_state(1))  # type: ignore[arg-type]
+    run = engine.run
+    assert run.state == "stopped", run.message
+    assert run.last_committed_round == 0
+
+
+def test_lowering_rounds_during_a_training_commit_does_not_skip_calibration(
+    tmp_path: Path,
+) -> None:
+    """rounds lowered to 1 while round 2's training commit runs: round 2 is now the
+    calibration round, so the training model must not be committed as round 2 (that would
+    complete the run uncalibrated); the attempt is dropped uncounted and calibration runs."""
+    engine = make_engine(tmp_path, FakeClock(), total_rounds=2)
+    engine.calibration = STEP
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    for round_no in (1, 2):
+        for cid in "ab":
+            assert engine.heartbeat(cid).action == ACTION_TRAIN
+        if round_no == 2:
+            _during_commit(
+                engine,
+                2,
+                lambda: engine.update_policy(
+                    RoundPolicy(total_rounds=1, min_clients=2, round_deadline_s=60.0)
+                ),
+                fail=False,
+            )
+        for cid in "ab":
+            _send(engine, cid, round_no, small_state(round_no), 10)
+    run = engine.run
+    assert run.last_committed_round == 1 and run.state == "running", run.message
+    dropped = [r for r in engine.store.list_rounds() if r.round == 2]
+    assert len(dropped) == 1 and dropped[0].state == "failed"
+    assert not dropped[0].counts_as_retry
+    assert engine.heartbeat("a").action == ACTION_CALIBRATE
+
+
+def test_raising_rounds_during_the_calibration_commit_reruns_it_as_training(
+    tmp_path: Path,
+) -> None:
+    """rounds raised to 2 while the calibration round's commit runs: the calibrated model
+    must not become training round 2; round 2 is re-run as training, then calibration."""
+    engine = make_engine(tmp_path, FakeClock(), total_rounds=1)
+    engine.calibration = STEP
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    for cid in "ab":
+        assert engine.heartbeat(cid).action == ACTION_TRAIN
+    for cid in "ab":
+        _send(engine, cid, 1, small_state(1), 10)
+    assert engine.heartbeat("a").action == ACTION_CALIBRATE
+    _during_commit(
+        engine,
+        2,
+        lambda: engine.update_policy(
+            RoundPolicy(total_rounds=2, min_clients=2, round_deadline_s=60.0)
+        ),
+        fail=False,
+    )
+    _send(engine, "a", 2, _stats((4, 6), (8, 30)), 10)
+    _send(engine, "b", 2, _stats((6, 4), (4, 30)), 10)
+    assert engine.run.last_committed_round == 1
+    act = engine.heartbeat("a")
+    assert act.action == ACTION_TRAIN and act.round == 2
