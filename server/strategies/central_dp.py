@@ -2,8 +2,9 @@
 
 Each upload's delta from the global model, over the tensors it contributes to, is clipped to
 L2 <= C before the inner aggregator folds it; every trained module's aggregate then gets
-Gaussian noise of std z * `weighted_mean_sensitivity` (one Gaussian mechanism with noise
-multiplier z per round: the clipped delta's norm is bounded across modules together). The
+Gaussian noise of std z * `weighted_mean_sensitivity` * `modules_factor` (one Gaussian
+mechanism with noise multiplier z per round: module means are over different clients, so one
+client moves several of them at once; the factor covers that, 1 for a single module). The
 sensitivity is that of a weighted mean, so it holds for mean-like inner aggregators (FedAvg
 and the server optimizers that step on it), not for median/trimmed mean/Krum.
 """
@@ -34,6 +35,16 @@ def weighted_mean_sensitivity(clip_norm: float, max_weight: float, total_weight:
     if total_weight <= 0.0:
         return 0.0
     return 2.0 * clip_norm * max_weight / total_weight
+
+
+def modules_factor(trained_modules: int) -> float:
+    """(1 + sqrt(K)) / 2 for K trained modules: what makes K per-module noises of std
+    z * `weighted_mean_sensitivity` one Gaussian mechanism of multiplier z. Each module's mean
+    is over its own clients, so removing client j moves module m by at most
+    (a_m + C)/(2C) of its sensitivity (a_m = ||d_j on m||, sum a_m^2 <= C^2, the other
+    clients' mean on m anywhere in the C ball); the sum of squares over K modules peaks at
+    ((1 + sqrt(K)) / 2)^2 (a_m = C/sqrt(K)). One module: 1, the single-mean bound."""
+    return (1.0 + math.sqrt(max(trained_modules, 1))) / 2.0
 
 
 def _fresh_generator() -> torch.Generator:
@@ -98,9 +109,15 @@ class CentralDPAggregator:
         self.total_samples = self.inner.total_samples
 
     def noise_std(self, module: str) -> float:
-        """Per-coordinate noise std on ``module``'s aggregate: z * sensitivity (0 untrained)."""
-        return self.noise_multiplier * weighted_mean_sensitivity(
-            self.clip_norm, self._max_weight.get(module, 0.0), self._weight.get(module, 0.0)
+        """Per-coordinate noise std on ``module``'s aggregate (0 untrained): z * sensitivity
+        * `modules_factor` of the round's trained modules."""
+        trained = sum(1 for w in self._weight.values() if w > 0.0)
+        return (
+            self.noise_multiplier
+            * weighted_mean_sensitivity(
+                self.clip_norm, self._max_weight.get(module, 0.0), self._weight.get(module, 0.0)
+            )
+            * modules_factor(trained)
         )
 
     def result(self) -> RoundResult:

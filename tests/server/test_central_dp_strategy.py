@@ -149,3 +149,39 @@ def test_engine_reports_central_dp_epsilon_growing_with_rounds(tmp_path: Path) -
     eps = [e.values["central_dp_epsilon"] for e in commits]
     assert len(eps) == 2 and 0 < eps[0] < eps[1]
     assert all(e.values["central_dp_clipped"] == 2.0 for e in commits)  # updates far beyond 0.1
+
+
+def test_several_trained_modules_stay_one_mechanism_of_multiplier_z() -> None:
+    """Each module's mean is over its own clients (module-aware weights), so removing one
+    client can move every module's mean by nearly its full per-module sensitivity at once:
+    text-only clients pull module a to +C, image-only ones module b to +C, and the removed
+    paired client sits at -C/sqrt(2) in both. Measured in noise units, the whole release
+    (all modules together) must move by at most 1, as a single Gaussian mechanism with
+    multiplier z = 1 requires; per-module std 2C max_w/W alone lets it move by 1.207."""
+    clip = 1.0
+    glob = {"a.w": torch.zeros(1, dtype=torch.float64), "b.w": torch.zeros(1, dtype=torch.float64)}
+    j = -clip / math.sqrt(2.0)
+    clients = [  # (a, b, weights)
+        (clip, 0.0, {"a": 1.0, "b": 0.0}),
+        (0.0, clip, {"a": 0.0, "b": 1.0}),
+        (j, j, {"a": 1.0, "b": 1.0}),
+    ]
+    agg = _dp(clip, 1.0).begin_round(glob, _module_of)
+    for a, b, weights in clients:
+        update = {
+            "a.w": torch.tensor([a], dtype=torch.float64),
+            "b.w": torch.tensor([b], dtype=torch.float64),
+        }
+        agg.add(update, weights, 1)
+    shift_sq = 0.0
+    for index, module in enumerate("ab"):
+        with_j = _weighted_mean(
+            [torch.tensor([c[index]], dtype=torch.float64) for c in clients],
+            [c[2][module] for c in clients],
+        )
+        without_j = _weighted_mean(
+            [torch.tensor([c[index]], dtype=torch.float64) for c in clients[:2]],
+            [c[2][module] for c in clients[:2]],
+        )
+        shift_sq += (float((with_j - without_j).norm()) / agg.noise_std(module)) ** 2
+    assert math.sqrt(shift_sq) <= 1.0 + 1e-9  # tight: the factor is exactly what is needed
