@@ -1050,7 +1050,9 @@ class RoundEngine:
             self.registry.touch(client, self.clock())
             opened = self._require_open(round_no)
             record = opened.record
-            if self.store.get_upload(record.round, record.attempt, client_id, upload_id):
+            if opened.uploaders.get(client_id) == upload_id or self.store.get_upload(
+                record.round, record.attempt, client_id, upload_id
+            ):
                 return UploadOutcome(
                     accepted=True,
                     duplicate=True,
@@ -1162,8 +1164,10 @@ class RoundEngine:
                 raise AlreadyUploadedError(
                     f"client {ticket.client_id!r} already uploaded round {ticket.round}"
                 )
-            if not self.store.add_upload(upload):
-                return UploadOutcome(True, True, f"upload {ticket.upload_id} already counted")
+            # Fold first: an aggregator may refuse the update (a buffering strategy over its
+            # memory budget); then nothing is recorded and a retry is not told "counted".
+            # Within the open attempt the uploaders map is what dedups (a restart fails the
+            # attempt), so the upload row is written after, best effort like the rest.
             fold_started = time.perf_counter()
             if opened.stats is not None:
                 opened.stats.add(tensors)
@@ -1173,6 +1177,9 @@ class RoundEngine:
                 )
             fold_s = time.perf_counter() - fold_started
             opened.uploaders[ticket.client_id] = ticket.upload_id
+            self._write_best_effort(
+                f"upload row of {ticket.client_id}", self.store.add_upload, upload
+            )
             for key, value in (metrics or {}).items():
                 opened.metric_sums[key] = (
                     opened.metric_sums.get(key, 0.0) + value * ticket.num_samples

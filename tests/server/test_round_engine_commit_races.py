@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
 import torch
 from crossfed.server.calibration_round import CalibrationStep
 from crossfed.server.round_engine import (
@@ -15,6 +16,7 @@ from crossfed.server.round_engine import (
     UploadOutcome,
 )
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.strategies.robust_aggregation import MedianStrategy, MemoryBudgetError
 from crossfed.server.update_validation import TensorSlot
 
 from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
@@ -142,3 +144,24 @@ def test_raising_rounds_during_the_calibration_commit_reruns_it_as_training(
     assert engine.run.last_committed_round == 1
     act = engine.heartbeat("a")
     assert act.action == ACTION_TRAIN and act.round == 2
+
+
+def test_an_upload_the_aggregator_refuses_is_not_recorded_as_counted(tmp_path: Path) -> None:
+    """A buffering strategy over its memory budget refuses an upload at fold time; the
+    upload must not be stored as counted, or the client's retry is told "already counted"
+    while the round never saw its update."""
+    engine = make_engine(
+        tmp_path, FakeClock(), strategy=MedianStrategy(max_buffer_bytes=200), min_clients=2
+    )
+    for cid in "abc":
+        engine.register(cid, BOTH, 10)
+    for cid in "abc":
+        assert engine.heartbeat(cid).action == ACTION_TRAIN
+    for cid in "ab":  # 100 bytes each: the budget is full
+        _send(engine, cid, 1, small_state(1), 10)
+    with pytest.raises(MemoryBudgetError):
+        _send(engine, "c", 1, small_state(1), 10)
+    assert engine.store.get_upload(1, 1, "c", "c-1") is None
+    retry = engine.begin_upload("c", 1, "c-1", 10, {})
+    assert not isinstance(retry, UploadOutcome), retry.message
+    assert engine.open_round is not None and engine.open_round.received == 2
