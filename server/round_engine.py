@@ -822,11 +822,13 @@ class RoundEngine:
         except Exception as exc:  # a bug must fail the attempt, not wedge the run
             log.exception("commit of round %d failed", closing.opened.record.round)
             with self._lock:
-                if closing.opened.record.state != ROUND_COMMITTED:
-                    self.committer.load_state(self._run.last_committed_round)
+                state = closing.opened.record.state
+                if state not in (ROUND_COMMITTED, ROUND_FAILED):
                     self._fail_round_locked(
                         closing.opened, f"commit failed: {exc}; the round is re-run", retry=True
                     )
+                if state != ROUND_COMMITTED:
+                    self._rollback_strategy_locked()
         finally:
             with self._lock:
                 self._closing = None
@@ -854,7 +856,7 @@ class RoundEngine:
         new_state, values = prepared.state, prepared.values
         with self._lock:
             if not self._record_commit_locked(opened, reason, new_state):
-                self.committer.load_state(self._run.last_committed_round)
+                self._rollback_strategy_locked()
                 return
             self._event(
                 "round_committed",
@@ -975,6 +977,24 @@ class RoundEngine:
             self.registry.save(self.registry.records[cid])
         return True
 
+    def _rollback_strategy_locked(self) -> None:
+        """Restore the strategy's state of the last committed round after a failed commit
+        (its step on the failed aggregate must not count). If that state cannot be read, the
+        run fails: training on would step the optimizer twice on one round."""
+        last = self._run.last_committed_round
+        try:
+            self.committer.load_state(last)
+        except Exception as exc:
+            log.exception("could not restore the strategy state of round %d", last)
+            if self._run.state not in TERMINAL_RUN_STATES:
+                self._write_best_effort(
+                    "run failure",
+                    self._set_run_state,
+                    RUN_FAILED,
+                    f"the strategy state of round {last} could not be restored after a "
+                    f"failed commit ({exc}); fix or remove it and restart the server",
+                )
+
     def _aggregator(self, opened: _OpenRound) -> RoundAggregator:
         """The training round's aggregator (the calibration round has none)."""
         if opened.aggregator is None:
@@ -985,7 +1005,7 @@ class RoundEngine:
         """The round's new model is unusable or could not be written: the attempt fails (and
         is retried, bounded by max_round_attempts); the last good model stays, and so does
         the strategy's state of the last committed round."""
-        self.committer.load_state(self._run.last_committed_round)
+        self._rollback_strategy_locked()
         log.error(message)
         self._write_best_effort(
             f"{kind} event",

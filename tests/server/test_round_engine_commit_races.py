@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from crossfed.server.calibration_round import CalibrationStep
+from crossfed.server.errors import CheckpointError
 from crossfed.server.round_engine import (
     ACTION_CALIBRATE,
     ACTION_TRAIN,
@@ -16,6 +17,8 @@ from crossfed.server.round_engine import (
     UploadOutcome,
 )
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.strategies.base import RoundResult
+from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.strategies.robust_aggregation import MedianStrategy, MemoryBudgetError
 from crossfed.server.update_validation import TensorSlot
 
@@ -165,3 +168,36 @@ def test_an_upload_the_aggregator_refuses_is_not_recorded_as_counted(tmp_path: P
     retry = engine.begin_upload("c", 1, "c-1", 10, {})
     assert not isinstance(retry, UploadOutcome), retry.message
     assert engine.open_round is not None and engine.open_round.received == 2
+
+
+class _BrokenStep(FedAvg):
+    """FedAvg whose server step raises (a bug in a strategy)."""
+
+    def finish_round(
+        self, global_state: Mapping[str, torch.Tensor], aggregate: RoundResult
+    ) -> dict[str, torch.Tensor]:
+        raise RuntimeError("strategy bug")
+
+
+def test_a_commit_whose_rollback_also_fails_still_records_the_failed_round(
+    tmp_path: Path,
+) -> None:
+    """The commit raises, and so does restoring the strategy's state: the attempt is still
+    recorded failed and its clients released (nothing escapes to the uploader / kills the
+    committer thread), and the run is not left training on an unrestored strategy."""
+    engine = make_engine(tmp_path, FakeClock(), strategy=_BrokenStep())
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    for cid in "ab":
+        assert engine.heartbeat(cid).action == ACTION_TRAIN
+
+    def unreadable(round_no: int) -> dict[str, torch.Tensor] | None:
+        raise CheckpointError("strategy state strategy-000000.safetensors is corrupt")
+
+    engine.checkpoints.load_strategy_state = unreadable  # type: ignore[method-assign]
+    for cid in "ab":
+        _send(engine, cid, 1, small_state(1), 10)
+    attempts = [r for r in engine.store.list_rounds() if r.round == 1]
+    assert [r.state for r in attempts] == ["failed"]
+    assert all(c.state == "registered" for c in engine.clients())
+    assert engine.run.state == "failed" and "strategy" in engine.run.message
