@@ -858,24 +858,29 @@ class RoundEngine:
             if not self._record_commit_locked(opened, reason, new_state):
                 self._rollback_strategy_locked()
                 return
-            self._event(
-                "round_committed",
-                round_no=record.round,
-                message=reason,
-                values={
-                    "received": float(record.received),
-                    "num_samples": float(record.num_samples),
-                    "aggregate_s": time.perf_counter() - started,
-                    **record.metrics,
-                    **values,
-                    **(
-                        self.strategy.epsilon_values(
-                            record.round, self.policy.fraction, self.central_dp_delta
-                        )
-                        if opened.stats is None and isinstance(self.strategy, CentralDPStrategy)
-                        else {}
-                    ),
-                },
+            committed_values = {
+                "received": float(record.received),
+                "num_samples": float(record.num_samples),
+                "aggregate_s": time.perf_counter() - started,
+                **record.metrics,
+                **values,
+                **(
+                    self.strategy.epsilon_values(
+                        record.round, self.policy.fraction, self.central_dp_delta
+                    )
+                    if opened.stats is None and isinstance(self.strategy, CentralDPStrategy)
+                    else {}
+                ),
+            }
+            # the commit is recorded: a refused event must not skip completion and pruning
+            self._write_best_effort(
+                "round_committed event",
+                lambda: self._event(
+                    "round_committed",
+                    round_no=record.round,
+                    message=reason,
+                    values=committed_values,
+                ),
             )
             log.info(
                 "round %d committed: %d upload(s), %d samples, %.1f s, epsilon %.2f so far%s",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from crossfed.server.calibration_round import CalibrationStep
-from crossfed.server.errors import CheckpointError
+from crossfed.server.errors import CheckpointError, StateStoreError
 from crossfed.server.round_engine import (
     ACTION_CALIBRATE,
     ACTION_TRAIN,
@@ -17,6 +18,8 @@ from crossfed.server.round_engine import (
     UploadOutcome,
 )
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.state.memory import InMemoryStateStore
+from crossfed.server.state.records import EventRecord
 from crossfed.server.strategies.base import RoundResult
 from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.strategies.robust_aggregation import MedianStrategy, MemoryBudgetError
@@ -201,3 +204,29 @@ def test_a_commit_whose_rollback_also_fails_still_records_the_failed_round(
     assert [r.state for r in attempts] == ["failed"]
     assert all(c.state == "registered" for c in engine.clients())
     assert engine.run.state == "failed" and "strategy" in engine.run.message
+
+
+class _NoCommitEvent(InMemoryStateStore):
+    """A store whose event log refuses the round_committed event (a locked database)."""
+
+    def append_event(self, kind: str, *args: Any, **kwargs: Any) -> EventRecord:
+        if kind == "round_committed":
+            raise StateStoreError("state database: database is locked")
+        return super().append_event(kind, *args, **kwargs)
+
+
+def test_a_refused_commit_event_does_not_undo_the_rest_of_a_recorded_commit(
+    tmp_path: Path,
+) -> None:
+    """The commit is recorded (database, memory) before its event: an event log that refuses
+    it must not skip the rest (completing the run, pruning) nor reach the uploader as an
+    error for an update that was counted and committed."""
+    engine = make_engine(tmp_path, FakeClock(), store=_NoCommitEvent(), total_rounds=1)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    for cid in "ab":
+        assert engine.heartbeat(cid).action == ACTION_TRAIN
+    _send(engine, "a", 1, small_state(1), 10)
+    assert _send(engine, "b", 1, small_state(1), 10).accepted
+    run = engine.run
+    assert run.last_committed_round == 1 and run.state == "completed"
