@@ -823,12 +823,16 @@ class RoundEngine:
             log.exception("commit of round %d failed", closing.opened.record.round)
             with self._lock:
                 state = closing.opened.record.state
-                if state not in (ROUND_COMMITTED, ROUND_FAILED):
-                    self._fail_round_locked(
-                        closing.opened, f"commit failed: {exc}; the round is re-run", retry=True
-                    )
-                if state != ROUND_COMMITTED:
-                    self._rollback_strategy_locked()
+                try:
+                    if state not in (ROUND_COMMITTED, ROUND_FAILED):
+                        self._fail_round_locked(
+                            closing.opened,
+                            f"commit failed: {exc}; the round is re-run",
+                            retry=True,
+                        )
+                finally:  # even if recording the failure raised (database down)
+                    if state != ROUND_COMMITTED:
+                        self._rollback_strategy_locked()
         finally:
             with self._lock:
                 self._closing = None
