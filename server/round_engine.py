@@ -959,12 +959,14 @@ class RoundEngine:
         self._run.last_committed_round = record.round
         try:
             self.store.commit_round(record, self._run)
-        except StateStoreError as exc:
+        except Exception as exc:
             # Memory must not run ahead of the database: undo, and fail the attempt like a
             # checkpoint that could not be written (the new checkpoint file is overwritten
             # by the retry; a restart reads the last round the database committed).
             record.state, record.ended_unix_s, record.message, record.metrics = before
             self._run.last_committed_round = last_before
+            if not isinstance(exc, StateStoreError):
+                raise  # a bug: the committer fails the attempt (its record is not committed)
             message = f"round {record.round} could not be recorded ({exc}); not committed"
             log.error(message)
             self._write_best_effort(

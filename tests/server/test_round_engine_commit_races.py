@@ -19,7 +19,7 @@ from crossfed.server.round_engine import (
 )
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.memory import InMemoryStateStore
-from crossfed.server.state.records import EventRecord
+from crossfed.server.state.records import EventRecord, RoundRecord, RunRecord
 from crossfed.server.strategies.base import RoundResult
 from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.strategies.robust_aggregation import MedianStrategy, MemoryBudgetError
@@ -230,3 +230,28 @@ def test_a_refused_commit_event_does_not_undo_the_rest_of_a_recorded_commit(
     assert _send(engine, "b", 1, small_state(1), 10).accepted
     run = engine.run
     assert run.last_committed_round == 1 and run.state == "completed"
+
+
+class _CommitBug(InMemoryStateStore):
+    """A store whose commit_round fails with something other than StateStoreError."""
+
+    def commit_round(self, record: RoundRecord, run: RunRecord) -> None:
+        raise TypeError("cannot serialize the round record")
+
+
+def test_an_unexpected_error_recording_the_commit_leaves_memory_at_the_last_commit(
+    tmp_path: Path,
+) -> None:
+    """Memory must not run ahead of the database whatever the store raises: the round is
+    failed and re-run from the last committed model, not counted as committed in memory."""
+    engine = make_engine(tmp_path, FakeClock(), store=_CommitBug())
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    for cid in "ab":
+        assert engine.heartbeat(cid).action == ACTION_TRAIN
+    for cid in "ab":
+        _send(engine, cid, 1, small_state(1), 10)
+    assert engine.run.last_committed_round == 0
+    assert [r.state for r in engine.store.list_rounds() if r.round == 1] == ["failed"]
+    act = engine.heartbeat("a")
+    assert act.action == ACTION_TRAIN and act.round == 1 and act.attempt == 2
