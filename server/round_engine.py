@@ -33,6 +33,7 @@ from crossfed.server.client_registry import ClientRegistry
 from crossfed.server.errors import (
     AlreadyUploadedError,
     CheckpointError,
+    ConfigurationError,
     FederationMismatchError,
     InvalidUpdateError,
     ModelMismatchError,
@@ -269,7 +270,14 @@ class RoundEngine:
         self.projections = ProjectionDesk(projection_spec, self.projection_privacy, noise_hook)
         self.projections.load_published(checkpoints, self._run.last_committed_round)
         self.committer = RoundCommitter(self.strategy, checkpoints, self._spec)
-        self.committer.load_state(self._run.last_committed_round)
+        try:
+            self.committer.load_state(self._run.last_committed_round)
+        except ValueError as exc:  # e.g. fedadam's moments offered to fedavg after a restart
+            raise ConfigurationError(
+                f"strategy {self.strategy.name!r} cannot resume this run: the state saved with "
+                f"round {self._run.last_committed_round} does not fit it ({exc}). Start with "
+                "the strategy the run was started with, or use a new state directory"
+            ) from exc
         fail_interrupted_rounds(store, self.clock(), event)
         self.registry.reset_after_restart()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from crossfed.server.checkpoints import CheckpointStore
+from crossfed.server.errors import ConfigurationError
 from crossfed.server.projection_exchange import ProjectionSpec
 from crossfed.server.round_engine import ACTION_TRAIN, ACTION_WAIT, RoundEngine
 from crossfed.server.round_policy import RoundPolicy
@@ -127,6 +128,21 @@ def test_instructions_reach_clients_and_state_survives_a_restart(tmp_path: Path)
     assert float(restarted.state["rounds"]) == 3.0
     kept = sorted(p.name for p in (tmp_path / "ckpt").glob("strategy-*.safetensors"))
     assert kept == ["strategy-000002.safetensors", "strategy-000003.safetensors"]
+
+
+def test_resuming_with_a_strategy_that_cannot_take_the_saved_state_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    engine = _engine(tmp_path, clock, _CountingStrategy())
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    engine.heartbeat("a")
+    _upload_round(engine, 1, seed=21)
+    del engine
+    with pytest.raises(ConfigurationError, match="strategy 'fedavg' cannot resume this run") as err:
+        _engine(tmp_path, clock, FedAvg())  # stateless: refuses the saved running sums
+    assert "\n" not in str(err.value) and "round 1" in str(err.value)
 
 
 def test_a_failed_commit_does_not_advance_the_strategy_state(tmp_path: Path) -> None:
