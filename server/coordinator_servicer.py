@@ -36,7 +36,8 @@ from crossfed.server.errors import (
     WrongRoundError,
 )
 from crossfed.server.federation_contract import ClientFacts
-from crossfed.server.round_engine import RoundEngine, UploadOutcome
+from crossfed.server.round_engine import RoundEngine, new_client_id
+from crossfed.server.round_uploads import UploadOutcome
 from crossfed.server.upload_admission import UploadAdmission
 from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
 from crossfed.server.upload_streams import StreamWatch, UploadStreams
@@ -237,7 +238,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if not client_id:
             if self.authenticated:
                 abort_with(context, UnknownClientError("no authenticated client id"))
-            client_id = self.engine.new_client_id()
+            client_id = new_client_id()
         try:
             reg = self.engine.register(
                 client_id,
@@ -304,7 +305,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         client_id = self._caller(context)
         try:
             self.engine.require_known(client_id)
-            version, path = self.engine.global_model_file(int(request.round))
+            version, path = self.engine.downloads.model_file(int(request.round))
             # opened now: a checkpoint pruned meanwhile stays readable through this handle
             handle = path.open("rb")
         except FileNotFoundError:
@@ -359,7 +360,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             checked_count(header.round, "upload header round")
             check_header(header, self.upload_policy)
-            ticket = self.engine.begin_upload(
+            ticket = self.engine.uploads.begin(
                 client_id,
                 round_no,
                 header.upload_id,
@@ -408,7 +409,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     ) from exc
                 digest = received.digest
                 del received
-                outcome = self.engine.complete_upload(
+                outcome = self.engine.uploads.complete(
                     ticket,
                     tensors,
                     payload_sha256=digest,
@@ -418,7 +419,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except ServerError as exc:
             log.info("upload from %s for round %d rejected: %s", client_id, round_no, exc)
             if not isinstance(exc, ENGINE_LOGGED):  # the engine recorded those itself
-                self.engine.record_rejection(client_id, round_no, str(exc))
+                self.engine.uploads.record_rejection(client_id, round_no, str(exc))
             abort_with(context, exc)
         return coordinator_pb2.UploadResponse(
             accepted=outcome.accepted, duplicate=outcome.duplicate, message=outcome.message
@@ -440,7 +441,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             digest = request.projections.payload_sha256
             if payload and digest and hashlib.sha256(payload).digest() != digest:
                 raise InvalidUpdateError("projection payload does not match its sha256")
-            reply = self.engine.exchange_projections(
+            reply = self.engine.projection_exchange.exchange(
                 client_id,
                 int(request.round),
                 payload,

@@ -1,8 +1,9 @@
 """The server's side of the projection exchange (eq. 16): each client's release is decoded,
 bounded and admitted (privacy mandate, noise, epsilon budget: counted before use), then summed
 until the next commit publishes the sums as global prototypes beside the round's checkpoint.
-Not locked itself: the round engine, which decides which round a release belongs to, calls
-it under its lock (admission, which only touches the privacy ledger, runs outside)."""
+Not locked itself: the projection intake (server/projection_intake.py), which decides which
+round a release belongs to, calls it under the board's lock (admission, which only touches the
+privacy ledger, runs outside)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,11 @@ mechanism with noise multiplier z per round: module means are over different cli
 client moves several of them at once; the factor covers that, 1 for a single module). The
 sensitivity is that of a weighted mean, so it holds for mean-like inner aggregators (FedAvg
 and the server optimizers that step on it), not for median/trimmed mean/Krum.
+
+Epsilon is the server's own count: every committed round adds one step at the rate clients
+were actually sampled that round (selected / eligible online, set by the engine when it opens
+the attempt, which ``min_clients`` can push well above ``fraction``). The rates are part of
+the strategy's checkpointed state, so a restart or a failed commit neither forgets nor adds one.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ def modules_factor(trained_modules: int) -> float:
     return (1.0 + math.sqrt(max(trained_modules, 1))) / 2.0
 
 
+SAMPLE_RATE_VALUE = "central_dp_sample_rate"
+_RATES_KEY = "central_dp.sample_rates"  # in the strategy state: one rate per noised round
+
+
 def _fresh_generator() -> torch.Generator:
     """An unpredictable noise seed (DP noise must not be reproducible)."""
     generator = torch.Generator()
@@ -78,6 +87,8 @@ class CentralDPAggregator:
         self.clipped_updates = 0
         self._weight: dict[str, float] = {m: 0.0 for m in self.modules}
         self._max_weight: dict[str, float] = {m: 0.0 for m in self.modules}
+        # the chance a client took part this round (selected / eligible): set at opening
+        self.sample_rate = 1.0
 
     def contributed_keys(self, weights: Mapping[str, float]) -> list[str]:
         """The inner aggregator's keys for these weights."""
@@ -136,7 +147,11 @@ class CentralDPAggregator:
             )
             noise = torch.randn(wide.shape, generator=self._generator, dtype=wide.dtype)
             state[key] = (wide + noise * std).to(value.dtype)
-        values = {**aggregate.values, "central_dp_clipped": float(self.clipped_updates)}
+        values = {
+            **aggregate.values,
+            "central_dp_clipped": float(self.clipped_updates),
+            SAMPLE_RATE_VALUE: self.sample_rate,
+        }
         return RoundResult(state=state, trained_modules=aggregate.trained_modules, values=values)
 
 
@@ -159,6 +174,7 @@ class CentralDPStrategy:
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self._generator = generator or _fresh_generator()
+        self._rates: list[float] = []  # the sampling rate of every committed noised round
 
     def configure_round(self, round_no: int) -> RoundInstructions:
         """The inner strategy's instructions."""
@@ -180,26 +196,38 @@ class CentralDPStrategy:
     def finish_round(
         self, global_state: Mapping[str, torch.Tensor], aggregate: RoundResult
     ) -> dict[str, torch.Tensor]:
-        """The inner strategy's step on the noised aggregate (post-processing: no extra cost)."""
+        """The inner strategy's step on the noised aggregate (post-processing: no extra cost);
+        the round's sampling rate joins the history that epsilon is counted from."""
+        rate = float(aggregate.values.get(SAMPLE_RATE_VALUE, 1.0))
+        self._rates.append(min(max(rate, 0.0), 1.0) or 1.0)
         return self.inner.finish_round(global_state, aggregate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The inner strategy's state."""
-        return self.inner.state_dict()
+        """The inner strategy's state and the sampling rates of the noised rounds."""
+        state = self.inner.state_dict()
+        if self._rates:
+            state[_RATES_KEY] = torch.tensor(self._rates, dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Restore the inner strategy's state."""
-        self.inner.load_state_dict(state)
+        """Restore the inner strategy's state and the rate history."""
+        inner = dict(state)
+        rates = inner.pop(_RATES_KEY, None)
+        if rates is not None and (rates.dim() != 1 or not bool(((rates > 0) & (rates <= 1)).all())):
+            raise ValueError(f"{_RATES_KEY} must be rates in (0, 1], got {rates}")
+        self.inner.load_state_dict(inner)
+        self._rates = [] if rates is None else [float(r) for r in rates]
 
-    def epsilon_values(self, rounds: int, sample_rate: float, delta: float) -> dict[str, float]:
-        """Epsilon of ``rounds`` noised rounds (Gaussian mechanism, noise multiplier z,
-        client sampling rate ``sample_rate``) for a commit event; none without noise."""
-        if self.noise_multiplier <= 0:
+    def epsilon_values(self, delta: float) -> dict[str, float]:
+        """Epsilon of the committed noised rounds (Gaussian mechanism, multiplier z, each at
+        its own client sampling rate), for a commit event; none without noise."""
+        if self.noise_multiplier <= 0 or not self._rates:
             return {}
         from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
 
         accountant = PrivacyAccountant()
-        accountant.step(self.noise_multiplier, sample_rate, steps=rounds)
+        for rate in self._rates:
+            accountant.step(self.noise_multiplier, rate)
         return {"central_dp_epsilon": accountant.epsilon(delta)}
 
     def peak_bytes(self, model_bytes: int, clients_per_round: int) -> int:

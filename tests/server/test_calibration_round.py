@@ -12,15 +12,10 @@ import torch
 from crossfed.common.wire.tensor_codec import encode_tensors
 from crossfed.server.calibration_round import CalibrationStep
 from crossfed.server.errors import InvalidUpdateError, WrongRoundError
-from crossfed.server.round_engine import (
-    ACTION_CALIBRATE,
-    ACTION_DONE,
-    ACTION_TRAIN,
-    ACTION_WAIT,
-    RoundEngine,
-    UploadOutcome,
-)
+from crossfed.server.round_attempt import ACTION_CALIBRATE, ACTION_DONE, ACTION_TRAIN, ACTION_WAIT
+from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.round_uploads import UploadOutcome
 from crossfed.server.state.sqlite import SqliteStateStore
 from crossfed.server.update_validation import TensorSlot
 
@@ -58,9 +53,7 @@ STEP = CalibrationStep(spec=SPEC, check=_check, fit=_fit)
 def _engine(
     tmp_path: Path, clock: FakeClock, step: CalibrationStep = STEP, **kw: object
 ) -> RoundEngine:
-    engine = make_engine(tmp_path, clock, **{"total_rounds": 1, **kw})
-    engine.calibration = step
-    return engine
+    return make_engine(tmp_path, clock, calibration=step, **{"total_rounds": 1, **kw})
 
 
 def _stats(counts: tuple[float, float], sums: tuple[float, float]) -> dict[str, torch.Tensor]:
@@ -73,9 +66,9 @@ def _stats(counts: tuple[float, float], sums: tuple[float, float]) -> dict[str, 
 def _send(
     engine: RoundEngine, cid: str, round_no: int, tensors: dict[str, torch.Tensor], n: int
 ) -> UploadOutcome:
-    ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", n, {})
+    ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", n, {})
     assert not isinstance(ticket, UploadOutcome)
-    return engine.complete_upload(ticket, tensors)
+    return engine.uploads.complete(ticket, tensors)
 
 
 def _train_round_one(engine: RoundEngine, *cids: str) -> None:
@@ -110,7 +103,7 @@ def test_image_holders_calibrate_and_the_fitted_model_completes_the_run(tmp_path
     assert acts["both"].round == 2
     assert acts["txt"].action == ACTION_WAIT  # no images, nothing to contribute
     # the calibration round downloads the final training model (its input, version 1)
-    assert engine.global_model_bytes(2)[0] == 1
+    assert engine.downloads.model_bytes(2)[0] == 1
 
     assert _send(engine, "both", 2, _stats((4, 6), (8, 30)), 10).accepted
     out = _send(engine, "img", 2, _stats((6, 4), (4, 30)), 10)
@@ -133,14 +126,14 @@ def test_bad_statistics_are_refused_and_leave_the_sum_untouched(tmp_path: Path) 
     with pytest.raises(InvalidUpdateError):  # weights where statistics are expected
         _send(engine, "a", 2, small_state(), 10)  # type: ignore[arg-type]
     with pytest.raises(InvalidUpdateError, match="exceeds"):
-        engine.begin_upload("a", 2, "x", 11, {})  # more rows than it registered
+        engine.uploads.begin("a", 2, "x", 11, {})  # more rows than it registered
     assert engine.projection_spec is not None
     shapes = engine.projection_spec.shapes()
     projections = encode_tensors(
         {k: torch.zeros(v, dtype=torch.float64) for k, v in shapes.items()}
     )
     with pytest.raises(WrongRoundError, match="calibration"):
-        engine.exchange_projections("a", 2, projections)
+        engine.projection_exchange.exchange("a", 2, projections)
     _send(engine, "a", 2, _stats((5, 5), (5, 10)), 10)
     _send(engine, "b", 2, _stats((5, 5), (5, 10)), 10)
     assert torch.allclose(engine.checkpoints.load(2)["fusion.bias"][:2], torch.tensor([1.0, 2.0]))

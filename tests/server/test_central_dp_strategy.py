@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from crossfed.common.privacy.privacy_accountant import PrivacyAccountant
+from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.strategies.central_dp import CentralDPStrategy, weighted_mean_sensitivity
 from crossfed.server.strategies.fedavg import FedAvg
 
@@ -142,8 +144,8 @@ def test_engine_reports_central_dp_epsilon_growing_with_rounds(tmp_path: Path) -
     for round_no in (1, 2):
         engine.heartbeat("a")
         for cid in "ab":
-            ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", 10, {})
-            engine.complete_upload(ticket, small_state(round_no + 10))  # type: ignore[arg-type]
+            ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", 10, {})
+            engine.uploads.complete(ticket, small_state(round_no + 10))  # type: ignore[arg-type]
         engine.wait_idle(30.0)
     commits = [e for e in engine.store.events_after(0) if e.kind == "round_committed"]
     eps = [e.values["central_dp_epsilon"] for e in commits]
@@ -185,3 +187,47 @@ def test_several_trained_modules_stay_one_mechanism_of_multiplier_z() -> None:
         )
         shift_sq += (float((with_j - without_j).norm()) / agg.noise_std(module)) ** 2
     assert math.sqrt(shift_sq) <= 1.0 + 1e-9  # tight: the factor is exactly what is needed
+
+
+def _committed_epsilons(engine: object) -> list[float]:
+    events = engine.store.events_after(0)  # type: ignore[attr-defined]
+    return [e.values["central_dp_epsilon"] for e in events if e.kind == "round_committed"]
+
+
+def _train(engine: object, round_no: int, clients: str) -> None:
+    selected = engine.open_round.selected  # type: ignore[attr-defined]
+    for cid in selected:
+        ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", 10, {})  # type: ignore[attr-defined]
+        engine.uploads.complete(ticket, small_state(round_no + 10))  # type: ignore[attr-defined]
+    assert set(selected) <= set(clients)
+
+
+def test_epsilon_counts_the_rate_clients_were_really_sampled_at_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """fraction 0.25 of 4 online clients would select 1, but min_clients 2 selects 2: each
+    round samples a client with probability 0.5, and epsilon must be counted at 0.5 (counting
+    at the configured 0.25 understates it). A restart resumes the count, it does not reset."""
+    z, delta = 1.0, 1e-5
+    store = InMemoryStateStore()
+    policy = {"total_rounds": 3, "min_clients": 2, "fraction": 0.25}
+    engine = make_engine(tmp_path, FakeClock(), store=store, strategy=_dp(0.1, z), **policy)
+    engine.start()
+    for cid in "abcd":
+        engine.register(cid, BOTH, 10)
+    for round_no in (1, 2):
+        engine.tick()
+        _train(engine, round_no, "abcd")
+    eps = _committed_epsilons(engine)
+    at_real_rate = [PrivacyAccountant([(z, 0.5, n)]).epsilon(delta) for n in (1, 2)]
+    assert eps == pytest.approx(at_real_rate)
+    assert eps[1] > PrivacyAccountant([(z, 0.25, 2)]).epsilon(delta) + 1.0  # 5.4 vs 3.9
+
+    restarted = make_engine(tmp_path, FakeClock(), store=store, strategy=_dp(0.1, z), **policy)
+    for cid in "abcd":
+        restarted.register(cid, BOTH, 10)
+    restarted.tick()
+    _train(restarted, 3, "abcd")
+    assert _committed_epsilons(restarted)[-1] == pytest.approx(
+        PrivacyAccountant([(z, 0.5, 3)]).epsilon(delta)
+    )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from crossfed.server.metrics import ServerMetrics
-from crossfed.server.round_engine import RoundEngine, UploadTicket
+from crossfed.server.round_engine import RoundEngine
+from crossfed.server.round_uploads import UploadTicket
 from prometheus_client import generate_latest
 
 from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
@@ -20,9 +21,9 @@ def _value(metrics: ServerMetrics, name: str, **labels: str) -> float:
 
 
 def _upload(engine: RoundEngine, cid: str, round_no: int, state: dict[str, torch.Tensor]) -> None:
-    ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", 10, {})
+    ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", 10, {})
     assert isinstance(ticket, UploadTicket)
-    engine.complete_upload(ticket, state)
+    engine.uploads.complete(ticket, state)
 
 
 def test_commit_and_failure_move_the_counters(tmp_path: Path) -> None:

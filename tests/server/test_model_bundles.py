@@ -14,7 +14,8 @@ from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.wire.tensor_codec import decode_metadata, decode_tensors
 from crossfed.server.federation_contract import ClientFacts, FederationContract
 from crossfed.server.model_bundles import BundleStore
-from crossfed.server.round_engine import RoundEngine, UploadTicket
+from crossfed.server.round_engine import RoundEngine
+from crossfed.server.round_uploads import UploadTicket
 from crossfed.server.state.memory import InMemoryStateStore
 
 from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
@@ -28,7 +29,9 @@ def _engine(tmp_path: Path) -> RoundEngine:
     engine = make_engine(tmp_path, FakeClock(), store=store, total_rounds=3)
     engine.contract = FederationContract(CLASSES, store)
     config = ModelConfig(num_classes=2, text_dim=3, image_dim=2)
-    engine.bundles = BundleStore(engine.checkpoints, config, engine.contract, 1e-5, store.get_run)  # type: ignore[arg-type]
+    engine.commits.bundles = BundleStore(
+        engine.checkpoints, config, engine.contract, 1e-5, store.get_run
+    )  # type: ignore[arg-type]
     for cid in ("c1", "c2"):
         engine.register(cid, BOTH, 10, facts=ClientFacts(text_encoder=TEXT))
     return engine
@@ -37,9 +40,9 @@ def _engine(tmp_path: Path) -> RoundEngine:
 def _round(engine: RoundEngine, round_no: int) -> None:
     engine.heartbeat("c1")
     for cid in ("c1", "c2"):
-        ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", 10, {})
+        ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", 10, {})
         assert isinstance(ticket, UploadTicket)
-        engine.complete_upload(ticket, small_state(round_no))
+        engine.uploads.complete(ticket, small_state(round_no))
 
 
 def test_a_bundle_per_kept_checkpoint(tmp_path: Path) -> None:
@@ -85,7 +88,7 @@ def test_a_refused_bundle_write_keeps_the_commit(
 
 def test_each_commit_is_one_info_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     engine = _engine(tmp_path)
-    with caplog.at_level(logging.INFO, logger="crossfed.server.round_engine"):
+    with caplog.at_level(logging.INFO, logger="crossfed.server.commit_pipeline"):
         _round(engine, 1)
     lines = [r.getMessage() for r in caplog.records if "committed" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("round 1 committed: 2 upload(s), 20 samples")

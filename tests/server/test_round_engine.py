@@ -17,15 +17,9 @@ from crossfed.server.errors import (
     UnknownClientError,
     WrongRoundError,
 )
-from crossfed.server.round_engine import (
-    ACTION_DONE,
-    ACTION_REGISTER,
-    ACTION_TRAIN,
-    ACTION_WAIT,
-    RoundEngine,
-    UploadOutcome,
-    UploadTicket,
-)
+from crossfed.server.round_attempt import ACTION_DONE, ACTION_REGISTER, ACTION_TRAIN, ACTION_WAIT
+from crossfed.server.round_engine import RoundEngine
+from crossfed.server.round_uploads import UploadOutcome, UploadTicket
 from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.state.records import (
     ClientRecord,
@@ -61,13 +55,13 @@ def _upload(
     upload_id: str | None = None,
     module_samples: dict[str, int] | None = None,
 ) -> UploadOutcome:
-    ticket = engine.begin_upload(
+    ticket = engine.uploads.begin(
         cid, round_no, upload_id or f"{cid}-{round_no}", samples, module_samples or {}
     )
     if isinstance(ticket, UploadOutcome):
         return ticket
     assert isinstance(ticket, UploadTicket)
-    return engine.complete_upload(ticket, state)
+    return engine.uploads.complete(ticket, state)
 
 
 def test_round_opens_when_min_clients_online_and_selects_fraction(tmp_path: Path) -> None:
@@ -202,7 +196,7 @@ def test_late_upload_after_round_closed_is_rejected(tmp_path: Path) -> None:
     engine = make_engine(tmp_path, clock, min_clients=1, fraction=1.0)
     _register(engine, "a", "b")
     engine.tick()
-    ticket = engine.begin_upload("b", 1, "late", 10, {})
+    ticket = engine.uploads.begin("b", 1, "late", 10, {})
     assert isinstance(ticket, UploadTicket)
     _upload(engine, "a", 1, small_state(1))
     clock.advance(61)
@@ -210,9 +204,9 @@ def test_late_upload_after_round_closed_is_rejected(tmp_path: Path) -> None:
     assert engine.run.last_committed_round == 1
     before = engine.global_state
     with pytest.raises(WrongRoundError, match="closed before the upload finished"):
-        engine.complete_upload(ticket, small_state(5))
+        engine.uploads.complete(ticket, small_state(5))
     with pytest.raises(WrongRoundError, match="round 1 is closed"):
-        engine.begin_upload("b", 1, "later", 10, {})
+        engine.uploads.begin("b", 1, "later", 10, {})
     after = engine.global_state
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -226,9 +220,9 @@ def test_unknown_unselected_and_removed_clients(tmp_path: Path) -> None:
     assert opened is not None and len(opened.selected) == 1
     other = "b" if opened.selected == ["a"] else "a"
     with pytest.raises(NotSelectedError):
-        engine.begin_upload(other, 1, "x", 5, {})
+        engine.uploads.begin(other, 1, "x", 5, {})
     with pytest.raises(UnknownClientError):
-        engine.begin_upload("ghost", 1, "x", 5, {})
+        engine.uploads.begin("ghost", 1, "x", 5, {})
     assert engine.heartbeat("ghost").action == ACTION_REGISTER
     assert engine.remove_client(other)
     assert engine.heartbeat(other).action == ACTION_REGISTER
@@ -243,9 +237,9 @@ def test_bad_registration_and_header_rejected(tmp_path: Path) -> None:
     engine.register("a", IMAGE_ONLY, 10)
     engine.tick()
     with pytest.raises(InvalidUpdateError, match="exceeds"):
-        engine.begin_upload("a", 1, "u", 11, {})
+        engine.uploads.begin("a", 1, "u", 11, {})
     with pytest.raises(InvalidUpdateError, match="unknown module"):
-        engine.begin_upload("a", 1, "u", 10, {"nonsense": 3})
+        engine.uploads.begin("a", 1, "u", 10, {"nonsense": 3})
 
 
 def test_restart_reopens_interrupted_round_without_double_counting(tmp_path: Path) -> None:
@@ -421,6 +415,6 @@ def test_a_commit_the_database_refuses_is_undone_in_memory_and_retried(tmp_path:
     failed = [r for r in store.list_rounds() if r.round == 1]
     assert [r.state for r in failed] == ["failed"] and "could not be recorded" in failed[0].message
     assert any(e.kind == "commit_failed" for e in store.events_after(0, 100))
-    version, _ = engine.global_model_bytes(0)
+    version, _ = engine.downloads.model_bytes(0)
     assert version == 0  # clients are still served the last committed model
     _retry_commits_round_1(engine, clock)

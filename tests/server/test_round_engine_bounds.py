@@ -12,8 +12,9 @@ import pytest
 import torch
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import CheckpointError
-from crossfed.server.round_engine import RoundEngine, UploadOutcome, UploadTicket
+from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.round_uploads import UploadOutcome, UploadTicket
 from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.update_bound import UpdateBound
 
@@ -38,9 +39,9 @@ def _round_one(engine: RoundEngine, updates: dict[str, dict[str, torch.Tensor]])
         engine.register(cid, BOTH, 10)
     engine.tick()
     for cid, state in updates.items():
-        ticket = engine.begin_upload(cid, 1, f"{cid}-1", 10, {})
+        ticket = engine.uploads.begin(cid, 1, f"{cid}-1", 10, {})
         assert isinstance(ticket, UploadTicket)
-        assert isinstance(engine.complete_upload(ticket, state), UploadOutcome)
+        assert isinstance(engine.uploads.complete(ticket, state), UploadOutcome)
 
 
 def _filled(value: float) -> dict[str, torch.Tensor]:

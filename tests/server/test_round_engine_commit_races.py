@@ -11,13 +11,10 @@ import pytest
 import torch
 from crossfed.server.calibration_round import CalibrationStep
 from crossfed.server.errors import CheckpointError, StateStoreError
-from crossfed.server.round_engine import (
-    ACTION_CALIBRATE,
-    ACTION_TRAIN,
-    RoundEngine,
-    UploadOutcome,
-)
+from crossfed.server.round_attempt import ACTION_CALIBRATE, ACTION_TRAIN
+from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.round_uploads import UploadOutcome
 from crossfed.server.state.memory import InMemoryStateStore
 from crossfed.server.state.records import EventRecord, RoundRecord, RunRecord
 from crossfed.server.strategies.base import RoundResult
@@ -53,9 +50,9 @@ def _stats(counts: tuple[float, float], sums: tuple[float, float]) -> dict[str, 
 def _send(
     engine: RoundEngine, cid: str, round_no: int, tensors: dict[str, torch.Tensor], n: int
 ) -> UploadOutcome:
-    ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", n, {})
+    ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", n, {})
     assert not isinstance(ticket, UploadOutcome)
-    return engine.complete_upload(ticket, tensors)
+    return engine.uploads.complete(ticket, tensors)
 
 
 def _during_commit(engine: RoundEngine, round_no: int, action: object, fail: bool) -> None:
@@ -84,8 +81,8 @@ def test_stop_during_a_failing_commit_leaves_the_run_stopped(tmp_path: Path) -> 
     assert engine.heartbeat("a").action == ACTION_TRAIN
     _during_commit(engine, 1, lambda: engine.stop("operator"), fail=True)
     for cid in "ab":
-        ticket = engine.begin_upload(cid, 1, f"{cid}-1", 10, {})
-        engine.complete_upload(ticket, small_state(1))  # type: ignore[arg-type]
+        ticket = engine.uploads.begin(cid, 1, f"{cid}-1", 10, {})
+        engine.uploads.complete(ticket, small_state(1))  # type: ignore[arg-type]
     run = engine.run
     assert run.state == "stopped", run.message
     assert run.last_committed_round == 0
@@ -97,8 +94,7 @@ def test_lowering_rounds_during_a_training_commit_does_not_skip_calibration(
     """rounds lowered to 1 while round 2's training commit runs: round 2 is now the
     calibration round, so the training model must not be committed as round 2 (that would
     complete the run uncalibrated); the attempt is dropped uncounted and calibration runs."""
-    engine = make_engine(tmp_path, FakeClock(), total_rounds=2)
-    engine.calibration = STEP
+    engine = make_engine(tmp_path, FakeClock(), calibration=STEP, total_rounds=2)
     for cid in "ab":
         engine.register(cid, BOTH, 10)
     for round_no in (1, 2):
@@ -128,8 +124,7 @@ def test_raising_rounds_during_the_calibration_commit_reruns_it_as_training(
 ) -> None:
     """rounds raised to 2 while the calibration round's commit runs: the calibrated model
     must not become training round 2; round 2 is re-run as training, then calibration."""
-    engine = make_engine(tmp_path, FakeClock(), total_rounds=1)
-    engine.calibration = STEP
+    engine = make_engine(tmp_path, FakeClock(), calibration=STEP, total_rounds=1)
     for cid in "ab":
         engine.register(cid, BOTH, 10)
     for cid in "ab":
@@ -168,7 +163,7 @@ def test_an_upload_the_aggregator_refuses_is_not_recorded_as_counted(tmp_path: P
     with pytest.raises(MemoryBudgetError):
         _send(engine, "c", 1, small_state(1), 10)
     assert engine.store.get_upload(1, 1, "c", "c-1") is None
-    retry = engine.begin_upload("c", 1, "c-1", 10, {})
+    retry = engine.uploads.begin("c", 1, "c-1", 10, {})
     assert not isinstance(retry, UploadOutcome), retry.message
     assert engine.open_round is not None and engine.open_round.received == 2
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crossfed.server.round_engine import ACTION_TRAIN, ACTION_WAIT, RoundEngine, UploadTicket
+from crossfed.server.round_attempt import ACTION_TRAIN, ACTION_WAIT
+from crossfed.server.round_engine import RoundEngine
+from crossfed.server.round_uploads import UploadTicket
 
 from tests.support.engine_fixtures import BOTH, FakeClock, make_engine, small_state
 
 
 def _upload(engine: RoundEngine, cid: str) -> None:
-    ticket = engine.begin_upload(cid, 1, f"{cid}-1", 10, {})
+    ticket = engine.uploads.begin(cid, 1, f"{cid}-1", 10, {})
     assert isinstance(ticket, UploadTicket)
-    engine.complete_upload(ticket, small_state(1))
+    engine.uploads.complete(ticket, small_state(1))
 
 
 def test_uploaded_client_polls_faster_than_waiting_ones(tmp_path: Path) -> None:

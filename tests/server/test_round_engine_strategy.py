@@ -13,7 +13,8 @@ import torch
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import ConfigurationError
 from crossfed.server.projection_exchange import ProjectionSpec
-from crossfed.server.round_engine import ACTION_TRAIN, ACTION_WAIT, RoundEngine
+from crossfed.server.round_attempt import ACTION_TRAIN, ACTION_WAIT
+from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
 from crossfed.server.state.sqlite import SqliteStateStore
 from crossfed.server.strategies.base import ModuleOf, RoundInstructions, RoundResult
@@ -94,8 +95,8 @@ def _engine(
 
 def _upload_round(engine: RoundEngine, round_no: int, seed: int) -> None:
     for cid in "ab":
-        ticket = engine.begin_upload(cid, round_no, f"{cid}-{round_no}", 10, {})
-        engine.complete_upload(ticket, small_state(seed))  # type: ignore[arg-type]
+        ticket = engine.uploads.begin(cid, round_no, f"{cid}-{round_no}", 10, {})
+        engine.uploads.complete(ticket, small_state(seed))  # type: ignore[arg-type]
 
 
 def test_instructions_reach_clients_and_state_survives_a_restart(tmp_path: Path) -> None:

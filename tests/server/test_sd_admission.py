@@ -12,8 +12,9 @@ import torch
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.errors import InvalidUpdateError, ModelMismatchError
 from crossfed.server.projection_exchange import ProjectionSpec
-from crossfed.server.round_engine import RoundEngine, UploadTicket
+from crossfed.server.round_engine import RoundEngine
 from crossfed.server.round_policy import RoundPolicy
+from crossfed.server.round_uploads import UploadTicket
 from crossfed.server.sd_admission import SDRequirement, client_recovery
 from crossfed.server.state.memory import InMemoryStateStore
 
@@ -62,20 +63,20 @@ def test_mixed_run_averages_sd_deltas_over_the_clients_that_trained_them(tmp_pat
     trained = {m: 10 for m in ("fusion", "mapper", "sd_recovery")}
     # a feature client may not weigh in on the SD deltas ...
     with pytest.raises(InvalidUpdateError, match="registered without the Stable Diffusion"):
-        engine.begin_upload("edge", 1, "e0", 10, trained)
+        engine.uploads.begin("edge", 1, "e0", 10, trained)
     # ... and uploads without them; leaving out a module it trained is refused
-    edge = engine.begin_upload("edge", 1, "e1", 10, {"fusion": 10, "mapper": 10})
+    edge = engine.uploads.begin("edge", 1, "e1", 10, {"fusion": 10, "mapper": 10})
     assert isinstance(edge, UploadTicket)
     partial = {k: v for k, v in small_state(1).items() if not k.startswith("mapper")}
     with pytest.raises(InvalidUpdateError, match="missing tensor 'mapper.weight'"):
-        engine.complete_upload(edge, partial)
+        engine.uploads.complete(edge, partial)
     edge_state = {k: v for k, v in small_state(1).items()}
-    assert engine.complete_upload(edge, edge_state).accepted
-    sd = engine.begin_upload("sd", 1, "s1", 10, trained)
+    assert engine.uploads.complete(edge, edge_state).accepted
+    sd = engine.uploads.begin("sd", 1, "s1", 10, trained)
     assert isinstance(sd, UploadTicket)
     with pytest.raises(InvalidUpdateError, match="missing tensor"):
-        engine.complete_upload(sd, small_state(2))  # trained the SD deltas: must send them
-    assert engine.complete_upload(sd, {**small_state(2), SD_KEY: torch.ones(4, 2)}).accepted
+        engine.uploads.complete(sd, small_state(2))  # trained the SD deltas: must send them
+    assert engine.uploads.complete(sd, {**small_state(2), SD_KEY: torch.ones(4, 2)}).accepted
     engine.tick()
     new_global = engine.global_state
     assert torch.equal(new_global[SD_KEY], torch.ones(4, 2))  # not diluted by "edge"

@@ -78,7 +78,7 @@ def test_daemon_transport_round_trip_records_the_payload_digest(
     alice, bob = _transport(target, "alice"), _transport(target, "bob")
     beat = _train(alice)
     round_id = int(beat.round)
-    _, path = srv.engine.global_model_file(round_id)
+    _, path = srv.engine.downloads.model_file(round_id)
     model = _download(alice, round_id)
     assert model.readonly and model == path.read_bytes()
     update = encode_tensors(decode_tensors(model))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from crossfed.server.calibration_round import CalibrationStep
 from crossfed.server.checkpoints import CheckpointStore
 from crossfed.server.projection_exchange import ProjectionSpec
 from crossfed.server.round_engine import RoundEngine
@@ -53,6 +54,7 @@ def make_engine(
     store: StateStore | None = None,
     state: dict[str, torch.Tensor] | None = None,
     strategy: Strategy | None = None,
+    calibration: CalibrationStep | None = None,
     **policy_kw: object,
 ) -> RoundEngine:
     """An engine over ``tmp_path/ckpt`` with a default 2-client policy (overridable); its
@@ -72,6 +74,7 @@ def make_engine(
         RoundPolicy(**kw),  # type: ignore[arg-type]
         projection_spec=ProjectionSpec(num_classes=2, text_dim=3, image_dim=2),
         strategy=strategy,
+        calibration=calibration,
         clock=clock,
         commit_inline=True,
     )
