@@ -333,7 +333,7 @@ class StrategyConfig(_Section):
         default=None, ge=0, lt=0.5, description="share trimmed at each end (trimmed mean)"
     )
     krum_f: int | None = Field(
-        default=None, ge=0, le=MAX_COUNT, description="Byzantine clients Krum tolerates"
+        default=None, ge=0, le=MAX_COUNT, description="Byzantine clients Krum / Multi-Krum tolerate"
     )
 
     @field_validator("name")
@@ -345,8 +345,8 @@ class StrategyConfig(_Section):
         default=2048.0,
         gt=0,
         le=1_048_576,
-        description="memory the buffering strategies (median, trimmed_mean, krum) may hold for "
-        "one round's uploads; they cannot stream (about clients x model bytes), so a start "
+        description="memory the buffering strategies (median, trimmed_mean, krum, multi_krum) "
+        "may hold for one round's uploads; they cannot stream (about clients x model bytes), so a start "
         "whose min_clients uploads cannot fit is refused, and an upload past it is refused",
     )
 

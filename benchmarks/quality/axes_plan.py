@@ -83,7 +83,9 @@ class AttackPlan:
             setup = FederationSetup(s.missingness, s.rate, s.alpha, s.clients, seed)
             for name in self.strategies:
                 # Krum is told how many attackers to tolerate
-                params = (("krum_f", float(self.attackers)),) if name == "krum" else ()
+                params = (
+                    (("krum_f", float(self.attackers)),) if name in ("krum", "multi_krum") else ()
+                )
                 clean = RunVariant(strategy=name, strategy_params=params)
                 out.append(Job(setup, "ours", "attacks", clean))
                 for kind in self.attacks:

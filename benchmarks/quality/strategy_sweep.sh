@@ -27,5 +27,5 @@ run strategies --deadline-s "${DEADLINE:-1500}" "${REUSE[@]}" \
     --strategies "${STRATEGIES:-fedavg,fedavgm,fedadam,fedyogi,fedprox}" \
     --proximal-mu "${PROXIMAL_MU:-0.01}" --alpha 0.1 --rates 0.3 0.5 0.7 0.9
 run attacks --deadline-s "${ATTACK_DEADLINE:-900}" "${REUSE[@]}" \
-    --strategies "${ROBUST:-fedavg,median,trimmed_mean,krum}" \
+    --strategies "${ROBUST:-fedavg,median,trimmed_mean,krum,multi_krum}" \
     --attacks scale,sign_flip --attackers 2

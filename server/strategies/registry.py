@@ -60,6 +60,10 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "krum": StrategyEntry(
         lambda p: KrumStrategy(num_byzantine=int(p.get("krum_f", 1))), frozenset({"krum_f"})
     ),
+    "multi_krum": StrategyEntry(
+        lambda p: KrumStrategy(num_byzantine=int(p.get("krum_f", 1)), num_selected=None),
+        frozenset({"krum_f"}),
+    ),
 }
 
 

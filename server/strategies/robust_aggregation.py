@@ -147,15 +147,17 @@ class TrimmedMeanRule:
 
 
 class KrumRule:
-    name = "krum"
+    """Krum keeps the one upload with the lowest score; Multi-Krum (``num_selected`` None)
+    averages the n - f lowest, dropping as many uploads as it tolerates attackers."""
 
-    def __init__(self, num_byzantine: int, num_selected: int) -> None:
+    def __init__(self, num_byzantine: int, num_selected: int | None) -> None:
         if num_byzantine < 0:
             raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
-        if num_selected < 1:
+        if num_selected is not None and num_selected < 1:
             raise ValueError(f"num_selected must be >= 1, got {num_selected}")
         self.num_byzantine = num_byzantine
         self.num_selected = num_selected
+        self.name = "krum" if num_selected == 1 else "multi_krum"
 
     def aggregate(
         self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
@@ -166,7 +168,8 @@ class KrumRule:
                 values.get("krum_median_fallback_modules", 0.0) + 1.0
             )
             return MedianRule().aggregate(keys, uploads, values)
-        chosen = krum_select(pairwise_sq_distances(uploads), f, min(self.num_selected, n - f))
+        keep = n - f if self.num_selected is None else min(self.num_selected, n - f)
+        chosen = krum_select(pairwise_sq_distances(uploads), f, keep)
         out = []
         for t in range(len(keys)):
             total = torch.zeros(uploads[0][t].shape, dtype=torch.float64)
@@ -326,10 +329,14 @@ class TrimmedMeanStrategy(RobustStrategy):
 
 
 class KrumStrategy(RobustStrategy):
-    """Krum (num_selected 1) / Multi-Krum: average the uploads with the lowest Krum scores."""
+    """Krum (num_selected 1) / Multi-Krum (None: all but f): average the uploads with the
+    lowest Krum scores (Blanchard et al. 2017)."""
 
     def __init__(
-        self, num_byzantine: int = 1, num_selected: int = 1, max_buffer_bytes: int | None = None
+        self,
+        num_byzantine: int = 1,
+        num_selected: int | None = 1,
+        max_buffer_bytes: int | None = None,
     ) -> None:
         super().__init__(KrumRule(num_byzantine, num_selected), max_buffer_bytes)
 

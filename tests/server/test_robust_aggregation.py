@@ -8,9 +8,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from crossfed.common.config import StrategyConfig
 from crossfed.server.errors import InvalidUpdateError
 from crossfed.server.strategies import robust_aggregation
 from crossfed.server.strategies.base import RoundAggregator, Strategy
+from crossfed.server.strategies.registry import make_strategy
 from crossfed.server.strategies.robust_aggregation import (
     KrumStrategy,
     MedianStrategy,
@@ -108,6 +110,21 @@ def test_two_of_ten_attackers_are_resisted_where_fedavg_is_not(name: str, attack
     assert distance(robust, target) < 0.1 * step, f"{name} moved by the {attack} uploads"
     assert distance(fedavg, target) > 0.35 * step, "FedAvg should be visibly pulled away"
     assert distance(fedavg, target) > 4 * distance(robust, target)
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign_flipped"])
+def test_multi_krum_from_the_registry_averages_exactly_the_honest_uploads(attack: str) -> None:
+    """`multi_krum` keeps all but f uploads: with f = 2 attackers it drops exactly them and
+    averages the other eight (Krum alone keeps one upload and throws the rest away)."""
+    g = global_state()
+    honest = honest_uploads(g, 10, seed=5)
+    uploads = [attacked(g, u, attack) for u in honest[:2]] + honest[2:]
+    strategy = make_strategy(StrategyConfig(name="multi_krum", krum_f=2))
+    assert isinstance(strategy, RobustStrategy) and strategy.name == "multi_krum"
+    out, _, _ = aggregate(strategy, g, uploads)
+    target = mean_of(honest[2:])
+    for key, value in target.items():
+        assert torch.allclose(out[key], value, atol=1e-6), key
 
 
 def test_krum_returns_one_honest_upload_exactly() -> None:
