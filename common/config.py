@@ -345,7 +345,8 @@ class StrategyConfig(_Section):
         default=2048.0,
         gt=0,
         le=1_048_576,
-        description="memory the buffering strategies (median, trimmed_mean, krum, multi_krum) "
+        description="memory the buffering strategies (median, trimmed_mean, krum, multi_krum, "
+        "anchored_mean) "
         "may hold for one round's uploads; they cannot stream (about clients x model bytes), so a start "
         "whose min_clients uploads cannot fit is refused, and an upload past it is refused",
     )

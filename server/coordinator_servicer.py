@@ -17,6 +17,7 @@ from crossfed.common.crypto.identity import CredentialStore, EnrollmentError, en
 from crossfed.common.crypto.peer_certificate import peer_certificate
 from crossfed.common.privacy.projection_dp import ProjectionDPError, ProjectionDPParams
 from crossfed.common.wire.chunk_stream import (
+    BufferPool,
     ChunkFrame,
     tensor_chunk_prefix,
     upload_message_from_wire,
@@ -38,8 +39,13 @@ from crossfed.server.errors import (
 from crossfed.server.federation_contract import ClientFacts
 from crossfed.server.round_engine import RoundEngine, new_client_id
 from crossfed.server.round_uploads import UploadOutcome
-from crossfed.server.upload_admission import UploadAdmission
-from crossfed.server.upload_receiver import UploadPolicy, check_header, receive_payload
+from crossfed.server.upload_admission import SlotBuffers, UploadAdmission
+from crossfed.server.upload_receiver import (
+    UploadPolicy,
+    check_header,
+    receive_payload,
+    upload_buffer_pool,
+)
 from crossfed.server.upload_streams import StreamWatch, UploadStreams
 from crossfed.v1 import coordinator_pb2, coordinator_pb2_grpc
 from google.protobuf.message_factory import GetMessageClass
@@ -169,8 +175,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> None:
         self.engine = engine
         # each upload in flight holds its payload (its decoded tensors alias it): bounding
-        # count and bytes keeps server memory O(model), not O(clients x model)
-        self._upload_admission = UploadAdmission(max_concurrent_uploads, max_upload_bytes_in_flight)
+        # count and bytes keeps server memory O(model), not O(clients x model). A finished
+        # upload's buffer is kept warm for the next one only while no upload waits for bytes:
+        # under pressure it would sit beside the buffers of the uploads in flight.
+        self._upload_admission: UploadAdmission
+        self._upload_buffers: BufferPool = upload_buffer_pool(
+            keep_idle=lambda: not self._upload_admission.under_pressure
+        )
+        self._upload_admission = UploadAdmission(
+            max_concurrent_uploads,
+            max_upload_bytes_in_flight,
+            on_pressure=self._upload_buffers.clear,
+        )
         self.upload_slot_wait_s = upload_slot_wait_s
         # one stream per client, none that stops sending
         self.upload_streams = UploadStreams(upload_idle_timeout_s, self._report_stalled)
@@ -392,7 +408,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
                 try:
                     received = receive_payload(
-                        header, request_iterator, self.upload_policy, client_id, before_chunk
+                        header,
+                        request_iterator,
+                        self.upload_policy,
+                        client_id,
+                        before_chunk,
+                        SlotBuffers(self._upload_buffers, slot),
                     )
                 except (ServerError, grpc.RpcError) as exc:
                     if watch.cancelled:  # the stream was cut by the server: say why

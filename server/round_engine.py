@@ -100,6 +100,11 @@ _IMAGE_MODALITIES = {1, 3}  # BOTH, IMAGE_ONLY
 # last client to notice it); the fleet's total rate of such polls stays bounded.
 _FINISHING_POLL_MIN_MS = 100
 _FINISHING_POLLS_PER_S = 100
+# A participant's heartbeat during its round's commit is held until the commit ends (at most
+# this long), so the next round reaches it at once rather than one poll later; one held call
+# per client and at most _MAX_COMMIT_WAITERS in all, so no client can tie up the RPC threads.
+COMMIT_WAIT_S = 2.0
+_MAX_COMMIT_WAITERS = 16
 
 
 @dataclass(frozen=True)
@@ -181,8 +186,11 @@ class RoundEngine:
         update_bound: UpdateBound | None = None,
         clock: Clock = time.time,
         commit_inline: bool = False,
+        commit_wait_s: float = COMMIT_WAIT_S,
     ) -> None:
         self.store = store
+        self.commit_wait_s = commit_wait_s
+        self._commit_waiters: set[str] = set()
         self.checkpoints = checkpoints
         self.strategy: Strategy = strategy or FedAvg()
         self.commit_inline = commit_inline
@@ -405,6 +413,13 @@ class RoundEngine:
         with board.lock:
             run = board.run
             closing = board.closing
+            if (
+                closing is not None
+                and client_id in closing.attempt.uploaders
+                and self._await_commit_locked(client_id)
+            ):
+                self._tick_locked()  # the commit ended: open the next round for this answer
+                run, closing = board.run, board.closing
             if closing is not None and run.state not in TERMINAL_RUN_STATES:
                 record = closing.attempt.record
                 if client_id in closing.attempt.uploaders:
@@ -692,6 +707,18 @@ class RoundEngine:
         self._commit_started = not self.commit_inline
         if not self.commit_inline:
             threading.Thread(target=self.commits.run, name="round-commit", daemon=True).start()
+
+    def _await_commit_locked(self, client_id: str) -> bool:
+        """Hold a participant's heartbeat until the closing commit ends (bounded; see
+        COMMIT_WAIT_S); True if it ended. Called with the board's lock held."""
+        board = self.board
+        if client_id in self._commit_waiters or len(self._commit_waiters) >= _MAX_COMMIT_WAITERS:
+            return False
+        self._commit_waiters.add(client_id)
+        try:
+            return board.idle.wait_for(lambda: board.closing is None, self.commit_wait_s)
+        finally:
+            self._commit_waiters.discard(client_id)
 
     def _commit_pending_inline(self) -> None:
         """Run a commit left by a public method (``commit_inline``), outside the lock."""

@@ -81,13 +81,29 @@ class UpdateBounder:
         """Measure ``update`` (already validated: keys, shapes, finite) over ``keys``."""
         distance_sq = reference_sq = 0.0
         for key in keys:
-            diff = update[key].to(torch.float64) - self._global[key].to(torch.float64)
-            distance_sq += float(torch.linalg.vector_norm(diff)) ** 2
+            mine, base = update[key].reshape(-1), self._global[key].reshape(-1)
+            for part in _parts(base.numel()):
+                diff = mine[part].to(torch.float64) - base[part].to(torch.float64)
+                distance_sq += float(torch.linalg.vector_norm(diff)) ** 2
             reference_sq += self._global_squared(key)
         distance, reference = math.sqrt(distance_sq), math.sqrt(reference_sq)
         limit = self.bound.max_norm_ratio * max(reference, MIN_REFERENCE_NORM)
         return BoundCheck(distance, reference, limit)
 
 
+#: Elements widened to float64 at a time: the check's transient memory stays a few MB
+#: whatever the model's largest tensor (a whole-tensor float64 copy was 2x its size per
+#: upload, on every concurrent upload).
+_PART_ELEMENTS = 1 << 16
+
+
+def _parts(numel: int) -> list[slice]:
+    return [slice(i, min(i + _PART_ELEMENTS, numel)) for i in range(0, numel, _PART_ELEMENTS)]
+
+
 def _squared_norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor.to(torch.float64))) ** 2
+    flat = tensor.reshape(-1)
+    return sum(
+        float(torch.linalg.vector_norm(flat[part].to(torch.float64))) ** 2
+        for part in _parts(flat.numel())
+    )

@@ -17,17 +17,26 @@ from crossfed.common.crypto.upload_encryption import (
     UploadDecryptor,
     UploadKeyPair,
 )
-from crossfed.common.wire.chunk_stream import SHA256_BYTES, BufferPool, ChunkAssembler, ChunkFrame
+from crossfed.common.wire.chunk_stream import (
+    SHA256_BYTES,
+    BufferPool,
+    BufferSource,
+    ChunkAssembler,
+    ChunkFrame,
+)
 from crossfed.common.wire.errors import PayloadTooLargeError, WireError
 from crossfed.server.errors import CorruptPayloadError, InvalidUpdateError, UploadRefusedError
 from crossfed.v1 import coordinator_pb2
 
 # Chunks may arrive slightly out of order (the decryptor accepts any order); bound it.
 REORDER_WINDOW = 16
-# Reassembly buffers of finished uploads, reused by the next ones (every update of a round
-# has the model's size): warm memory instead of ~0.5 ms of page faults and clearing per MiB.
-# At most two wait idle (2 x model size), for at most 30 s.
-UPLOAD_BUFFERS = BufferPool(max_idle=2, idle_s=30.0)
+
+
+def upload_buffer_pool(keep_idle: Callable[[], bool] = lambda: True) -> BufferPool:
+    """Reassembly buffers of finished uploads, reused by the next ones (every update of a round
+    has the model's size): warm memory instead of ~0.5 ms of page faults and clearing per MiB.
+    At most two wait idle (2 x model size), for at most 30 s, and only while ``keep_idle``."""
+    return BufferPool(max_idle=2, idle_s=30.0, keep_idle=keep_idle)
 
 
 @dataclass(frozen=True)
@@ -100,10 +109,12 @@ def receive_payload(
     policy: UploadPolicy,
     client_id: str,
     before_chunk: Callable[[int], None] | None = None,
+    buffer_pool: BufferSource | None = None,
 ) -> ReceivedPayload:
     """Consume the chunk messages after the header; return the verified plaintext payload.
     ``before_chunk(n)`` runs as each chunk of n bytes arrives, before it is placed (the
     server admits bytes in flight as they arrive and watches the stream for stalls).
+    ``buffer_pool`` supplies the reassembly buffer (None: a fresh one).
 
     Each chunk goes through the same checks as before (framing, then placement, then
     AES-GCM authentication of the chunk with client, round, index and total bound), and is
@@ -132,7 +143,7 @@ def receive_payload(
         reorder_window=REORDER_WINDOW,
         require_digest=decryptor is None,
         hash_undeclared=tags is None,
-        buffer_pool=UPLOAD_BUFFERS,
+        buffer_pool=buffer_pool,
     )
     for message in messages:
         chunk = _as_frame(message)

@@ -4,7 +4,8 @@
   of the server's strategy registry; ``fedprox`` = FedAvg with the clients' proximal term
   ``--proximal-mu``) at per-client missingness over rates, plus the headline cell, with the
   central unimodal ceilings as references;
-- ``attacks``: k of N clients sending scaled (×100) or sign-flipped updates, per strategy;
+- ``attacks``: k of N clients sending scaled (×100), sign-flipped or withheld (θ_g) updates,
+  per strategy;
 - ``defaults``: rounds × local epochs × lr for ours with FedAvg (accuracy against wall time).
 
 Every suite runs on a dataset: ``builtin`` (synthetic shapes) or ``swatches`` (the fabric
@@ -63,7 +64,7 @@ from quality.sweep import GridSettings, Job, read_records, record_key, run_jobs
 
 Suite = Literal["strategies", "attacks", "defaults", "report"]
 Dataset = Literal["builtin", "swatches"]
-DEFAULT_ATTACKS: tuple[AttackKind, ...] = ("scale", "sign_flip")
+DEFAULT_ATTACKS: tuple[AttackKind, ...] = ("scale", "sign_flip", "withhold")
 
 
 class AxesSettings(BaseModel):
@@ -244,9 +245,13 @@ def build_section(s: AxesSettings) -> tuple[str, dict[str, object], list[Path]]:
             "FedAvgM server_lr 1, momentum 0.9; FedAdam / FedYogi server_lr 0.01, β 0.9 / 0.99, "
             "τ 0.001; FedProx = FedAvg with the clients' proximal term μ; trimmed mean drops "
             "20 % at each end; Krum (one upload kept) and Multi-Krum (all but f kept, "
-            "averaged) are told f = the attacker count. "
+            "averaged) are told f = the attacker count; the median-anchored mean drops "
+            "uploads whose update has cosine <= 0 with the coordinate-wise median update and "
+            "clips the rest to the median update norm. "
             "Byzantine clients (crossfed/simulation/byzantine.py) are a seeded draw per seed and "
-            "poison every update after honest local training. Mean ± std over the seeds "
+            "poison every update after honest local training (``withhold``: they send the "
+            "global model back, so their data never reaches the weights: what losing those "
+            "clients costs, the floor for any rule that excludes them). Mean ± std over the seeds "
             "listed; Δ and gap closure are per seed (same federation), then averaged. Runs the "
             "main grid already held (FedAvg's ours and the central ceilings at the same cells "
             "and seeds) were copied from `quality_records.jsonl`, not rerun (a rerun of the "

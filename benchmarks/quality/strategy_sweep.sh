@@ -3,7 +3,7 @@
 #  1. per-client missingness, Dirichlet α 0.1, rates 0.3/0.5/0.7/0.9, plus the headline cell
 #     (per-sample 0.5, α 0.5) for no-regression: FedAvg, the server optimizers and FedProx,
 #     with the central unimodal ceilings as references;
-#  2. 2 of 10 clients sending ×100-scaled or sign-flipped updates at the headline cell:
+#  2. 2 of 10 clients sending ×100-scaled, sign-flipped or withheld updates at the headline cell:
 #     FedAvg beside the robust rules, each also clean.
 # Runs the main grid already holds (benchmarks/results/quality_records.jsonl: FedAvg's ours
 # and the central ceilings, same code path and settings) are copied, not rerun. Seeds run one
@@ -27,5 +27,5 @@ run strategies --deadline-s "${DEADLINE:-1500}" "${REUSE[@]}" \
     --strategies "${STRATEGIES:-fedavg,fedavgm,fedadam,fedyogi,fedprox}" \
     --proximal-mu "${PROXIMAL_MU:-0.01}" --alpha 0.1 --rates 0.3 0.5 0.7 0.9
 run attacks --deadline-s "${ATTACK_DEADLINE:-900}" "${REUSE[@]}" \
-    --strategies "${ROBUST:-fedavg,median,trimmed_mean,krum,multi_krum}" \
-    --attacks scale,sign_flip --attackers 2
+    --strategies "${ROBUST:-fedavg,median,trimmed_mean,krum,multi_krum,anchored_mean}" \
+    --attacks scale,sign_flip,withhold --attackers 2

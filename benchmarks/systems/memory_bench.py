@@ -98,8 +98,10 @@ def measure_one(clients: int, settings: MemorySettings, advance: Callable[[], No
                 result = run_federation(
                     server.target, clients, update, settings.timeout_s, lambda _r: advance()
                 )
-            peak_kib = server.peak_kib()
+            # RSS first: VmHWM read after it is >= it (the other order raced a server still
+            # settling after the round: a later RSS above an earlier high-water mark)
             end_kib = server.rss_kib()
+            peak_kib = server.peak_kib()
         finally:
             server.stop()
     if result.errors:

@@ -227,7 +227,8 @@ class FederationResult:
         return [f"{c.client_id}: {c.error}" for c in self.clients if c.error]
 
     def commit_times(self) -> dict[int, float]:
-        """Round -> when its last upload was acknowledged (the commit runs inside it)."""
+        """Round -> when its last upload was acknowledged (the server then commits it on its
+        committer thread; participants hear the next round when that commit ends)."""
         out: dict[int, float] = {}
         for client in self.clients:
             for t in client.timings:

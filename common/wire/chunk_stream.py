@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from crossfed.v1 import common_pb2, coordinator_pb2
 __all__ = [
     "SHA256_BYTES",
     "BufferPool",
+    "BufferSource",
     "ChunkAssembler",
     "ChunkFrame",
     "chunk_frame_from_wire",
@@ -448,10 +450,17 @@ class BufferPool:
     otherwise they stay warm (re-touching 100 MiB: 8 ms, against 52 ms for fresh pages).
     """
 
-    def __init__(self, max_idle: int = 2, idle_s: float = 30.0, lazy_free: bool = False) -> None:
+    def __init__(
+        self,
+        max_idle: int = 2,
+        idle_s: float = 30.0,
+        lazy_free: bool = False,
+        keep_idle: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.max_idle = max_idle
         self.idle_s = idle_s
         self.lazy_free = lazy_free
+        self.keep_idle = keep_idle  # False: a buffer given back is dropped, not kept warm
         # re-entrant: a finalizer (give-back) can run from the garbage collector while this
         # thread is inside the pool already
         self._lock = threading.RLock()
@@ -461,9 +470,22 @@ class BufferPool:
 
     def take(self, size: int) -> torch.Tensor:
         """A writable uninitialised uint8 tensor of ``size`` bytes (warm when possible)."""
-        region = self._reuse(size) or _new_region(size)
+        warm = self.take_warm(size)
+        return self.take_fresh(size) if warm is None else warm
+
+    def take_warm(self, size: int) -> torch.Tensor | None:
+        """An idle buffer of about ``size`` bytes (resident in full already), or None."""
+        region = self._reuse(size)
+        return None if region is None else self._handed_out(region, size)
+
+    def take_fresh(self, size: int) -> torch.Tensor:
+        """A new buffer: its pages become resident as they are first written."""
+        region = _new_region(size)
         if region is None:
             return torch.empty(size, dtype=torch.uint8)
+        return self._handed_out(region, size)
+
+    def _handed_out(self, region: mmap.mmap, size: int) -> torch.Tensor:
         array = np.frombuffer(region, dtype=np.uint8, count=size)
         weakref.finalize(array, self._give_back, region).atexit = False
         return torch.from_numpy(array)
@@ -482,7 +504,7 @@ class BufferPool:
         with self._lock:
             now = time.monotonic()
             self._expire_locked(now)
-            if len(self._idle) >= self.max_idle or region.closed:
+            if len(self._idle) >= self.max_idle or region.closed or not self.keep_idle():
                 return  # dropped: unmapped with its last reference
             if self.lazy_free and hasattr(mmap, "MADV_FREE"):
                 try:  # the contents are never read before being overwritten
@@ -514,7 +536,15 @@ class BufferPool:
             self._idle.clear()
 
 
-def _payload_buffer(size: int, pool: BufferPool | None) -> torch.Tensor:
+class BufferSource(Protocol):
+    """Where a receiver takes its payload buffer from (a BufferPool, or a wrapper of one)."""
+
+    def take(self, size: int) -> torch.Tensor:
+        """A writable uninitialised uint8 tensor of ``size`` bytes."""
+        ...
+
+
+def _payload_buffer(size: int, pool: BufferSource | None) -> torch.Tensor:
     """An uninitialised uint8 buffer of ``size`` bytes, writable, freed with its last view:
     from ``pool`` if given, else huge-page backed when large, else ``torch.empty``."""
     if pool is not None:
@@ -563,7 +593,7 @@ class ChunkAssembler:
         *,
         require_digest: bool = True,
         hash_undeclared: bool = True,
-        buffer_pool: BufferPool | None = None,
+        buffer_pool: BufferSource | None = None,
     ) -> None:
         if type(max_payload_bytes) is not int or max_payload_bytes < 0:
             raise ValueError(f"max_payload_bytes must be an int >= 0, got {max_payload_bytes!r}")

@@ -1,7 +1,9 @@
 """Byzantine clients for robustness benchmarks and tests only (never the deployed client): k of
 N virtual clients train honestly, then replace their update θ_i by a poisoned one before it
 is sent. ``scale`` sends θ_g + f·(θ_i − θ_g) (f = 100: a boosted update); ``sign_flip`` sends
-θ_g − (θ_i − θ_g) (the negated pseudo-gradient). Integer buffers (counters) stay honest."""
+θ_g − (θ_i − θ_g) (the negated pseudo-gradient); ``withhold`` sends θ_g back unchanged (a free
+rider: its data never reaches the weights; the reference for what losing k clients' data costs).
+Integer buffers (counters) stay honest."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-AttackKind = Literal["none", "scale", "sign_flip"]
-ATTACK_KINDS: tuple[AttackKind, ...] = ("none", "scale", "sign_flip")
+AttackKind = Literal["none", "scale", "sign_flip", "withhold"]
+ATTACK_KINDS: tuple[AttackKind, ...] = ("none", "scale", "sign_flip", "withhold")
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,6 @@ def poison_update(
             continue
         base = global_state[key]
         delta = theta - base
-        factor = attack.factor if attack.kind == "scale" else -1.0
+        factor = {"scale": attack.factor, "sign_flip": -1.0, "withhold": 0.0}[attack.kind]
         out[key] = (base + factor * delta).astype(theta.dtype, copy=False)
     return out

@@ -202,7 +202,7 @@ class AttackSection(_Section):
     kind: AttackKind = Field(
         default="none",
         description="none; scale: theta_g + factor*(theta_i - theta_g); "
-        "sign_flip: theta_g - (theta_i - theta_g)",
+        "sign_flip: theta_g - (theta_i - theta_g); withhold: theta_g (a free rider)",
     )
     clients: int = Field(default=0, ge=0, le=MAX_COUNT, description="how many clients attack")
     factor: float = Field(default=100.0, gt=0, le=1e6, description="the scale attack's boost")

@@ -9,6 +9,7 @@ from crossfed.common.config import StrategyConfig
 from crossfed.server.strategies.base import Strategy
 from crossfed.server.strategies.fedavg import FedAvg
 from crossfed.server.strategies.robust_aggregation import (
+    AnchoredMeanStrategy,
     KrumStrategy,
     MedianStrategy,
     RobustStrategy,
@@ -51,6 +52,7 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedadam": _adaptive(FedAdam),
     "fedyogi": _adaptive(FedYogi),
     "median": StrategyEntry(lambda p: MedianStrategy(), frozenset()),
+    "anchored_mean": StrategyEntry(lambda p: AnchoredMeanStrategy(), frozenset()),
     "trimmed_mean": StrategyEntry(
         lambda p: TrimmedMeanStrategy(
             **({"trim_ratio": p["trim_ratio"]} if "trim_ratio" in p else {})

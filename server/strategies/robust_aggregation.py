@@ -1,4 +1,5 @@
-"""Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum / Multi-Krum.
+"""Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum / Multi-Krum and
+the median-anchored mean.
 
 Unlike streaming FedAvg (eq. 15) these rules need every upload at once, so the aggregator
 buffers each upload's contributed tensors: server memory is about clients x model, stated by
@@ -81,9 +82,14 @@ def trimmed_mean(values: list[torch.Tensor], trim: int) -> torch.Tensor:
     like = values[0]
     out = torch.empty(like.numel(), dtype=torch.float64)
     for part in _chunks(like.numel(), n):
-        ordered = _stacked(values, part).sort(dim=0).values
-        out[part] = ordered[trim : n - trim].mean(dim=0)
+        out[part] = _trimmed_rows(_stacked(values, part), trim)
     return out.reshape(like.shape).to(like.dtype)
+
+
+def _trimmed_rows(rows: torch.Tensor, trim: int) -> torch.Tensor:
+    """Per column of ``rows`` [n, c], the mean after dropping the ``trim`` highest and lowest."""
+    n = rows.shape[0]
+    return rows.sort(dim=0).values[trim : n - trim].mean(dim=0)
 
 
 def pairwise_sq_distances(uploads: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -116,9 +122,14 @@ class RobustRule(Protocol):
     name: str
 
     def aggregate(
-        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+        self,
+        keys: list[str],
+        base: list[torch.Tensor],
+        uploads: list[list[torch.Tensor]],
+        values: dict[str, float],
     ) -> list[torch.Tensor]:
-        """``uploads[i][t]`` is upload i's tensor for ``keys[t]``; returns one per key."""
+        """``uploads[i][t]`` is upload i's tensor for ``keys[t]``, ``base[t]`` the global
+        model's; returns one per key."""
         ...
 
 
@@ -126,7 +137,11 @@ class MedianRule:
     name = "median"
 
     def aggregate(
-        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+        self,
+        keys: list[str],
+        base: list[torch.Tensor],
+        uploads: list[list[torch.Tensor]],
+        values: dict[str, float],
     ) -> list[torch.Tensor]:
         return [coordinate_median([u[t] for u in uploads]) for t in range(len(keys))]
 
@@ -140,7 +155,11 @@ class TrimmedMeanRule:
         self.trim_ratio = trim_ratio
 
     def aggregate(
-        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+        self,
+        keys: list[str],
+        base: list[torch.Tensor],
+        uploads: list[list[torch.Tensor]],
+        values: dict[str, float],
     ) -> list[torch.Tensor]:
         trim = math.floor(self.trim_ratio * len(uploads))
         return [trimmed_mean([u[t] for u in uploads], trim) for t in range(len(keys))]
@@ -160,14 +179,18 @@ class KrumRule:
         self.name = "krum" if num_selected == 1 else "multi_krum"
 
     def aggregate(
-        self, keys: list[str], uploads: list[list[torch.Tensor]], values: dict[str, float]
+        self,
+        keys: list[str],
+        base: list[torch.Tensor],
+        uploads: list[list[torch.Tensor]],
+        values: dict[str, float],
     ) -> list[torch.Tensor]:
         n, f = len(uploads), self.num_byzantine
         if n <= 2 * f + 2:
             values["krum_median_fallback_modules"] = (
                 values.get("krum_median_fallback_modules", 0.0) + 1.0
             )
-            return MedianRule().aggregate(keys, uploads, values)
+            return MedianRule().aggregate(keys, base, uploads, values)
         keep = n - f if self.num_selected is None else min(self.num_selected, n - f)
         chosen = krum_select(pairwise_sq_distances(uploads), f, keep)
         out = []
@@ -176,6 +199,60 @@ class KrumRule:
             for i in chosen:
                 total += uploads[i][t].to(torch.float64)
             out.append((total / len(chosen)).to(uploads[0][t].dtype))
+        return out
+
+
+class AnchoredMeanRule:
+    """Median-anchored mean: an upload whose update points away from the coordinate-wise median
+    update (cosine <= 0) is dropped; the rest are clipped to the median update norm and averaged.
+
+    Why: when honest updates are noisy (non-IID clients, one local epoch) a sign-flipped update
+    is about as far from the honest ones in L2 as they are from each other, so Krum keeps it and
+    the median is shifted by it, yet it points against the honest direction. The anchor stands
+    in for FLTrust's update on server-held root data (Cao et al. 2021), which a server without
+    data cannot compute; norm clipping bounds a boosted update to an honest size.
+    """
+
+    name = "anchored_mean"
+
+    def aggregate(
+        self,
+        keys: list[str],
+        base: list[torch.Tensor],
+        uploads: list[list[torch.Tensor]],
+        values: dict[str, float],
+    ) -> list[torch.Tensor]:
+        n = len(uploads)
+        middle = (n - 1) // 2
+        dots = torch.zeros(n, dtype=torch.float64)
+        sq_norms = torch.zeros(n, dtype=torch.float64)
+        anchor_sq = 0.0
+        for t in range(len(keys)):
+            flat_base = base[t].reshape(-1).to(torch.float64)
+            tensors = [u[t] for u in uploads]
+            for part in _chunks(flat_base.numel(), n):
+                deltas = _stacked(tensors, part) - flat_base[part]
+                anchor = _trimmed_rows(deltas, middle)
+                dots += deltas @ anchor
+                sq_norms += (deltas * deltas).sum(dim=1)
+                anchor_sq += float((anchor * anchor).sum())
+        norms = sq_norms.sqrt()
+        denominator = (norms * math.sqrt(anchor_sq)).clamp_min(torch.finfo(torch.float64).tiny)
+        keep = [i for i in range(n) if anchor_sq > 0.0 and float(dots[i] / denominator[i]) > 0.0]
+        values["anchored_dropped_uploads"] = values.get("anchored_dropped_uploads", 0.0) + (
+            n - len(keep)
+        )
+        if not keep:  # nothing points along the anchor (e.g. no upload moved): the median
+            return MedianRule().aggregate(keys, base, uploads, values)
+        bound = float(_trimmed_rows(norms[:, None], middle)[0])
+        factors = {i: min(1.0, bound / float(norms[i])) if norms[i] > 0 else 1.0 for i in keep}
+        out = []
+        for t, glob in enumerate(base):
+            wide = glob.to(torch.float64)
+            step = torch.zeros_like(wide)
+            for i in keep:
+                step += factors[i] * (uploads[i][t].to(torch.float64) - wide)
+            out.append((wide + step / len(keep)).to(glob.dtype))
         return out
 
 
@@ -268,7 +345,9 @@ class BufferedAggregator:
             per_key = [self._buffer.pop(k) for k in keys]
             uploads = [[tensors[i] for tensors in per_key] for i in range(len(per_key[0]))]
             del per_key
-            for key, value in zip(keys, self.rule.aggregate(keys, uploads, values), strict=True):
+            base = [self._global[k] for k in keys]
+            merged = self.rule.aggregate(keys, base, uploads, values)
+            for key, value in zip(keys, merged, strict=True):
                 out[key] = value
             values[f"uploads.{module}"] = float(len(uploads))
             trained.add(module)
@@ -341,7 +420,16 @@ class KrumStrategy(RobustStrategy):
         super().__init__(KrumRule(num_byzantine, num_selected), max_buffer_bytes)
 
 
+class AnchoredMeanStrategy(RobustStrategy):
+    """Median-anchored mean (see AnchoredMeanRule): drops uploads pointing away from the
+    median update, clips the rest to the median update norm, averages them."""
+
+    def __init__(self, max_buffer_bytes: int | None = None) -> None:
+        super().__init__(AnchoredMeanRule(), max_buffer_bytes)
+
+
 __all__ = [
+    "AnchoredMeanStrategy",
     "BufferedAggregator",
     "KrumStrategy",
     "MedianStrategy",

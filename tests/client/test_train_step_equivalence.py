@@ -290,7 +290,11 @@ def test_fusion_views_match_four_slot_input(rows: int, with_recovery: bool) -> N
         if want is None or not with_recovery and got is None:
             assert got is None or not bool(got.abs().sum())
             continue
-        assert got is not None and torch.allclose(got, want, atol=1e-5)
+        # the two paths sum in different orders: float32 rounding grows with the magnitude of
+        # what is summed, so the tolerance follows the tensor's scale (a fixed atol failed on
+        # AVX-512 kernels for parameter gradients of size ~300: error 6e-5, relative 2e-7)
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 def test_fusion_views_keep_the_layer_call_for_hooks() -> None:

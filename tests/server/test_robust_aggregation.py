@@ -14,6 +14,7 @@ from crossfed.server.strategies import robust_aggregation
 from crossfed.server.strategies.base import RoundAggregator, Strategy
 from crossfed.server.strategies.registry import make_strategy
 from crossfed.server.strategies.robust_aggregation import (
+    AnchoredMeanStrategy,
     KrumStrategy,
     MedianStrategy,
     MemoryBudgetError,
@@ -94,6 +95,7 @@ ROBUST: dict[str, Callable[[], RobustStrategy]] = {
     "trimmed_mean": lambda: TrimmedMeanStrategy(trim_ratio=0.2),
     "krum": lambda: KrumStrategy(num_byzantine=2, num_selected=1),
     "multi_krum": lambda: KrumStrategy(num_byzantine=2, num_selected=4),
+    "anchored_mean": AnchoredMeanStrategy,
 }
 
 
@@ -125,6 +127,29 @@ def test_multi_krum_from_the_registry_averages_exactly_the_honest_uploads(attack
     target = mean_of(honest[2:])
     for key, value in target.items():
         assert torch.allclose(out[key], value, atol=1e-6), key
+
+
+def test_anchored_mean_drops_the_updates_pointing_against_the_median_update() -> None:
+    """Sign-flipped uploads point against the coordinate-wise median update: they are dropped
+    (and counted, per module) and the honest ones averaged, clipped to the median norm."""
+    g = global_state()
+    honest = honest_uploads(g, 10, seed=7, noise=0.15)  # noise 1.5x the shared direction
+    uploads = [attacked(g, u, "sign_flipped") for u in honest[:2]] + honest[2:]
+    target = mean_of(honest[2:])
+    out, _, values = aggregate(AnchoredMeanStrategy(), g, uploads)
+    assert values["anchored_dropped_uploads"] == 4  # the two attackers, in both modules
+    assert distance(out, target) < 0.05 * distance(target, g)
+    _, _, clean = aggregate(AnchoredMeanStrategy(), g, honest)
+    assert clean["anchored_dropped_uploads"] == 0
+
+
+def test_anchored_mean_clips_a_boosted_update_to_the_median_norm() -> None:
+    g = global_state()
+    honest = honest_uploads(g, 5, seed=9)
+    uploads = [attacked(g, honest[0], "scaled"), *honest[1:]]
+    out, _, values = aggregate(make_strategy(StrategyConfig(name="anchored_mean")), g, uploads)
+    assert values["anchored_dropped_uploads"] == 0  # it points the honest way: kept, clipped
+    assert distance(out, mean_of(honest)) < 0.05 * distance(mean_of(honest), g)
 
 
 def test_krum_returns_one_honest_upload_exactly() -> None:

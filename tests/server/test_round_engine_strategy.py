@@ -79,6 +79,7 @@ def _engine(
     strategy: FedAvg,
     checkpoints: CheckpointStore | None = None,
     inline: bool = True,
+    commit_wait_s: float = 0.0,
 ) -> RoundEngine:
     return RoundEngine(
         SqliteStateStore(tmp_path / "state.db"),
@@ -90,6 +91,7 @@ def _engine(
         strategy=strategy,
         clock=clock,
         commit_inline=inline,
+        commit_wait_s=commit_wait_s,
     )
 
 
@@ -202,3 +204,56 @@ def test_heartbeats_and_registrations_answer_while_a_commit_is_held(tmp_path: Pa
         checkpoints.release.set()
     assert engine.wait_idle(30.0)
     assert engine.run.last_committed_round == 1
+
+
+def test_a_participants_heartbeat_is_held_through_the_commit_and_gets_the_next_round(
+    tmp_path: Path,
+) -> None:
+    """Long-poll: a client whose update is in the committing round hears TRAIN for the next
+    round as soon as the commit ends, not one poll interval later."""
+    checkpoints = _HeldCheckpoints(tmp_path / "ckpt")
+    engine = _engine(tmp_path, FakeClock(), FedAvg(), checkpoints, inline=False, commit_wait_s=60)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    engine.heartbeat("a")
+    _upload_round(engine, 1, seed=3)
+    assert checkpoints.entered.wait(30.0)
+    answers: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def beat() -> None:
+        action = engine.heartbeat("a")
+        answers.append((action.action, action.round))
+        done.set()
+
+    threading.Thread(target=beat, daemon=True).start()
+    checkpoints.release.set()
+    assert done.wait(30.0), "the held heartbeat never answered"
+    assert answers == [(ACTION_TRAIN, 2)]
+
+
+def test_a_client_cannot_hold_two_heartbeats_through_a_commit(tmp_path: Path) -> None:
+    """One held heartbeat per client: another call from it answers WAIT at once, so a client
+    cannot tie up the server's RPC threads by heartbeating in parallel."""
+    checkpoints = _HeldCheckpoints(tmp_path / "ckpt")
+    engine = _engine(tmp_path, FakeClock(), FedAvg(), checkpoints, inline=False, commit_wait_s=60)
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    engine.heartbeat("a")
+    _upload_round(engine, 1, seed=3)
+    assert checkpoints.entered.wait(30.0)
+    try:
+        engine._commit_waiters.add("a")  # as if a first heartbeat of "a" were being held
+        answers: list[int] = []
+        done = threading.Event()
+
+        def beat() -> None:
+            answers.append(engine.heartbeat("a").action)
+            done.set()
+
+        threading.Thread(target=beat, daemon=True).start()
+        assert done.wait(10.0), "a second heartbeat of the same client was held"
+        assert answers == [ACTION_WAIT]
+    finally:
+        checkpoints.release.set()
+    assert engine.wait_idle(30.0)

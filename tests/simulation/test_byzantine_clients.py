@@ -38,6 +38,9 @@ def test_poison_update_math_and_integer_buffers() -> None:
     np.testing.assert_allclose(scaled["w"], [51.0, -98.0])
     flipped = poison_update(u, g, Attack("sign_flip"))
     np.testing.assert_allclose(flipped["w"], [0.5, 3.0])
+    withheld = poison_update(u, g, Attack("withhold"))
+    np.testing.assert_array_equal(withheld["w"], g["w"])
+    assert withheld["w"] is not g["w"] and withheld["n"][0] == 9
     assert scaled["w"].dtype == np.float32 and scaled["n"][0] == 9 and flipped["n"][0] == 9
     assert poison_update(u, g, Attack())["w"] is u["w"]
     with pytest.raises(ValueError, match="attack kind"):
