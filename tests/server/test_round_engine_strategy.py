@@ -206,11 +206,8 @@ def test_heartbeats_and_registrations_answer_while_a_commit_is_held(tmp_path: Pa
     assert engine.run.last_committed_round == 1
 
 
-def test_a_participants_heartbeat_is_held_through_the_commit_and_gets_the_next_round(
-    tmp_path: Path,
-) -> None:
-    """Long-poll: a client whose update is in the committing round hears TRAIN for the next
-    round as soon as the commit ends, not one poll interval later."""
+def _round_one_commit_held(tmp_path: Path) -> tuple[RoundEngine, _HeldCheckpoints]:
+    """Clients a and b uploaded round 1; its commit is inside the held checkpoint write."""
     checkpoints = _HeldCheckpoints(tmp_path / "ckpt")
     engine = _engine(tmp_path, FakeClock(), FedAvg(), checkpoints, inline=False, commit_wait_s=60)
     for cid in "ab":
@@ -218,6 +215,15 @@ def test_a_participants_heartbeat_is_held_through_the_commit_and_gets_the_next_r
     engine.heartbeat("a")
     _upload_round(engine, 1, seed=3)
     assert checkpoints.entered.wait(30.0)
+    return engine, checkpoints
+
+
+def test_a_participants_heartbeat_is_held_through_the_commit_and_gets_the_next_round(
+    tmp_path: Path,
+) -> None:
+    """Long-poll: a client whose update is in the committing round hears TRAIN for the next
+    round as soon as the commit ends, not one poll interval later."""
+    engine, checkpoints = _round_one_commit_held(tmp_path)
     answers: list[tuple[int, int]] = []
     done = threading.Event()
 
@@ -235,13 +241,7 @@ def test_a_participants_heartbeat_is_held_through_the_commit_and_gets_the_next_r
 def test_a_client_cannot_hold_two_heartbeats_through_a_commit(tmp_path: Path) -> None:
     """One held heartbeat per client: another call from it answers WAIT at once, so a client
     cannot tie up the server's RPC threads by heartbeating in parallel."""
-    checkpoints = _HeldCheckpoints(tmp_path / "ckpt")
-    engine = _engine(tmp_path, FakeClock(), FedAvg(), checkpoints, inline=False, commit_wait_s=60)
-    for cid in "ab":
-        engine.register(cid, BOTH, 10)
-    engine.heartbeat("a")
-    _upload_round(engine, 1, seed=3)
-    assert checkpoints.entered.wait(30.0)
+    engine, checkpoints = _round_one_commit_held(tmp_path)
     try:
         engine._commit_waiters.add("a")  # as if a first heartbeat of "a" were being held
         answers: list[int] = []
