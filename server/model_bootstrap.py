@@ -28,10 +28,8 @@ def model_config_digest(config: ModelConfig) -> str:
 def build_initial_model(config: ModelConfig, seed: int = 0) -> InitialModel:
     """Seeded, deterministic initial global model (same seed + config -> same bytes)."""
     # imported here: the network pulls in diffusers, which only building a model needs
-    from crossfed.common.model.network import CrossModalNet
+    from crossfed.common.model.model_construction import seeded_model
 
-    with torch.random.fork_rng(devices=[]):  # seed without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        net = CrossModalNet(config)
+    net = seeded_model(config, seed)
     state = {k: v.detach().clone().contiguous() for k, v in net.shareable_state_dict().items()}
     return InitialModel(state, net.module_of, "CrossModalNet")

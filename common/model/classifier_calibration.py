@@ -30,6 +30,7 @@ step; on the wire the statistics travel as the tensors of `stats_to_tensors`. Se
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_construction import model_to_load
 from crossfed.common.model.model_errors import ModelInputError
 from crossfed.common.model.network import CrossModalNet
 from torch import nn
@@ -243,10 +245,7 @@ def refit_linear(
     virtual = mean[:, None, :] + torch.einsum("khj,knj->knh", chol, noise.to(cov.dtype))
     feats = virtual.reshape(-1, mean.shape[1]).to(last.weight.dtype)
     labels = present.repeat_interleave(samples_per_class)
-    layer = nn.Linear(last.in_features, last.out_features)
-    with torch.no_grad():
-        layer.weight.copy_(last.weight)
-        layer.bias.copy_(last.bias)
+    layer = copy.deepcopy(last).requires_grad_(True)  # no draw from torch's generator
     opt = torch.optim.Adam(layer.parameters(), lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
@@ -367,7 +366,7 @@ def calibrated_state(
     noisy = "" if math.isinf(snr) else f" (DP-noised statistics, signal-to-noise {snr:.3g})"
     if snr < MIN_SIGNAL_TO_NOISE:
         return None, f"DP noise swamps the class statistics{noisy}; left uncalibrated"
-    model = CrossModalNet(config)
+    model = model_to_load(config)
     model.load_shareable_state_dict(global_state)
     if not calibrate_image_only(model, stats, seed=seed):
         return None, "fewer than two classes have statistics; left uncalibrated"

@@ -22,6 +22,7 @@ import torch
 from crossfed.common.data.class_list import ClassListError, check_class_names
 from crossfed.common.model.encoder_identity import EncoderIdentity
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_construction import model_to_load
 from crossfed.common.model.model_errors import ModelError
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
@@ -95,7 +96,7 @@ class ModelBundle:
     def build_model(self) -> CrossModalNet:
         """The network in eval mode: global weights, and the global prototypes as its VLMR
         entries (what a new client holds after the round)."""
-        model = CrossModalNet(self.model_config)
+        model = model_to_load(self.model_config)
         model.load_shareable_state_dict(self.state)
         if self.prototypes is not None:
             apply_global_prototypes(model, self.prototypes)

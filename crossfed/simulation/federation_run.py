@@ -11,7 +11,6 @@ calibrates runs the server's CCVR step on every image-holding client's statistic
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from crossfed.client.local_trainer import TrainConfig
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_construction import model_to_load, seeded_model
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from crossfed.server.calibration_round import StatsSum, ccvr_calibration_step
@@ -40,10 +40,6 @@ from crossfed.simulation.virtual_client import (
     arrays_of,
     tensors_of,
 )
-
-#: Seeding the initial global model uses torch's global generator; runs driven from several
-#: threads take turns.
-_INIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -125,9 +121,7 @@ def client_seed(seed: int, round_no: int, client: int) -> int:
 
 def initial_global_state(config: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """The seeded initial global model (what `crossfed server` starts from)."""
-    with _INIT_LOCK, torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return CrossModalNet(config).shareable_state_dict()
+    return seeded_model(config, seed).shareable_state_dict()
 
 
 def global_model(
@@ -135,7 +129,7 @@ def global_model(
 ) -> CrossModalNet:
     """The global model as clients and `crossfed evaluate` see it: weights, an empty memory,
     the global prototypes (eq. 16) as retrieval entries."""
-    model = CrossModalNet(config)
+    model = model_to_load(config)
     model.load_shareable_state_dict(state)
     if prototypes is not None:
         apply_global_prototypes(model, prototypes)

@@ -39,6 +39,8 @@ from crossfed.simulation.virtual_client import (
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'crossfed[sim]'"
+#: Tries to start the embedded Ray instance (see `RayExecutor._start_embedded`).
+EMBEDDED_START_ATTEMPTS = 3
 
 
 def import_ray() -> Any:
@@ -51,6 +53,11 @@ def import_ray() -> Any:
             "(or execution.backend: inline to run clients one by one in this process)"
         ) from None
     return ray
+
+
+def _is_start_timeout(exc: BaseException) -> bool:
+    """Ray's own "node timed out during startup" (raised as a bare Exception)."""
+    return "timed out during startup" in str(exc)
 
 
 class _RemoteScores:
@@ -114,24 +121,53 @@ class RayExecutor:
             "log_to_driver": False,
             "logging_level": logging.WARNING,
         }
+        where = execution.address or "an embedded Ray instance"
         try:
             if execution.address is not None:
                 ray.init(address=execution.address, **common)
             else:
-                temp = execution.temp_dir
-                if temp is None:  # short: Ray's socket paths must fit in 107 bytes
-                    temp = self._owned_temp = Path(tempfile.mkdtemp(prefix="crossfed-ray-"))
+                self._start_embedded(execution, common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._remove_temp()
+            raise SimulationError(f"cannot start Ray ({where}): {one_line(exc)}") from exc
+        except BaseException:
+            self._remove_temp()
+            raise
+
+    def _start_embedded(self, execution: ExecutionSection, common: dict[str, Any]) -> None:
+        """Start Ray on this machine, trying ``EMBEDDED_START_ATTEMPTS`` times.
+
+        Ray gives its raylet a fixed 30 s to register, and the raylet first waits for two
+        Python agents to start: on a machine busy with other work that can run out, so a
+        timed-out start is shut down and tried again in a fresh session directory. Workers
+        run at the driver's priority (Ray's default niceness 15 lets any other process on
+        the machine starve the clients this simulation is waiting for)."""
+        ray = self._ray
+        for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
+            temp = execution.temp_dir
+            if temp is None:  # short: Ray's socket paths must fit in 107 bytes
+                temp = self._owned_temp = Path(tempfile.mkdtemp(prefix="crossfed-ray-"))
+            try:
                 ray.init(
                     num_cpus=execution.num_cpus,
                     object_store_memory=execution.object_store_mb * 2**20,
                     include_dashboard=False,
                     _temp_dir=str(temp.resolve()),
+                    _system_config={"worker_niceness": 0},
                     **common,
                 )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            self._remove_temp()
-            where = execution.address or "an embedded Ray instance"
-            raise SimulationError(f"cannot start Ray ({where}): {one_line(exc)}") from exc
+                return
+            except Exception as exc:
+                ray.shutdown()  # whatever this try started
+                if not _is_start_timeout(exc):
+                    raise
+                self._remove_temp()
+                if attempt == EMBEDDED_START_ATTEMPTS:
+                    raise RuntimeError(
+                        f"Ray's node did not start in {attempt} tries (this machine is too "
+                        f"busy?): {one_line(exc)}"
+                    ) from exc
+                log.warning("Ray's node timed out during startup; starting it again")
 
     def put(self, arrays: Arrays) -> DataRef:
         return self._ray.put(arrays)

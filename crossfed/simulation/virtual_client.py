@@ -24,6 +24,7 @@ from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.evaluation import evaluate
 from crossfed.common.model.memory import VisualLinguisticMemory
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.model.model_construction import model_to_load, seeded_model
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes, compute_class_projections
 from crossfed.simulation.byzantine import NO_ATTACK, Attack, poison_update
@@ -130,7 +131,7 @@ def model_for(config_json: str) -> CrossModalNet:
     if model is None:
         if len(_MODELS) >= 4:  # a worker serving many methods keeps a few networks only
             _MODELS.clear()
-        model = _MODELS[config_json] = CrossModalNet(ModelConfig.model_validate_json(config_json))
+        model = _MODELS[config_json] = model_to_load(ModelConfig.model_validate_json(config_json))
     return model
 
 
@@ -216,8 +217,7 @@ def train_central(
     """A central reference: one network trained on pooled rows, scored per Table I; with the
     seconds it took."""
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    model = CrossModalNet(ModelConfig.model_validate_json(config_json))
+    model = seeded_model(ModelConfig.model_validate_json(config_json), seed)
     train_local(model, shard_of(train), cfg)
     model.eval()
     return evaluate(model, shard_of(test)), time.perf_counter() - started
