@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+from crossfed.server.tensor_parts import tensor_parts
 
 #: Below this global-model norm the bound is taken relative to 1.0 instead (a model that
 #: starts at zero would otherwise allow no update at all).
@@ -83,7 +84,7 @@ class UpdateBounder:
         distance_sq = reference_sq = 0.0
         for key in keys:
             mine, base = update[key].reshape(-1), self._global[key].reshape(-1)
-            for part in _parts(base.numel()):
+            for part in tensor_parts(base.numel(), _PART_ELEMENTS):
                 distance_sq += _part_distance(mine[part], base[part]) ** 2
             reference_sq += self._global_squared(key)
         distance, reference = math.sqrt(distance_sq), math.sqrt(reference_sq)
@@ -95,10 +96,6 @@ class UpdateBounder:
 #: whatever the model's largest tensor (a whole-tensor float64 copy was 2x its size per
 #: upload, on every concurrent upload).
 _PART_ELEMENTS = 1 << 16
-
-
-def _parts(numel: int) -> list[slice]:
-    return [slice(i, min(i + _PART_ELEMENTS, numel)) for i in range(0, numel, _PART_ELEMENTS)]
 
 
 def _part_distance(mine: torch.Tensor, base: torch.Tensor) -> float:
@@ -115,5 +112,5 @@ def _squared_norm(tensor: torch.Tensor) -> float:
     flat = tensor.reshape(-1)
     return sum(
         float(torch.linalg.vector_norm(flat[part].to(torch.float64))) ** 2
-        for part in _parts(flat.numel())
+        for part in tensor_parts(flat.numel(), _PART_ELEMENTS)
     )

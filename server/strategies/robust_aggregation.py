@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from crossfed.server.errors import InvalidUpdateError, ServerError, StatusKind
 from crossfed.server.strategies.base import ModuleOf, RoundInstructions, RoundResult
+from crossfed.server.tensor_parts import tensor_parts
 
 #: Coordinates x uploads stacked at once while aggregating, whatever the model's largest
 #: tensor. Transient memory per chunk: the float64 stack plus the sort's float64 values and
@@ -60,8 +61,8 @@ def _is_averaged(tensor: torch.Tensor) -> bool:
 
 
 def _chunks(numel: int, uploads: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(uploads, 1))
-    return [slice(start, min(start + step, numel)) for start in range(0, numel, step)]
+    """Parts of one tensor sized so that ``uploads`` float64 rows of a part fit the chunk."""
+    return tensor_parts(numel, CHUNK_ELEMENTS // max(uploads, 1))
 
 
 def _stacked(values: list[torch.Tensor], part: slice) -> torch.Tensor:
