@@ -335,6 +335,13 @@ class StrategyConfig(_Section):
     krum_f: int | None = Field(
         default=None, ge=0, le=MAX_COUNT, description="Byzantine clients Krum / Multi-Krum tolerate"
     )
+    exclude_after: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_COUNT,
+        description="anchored_mean: leave a client out of later rounds once this many of its "
+        "uploads were dropped, at least half of what it sent (0: never)",
+    )
 
     @field_validator("name")
     @classmethod

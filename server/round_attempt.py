@@ -124,9 +124,11 @@ class TrainingAttempt(RoundAttempt):
         weights: Mapping[str, float],
         num_samples: int,
         bound: BoundCheck | None,
+        client: str,
     ) -> None:
-        """Fold one validated update into the aggregate (scaled down if the bound clipped it)."""
-        self.aggregator.add(tensors, weights, num_samples, bound.scale if bound else 1.0)
+        """Fold ``client``'s validated update into the aggregate (scaled down if the bound
+        clipped it)."""
+        self.aggregator.add(tensors, weights, num_samples, bound.scale if bound else 1.0, client)
 
     def prepare(
         self,

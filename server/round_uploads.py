@@ -170,7 +170,7 @@ class RoundUploads:
             # Within the open attempt the uploaders map is what dedups (a restart fails the
             # attempt), so the upload row is written after, best effort like the rest.
             fold_started = time.perf_counter()
-            opened.fold(tensors, ticket.weights, ticket.num_samples, bound)
+            opened.fold(tensors, ticket.weights, ticket.num_samples, bound, ticket.client_id)
             fold_s = time.perf_counter() - fold_started
             opened.uploaders[ticket.client_id] = ticket.upload_id
             self._record(opened, ticket, payload_sha256, metrics or {}, bound, fold_s)

@@ -29,7 +29,22 @@ def variant_label(variant: RunVariant) -> str:
     """The strategy a variant ran, as the tables name it (fedprox for fedavg with mu)."""
     if variant.proximal_mu and variant.strategy == "fedavg":
         return f"{FEDPROX} (μ {variant.proximal_mu:g})"
-    return variant.strategy
+    # krum_f is set from the attacker count, not chosen: it does not name a variant
+    shown = [f"{k} {v:g}" for k, v in variant.strategy_params if k != "krum_f"]
+    return variant.strategy + (f" ({', '.join(shown)})" if shown else "")
+
+
+def strategy_spec(spec: str) -> tuple[str, tuple[tuple[str, float], ...]]:
+    """``name`` or ``name:key=value:key=value`` (a strategy with its parameters, as the
+    sweeps' ``--strategies`` list takes it)."""
+    name, *pairs = spec.split(":")
+    params = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and key):
+            raise ValueError(f"strategy {spec!r}: {pair!r} is not key=value")
+        params.append((key, float(value)))
+    return name, tuple(params)
 
 
 @dataclass(frozen=True)
@@ -81,11 +96,10 @@ class AttackPlan:
         s = self.setup
         for seed in self.seeds:
             setup = FederationSetup(s.missingness, s.rate, s.alpha, s.clients, seed)
-            for name in self.strategies:
-                # Krum is told how many attackers to tolerate
-                params = (
-                    (("krum_f", float(self.attackers)),) if name in ("krum", "multi_krum") else ()
-                )
+            for spec in self.strategies:
+                name, params = strategy_spec(spec)
+                if name in ("krum", "multi_krum"):  # Krum is told how many attackers to tolerate
+                    params = (("krum_f", float(self.attackers)), *params)
                 clean = RunVariant(strategy=name, strategy_params=params)
                 out.append(Job(setup, "ours", "attacks", clean))
                 for kind in self.attacks:

@@ -205,7 +205,7 @@ def attack_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, dic
             continue
         v = RunVariant.of(r)
         attack = v.attack if v.attack == "none" else f"{v.attack} ×{v.attackers}"
-        runs[(v.strategy, attack, _setup(r).seed)] = {c: _acc(r, c) for c in CONFIGS}
+        runs[(variant_label(v), attack, _setup(r).seed)] = {c: _acc(r, c) for c in CONFIGS}
     out: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     strategies = list(dict.fromkeys(k[0] for k in runs))
     attacks = list(dict.fromkeys(k[1] for k in runs))

@@ -220,7 +220,9 @@ def run_federation(
                 weights = strategy.weights_of(update.num_samples, update.module_samples)
             except InvalidUpdateError as exc:
                 raise SimulationError(f"client {update.client}: {exc}") from exc
-            strategy.add(tensors_of(update.state), weights, update.num_samples)
+            strategy.add(
+                tensors_of(update.state), weights, update.num_samples, f"client-{update.client}"
+            )
             if update.projections is not None:
                 projections.add(
                     f"client-{update.client}",

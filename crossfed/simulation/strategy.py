@@ -36,9 +36,13 @@ class AggregationStrategy(Protocol):
         ...
 
     def add(
-        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float], num_samples: int
+        self,
+        update: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        num_samples: int,
+        client: str = "",
     ) -> None:
-        """Fold one client's update in."""
+        """Fold one client's update in (``client``: its id, for strategies that remember)."""
         ...
 
     def result(self) -> dict[str, torch.Tensor]:
@@ -71,9 +75,13 @@ class ServerStrategy:
         return module_weights_of(num_samples, module_samples, self._current().modules)
 
     def add(
-        self, update: Mapping[str, torch.Tensor], weights: Mapping[str, float], num_samples: int
+        self,
+        update: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        num_samples: int,
+        client: str = "",
     ) -> None:
-        self._current().add(update, weights, num_samples)
+        self._current().add(update, weights, num_samples, client=client)
 
     def result(self) -> dict[str, torch.Tensor]:
         aggregate = self._current().result()

@@ -51,8 +51,10 @@ class RoundAggregator(Protocol):
         weights: Mapping[str, float],
         num_samples: int,
         scale: float = 1.0,
+        client: str = "",
     ) -> None:
-        """Fold one validated upload (``scale`` < 1: the update bound clipped it)."""
+        """Fold one validated upload (``scale`` < 1: the update bound clipped it) from
+        ``client`` (its id, for rules that remember clients across rounds; "" anonymous)."""
         ...
 
     def result(self) -> RoundResult:

@@ -100,6 +100,7 @@ class CentralDPAggregator:
         weights: Mapping[str, float],
         num_samples: int,
         scale: float = 1.0,
+        client: str = "",
     ) -> None:
         """Clip the (already ``scale``-d) delta to C, then fold it into the inner aggregator."""
         keys = self.contributed_keys(weights)
@@ -111,7 +112,7 @@ class CentralDPAggregator:
         if norm > self.clip_norm:
             self.clipped_updates += 1
             scale *= self.clip_norm / norm
-        self.inner.add(update, weights, num_samples, scale)
+        self.inner.add(update, weights, num_samples, scale, client)
         for module in self.modules:
             w = float(weights.get(module, 0.0))
             self._weight[module] += w

@@ -34,8 +34,9 @@ class FedAvgAggregator:
         weights: Mapping[str, float],
         num_samples: int,
         scale: float = 1.0,
+        client: str = "",
     ) -> None:
-        """Fold one validated upload into the running sum."""
+        """Fold one validated upload into the running sum (who sent it does not matter)."""
         self.fold.add(update, weights, num_samples, scale)
         self.num_updates = self.fold.num_updates
         self.total_samples = self.fold.total_samples

@@ -52,7 +52,10 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedadam": _adaptive(FedAdam),
     "fedyogi": _adaptive(FedYogi),
     "median": StrategyEntry(lambda p: MedianStrategy(), frozenset()),
-    "anchored_mean": StrategyEntry(lambda p: AnchoredMeanStrategy(), frozenset()),
+    "anchored_mean": StrategyEntry(
+        lambda p: AnchoredMeanStrategy(exclude_after=int(p.get("exclude_after", 0))),
+        frozenset({"exclude_after"}),
+    ),
     "trimmed_mean": StrategyEntry(
         lambda p: TrimmedMeanStrategy(
             **({"trim_ratio": p["trim_ratio"]} if "trim_ratio" in p else {})

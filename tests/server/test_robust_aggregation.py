@@ -294,3 +294,88 @@ def test_robust_rules_are_strategies() -> None:
     aggregator: RoundAggregator = strategies[0].begin_round(global_state(), module_of_prefix)
     assert aggregator.modules == frozenset({"enc", "head"}) and aggregator.num_updates == 0
     assert [s.configure_round(1).proximal_mu for s in strategies] == [0.0] * len(strategies)
+
+
+def _round_with_ids(
+    strategy: RobustStrategy, g: State, uploads: list[State], clients: list[str]
+) -> tuple[State, dict[str, float]]:
+    agg = strategy.begin_round(g, module_of_prefix)
+    for upload, client in zip(uploads, clients, strict=True):
+        agg.add(upload, ALL, num_samples=10, client=client)
+    result = agg.result()
+    return strategy.finish_round(g, result), result.values
+
+
+def _rounds_against(strategy: RobustStrategy, late_flips_aligned: bool) -> list[dict[str, float]]:
+    """Three rounds of 8 honest clients and 2 attackers: they flip the honest update in
+    rounds 1-2; in round 3 they either flip again or send an honest-looking update (as a
+    flipped attacker does once its cosine drifts above 0, see DropRecord)."""
+    g = global_state()
+    clients = [f"c{i}" for i in range(10)]
+    values = []
+    for rnd in range(3):
+        honest = honest_uploads(g, 10, seed=rnd)
+        bad = (
+            honest[:2]
+            if (rnd == 2 and late_flips_aligned)
+            else [attacked(g, u, "sign_flipped") for u in honest[:2]]
+        )
+        _, v = _round_with_ids(strategy, g, bad + honest[2:], clients)
+        values.append(v)
+    return values
+
+
+def test_anchored_mean_leaves_out_the_clients_it_kept_dropping() -> None:
+    strategy = make_strategy(StrategyConfig(name="anchored_mean", exclude_after=2))
+    assert isinstance(strategy, AnchoredMeanStrategy)
+    rounds = _rounds_against(strategy, late_flips_aligned=True)
+    # rounds 1-2: the attackers' uploads (2 modules each) are dropped; round 3: left out,
+    # although their updates now point the honest way
+    assert [r.get("anchored_dropped_uploads", 0.0) for r in rounds] == [4.0, 4.0, 0.0]
+    assert [r.get("anchored_excluded_uploads", 0.0) for r in rounds] == [0.0, 0.0, 4.0]
+    assert strategy.anchored.record.excluded() == {"c0", "c1"}
+    # without the record (the default), round 3 lets them back in
+    plain = _rounds_against(AnchoredMeanStrategy(), late_flips_aligned=True)
+    assert [r.get("anchored_excluded_uploads", 0.0) for r in plain] == [0.0, 0.0, 0.0]
+
+
+def test_a_client_dropped_in_under_half_of_its_uploads_stays_in() -> None:
+    record = robust_aggregation.DropRecord(exclude_after=2)
+    for dropped in (True, False, True, False, False):
+        record.note("noisy", dropped)
+    record.note("anonymous-is-never-counted", True)
+    record.note("", True)
+    assert record.excluded() == frozenset()
+    record.note("noisy", True)  # 3 of 6: half
+    assert record.excluded() == {"noisy"}
+    assert "" not in record.heard
+
+
+def test_the_drop_record_is_checkpointed_and_restored() -> None:
+    strategy = AnchoredMeanStrategy(exclude_after=2)
+    _rounds_against(strategy, late_flips_aligned=False)
+    saved = strategy.state_dict()
+    assert saved["anchored_drops/c0"].tolist() == [2, 2]  # dropped twice, then left out
+    assert saved["anchored_drops/c5"].tolist() == [3, 0]
+    restored = AnchoredMeanStrategy(exclude_after=2)
+    restored.load_state_dict(saved)
+    assert restored.anchored.record.excluded() == {"c0", "c1"}
+    assert {k: v.tolist() for k, v in restored.state_dict().items()} == {
+        k: v.tolist() for k, v in saved.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"m/x": torch.zeros(2, dtype=torch.int64)},
+        {"anchored_drops/c0": torch.tensor([1, 2])},  # more drops than uploads
+        {"anchored_drops/c0": torch.tensor([1.0, 0.0])},
+        {"anchored_drops/": torch.tensor([1, 0])},
+    ],
+)
+def test_a_bad_drop_record_is_refused(state: State) -> None:
+    strategy = AnchoredMeanStrategy(exclude_after=2)
+    with pytest.raises(ValueError, match="drop record"):
+        strategy.load_state_dict(state)
+    assert strategy.state_dict() == {}

@@ -257,3 +257,42 @@ def test_a_client_cannot_hold_two_heartbeats_through_a_commit(tmp_path: Path) ->
     finally:
         checkpoints.release.set()
     assert engine.wait_idle(30.0)
+
+
+class _NamingAggregator(FedAvgAggregator):
+    """FedAvg's aggregator, noting who sent each upload it folds."""
+
+    def __init__(self, *args: object, senders: list[str]) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.senders = senders
+
+    def add(
+        self,
+        update: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        num_samples: int,
+        scale: float = 1.0,
+        client: str = "",
+    ) -> None:
+        self.senders.append(client)
+        super().add(update, weights, num_samples, scale, client)
+
+
+def test_the_strategy_is_told_who_sent_each_upload(tmp_path: Path) -> None:
+    """Strategies that remember clients across rounds (anchored_mean's drop record) get the
+    registered client id with every upload, from the round engine's fold."""
+    senders: list[str] = []
+
+    class Naming(_CountingStrategy):
+        def begin_round(
+            self, global_state: Mapping[str, torch.Tensor], module_of: ModuleOf
+        ) -> FedAvgAggregator:
+            return _NamingAggregator(global_state, module_of, senders=senders)
+
+    engine = _engine(tmp_path, FakeClock(), Naming())
+    for cid in "ab":
+        engine.register(cid, BOTH, 10)
+    engine.heartbeat("a")
+    _upload_round(engine, 1, seed=3)
+    assert engine.run.last_committed_round == 1
+    assert senders == ["a", "b"]

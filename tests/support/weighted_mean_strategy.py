@@ -42,6 +42,7 @@ class WeightedMeanAggregator:
         weights: Mapping[str, float],
         num_samples: int,
         scale: float = 1.0,
+        client: str = "",
     ) -> None:
         for key in self.contributed_keys(weights):
             glob = self._global[key].to(torch.float64)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-
 from crossfed.common.model import model_construction
 from crossfed.common.model.model_construction import model_to_load, seeded_model
 from crossfed.common.model.network import CrossModalNet
+
 from tests.support.small_model import small_model_config
 
 CONFIG = small_model_config()
