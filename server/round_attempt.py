@@ -198,6 +198,7 @@ class CalibrationAttempt(RoundAttempt):
         weights: Mapping[str, float],
         num_samples: int,
         bound: BoundCheck | None,
+        client: str,
     ) -> None:
         """Add one client's (validated) statistics to the exact sum."""
         self.stats.add(tensors)

@@ -18,11 +18,13 @@ FEDPROX = "fedprox"
 CENTRAL_REFERENCES = ("ceiling_text", "ceiling_image")
 
 
-def strategy_variant(name: str, proximal_mu: float) -> RunVariant:
-    """The run variant a strategy axis entry stands for (``fedprox`` = fedavg + mu)."""
-    if name == FEDPROX:
+def strategy_variant(spec: str, proximal_mu: float) -> RunVariant:
+    """The run variant a strategy axis entry stands for (``fedprox`` = fedavg + mu;
+    ``name:key=value`` sets parameters, see `strategy_spec`)."""
+    if spec == FEDPROX:
         return RunVariant(proximal_mu=proximal_mu)
-    return RunVariant(strategy=name)
+    name, params = strategy_spec(spec)
+    return RunVariant(strategy=name, strategy_params=params)
 
 
 def variant_label(variant: RunVariant) -> str:
