@@ -339,8 +339,8 @@ class StrategyConfig(_Section):
         default=None,
         ge=0,
         le=MAX_COUNT,
-        description="anchored_mean: leave a client out of later rounds once this many of its "
-        "uploads were dropped, at least half of what it sent (0: never)",
+        description="anchored_mean: leave a client out of later rounds once it was dropped in "
+        "this many rounds, at least half of those it took part in (default 2; 0: never)",
     )
 
     @field_validator("name")

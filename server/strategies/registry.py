@@ -53,7 +53,9 @@ STRATEGIES: dict[str, StrategyEntry] = {
     "fedyogi": _adaptive(FedYogi),
     "median": StrategyEntry(lambda p: MedianStrategy(), frozenset()),
     "anchored_mean": StrategyEntry(
-        lambda p: AnchoredMeanStrategy(exclude_after=int(p.get("exclude_after", 0))),
+        lambda p: AnchoredMeanStrategy(
+            **({"exclude_after": int(p["exclude_after"])} if "exclude_after" in p else {})
+        ),
         frozenset({"exclude_after"}),
     ),
     "trimmed_mean": StrategyEntry(

@@ -326,7 +326,7 @@ def _rounds_against(strategy: RobustStrategy, late_flips_aligned: bool) -> list[
 
 
 def test_anchored_mean_leaves_out_the_clients_it_kept_dropping() -> None:
-    strategy = make_strategy(StrategyConfig(name="anchored_mean", exclude_after=2))
+    strategy = make_strategy(StrategyConfig(name="anchored_mean"))  # exclude_after 2
     assert isinstance(strategy, AnchoredMeanStrategy)
     rounds = _rounds_against(strategy, late_flips_aligned=True)
     # rounds 1-2: the attackers' uploads (2 modules each) are dropped; round 3: left out,
@@ -335,7 +335,7 @@ def test_anchored_mean_leaves_out_the_clients_it_kept_dropping() -> None:
     assert [r.get("anchored_excluded_uploads", 0.0) for r in rounds] == [0.0, 0.0, 4.0]
     assert strategy.anchored.record.excluded() == {"c0", "c1"}
     # without the record (the default), round 3 lets them back in
-    plain = _rounds_against(AnchoredMeanStrategy(), late_flips_aligned=True)
+    plain = _rounds_against(AnchoredMeanStrategy(exclude_after=0), late_flips_aligned=True)
     assert [r.get("anchored_excluded_uploads", 0.0) for r in plain] == [0.0, 0.0, 0.0]
 
 
