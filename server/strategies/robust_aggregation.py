@@ -375,7 +375,7 @@ class BufferedAggregator:
         self.max_buffer_bytes = max_buffer_bytes
         self.buffered_bytes = 0
         self._buffer: dict[str, list[torch.Tensor]] = {}
-        self._clients: dict[str, list[str]] = {}  # key -> who sent each buffered tensor
+        self._senders: dict[str, list[str]] = {}  # module -> who sent each buffered upload
         self.num_updates = 0
         self.total_samples = 0
         self._finished = False
@@ -427,7 +427,8 @@ class BufferedAggregator:
             else:
                 stored = value.to(glob.dtype, copy=True)
             self._buffer.setdefault(key, []).append(stored.contiguous())
-            self._clients.setdefault(key, []).append(client)
+        for module in dict.fromkeys(self._module_of_key[k] for k in keys):
+            self._senders.setdefault(module, []).append(client)
         self.buffered_bytes += incoming
         self.num_updates += 1
         self.total_samples += int(num_samples)
@@ -448,7 +449,7 @@ class BufferedAggregator:
             uploads = [[tensors[i] for tensors in per_key] for i in range(len(per_key[0]))]
             del per_key
             base = [self._global[k] for k in keys]
-            merged = self.rule.aggregate(keys, base, uploads, values, self._clients[keys[0]])
+            merged = self.rule.aggregate(keys, base, uploads, values, self._senders[module])
             for key, value in zip(keys, merged, strict=True):
                 out[key] = value
             values[f"uploads.{module}"] = float(len(uploads))
