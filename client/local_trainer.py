@@ -27,7 +27,13 @@ from crossfed.common.model.mapper import squared_l2
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelError, ModelInputError
 from crossfed.common.model.network import PRIVATE_MODULES, CrossModalNet, Recovery
-from crossfed.common.model.objective import TERMS, ProximalTerm, weighted_sum
+from crossfed.common.model.objective import (
+    TERMS,
+    ProximalTerm,
+    classification_loss,
+    label_log_prior,
+    weighted_sum,
+)
 from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from crossfed.common.model.sd_trainable import SD_MODULE
 from safetensors import SafetensorError
@@ -64,6 +70,9 @@ class TrainConfig:
     # FedProx mu (sent by the server with the round): mu/2 ||w - w_global||^2 over the
     # parameters this round trains is added to eq. 14; 0 = plain local training.
     proximal_mu: float = 0.0
+    # FedLC tau (sent by the server with the round): every classification term of eq. 14 is
+    # computed on logits + tau * log(this client's label prior); 0 = plain cross-entropy.
+    logit_adjustment: float = 0.0
 
     @classmethod
     def from_section(cls, section: TrainSection, **runtime: Any) -> TrainConfig:
@@ -84,6 +93,8 @@ class TrainConfig:
             )
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise TrainConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if not (math.isfinite(self.logit_adjustment) and self.logit_adjustment >= 0):
+            raise TrainConfigError(f"logit_adjustment must be >= 0, got {self.logit_adjustment}")
 
 
 @dataclass
@@ -149,6 +160,13 @@ def proximal_term(
     return ProximalTerm(trained_parameters(model, data), cfg.proximal_mu)
 
 
+def client_log_prior(
+    model: CrossModalNet, data: EmbeddingSet, cfg: TrainConfig
+) -> torch.Tensor | None:
+    """The logit adjustment this round's classification terms use (None: plain)."""
+    return label_log_prior(data.labels, model.config.num_classes, cfg.logit_adjustment)
+
+
 def _dropout_view(
     has_t: torch.Tensor, has_i: torch.Tensor, p: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +194,7 @@ class _Batch:
     img_rows: torch.Tensor  # rows with an image
     pair_pos: torch.Tensor  # paired rows, as positions in img_rows
     pair_rows: torch.Tensor
+    log_prior: torch.Tensor | None  # the client's label prior (logit adjustment), or None
 
 
 def _batch(
@@ -187,6 +206,7 @@ def _batch(
     cfg: TrainConfig,
     gen: torch.Generator,
     external: torch.Tensor | None,
+    log_prior: torch.Tensor | None = None,
 ) -> _Batch:
     """Draw the modality-dropout view (the step's first random numbers) and index the rows."""
     view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
@@ -204,6 +224,7 @@ def _batch(
         img_rows=img_rows,
         pair_pos=pair_pos,
         pair_rows=img_rows[pair_pos],
+        log_prior=log_prior,
     )
 
 
@@ -259,13 +280,13 @@ def _generative_terms(
     )
     # Classifier(f_t) of eq. 9 (selects the VLMR class), trained on every row with text.
     l_tc = (
-        nn.functional.cross_entropy(model.text_classifier(b.f_t[b.has_t]), b.y[b.has_t])
+        classification_loss(model.text_classifier(b.f_t[b.has_t]), b.y[b.has_t], b.log_prior)
         if bool(b.has_t.any())
         else zero
     )
     # Image-side twin of eq. 9 (used by the unimodal ensemble), on every row with an image.
     l_ic = (
-        nn.functional.cross_entropy(model.image_classifier(b.f_i[b.img_rows]), b.y[b.img_rows])
+        classification_loss(model.image_classifier(b.f_i[b.img_rows]), b.y[b.img_rows], b.log_prior)
         if len(b.img_rows)
         else zero
     )
@@ -298,7 +319,7 @@ def _visual_terms(
     if got.mem_target is not None and got.mem_pos is not None:
         l_mem = squared_l2(f_iv[got.mem_pos], got.mem_target)
     logits = model.classify(b.f_t, b.f_i, b.view_t, b.view_i, Recovery(rec_t, got.image))
-    l_cls = nn.functional.cross_entropy(logits, b.y)
+    l_cls = classification_loss(logits, b.y, b.log_prior)
     # Eq. 8: admit confident paired rows (seen with both modalities) into the memory; the
     # others get confidence -1, which no tau in [0, 1] admits.
     with torch.no_grad():
@@ -342,6 +363,7 @@ def _step_losses(
     cfg: TrainConfig,
     gen: torch.Generator,
     external: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Eq. 14 on one batch; returns the total and each term.
 
@@ -352,9 +374,9 @@ def _step_losses(
     if model.config.missing_fill == "zero":
         view_t, view_i = _dropout_view(has_t, has_i, cfg.modality_dropout, gen)
         logits = model.classify(f_t, f_i, view_t, view_i, None)
-        l_cls = nn.functional.cross_entropy(logits, y)
+        l_cls = classification_loss(logits, y, log_prior)
         return l_cls, {"cls": float(l_cls.detach())}
-    b = _batch(f_t, f_i, has_t, has_i, y, cfg, gen, external)
+    b = _batch(f_t, f_i, has_t, has_i, y, cfg, gen, external, log_prior)
     published: list[_Recovered] = []
     generative = _generative_terms(model, b, cfg, gen, published.append)
     visual = _visual_terms(model, b, lambda: published[0])
@@ -387,6 +409,7 @@ def _backward_two_threads(
     gen: torch.Generator,
     external: torch.Tensor | None = None,
     while_waiting: Callable[[], object] | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """_step_losses + backward, with the generative half (diffusion, recovery, unimodal
     classifiers) on `pool`'s thread and the visual half (D_i, M_it, VLMR, fusion) here;
@@ -396,7 +419,7 @@ def _backward_two_threads(
     as one over the total; the random numbers are drawn in _step_losses' order (dropout view
     here, before the other thread starts). No barrier per operation, unlike intra-op threads.
     """
-    b = _batch(f_t, f_i, has_t, has_i, y, cfg, gen, external)
+    b = _batch(f_t, f_i, has_t, has_i, y, cfg, gen, external, log_prior)
     recovered: Future[_Recovered] = Future()
 
     def generative_half() -> tuple[torch.Tensor, ...]:
@@ -498,6 +521,7 @@ def train_local(
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     prox = proximal_term(model, data, cfg)
+    log_prior = client_log_prior(model, data, cfg)
     n = len(data)
     steps_per_epoch = math.ceil(n / cfg.batch_size) if n else 0
     total_steps = cfg.epochs * steps_per_epoch
@@ -531,7 +555,7 @@ def train_local(
                     for opt in opts:
                         opt.zero_grad(set_to_none=True)
                     if pool is None:
-                        total, terms = _step_losses(model, *batch, cfg, gen, ext)
+                        total, terms = _step_losses(model, *batch, cfg, gen, ext, log_prior)
                         total.backward()
                     else:
                         # the next batch is gathered while the other thread finishes
@@ -539,7 +563,14 @@ def train_local(
                             partial(gathered.prefetch, b + 1) if b + 1 < steps_per_epoch else None
                         )
                         terms = _backward_two_threads(
-                            model, pool, *batch, cfg, gen, ext, while_waiting=ahead
+                            model,
+                            pool,
+                            *batch,
+                            cfg,
+                            gen,
+                            ext,
+                            while_waiting=ahead,
+                            log_prior=log_prior,
                         )
                     if prox is not None:
                         prox.add_gradient()

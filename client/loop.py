@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
-import math
 import threading
 import time
 import uuid
@@ -37,13 +36,13 @@ from crossfed.client.update_upload import (
     PreparedUpload,
     prepare_upload,
 )
-from crossfed.common.config import MAX_PROXIMAL_MU
 from crossfed.common.model.encoder_identity import EncoderIdentity
 from crossfed.common.privacy.projection_dp import (
     ProjectionDPError,
     ProjectionDPParams,
     ProjectionMandate,
 )
+from crossfed.common.round_instructions import LIMITS, PLAIN, RoundInstructions, out_of_range
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -104,16 +103,21 @@ class ProjectionUpload:
     mechanism: ProjectionDPParams | None = None  # the clip and noise applied (None: none)
 
 
-def proximal_mu_of(response: coordinator_pb2.HeartbeatResponse) -> float:
-    """FedProx's mu from a round's instructions; a value no strategy sends (negative, not
-    finite, over MAX_PROXIMAL_MU) is logged and ignored: training goes on without the term."""
-    mu = float(response.proximal_mu)
-    if math.isfinite(mu) and 0.0 <= mu <= MAX_PROXIMAL_MU:
-        return mu
-    log.error(
-        "the server sent proximal_mu=%r for round %d; training without it", mu, response.round
-    )
-    return 0.0
+def instructions_of(response: coordinator_pb2.HeartbeatResponse) -> RoundInstructions:
+    """What the server's strategy asks of this round's training; a value no strategy sends
+    (negative, not finite, over its limit) is logged and ignored: training goes on without
+    that part."""
+    asked = {name: float(getattr(response, name)) for name in LIMITS}
+    for name, value in asked.items():
+        if out_of_range(name, value):
+            log.error(
+                "the server sent %s=%r for round %d; training without it",
+                name,
+                value,
+                response.round,
+            )
+            asked[name] = 0.0
+    return RoundInstructions(**asked)
 
 
 def projection_mandate(message: coordinator_pb2.ProjectionPrivacy) -> ProjectionMandate | None:
@@ -147,10 +151,13 @@ class RoundWorker(Protocol):
         download buffer, valid as long as it is referenced)."""
 
     def train(
-        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+        self,
+        round_id: int,
+        local_epochs: int | None,
+        instructions: RoundInstructions = PLAIN,
     ) -> LocalUpdate:
-        """Train locally (with the last global prototypes) and serialize the update;
-        ``proximal_mu`` > 0 adds FedProx's proximal term (the server's strategy asks for it)."""
+        """Train locally (with the last global prototypes) and serialize the update, doing
+        what the server's strategy asks (FedProx's mu, FedLC's tau)."""
 
     def calibration_stats(self, round_id: int) -> LocalUpdate:
         """The calibration round's upload: statistics of the loaded (final) global model on
@@ -202,7 +209,7 @@ class _RoundState:
     download: DownloadProgress
     upload_id: str
     calibrate: bool = False  # ACTION_CALIBRATE: statistics instead of training, no exchange
-    proximal_mu: float = 0.0  # FedProx mu the server's strategy sent with the round
+    instructions: RoundInstructions = PLAIN  # the server strategy's asks
     update: LocalUpdate | None = None
     prepared: PreparedUpload | None = None
     projections: ProjectionUpload | None = None
@@ -461,7 +468,7 @@ class ClientLoop:
             server_public_key=key,
             local_epochs=int(response.local_epochs) or None,
             started=self._clock(),
-            proximal_mu=proximal_mu_of(response),
+            instructions=instructions_of(response),
             download=DownloadProgress(round_id, buffer_pool=self._download_buffers),
             upload_id=upload_id,
             calibrate=calibrate,
@@ -509,7 +516,7 @@ class ClientLoop:
             state.update = self.worker.calibration_stats(state.round_id)
             self.phase = Phase.UPLOAD
             return
-        state.update = self.worker.train(state.round_id, state.local_epochs, state.proximal_mu)
+        state.update = self.worker.train(state.round_id, state.local_epochs, state.instructions)
         self.phase = Phase.EXCHANGE
 
     def _upload(self) -> None:

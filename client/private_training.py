@@ -7,6 +7,8 @@ whole batch, each term is masked per row, and what DP-SGD cannot account for is 
 - L_mem (eq. 11) and memory admission (eq. 8) are off: memory entries are other clients'
   samples' features, so one sample's gradient would carry another's data. Text-only
   recovery still uses the global prototypes and the diffusion model.
+- The label-prior logit adjustment (FedLC) a strategy may ask for is off: the prior is
+  counted from the private labels, so one sample would move every other sample's loss.
 - Each term is averaged over the whole batch, not over the rows it applies to (a fixed
   per-sample objective); with Poisson sampling the batch size varies anyway.
 Epsilon is per round (target_epsilon for cfg.epochs epochs of this round) and composed
@@ -243,6 +245,14 @@ def train_private(
     # parameter it updates.
     params = trained_parameters(model, data)
     prox = proximal_term(model, data, cfg)
+    if cfg.logit_adjustment:
+        # The prior is counted from the private labels: every sample's loss would depend on
+        # the others', which DP-SGD's per-sample accounting does not cover.
+        log.warning(
+            "the round asks for logit adjustment (tau %g); DP-SGD trains without it: the "
+            "label prior comes from the private data and its accounting cannot include it",
+            cfg.logit_adjustment,
+        )
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in params)]
     for p in frozen:
         p.requires_grad_(False)

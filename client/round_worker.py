@@ -31,6 +31,7 @@ from crossfed.common.model.model_errors import ModelError, StableDiffusionSetupE
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.prototypes import ClassPrototypes
 from crossfed.common.model.sd_trainable import SD_MODULE
+from crossfed.common.round_instructions import PLAIN, RoundInstructions
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from pydantic import ValidationError
@@ -207,7 +208,10 @@ class ModelRoundWorker:
         self._global_metrics = _accuracy_metrics("global", evaluate(model, self._holdout_set))
 
     def train(
-        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+        self,
+        round_id: int,
+        local_epochs: int | None,
+        instructions: RoundInstructions = PLAIN,
     ) -> LocalUpdate:
         model = self._require_model()
         base = self.settings.train
@@ -215,7 +219,8 @@ class ModelRoundWorker:
             base,
             epochs=local_epochs or base.epochs,
             seed=base.seed + round_id,
-            proximal_mu=proximal_mu,
+            proximal_mu=instructions.proximal_mu,
+            logit_adjustment=instructions.logit_adjustment,
         )
         dp_metrics: dict[str, float] = {}
         if self.sd_active:

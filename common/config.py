@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_ori
 import yaml
 from crossfed.common.data.class_list import check_class_names, default_class_names
 from crossfed.common.model.model_config import ModelConfig
+from crossfed.common.round_instructions import MAX_LOGIT_ADJUSTMENT, MAX_PROXIMAL_MU
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -305,9 +306,6 @@ def _is_privacy_default(key: str, value: object) -> bool:
     return False
 
 
-MAX_PROXIMAL_MU = 1000.0  # FedProx mu above this is no strategy's; clients ignore it
-
-
 class StrategyConfig(_Section):
     """How uploads become the next global model (server/strategies/): a strategy name and
     the parameters that strategy takes (the server refuses parameters it does not take)."""
@@ -328,6 +326,13 @@ class StrategyConfig(_Section):
         ge=0,
         le=MAX_PROXIMAL_MU,
         description="FedProx mu sent to clients (0: plain)",
+    )
+    logit_adjustment: float | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGIT_ADJUSTMENT,
+        description="FedLC tau sent to clients: their classification losses shift the logits "
+        "by tau * log(local label prior), against label skew (0: plain; DP-SGD clients skip it)",
     )
     trim_ratio: float | None = Field(
         default=None, ge=0, lt=0.5, description="share trimmed at each end (trimmed mean)"

@@ -309,7 +309,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             local_epochs=act.local_epochs,
             run_state=act.run_state,
             message=act.message,
-            proximal_mu=act.proximal_mu,
+            proximal_mu=act.instructions.proximal_mu,
+            logit_adjustment=act.instructions.logit_adjustment,
         )
 
     # -- Download ----------------------------------------------------------------------

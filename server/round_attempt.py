@@ -53,9 +53,9 @@ class RoundAttempt:
     verb = "train round"
 
     @property
-    def proximal_mu(self) -> float:
-        """FedProx's mu for this attempt's clients (0: plain local training)."""
-        return 0.0
+    def asks(self) -> RoundInstructions:
+        """What this attempt asks of the clients' local training (nothing by default)."""
+        return RoundInstructions()
 
     def check_upload(
         self,
@@ -91,9 +91,9 @@ class TrainingAttempt(RoundAttempt):
     bounder: UpdateBounder | None = None
 
     @property
-    def proximal_mu(self) -> float:
-        """The strategy's FedProx mu for this round."""
-        return self.instructions.proximal_mu
+    def asks(self) -> RoundInstructions:
+        """The strategy's instructions for this round."""
+        return self.instructions
 
     def min_uploads(self, min_clients: int) -> int:
         """Uploads this attempt needs to commit."""

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
+from crossfed.common.round_instructions import PLAIN, RoundInstructions
 from crossfed.common.wire.errors import WireError
 from crossfed.common.wire.tensor_codec import decode_tensors
 from crossfed.server.aggregation import ModuleOf
@@ -119,7 +120,7 @@ class NextAction:
     local_epochs: int = 0
     run_state: str = ""
     message: str = ""
-    proximal_mu: float = 0.0  # the strategy's FedProx mu for this round (0: plain training)
+    instructions: RoundInstructions = PLAIN  # the strategy's asks of the round
 
 
 @dataclass(frozen=True)
@@ -450,7 +451,7 @@ class RoundEngine:
                         local_epochs=0 if opened.is_calibration else self.policy.local_epochs,
                         run_state=run.state,
                         message=f"{opened.verb} {record.round} (attempt {record.attempt})",
-                        proximal_mu=opened.proximal_mu,
+                        instructions=opened.asks,
                     )
                 why = f"your update for round {opened.record.round} is in; waiting for others"
                 poll = min(

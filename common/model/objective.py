@@ -2,9 +2,10 @@
 trainers (client/local_trainer.py, and client/private_training.py which evaluates the same
 terms per sample for DP-SGD). The terms themselves live beside their modules: L_orth (eq. 3)
 in disentangler.py, L_align / L_mem (eq. 5, 11) in mapper.py, L_diff (eq. 7) in
-feature_diffusion.py; each has a per-row form and a batch mean. FedProx's proximal term
-(mu/2 ||w - w_global||^2, Li et al. 2020), added to eq. 14 when the server asks for it, is here
-too (``ProximalTerm``)."""
+feature_diffusion.py; each has a per-row form and a batch mean. Two additions the server's
+strategy can ask for live here too: FedProx's proximal term (mu/2 ||w - w_global||^2, Li et
+al. 2020; ``ProximalTerm``) and the label-prior logit adjustment of every classification term
+(FedLC, Zhang et al. 2022; ``label_log_prior`` / ``classification_loss``)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,33 @@ def weight_vector(names: tuple[str, ...], weights: LossWeights) -> torch.Tensor:
     """The lambdas of ``names`` as a vector (per-sample terms [B, k] @ vector = eq. 14)."""
     lam = term_weights(weights)
     return torch.tensor([lam[name] for name in names])
+
+
+def label_log_prior(labels: torch.Tensor, num_classes: int, tau: float) -> torch.Tensor | None:
+    """tau * log pi of a client's own labels (add-one smoothed so an absent class is finite);
+    None when tau is 0. Added to the logits in training only (``classification_loss``), it
+    stops a client whose data holds few classes from teaching the shared classifiers that the
+    other classes are rare: under label skew that is what pulls FedAvg's heads apart."""
+    if not (math.isfinite(tau) and tau >= 0):
+        raise ValueError(f"logit adjustment tau must be a finite number >= 0, got {tau}")
+    if tau == 0:
+        return None
+    counts = torch.bincount(labels.long(), minlength=num_classes)[:num_classes].double()
+    prior = (counts + 1.0) / (counts.sum() + num_classes)
+    return (tau * prior.log()).float()
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    log_prior: torch.Tensor | None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of eq. 9 / 13, on logits shifted by the client's label prior when the
+    round asks for it (balanced softmax: the model's own logits stay prior-free)."""
+    if log_prior is not None:
+        logits = logits + log_prior.to(logits.dtype)
+    return nn.functional.cross_entropy(logits, y, reduction=reduction)
 
 
 class ProximalTerm:

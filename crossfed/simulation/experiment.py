@@ -170,7 +170,8 @@ class StrategySection(_Section):
     params: dict[str, float] = Field(
         default_factory=dict,
         description="the strategy's parameters (server_lr, momentum, trim_ratio, krum_f, "
-        "proximal_mu: FedProx's mu/2 ||w - w_global||^2 in every client's local objective)",
+        "proximal_mu: FedProx's mu/2 ||w - w_global||^2 in every client's local objective, "
+        "logit_adjustment: FedLC's tau, the clients' label-prior shift of the logits)",
     )
 
     @field_validator("name")

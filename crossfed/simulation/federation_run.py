@@ -159,6 +159,7 @@ def local_train_config(
         modality_dropout=plan.modality_dropout,
         num_threads=plan.threads_per_client,
         proximal_mu=instructions.proximal_mu,
+        logit_adjustment=instructions.logit_adjustment,
     )
 
 

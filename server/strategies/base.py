@@ -14,15 +14,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from crossfed.common.round_instructions import RoundInstructions
 
 ModuleOf = Callable[[str], str]
 
-
-@dataclass(frozen=True)
-class RoundInstructions:
-    """What a strategy asks of every client in one round (sent with the round's config)."""
-
-    proximal_mu: float = 0.0  # FedProx: 0 = plain local training
+__all__ = ["ModuleOf", "RoundAggregator", "RoundInstructions", "RoundResult", "Strategy"]
 
 
 @dataclass

@@ -49,18 +49,24 @@ class FedAvgAggregator:
 
 class FedAvg:
     """Plain FedAvg (eq. 15): the aggregate is the next global model. With ``proximal_mu`` > 0
-    the clients train FedProx's proximal objective (the server side is unchanged)."""
+    the clients train FedProx's proximal objective, with ``logit_adjustment`` tau > 0 FedLC's
+    label-prior-shifted cross-entropy (the server side is unchanged either way)."""
 
     name = "fedavg"
 
-    def __init__(self, proximal_mu: float = 0.0) -> None:
+    def __init__(self, proximal_mu: float = 0.0, logit_adjustment: float = 0.0) -> None:
         if not (math.isfinite(proximal_mu) and proximal_mu >= 0.0):
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        if not (math.isfinite(logit_adjustment) and logit_adjustment >= 0.0):
+            raise ValueError(f"logit_adjustment must be >= 0, got {logit_adjustment}")
         self.proximal_mu = proximal_mu
+        self.logit_adjustment = logit_adjustment
 
     def configure_round(self, round_no: int) -> RoundInstructions:
-        """Plain local training, or FedProx's mu."""
-        return RoundInstructions(proximal_mu=self.proximal_mu)
+        """Plain local training, or FedProx's mu and/or FedLC's tau."""
+        return RoundInstructions(
+            proximal_mu=self.proximal_mu, logit_adjustment=self.logit_adjustment
+        )
 
     def begin_round(
         self, global_state: Mapping[str, torch.Tensor], module_of: ModuleOf

@@ -27,7 +27,14 @@ class StrategyEntry:
 
 
 def _fedavg(p: Mapping[str, float]) -> FedAvg:
-    return FedAvg(proximal_mu=float(p.get("proximal_mu", 0.0)))
+    return FedAvg(
+        proximal_mu=float(p.get("proximal_mu", 0.0)),
+        logit_adjustment=float(p.get("logit_adjustment", 0.0)),
+    )
+
+
+#: What every FedAvg-based strategy passes on to its clients.
+_CLIENT_PARAMS = frozenset({"proximal_mu", "logit_adjustment"})
 
 
 def _adaptive(cls: type[FedAdagrad | FedAdam | FedYogi]) -> StrategyEntry:
@@ -35,18 +42,18 @@ def _adaptive(cls: type[FedAdagrad | FedAdam | FedYogi]) -> StrategyEntry:
     keys = ("server_lr", "beta1", "beta2", "tau")
     return StrategyEntry(
         lambda p: cls(_fedavg(p), **{k: float(p[k]) for k in keys if k in p}),
-        frozenset({*keys, "proximal_mu"}),
+        frozenset({*keys, *_CLIENT_PARAMS}),
     )
 
 
 #: name -> entry
 STRATEGIES: dict[str, StrategyEntry] = {
-    "fedavg": StrategyEntry(_fedavg, frozenset({"proximal_mu"})),
+    "fedavg": StrategyEntry(_fedavg, _CLIENT_PARAMS),
     "fedavgm": StrategyEntry(
         lambda p: FedAvgM(
             _fedavg(p), **{k: float(p[k]) for k in ("server_lr", "momentum") if k in p}
         ),
-        frozenset({"server_lr", "momentum", "proximal_mu"}),
+        frozenset({"server_lr", "momentum", *_CLIENT_PARAMS}),
     ),
     "fedadagrad": _adaptive(FedAdagrad),
     "fedadam": _adaptive(FedAdam),

@@ -95,6 +95,7 @@ def test_section_writer_keeps_other_sections(tmp_path: Path) -> None:
         write_section(md, "x")
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 @pytest.mark.integration
 def test_smoke_suite_emits_json_markdown_and_plots(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

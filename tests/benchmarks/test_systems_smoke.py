@@ -43,6 +43,7 @@ def _finite_positive(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 @pytest.mark.integration
 def test_smoke_suite_emits_json_markdown_and_plots(tmp_path: Path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"

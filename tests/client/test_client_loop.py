@@ -27,6 +27,7 @@ from crossfed.client.loop import (
     RoundReport,
 )
 from crossfed.client.update_upload import LocalUpdate
+from crossfed.common.round_instructions import PLAIN, RoundInstructions
 from crossfed.v1 import common_pb2, coordinator_pb2
 
 CHUNK = 4
@@ -55,6 +56,7 @@ class FakeServer:
     decrypt: object = None
     calibration_round: int | None = None  # answered with ACTION_CALIBRATE
     proximal_mu: float = 0.0  # sent with every TRAIN action (the strategy's FedProx mu)
+    logit_adjustment: float = 0.0  # and FedLC's tau
 
     def current_round(self) -> int | None:
         done = {r for r, _ in self.counted}
@@ -105,6 +107,7 @@ class FakeTransport:
             round=current,
             upload_public_key=self.server.key,
             proximal_mu=self.server.proximal_mu,
+            logit_adjustment=self.server.logit_adjustment,
         )
 
     def download(
@@ -190,7 +193,7 @@ class FakeWorker:
     projection_calls: int = 0
     registered: list[Registered] = field(default_factory=list)
     calibrated: list[int] = field(default_factory=list)
-    proximal_mus: list[float] = field(default_factory=list)
+    instructions: list[RoundInstructions] = field(default_factory=list)
 
     def registration(self) -> Registration:
         return Registration(
@@ -208,10 +211,13 @@ class FakeWorker:
         self.loaded[round_id] = bytes(payload)
 
     def train(
-        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+        self,
+        round_id: int,
+        local_epochs: int | None,
+        instructions: RoundInstructions = PLAIN,
     ) -> LocalUpdate:
         self.trained.append(round_id)
-        self.proximal_mus.append(proximal_mu)
+        self.instructions.append(instructions)
         self.prototypes_at_train.append(self.prototypes)
         return LocalUpdate(
             payload=b"update-" + self.loaded[round_id][::-1],
@@ -303,12 +309,18 @@ def test_calibration_round_sends_statistics_of_the_final_model_without_exchange(
     ("sent", "trained_with"),
     [(0.0, 0.0), (0.05, 0.05), (float("nan"), 0.0), (-1.0, 0.0), (1e9, 0.0)],
 )
-def test_the_strategys_proximal_mu_reaches_local_training(sent: float, trained_with: float) -> None:
-    """FedProx's mu travels with the round; a value no strategy sends is ignored, not obeyed."""
-    server = FakeServer(rounds=[1, 2], proximal_mu=sent)
+@pytest.mark.parametrize("name", ["proximal_mu", "logit_adjustment"])
+def test_the_strategys_asks_reach_local_training(
+    name: str, sent: float, trained_with: float
+) -> None:
+    """FedProx's mu and FedLC's tau travel with the round; a value no strategy sends is
+    ignored, not obeyed, and leaves the other ask alone."""
+    other = "logit_adjustment" if name == "proximal_mu" else "proximal_mu"
+    server = FakeServer(rounds=[1, 2], **{name: sent, other: 0.5})
     loop, worker, _, _ = _loop(server)
     assert loop.run().rounds_completed == [1, 2]
-    assert worker.proximal_mus == [trained_with, trained_with]
+    assert [getattr(i, name) for i in worker.instructions] == [trained_with, trained_with]
+    assert [getattr(i, other) for i in worker.instructions] == [0.5, 0.5]
 
 
 def test_global_prototypes_reach_the_next_local_training() -> None:

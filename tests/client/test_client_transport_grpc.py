@@ -38,6 +38,7 @@ from crossfed.client.transport import (
 )
 from crossfed.client.update_upload import LocalUpdate
 from crossfed.common.crypto.identity import HEADER_CLIENT_ID
+from crossfed.common.round_instructions import PLAIN, RoundInstructions
 from crossfed.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 from tests.support.certificates import make_certs
@@ -218,7 +219,10 @@ class Worker:
         self.loaded.append(payload)
 
     def train(
-        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+        self,
+        round_id: int,
+        local_epochs: int | None,
+        instructions: RoundInstructions = PLAIN,
     ) -> LocalUpdate:
         return LocalUpdate(payload=bytes([round_id]) * 5000, num_samples=5)
 

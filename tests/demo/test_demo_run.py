@@ -59,6 +59,7 @@ def _alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_demo_runs_federation_and_writes_report(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _demo(run_dir, tmp_path / "cache", "--timeout-s", "400")

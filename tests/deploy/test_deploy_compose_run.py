@@ -72,6 +72,7 @@ def run_deployment(combination: str, root: Path) -> None:
         )
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_compose_tls_run_completes(tmp_path: Path) -> None:
     run_deployment("base", tmp_path)
 

@@ -198,6 +198,7 @@ def _accuracy(record: dict[str, object], key: str) -> float:
     return float(metrics.get(key, math.nan))
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_three_modality_clients_federate_and_global_accuracy_rises(
     shards: list[Path], tmp_path: Path
 ) -> None:
@@ -251,6 +252,7 @@ def _image_only_accuracy(state: dict[str, torch.Tensor], shards: list[Path]) -> 
     return correct / total
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_calibration_round_after_training_fits_the_image_only_layers(
     shards: list[Path], tmp_path: Path
 ) -> None:
@@ -327,6 +329,7 @@ def _admin(fed: Federation, *args: str, tolerate: bool = False) -> object:
     return json.loads(out.stdout)
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_client_killed_mid_upload_round_completes_with_the_others(
     shards: list[Path], tmp_path: Path
 ) -> None:

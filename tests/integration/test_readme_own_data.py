@@ -65,6 +65,7 @@ def run_script(script: str, cwd: Path, timeout_s: float) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_readme_walkthrough_from_pictures_to_predictions(tmp_path: Path) -> None:
     data = write_photo_dataset(tmp_path / "my-data", rows_per_site=120, seed=3)
     result = run_script(readme_walkthrough(), tmp_path, timeout_s=420)

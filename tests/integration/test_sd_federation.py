@@ -39,6 +39,7 @@ from crossfed.common.model.sd_trainable import (
     spec_bytes,
     trainable_spec_of_checkpoint,
 )
+from crossfed.common.round_instructions import PLAIN, RoundInstructions
 from crossfed.server.server_app import CoordinatorServer, ServerOptions
 
 TEXT_DIM, CLASSES = 16, 3
@@ -163,9 +164,12 @@ class RecordingWorker:
         return getattr(self.worker, name)
 
     def train(
-        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+        self,
+        round_id: int,
+        local_epochs: int | None,
+        instructions: RoundInstructions = PLAIN,
     ) -> LocalUpdate:
-        update = self.worker.train(round_id, local_epochs)
+        update = self.worker.train(round_id, local_epochs, instructions)
         self.updates.append(update)
         return update
 

@@ -93,6 +93,7 @@ def _run_load(root: Path, clients: int, rounds: int, timeout_s: float) -> dict[s
     }
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_200_clients_two_rounds_every_upload_once(tmp_path: Path) -> None:
     numbers = _run_load(tmp_path, clients=200, rounds=2, timeout_s=120)
     assert numbers["uploads_accepted"] == 400

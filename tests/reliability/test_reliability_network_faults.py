@@ -24,6 +24,7 @@ from crossfed.client.loop import (
 )
 from crossfed.client.transport import CallDeadlines, ChannelOptions, ChannelSecurity, GrpcTransport
 from crossfed.client.update_upload import LocalUpdate, default_encryptor_factory
+from crossfed.common.round_instructions import PLAIN, RoundInstructions
 from crossfed.common.wire.tensor_codec import decode_tensors, encode_tensors
 from crossfed.server.server_app import ServerOptions
 
@@ -64,7 +65,10 @@ class ConstantWorker:
         self.template = decode_tensors(payload)
 
     def train(
-        self, round_id: int, local_epochs: int | None, proximal_mu: float = 0.0
+        self,
+        round_id: int,
+        local_epochs: int | None,
+        instructions: RoundInstructions = PLAIN,
     ) -> LocalUpdate:
         if self.before_upload is not None:
             self.before_upload.wait(30)

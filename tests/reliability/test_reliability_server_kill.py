@@ -104,6 +104,7 @@ def assert_checkpoints_whole_or_tmp(state_dir: Path) -> None:
         decode_tensors(path.read_bytes())
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 @pytest.mark.integration
 def test_kill_chain_fast(tmp_path: Path) -> None:
     """One run survives four deaths: mid-upload, mid-checkpoint-write (half-written temp file

@@ -240,3 +240,17 @@ def test_unencrypted_allowed_only_when_configured(tmp_path: Path) -> None:
         stored = decode_tensors(srv.engine.checkpoints.load_bytes(1))
         assert all(torch.allclose(stored[k], initial[k], rtol=1e-6, atol=0) for k in initial)
         a.close()
+
+
+def test_the_strategys_asks_travel_with_the_train_heartbeat(tmp_path: Path) -> None:
+    """FedProx's mu and FedLC's tau from the strategy section reach the client on the wire."""
+    strategy = {"name": "fedavg", "proximal_mu": 0.02, "logit_adjustment": 0.3}
+    with running_server(tmp_path / "state", sections={"strategy": strategy}) as (_, target):
+        clients = [ScriptedClient(target, cid, num_samples=10) for cid in ("alice", "bob")]
+        for c in clients:
+            c.register()
+        hb = _wait_train(clients[0])
+        assert hb.proximal_mu == pytest.approx(0.02)
+        assert hb.logit_adjustment == pytest.approx(0.3)
+        for c in clients:
+            c.close()

@@ -33,7 +33,9 @@ class _CountingStrategy(FedAvg):
         self.state: dict[str, torch.Tensor] = {"rounds": torch.zeros(1), "bias": torch.zeros(4)}
 
     def configure_round(self, round_no: int) -> RoundInstructions:
-        return RoundInstructions(proximal_mu=self.proximal_mu * round_no)
+        return RoundInstructions(
+            proximal_mu=self.proximal_mu * round_no, logit_adjustment=0.1 * round_no
+        )
 
     def begin_round(
         self, global_state: Mapping[str, torch.Tensor], module_of: ModuleOf
@@ -110,7 +112,8 @@ def test_instructions_reach_clients_and_state_survives_a_restart(tmp_path: Path)
     for round_no in (1, 2):
         action = engine.heartbeat("a")
         assert action.action == ACTION_TRAIN and action.round == round_no
-        assert action.proximal_mu == pytest.approx(0.25 * round_no)
+        assert action.instructions.proximal_mu == pytest.approx(0.25 * round_no)
+        assert action.instructions.logit_adjustment == pytest.approx(0.1 * round_no)
         _upload_round(engine, round_no, seed=round_no + 20)
     assert engine.run.last_committed_round == 2
     expected = {k: v.clone() for k, v in strategy.state.items()}

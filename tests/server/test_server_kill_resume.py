@@ -58,6 +58,7 @@ def _train_and_upload(client: ScriptedClient, round_no: int) -> None:
     assert client.upload(round_no, update).accepted
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_kill9_mid_round_then_resume_completes_without_double_count(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     config = tmp_path / "server.yaml"

@@ -30,6 +30,22 @@ def test_fedavg_by_name_with_its_mu() -> None:
     assert strategy.state_dict() == {}
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_fedavg_based_strategies_send_fedlc_tau(name: str) -> None:
+    strategy = make_strategy(StrategyConfig(name=name, logit_adjustment=0.3))
+    asks = strategy.configure_round(2)
+    assert asks.logit_adjustment == pytest.approx(0.3) and asks.proximal_mu == 0.0
+
+
+def test_robust_rules_refuse_fedlc_tau_and_a_bad_tau_is_refused() -> None:
+    with pytest.raises(ValueError, match="does not take logit_adjustment"):
+        make_strategy(StrategyConfig(name="median", logit_adjustment=0.3))
+    with pytest.raises(ValidationError, match="logit_adjustment"):
+        StrategyConfig(logit_adjustment=-1.0)
+    with pytest.raises(ValidationError, match="logit_adjustment"):
+        StrategyConfig(logit_adjustment=11.0)
+
+
 def test_unknown_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="unknown strategy 'fedsgd'") as err:
         make_strategy(StrategyConfig(name="fedsgd"))

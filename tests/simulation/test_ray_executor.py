@@ -60,6 +60,7 @@ def inline_result(embeddings: Path) -> ExperimentResult:
     return _run(cfg)
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_ray_gives_the_inline_results(
     embedded_ray: RayExecutor, embeddings: Path, inline_result: ExperimentResult
 ) -> None:
@@ -113,6 +114,7 @@ def test_a_worker_that_dies_is_rerun_and_changes_nothing(
     assert result.runs[0].scores == expected.scores
 
 
+@pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
 def test_a_client_that_keeps_dying_is_dropped_from_its_rounds(
     embedded_ray: RayExecutor, tmp_path: Path, embeddings: Path
 ) -> None:

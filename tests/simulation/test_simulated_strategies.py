@@ -54,7 +54,7 @@ def _final(
     fed: FederatedData,
     name: str,
     params: Mapping[str, float] | None = None,
-    seen: list[float] | None = None,
+    seen: list[tuple[float, float]] | None = None,
 ) -> dict[str, torch.Tensor]:
     def capture(
         config_json: str,
@@ -65,7 +65,7 @@ def _final(
         prototypes: Arrays | None,
     ) -> tuple[ClientUpdate, Arrays]:
         if seen is not None:
-            seen.append(task.train.proximal_mu)
+            seen.append((task.train.proximal_mu, task.train.logit_adjustment))
         return train_client(config_json, task, global_state, shard, memory, prototypes)
 
     outcome = run_federation(
@@ -91,13 +91,13 @@ def test_identity_optimizer_is_fedavg_and_momentum_is_not(federation: FederatedD
     assert all(torch.isfinite(median[k]).all() for k in floats)
 
 
-def test_fedprox_mu_reaches_every_client(federation: FederatedData) -> None:
-    seen: list[float] = []
-    _final(federation, "fedavg", {"proximal_mu": 0.05}, seen)
-    assert seen == [0.05] * 6  # 3 clients x 2 rounds
-    plain: list[float] = []
+def test_fedprox_mu_and_fedlc_tau_reach_every_client(federation: FederatedData) -> None:
+    seen: list[tuple[float, float]] = []
+    _final(federation, "fedavg", {"proximal_mu": 0.05, "logit_adjustment": 0.3}, seen)
+    assert seen == [(0.05, 0.3)] * 6  # 3 clients x 2 rounds
+    plain: list[tuple[float, float]] = []
     _final(federation, "fedavg", None, plain)
-    assert plain == [0.0] * 6
+    assert plain == [(0.0, 0.0)] * 6
 
 
 def test_unknown_strategy_or_parameter_is_one_line() -> None:

@@ -110,7 +110,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, last_completed_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("action", "round", "poll_after_ms", "deadline_unix_s", "upload_public_key", "local_epochs", "run_state", "message", "proximal_mu")
+    __slots__ = ("action", "round", "poll_after_ms", "deadline_unix_s", "upload_public_key", "local_epochs", "run_state", "message", "proximal_mu", "logit_adjustment")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     POLL_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class HeartbeatResponse(_message.Message):
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_ADJUSTMENT_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     poll_after_ms: int
@@ -129,7 +130,8 @@ class HeartbeatResponse(_message.Message):
     run_state: str
     message: str
     proximal_mu: float
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., poll_after_ms: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., upload_public_key: _Optional[bytes] = ..., local_epochs: _Optional[int] = ..., run_state: _Optional[str] = ..., message: _Optional[str] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    logit_adjustment: float
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., poll_after_ms: _Optional[int] = ..., deadline_unix_s: _Optional[float] = ..., upload_public_key: _Optional[bytes] = ..., local_epochs: _Optional[int] = ..., run_state: _Optional[str] = ..., message: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., logit_adjustment: _Optional[float] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("round", "start_chunk")
