@@ -172,6 +172,13 @@ class ModelConfig(BaseModel):
         "(common/privacy/calibration_dp.py), which keeps about 40% of the gain (headline "
         "image-only 0.752 at sigma 1) and none on small clients",
     )
+    fixed_classifier: bool = Field(
+        False,
+        description="FedETF (Li et al., ICCV 2023; not in the paper): the last layers of both "
+        "unimodal classifiers and of the fusion head are a fixed simplex equiangular tight "
+        "frame over L2-normalised features with a learned scale, the same on every client, so "
+        "label skew cannot pull the federated classifiers toward the clients' label mixes",
+    )
     sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
     memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")
@@ -187,4 +194,13 @@ class ModelConfig(BaseModel):
             )
         if self.recovery != "stable-diffusion" and self.stable_diffusion is not None:
             raise ValueError("model.stable_diffusion is set but recovery is not stable-diffusion")
+        if self.fixed_classifier and self.calibrate_image_classifier:
+            raise ValueError(
+                "fixed_classifier and calibrate_image_classifier exclude each other: the "
+                "calibration refits a last layer that fixed_classifier keeps fixed"
+            )
+        if self.fixed_classifier and self.hidden_dim < self.num_classes - 1:
+            raise ValueError(
+                f"fixed_classifier needs hidden_dim >= num_classes - 1, got {self.hidden_dim}"
+            )
         return self

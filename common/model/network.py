@@ -32,6 +32,7 @@ Departures from the paper (measured in BENCHMARKS.md, quality section):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -57,7 +58,38 @@ class Recovery:
     image: torch.Tensor  # f^_i from diffusion, VLMR or an external (SD) source
 
 
-def unimodal_classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Sequential:
+class SimplexClassifier(nn.Module):
+    """FedETF's last layer: logits = scale * <W_c, h / ||h||> with W a fixed simplex
+    equiangular tight frame (C unit vectors at equal, maximal angles; Li et al., ICCV 2023).
+    W is a buffer built from its own fixed-seed generator, identical on every client and
+    drawing nothing from torch's global one; only the scale is learned."""
+
+    weight: torch.Tensor
+
+    def __init__(self, in_dim: int, num_classes: int, init_scale: float = 10.0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(num_classes * 7919 + in_dim)
+        basis, _ = torch.linalg.qr(torch.randn(in_dim, num_classes, generator=gen))
+        centred = torch.eye(num_classes) - torch.full((num_classes, num_classes), 1 / num_classes)
+        etf = (basis @ centred).T * math.sqrt(num_classes / (num_classes - 1))
+        self.register_buffer("weight", etf.contiguous())
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        unit = nn.functional.normalize(hidden, dim=-1)
+        return nn.functional.linear(unit, self.weight) * self.log_scale.exp()
+
+
+def last_layer(hidden_dim: int, num_classes: int, fixed: bool) -> nn.Module:
+    """A classifier's last layer: learned (nn.Linear) or FedETF's fixed simplex."""
+    if fixed:
+        return SimplexClassifier(hidden_dim, num_classes)
+    return nn.Linear(hidden_dim, num_classes)
+
+
+def unimodal_classifier(
+    in_dim: int, hidden_dim: int, num_classes: int, fixed_last: bool = False
+) -> nn.Sequential:
     """Classifier over one modality's embedding (eq. 9): LayerNorm first, so the scale of a
     frozen encoder's output does not set the learning speed, then the fusion path's depth
     (two LayerNorm/SiLU layers) so it is no weaker than the fusion head on that modality."""
@@ -69,7 +101,7 @@ def unimodal_classifier(in_dim: int, hidden_dim: int, num_classes: int) -> nn.Se
         nn.Linear(hidden_dim, hidden_dim),
         nn.LayerNorm(hidden_dim),
         nn.SiLU(),
-        nn.Linear(hidden_dim, num_classes),
+        last_layer(hidden_dim, num_classes, fixed_last),
     )
 
 
@@ -111,10 +143,11 @@ class CrossModalNet(nn.Module):
         self.diffusion: FeatureDiffusion | None = FeatureDiffusion(
             d_i, d_t, h, cfg.diffusion_train_steps, cfg.diffusion_sample_steps
         )
-        self.text_classifier = unimodal_classifier(d_t, h, cfg.num_classes)
-        self.image_classifier = unimodal_classifier(d_i, h, cfg.num_classes)
+        fixed = cfg.fixed_classifier
+        self.text_classifier = unimodal_classifier(d_t, h, cfg.num_classes, fixed)
+        self.image_classifier = unimodal_classifier(d_i, h, cfg.num_classes, fixed)
         self.fusion = FusionMLP(d_t, d_i, h)
-        self.head = nn.Linear(h, cfg.num_classes)
+        self.head = last_layer(h, cfg.num_classes, fixed)
         self.memory = VisualLinguisticMemory(
             cfg.num_classes, cfg.memory_capacity, d_t, d_i, cfg.memory_tau, cfg.memory_top_k
         )

@@ -130,6 +130,13 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             True,
         ),
         FederatedMethod(
+            "ours_fixed_classifier",
+            "ours with FedETF's fixed simplex last layers (opt-in: model.fixed_classifier)",
+            _fields(fixed_classifier=True),
+            "ours",
+            True,
+        ),
+        FederatedMethod(
             "ours_calibrated_dp",
             "ours_calibrated on DP-noised statistics (sigma 1, clip sqrt(h): what clients sent "
             "under the projection-DP default before it became 5; the server's signal-to-noise "
