@@ -135,6 +135,8 @@ def module_samples_of(model: CrossModalNet, data: EmbeddingSet, epochs_run: int)
         "head": n,
         "image_calibration": 0,  # fitted by the server (CCVR), never trained by a client
         "head_calibration": 0,
+        "text_calibration": 0,
+        "text_head_calibration": 0,
         SD_MODULE: 0,  # set by the SD fine-tuning of a client holding the checkpoint
     }
     return {m: counts.get(m, n) for m in sorted(modules)}

@@ -287,14 +287,15 @@ class ModelRoundWorker:
         return result.metrics
 
     def calibration_stats(self, round_id: int) -> LocalUpdate:
-        """Per-class statistics of the image-only last-layer inputs under the loaded final
-        model (CCVR, common/model/classifier_calibration.py), on the training rows holding an
-        image. Under projection DP they are clipped, noised and accounted with the projection
+        """Per-class statistics of the calibrated paths' last-layer inputs under the loaded
+        final model (CCVR, common/model/classifier_calibration.py), on the training rows
+        holding each path's modality. Under projection DP they are clipped, noised and accounted with the projection
         releases (common/privacy/calibration_dp.py); a DP-SGD client, a client past its
         epsilon budget or one that opted out sends empty statistics (num_samples 0)."""
         from crossfed.common.model.classifier_calibration import (
+            calibration_stats,
+            covered_rows,
             empty_stats,
-            image_only_stats,
             stats_to_tensors,
         )
         from crossfed.common.privacy.calibration_dp import (
@@ -305,10 +306,10 @@ class ModelRoundWorker:
         )
 
         model = self._require_model()
-        if model.image_calibration is None:
+        if not model.config.calibration_paths():
             raise ModelMismatchError(
                 f"round {round_id} is a calibration round but this model has no calibration "
-                "layers (model.calibrate_image_classifier is off)"
+                "layers (model.calibrate_image_classifier and calibrate_text_classifier are off)"
             )
         started = time.perf_counter()
         privacy = self.releaser.privacy  # the own settings tightened by the server's mandate
@@ -323,14 +324,17 @@ class ModelRoundWorker:
             params = CalibrationDPParams(
                 default_clip_norm(model.config.hidden_dim), privacy.noise_multiplier
             )
-            clipped = image_only_stats(model, self.data.train, clip_norm=params.clip_norm)
+            clipped = calibration_stats(
+                model, self.data.train, clip_norm=params.clip_norm, prototypes=self.prototypes
+            )
             stats = privatize_calibration_stats(clipped, params)
             metrics["calibration_dp_epsilon_total"] = self.releaser.epsilon()
             metrics[NOISE_METRIC] = params.noise_multiplier
         else:
             log.warning("projection DP is off: exact calibration statistics leave this client")
-            stats = image_only_stats(model, self.data.train)
-        rows = int(stats.classifier.count.sum())
+            stats = calibration_stats(model, self.data.train, prototypes=self.prototypes)
+        declined = not any(stats.rows(path) for path in stats.paths)
+        rows = 0 if declined else covered_rows(model, self.data.train)
         metrics["calibration_seconds"] = time.perf_counter() - started
         return LocalUpdate(
             payload=encode_tensors(stats_to_tensors(stats)), num_samples=rows, metrics=metrics

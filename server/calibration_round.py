@@ -1,10 +1,11 @@
 """The calibration round that follows the last training round when the model asks for it
-(`ModelConfig.calibrate_image_classifier`, CCVR; common/model/classifier_calibration.py).
+(`ModelConfig.calibrate_image_classifier` / `calibrate_text_classifier`, CCVR;
+common/model/classifier_calibration.py).
 
 The round engine runs it like a training round numbered ``total_rounds + 1``: clients that
-hold images get ACTION_CALIBRATE, download the final global model, and upload per-class
+hold rows of a calibrated path's modality get ACTION_CALIBRATE, download the final global model, and upload per-class
 feature statistics through the same encrypted chunked upload path. The server adds them
-(`StatsSum`), fits the image-only last layers once (`CalibrationStep.fit`) and commits the
+(`StatsSum`), fits each path's last layers once (`CalibrationStep.fit`) and commits the
 calibrated model as the run's last checkpoint. The engine sees only this module's
 `CalibrationStep`; what the statistics mean lives with the model.
 """
@@ -41,6 +42,13 @@ class CalibrationStep:
     spec: Mapping[str, TensorSlot]
     check: CheckStats
     fit: FitCalibration
+    paths: tuple[str, ...] = ("image",)  # the calibrated inference paths ("image", "text")
+
+    def wants(self, rows_with_image: bool, rows_with_text: bool) -> bool:
+        """Whether a client holding such rows has statistics to send."""
+        return ("image" in self.paths and rows_with_image) or (
+            "text" in self.paths and rows_with_text
+        )
 
 
 class StatsSum:
@@ -63,7 +71,8 @@ class StatsSum:
 
 
 def ccvr_calibration_step(config: ModelConfig, seed: int = 0) -> CalibrationStep:
-    """The CCVR calibration of `CrossModalNet`'s image-only last layers for ``config``."""
+    """The CCVR calibration of `CrossModalNet`'s last layers on ``config``'s calibrated
+    paths."""
     from crossfed.common.model.classifier_calibration import (
         calibrated_state,
         check_client_stats,
@@ -72,10 +81,11 @@ def ccvr_calibration_step(config: ModelConfig, seed: int = 0) -> CalibrationStep
     )
 
     spec = {k: TensorSlot(torch.float64, shape) for k, shape in stats_shapes(config).items()}
+    paths = config.calibration_paths()
 
     def check(tensors: Mapping[str, torch.Tensor], num_samples: int) -> None:
         try:
-            check_client_stats(tensors, num_samples)
+            check_client_stats(tensors, num_samples, paths)
         except ModelInputError as exc:
             raise InvalidUpdateError(f"calibration statistics rejected: {exc}") from exc
 
@@ -83,12 +93,13 @@ def ccvr_calibration_step(config: ModelConfig, seed: int = 0) -> CalibrationStep
         global_state: Mapping[str, torch.Tensor], summed: Mapping[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor] | None, str]:
         try:
-            return calibrated_state(config, global_state, stats_from_tensors(summed), seed)
+            stats = stats_from_tensors(summed, paths)
+            return calibrated_state(config, global_state, stats, seed)
         except (ModelError, torch.linalg.LinAlgError) as exc:
             log.error("calibration fit failed, the model stays uncalibrated: %s", exc)
             return None, f"the fit failed ({exc}); left uncalibrated"
 
-    return CalibrationStep(spec=spec, check=check, fit=fit)
+    return CalibrationStep(spec=spec, check=check, fit=fit, paths=paths)
 
 
 def calibrated_model(

@@ -95,6 +95,7 @@ log = logging.getLogger(__name__)
 MODALITY_UNSPECIFIED = 0
 _VALID_MODALITIES = {1, 2, 3}
 _IMAGE_MODALITIES = {1, 3}  # BOTH, IMAGE_ONLY
+_TEXT_MODALITIES = {1, 2}  # BOTH, TEXT_ONLY
 
 # A client whose update is in is needed again the moment the round commits, so it polls
 # faster than the base interval (else every round waits up to one poll interval for the
@@ -134,10 +135,17 @@ class Registration:
 
 
 def holds_images(client: ClientRecord) -> bool:
-    """Whether a client registered rows with an image (what the calibration round needs)."""
+    """Whether a client registered rows with an image."""
     if client.num_paired or client.num_image_only or client.num_text_only:
         return client.num_paired + client.num_image_only > 0
     return client.modality in _IMAGE_MODALITIES
+
+
+def holds_text(client: ClientRecord) -> bool:
+    """Whether a client registered rows with text."""
+    if client.num_paired or client.num_image_only or client.num_text_only:
+        return client.num_paired + client.num_text_only > 0
+    return client.modality in _TEXT_MODALITIES
 
 
 def new_client_id() -> str:
@@ -610,8 +618,9 @@ class RoundEngine:
 
     def _open_when_enough_locked(self, now: float) -> None:
         """Open the next attempt once min_clients are online; fail it after start_timeout_s.
-        The calibration round selects every online client holding images (none: the run
-        completes with the last training round's model, uncalibrated)."""
+        The calibration round selects every online client holding rows of a calibrated
+        path's modality (none: the run completes with the last training round's model,
+        uncalibrated)."""
         policy = self.board.policy
         lifecycle = self.lifecycle
         available = self.registry.online_ids(now)
@@ -626,10 +635,18 @@ class RoundEngine:
         if not lifecycle.is_calibration_round(lifecycle.next_round()):
             self._open_round_locked(available, now)
             return
-        holders = sorted(cid for cid in available if holds_images(self.registry.records[cid]))
+        step = self.calibration
+        assert step is not None  # a calibration round exists only with a step
+        records = self.registry.records
+        holders = sorted(
+            cid
+            for cid in available
+            if step.wants(holds_images(records[cid]), holds_text(records[cid]))
+        )
         if not holders:
             lifecycle.skip_calibration(
-                f"none of the {len(available)} online client(s) holds images"
+                f"none of the {len(available)} online client(s) holds rows the calibrated "
+                f"paths ({', '.join(step.paths)}) need"
             )
             return
         self._open_round_locked(holders, now)
@@ -661,7 +678,7 @@ class RoundEngine:
             "round_started",
             round_no=round_no,
             message=f"{kind}attempt {attempt_no}: selected {len(selected)} of {len(eligible)} "
-            + ("online holding images" if calibration else "online"),
+            + ("online holding calibration rows" if calibration else "online"),
             values={"attempt": float(attempt_no), "selected": float(len(selected))},
         )
 

@@ -101,8 +101,7 @@ class RunLifecycle:
         """Complete with the last training round's model, uncalibrated."""
         self.set_state(
             RUN_COMPLETED,
-            f"all {self.board.run.total_rounds} rounds committed; image-only calibration "
-            f"skipped: {why}",
+            f"all {self.board.run.total_rounds} rounds committed; calibration skipped: {why}",
         )
 
     # ------------------------------------------------------------------ failures

@@ -164,12 +164,12 @@ def update_bound_from_config(config: ServerConfig) -> UpdateBound | None:
 
 def calibration_step_from_config(config: ServerConfig, model_source: str) -> CalibrationStep | None:
     """The calibration round after the last training round, when the model asks for it."""
-    if not config.model.calibrate_image_classifier:
+    if not config.model.calibration_paths():
         return None
     if model_source != "CrossModalNet":
         raise ConfigurationError(
-            "model.calibrate_image_classifier needs the real network; the "
-            f"{model_source} model has no calibration layers"
+            "model.calibrate_image_classifier / calibrate_text_classifier need the real "
+            f"network; the {model_source} model has no calibration layers"
         )
     return ccvr_calibration_step(config.model, config.seed)
 

@@ -1,26 +1,30 @@
 """Classifier calibration with virtual representations (CCVR, Luo et al., NeurIPS 2021) for
-the image-only inference path: the image-side unimodal classifier (eq. 9's twin,
-`CrossModalNet.image_classifier`) and the fusion head (eq. 13) on the image-only view.
+the two unimodal inference paths: on the image-only path the image-side unimodal classifier
+(eq. 9's twin, `CrossModalNet.image_classifier`) and the fusion head (eq. 13) on the
+image-only view (`ModelConfig.calibrate_image_classifier`); on the text-only path the text
+classifier (eq. 9) and the fusion head on the text-only view (`calibrate_text_classifier`).
 
 Not in the paper. Under Dirichlet label skew each client's local steps pull the last layers
 toward its own label mix, and FedAvg of those layers keeps a bias that the shared feature
 layers below them do not have (client drift is concentrated in the classifier, Luo et al.
 sec. 3). CCVR fixes the last layers after federated training:
 
-1. every client runs the final global model on its rows holding an image, as at image-only
-   inference, and reports for the inputs of the two last layers (image classifier body
-   output; fusion output on (f_i, f^_t)), per class, the count, the sum and the sum of outer
-   products (`image_only_stats`) -- sufficient statistics, like the per-class sums of the
-   projection exchange (eq. 16), no per-sample features;
+1. every client runs the final global model on its rows holding the path's modality, as at
+   inference on that path, and reports for the inputs of the path's two last layers
+   (unimodal classifier body output; fusion output on the path's view), per class, the
+   count, the sum and the sum of outer products (`calibration_stats`) -- sufficient
+   statistics, like the per-class sums of the projection exchange (eq. 16), no per-sample
+   features;
 2. the server adds them, which gives the exact pooled per-class means and covariances, draws
    the same number of virtual features per class from those Gaussians and refits copies of
-   the two last layers on them (`calibrate_image_only`), stored in
-   `CrossModalNet.image_calibration` / `head_calibration` and used for image-only rows only
-   (refitting the shared image classifier layer in place cost paired inputs 0.4 points: the
-   paired ensemble was tuned to the federated layer's posteriors).
+   the two last layers on them (`calibrate_last_layers`), stored in
+   `CrossModalNet.image_calibration` / `head_calibration` (text path: `text_calibration` /
+   `text_head_calibration`) and used for that path's rows only (refitting the shared image
+   classifier layer in place cost paired inputs 0.4 points: the paired ensemble was tuned to
+   the federated layer's posteriors).
 
-Per-class statistics of two 128-wide hidden layers are 2 x C x (1 + h + h^2) floats per
-client (12 classes: ~400k float64, ~3 MB), sent once after the last round; they reveal
+Per-class statistics of two 128-wide hidden layers are 2 x C x (1 + h + h^2) floats per path
+per client (12 classes: ~400k float64, ~3 MB), sent once after the last round; they reveal
 class-conditional feature moments (like eq. 16's class means, plus second moments), not
 samples. The simulator (crossfed/simulation/federation_run.py) and the coordinator's
 calibration round (server/calibration_round.py, after the last training round) run this
@@ -31,6 +35,7 @@ step; on the wire the statistics travel as the tensors of `stats_to_tensors`. Se
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +45,8 @@ from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_construction import model_to_load
 from crossfed.common.model.model_errors import ModelInputError
-from crossfed.common.model.network import CrossModalNet
+from crossfed.common.model.network import CalibratedLayer, CrossModalNet
+from crossfed.common.model.prototypes import ClassPrototypes, apply_global_prototypes
 from torch import nn
 
 
@@ -107,26 +113,46 @@ class NoiseVariance:
         return self.count == self.total == self.outer == 0.0
 
 
+#: Each calibrated inference path and its two parts: the statistics of the inputs of the
+#: unimodal classifier's last layer, and of the head's input on that path's view.
+PATH_PARTS: dict[str, tuple[str, str]] = {
+    "image": ("classifier", "head"),
+    "text": ("text_classifier", "text_head"),
+}
+
+
 @dataclass(frozen=True)
 class CalibrationStats:
-    """What a client sends after the last round: per-class stats of the two image-only
-    last-layer inputs (the image classifier's body output and the fusion output on the
-    image-only view (f_i, f^_t)), and the variance of the DP noise in them, if any."""
+    """What a client sends after the last round: per-class stats of each calibrated path's two
+    last-layer inputs (``parts``, named by `PATH_PARTS`), and the variance of the DP noise in
+    them, if any. Image path: the image classifier's body output and the fusion output on the
+    image-only view (f_i, f^_t); text path: the text classifier's body output and the fusion
+    output on the text-only view (f_t, f^_i)."""
 
-    classifier: FeatureStats
-    head: FeatureStats
+    parts: Mapping[str, FeatureStats]
     noise: NoiseVariance = NoiseVariance()
 
     def __add__(self, other: CalibrationStats) -> CalibrationStats:
-        return CalibrationStats(
-            self.classifier + other.classifier, self.head + other.head, self.noise + other.noise
-        )
+        if set(self.parts) != set(other.parts):
+            raise ModelInputError(
+                f"calibration statistics of different paths: {sorted(self.parts)} vs "
+                f"{sorted(other.parts)}"
+            )
+        summed = {name: fs + other.parts[name] for name, fs in self.parts.items()}
+        return CalibrationStats(summed, self.noise + other.noise)
 
-    def signal_to_noise(self) -> float:
-        """The worse `signal_to_noise` of the two parts (inf for exact statistics)."""
-        return min(
-            signal_to_noise(self.classifier, self.noise), signal_to_noise(self.head, self.noise)
-        )
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The paths these statistics cover (both parts present)."""
+        return tuple(p for p, parts in PATH_PARTS.items() if all(n in self.parts for n in parts))
+
+    def rows(self, path: str) -> int:
+        """How many rows the statistics of ``path`` count."""
+        return int(self.parts[PATH_PARTS[path][0]].count.sum())
+
+    def signal_to_noise(self, path: str) -> float:
+        """The worse `signal_to_noise` of the path's two parts (inf for exact statistics)."""
+        return min(signal_to_noise(self.parts[name], self.noise) for name in PATH_PARTS[path])
 
 
 #: Least bias-corrected ratio of the class means' spread to the DP noise in them for which
@@ -179,6 +205,30 @@ def image_only_hidden(model: CrossModalNet, f_i: torch.Tensor) -> torch.Tensor:
     return model.fusion.forward_views(f_t, f_i, ~has_i, has_i, rec_t, torch.zeros_like(f_i))
 
 
+def row_noise(f_t: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Diffusion starting noise [n, dim], each row's drawn from a generator seeded by that
+    row's own bytes: a row's recovered f^_i then depends on that row alone, not on which
+    other rows share its batch (the per-sample bound of the DP mechanism needs that)."""
+    out = torch.empty(len(f_t), dim)
+    for i, row in enumerate(f_t.detach().to(torch.float32).contiguous().numpy()):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=seed.to_bytes(8, "little"))
+        gen = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+        out[i] = torch.randn(dim, generator=gen)
+    return out
+
+
+def text_only_hidden(model: CrossModalNet, f_t: torch.Tensor) -> torch.Tensor:
+    """Fusion output for text-only rows, as `CrossModalNet.forward` builds it: image slot
+    empty, recovered slot f^_i from VLMR (the model's memory / global prototypes) or
+    diffusion (from `row_noise`)."""
+    n = len(f_t)
+    f_i = f_t.new_zeros(n, model.config.image_dim)
+    noise = row_noise(f_t, model.config.image_dim, model.config.sample_seed)
+    rec_i = model.recover_image(f_t, noise=noise)
+    has_t = torch.ones(n, dtype=torch.bool)
+    return model.fusion.forward_views(f_t, f_i, has_t, ~has_t, torch.zeros_like(f_t), rec_i)
+
+
 def _clipped(feats: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
     if clip_norm is None:
         return feats
@@ -187,42 +237,82 @@ def _clipped(feats: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
 
 
 def empty_stats(model: CrossModalNet) -> CalibrationStats:
-    """All-zero statistics of the right shapes (what a client that declines sends)."""
-    c, no_rows = model.config.num_classes, torch.zeros(0, dtype=torch.long)
-    last = _body_and_last(model.image_classifier)[1]
+    """All-zero statistics of the right shapes for the model's calibrated paths (what a
+    client that declines sends)."""
+    c, h = model.config.num_classes, model.config.hidden_dim
+    no_rows = torch.zeros(0, dtype=torch.long)
     return CalibrationStats(
-        class_stats(torch.zeros(0, last.in_features), no_rows, c),
-        class_stats(torch.zeros(0, model.head.in_features), no_rows, c),
+        {
+            name: class_stats(torch.zeros(0, h), no_rows, c)
+            for path in model.config.calibration_paths()
+            for name in PATH_PARTS[path]
+        }
     )
 
 
+def _path_features(
+    model: CrossModalNet, path: str, data: EmbeddingSet, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the unimodal classifier's body output, the head's input) of rows ``idx`` on the
+    path's view."""
+    if path == "image":
+        f_i = data.image[idx]
+        return _body_and_last(model.image_classifier)[0](f_i), image_only_hidden(model, f_i)
+    f_t = data.text[idx]
+    return _body_and_last(model.text_classifier)[0](f_t), text_only_hidden(model, f_t)
+
+
+def path_rows(data: EmbeddingSet, path: str) -> torch.Tensor:
+    """The rows a path's statistics cover: those holding its modality."""
+    return (data.has_image if path == "image" else data.has_text).nonzero().squeeze(1)
+
+
+def covered_rows(model: CrossModalNet, data: EmbeddingSet) -> int:
+    """Rows of ``data`` some calibrated path counts (what a client declares it sent)."""
+    held = torch.zeros(len(data), dtype=torch.bool)
+    for path in model.config.calibration_paths():
+        held |= data.has_image if path == "image" else data.has_text
+    return int(held.sum())
+
+
+def served_model(model: CrossModalNet, prototypes: ClassPrototypes | None) -> CrossModalNet:
+    """``model``'s shared weights as the global model is served (a model bundle, `crossfed
+    evaluate`): an empty VLMR memory holding only the global prototypes (eq. 16). Text-only
+    rows recover f^_i from it, so statistics taken on it match inference, whatever the
+    client's own memory holds."""
+    served = model_to_load(model.config)
+    served.load_shareable_state_dict(model.shareable_state_dict())
+    if prototypes is not None:
+        apply_global_prototypes(served, prototypes)
+    return served.eval()
+
+
 @torch.no_grad()
-def image_only_stats(
+def calibration_stats(
     model: CrossModalNet,
     data: EmbeddingSet,
     batch_size: int = 4096,
     clip_norm: float | None = None,
+    prototypes: ClassPrototypes | None = None,
 ) -> CalibrationStats:
-    """Client side: per-class stats of both image-only last-layer inputs on the rows of
-    `data` holding an image (their text, if any, hidden as at image-only inference); with
-    ``clip_norm``, each feature vector is first scaled to L2 <= clip_norm (bounded
-    sensitivity for the DP mechanism of common/privacy/calibration_dp.py)."""
-    body, _ = _body_and_last(model.image_classifier)
+    """Client side: per-class stats of each calibrated path's two last-layer inputs on the
+    rows of ``data`` holding the path's modality (the other hidden, as at inference, on
+    `served_model(model, prototypes)`); with ``clip_norm``, each feature vector is first
+    scaled to L2 <= clip_norm (bounded sensitivity for the DP mechanism of
+    common/privacy/calibration_dp.py)."""
     c = model.config.num_classes
-    rows = data.has_image.nonzero().squeeze(1)
-    out = empty_stats(model)
-    was_training = model.training
-    model.eval()
-    try:
+    parts = dict(empty_stats(model).parts)
+    served = served_model(model, prototypes)
+    for path in model.config.calibration_paths():
+        body_name, head_name = PATH_PARTS[path]
+        rows = path_rows(data, path)
         for s in range(0, len(rows), batch_size):
             idx = rows[s : s + batch_size]
-            f_i, y = data.image[idx], data.labels[idx]
-            body_out = _clipped(body(f_i), clip_norm)
-            hidden = _clipped(image_only_hidden(model, f_i), clip_norm)
-            out = out + CalibrationStats(class_stats(body_out, y, c), class_stats(hidden, y, c))
-    finally:
-        model.train(was_training)
-    return out
+            body, hidden = _path_features(served, path, data, idx)
+            y = data.labels[idx]
+            parts[body_name] = parts[body_name] + class_stats(_clipped(body, clip_norm), y, c)
+            parts[head_name] = parts[head_name] + class_stats(_clipped(hidden, clip_norm), y, c)
+    return CalibrationStats(parts)
 
 
 def refit_linear(
@@ -255,57 +345,82 @@ def refit_linear(
     return layer
 
 
-def calibrate_image_only(
+def _targets(
+    model: CrossModalNet, path: str
+) -> tuple[tuple[CalibratedLayer | None, nn.Linear], ...]:
+    """(calibration layer, the federated last layer it starts from) for the path's parts."""
+    if path == "image":
+        return (
+            (model.image_calibration, _body_and_last(model.image_classifier)[1]),
+            (model.head_calibration, _linear(model.head)),
+        )
+    return (
+        (model.text_calibration, _body_and_last(model.text_classifier)[1]),
+        (model.text_head_calibration, _linear(model.head)),
+    )
+
+
+def _linear(layer: nn.Module) -> nn.Linear:
+    if not isinstance(layer, nn.Linear):
+        raise ModelInputError(f"the head must be nn.Linear, got {type(layer).__name__}")
+    return layer
+
+
+def calibrate_last_layers(
     model: CrossModalNet,
     stats: CalibrationStats,
+    paths: tuple[str, ...],
     samples_per_class: int = 2000,
     steps: int = 200,
     lr: float = 1e-2,
     seed: int = 0,
-) -> bool:
-    """Server side: fit `model.image_calibration` (from image_classifier[-1]) and
-    `model.head_calibration` (from head) on virtual features (`refit_linear`) and mark them
-    ready. Returns False (nothing changed) when fewer than two classes are present."""
-    targets = (
-        (model.image_calibration, _body_and_last(model.image_classifier)[1], stats.classifier),
-        (model.head_calibration, model.head, stats.head),
-    )
-    fitted = []
-    for cal, last, part in targets:
-        if cal is None:
-            raise ModelInputError(
-                "model has no calibration layers (calibrate_image_classifier=False)"
-            )
-        layer = refit_linear(last, part, samples_per_class, steps, lr, seed)
-        if layer is None:
-            return False
-        fitted.append((cal, layer))
-    with torch.no_grad():
-        for cal, layer in fitted:
-            cal.weight.copy_(layer.weight)
-            cal.bias.copy_(layer.bias)
-            cal.ready.fill_(True)
-    return True
+) -> list[str]:
+    """Server side: for each of ``paths``, fit its two calibration layers (copies of the
+    federated last layers) on virtual features (`refit_linear`) and mark them ready. Returns
+    the paths fitted (a path with fewer than two classes present is left as it was)."""
+    fitted_paths = []
+    for path in paths:
+        fitted = []
+        for (cal, last), name in zip(_targets(model, path), PATH_PARTS[path], strict=True):
+            if not isinstance(cal, CalibratedLayer):
+                raise ModelInputError(f"model has no {path}-path calibration layers")
+            layer = refit_linear(last, stats.parts[name], samples_per_class, steps, lr, seed)
+            if layer is None:
+                break
+            fitted.append((cal, layer))
+        else:
+            with torch.no_grad():
+                for cal, layer in fitted:
+                    cal.weight.copy_(layer.weight)
+                    cal.bias.copy_(layer.bias)
+                    cal.ready.fill_(True)
+            fitted_paths.append(path)
+    return fitted_paths
 
 
-_PARTS = ("classifier", "head")
 _FIELDS = ("count", "sum", "outer")
 
 
 def stats_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Wire names and shapes of a client's calibration statistics (all float64): for each
-    last layer ("classifier", "head"), ``<part>.count`` [C], ``.sum`` [C, h], ``.outer``
-    [C, h, h], with h the width both last layers read (`CrossModalNet` hidden_dim)."""
+    part of each calibrated path (`PATH_PARTS`: "classifier" and "head" for the image path,
+    "text_classifier" and "text_head" for the text path), ``<part>.count`` [C], ``.sum``
+    [C, h], ``.outer`` [C, h, h], with h the width the last layers read (hidden_dim)."""
     c, h = config.num_classes, config.hidden_dim
     shapes = {"count": (c,), "sum": (c, h), "outer": (c, h, h)}
-    out = {f"{part}.{name}": shapes[name] for part in _PARTS for name in _FIELDS}
+    out = {
+        f"{part}.{name}": shapes[name]
+        for path in config.calibration_paths()
+        for part in PATH_PARTS[path]
+        for name in _FIELDS
+    }
     return {**out, **{f"noise.{name}_var": () for name in _FIELDS}}
 
 
 def stats_to_tensors(stats: CalibrationStats) -> dict[str, torch.Tensor]:
     """The tensors a client uploads in the calibration round (names of `stats_shapes`)."""
     out: dict[str, torch.Tensor] = {}
-    for part, fs in zip(_PARTS, (stats.classifier, stats.head), strict=True):
+    for part, fs in stats.parts.items():
         for name, tensor in zip(_FIELDS, (fs.count, fs.total, fs.outer), strict=True):
             out[f"{part}.{name}"] = tensor.to(torch.float64).contiguous()
     noise = stats.noise
@@ -314,34 +429,43 @@ def stats_to_tensors(stats: CalibrationStats) -> dict[str, torch.Tensor]:
     return out
 
 
-def stats_from_tensors(tensors: Mapping[str, torch.Tensor]) -> CalibrationStats:
-    """Inverse of `stats_to_tensors` (shapes checked by `FeatureStats`)."""
-    names = [f"{p}.{n}" for p in _PARTS for n in _FIELDS] + [f"noise.{n}_var" for n in _FIELDS]
+def stats_from_tensors(
+    tensors: Mapping[str, torch.Tensor], paths: tuple[str, ...] = ("image",)
+) -> CalibrationStats:
+    """Inverse of `stats_to_tensors` for the statistics of ``paths`` (shapes checked by
+    `FeatureStats`)."""
+    parts = [part for path in paths for part in PATH_PARTS[path]]
+    names = [f"{p}.{n}" for p in parts for n in _FIELDS] + [f"noise.{n}_var" for n in _FIELDS]
     missing = sorted(name for name in names if name not in tensors)
     if missing:
         raise ModelInputError(f"calibration statistics lack {', '.join(missing)}")
-    parts = [
-        FeatureStats(*(tensors[f"{part}.{name}"].to(torch.float64) for name in _FIELDS))
-        for part in _PARTS
-    ]
     noise = NoiseVariance(*(float(tensors[f"noise.{name}_var"]) for name in _FIELDS))
-    return CalibrationStats(parts[0], parts[1], noise)
+    return CalibrationStats(
+        {
+            part: FeatureStats(*(tensors[f"{part}.{name}"].to(torch.float64) for name in _FIELDS))
+            for part in parts
+        },
+        noise,
+    )
 
 
-def check_client_stats(tensors: Mapping[str, torch.Tensor], num_samples: int) -> None:
+def check_client_stats(
+    tensors: Mapping[str, torch.Tensor], num_samples: int, paths: tuple[str, ...] = ("image",)
+) -> None:
     """Plausibility of one client's statistics before the server adds them: whole,
-    non-negative counts that add up to the ``num_samples`` it declared (<= what it
-    registered, so one client cannot outweigh the rest) in both parts, and sums of outer
-    products with a non-negative diagonal. Raises `ModelInputError` naming the problem."""
-    stats = stats_from_tensors(tensors)
+    non-negative counts, the same in both parts of a path, none adding up to more than the
+    ``num_samples`` it declared (<= what it registered, so one client cannot outweigh the
+    rest), a declaration no larger than the rows its paths count, and sums of outer products
+    with a non-negative diagonal. Raises `ModelInputError` naming the problem."""
+    stats = stats_from_tensors(tensors, paths)
     noise = stats.noise
     if min(noise.count, noise.total, noise.outer) < 0:
         raise ModelInputError("noise variances must be >= 0")
-    for part, fs in zip(_PARTS, (stats.classifier, stats.head), strict=True):
+    for part, fs in stats.parts.items():
         count = fs.count
         if bool((count < 0).any()) or not torch.equal(count, count.round()):
             raise ModelInputError(f"{part}.count must hold whole numbers >= 0")
-        if int(count.sum()) != num_samples:
+        if int(count.sum()) > num_samples:
             raise ModelInputError(
                 f"{part}.count adds up to {int(count.sum())} rows but the upload declares "
                 f"num_samples={num_samples}"
@@ -351,6 +475,15 @@ def check_client_stats(tensors: Mapping[str, torch.Tensor], num_samples: int) ->
         empty = count == 0
         if bool(fs.total[empty].any()) or bool(fs.outer[empty].any()):
             raise ModelInputError(f"{part}: a class with count 0 has non-zero sums")
+    for path in paths:
+        body, head = (stats.parts[name] for name in PATH_PARTS[path])
+        if not torch.equal(body.count, head.count):
+            raise ModelInputError(f"the {path} path's two parts count different rows")
+    covered = sum(stats.rows(path) for path in paths)
+    if num_samples > covered:
+        raise ModelInputError(
+            f"the upload declares num_samples={num_samples} but its paths count {covered} rows"
+        )
 
 
 def calibrated_state(
@@ -359,15 +492,25 @@ def calibrated_state(
     stats: CalibrationStats,
     seed: int = 0,
 ) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """Server side of the calibration round: (the global shareable state with its calibration
-    layers fitted on ``stats``, what was done), or (None, why not) when fewer than two
-    classes have statistics or DP noise swamps them (`MIN_SIGNAL_TO_NOISE`)."""
-    snr = stats.signal_to_noise()
-    noisy = "" if math.isinf(snr) else f" (DP-noised statistics, signal-to-noise {snr:.3g})"
-    if snr < MIN_SIGNAL_TO_NOISE:
-        return None, f"DP noise swamps the class statistics{noisy}; left uncalibrated"
+    """Server side of the calibration round: (the global shareable state with the calibration
+    layers of every path it could fit, what was done), or (None, why not) when no path can be
+    fitted: fewer than two classes with statistics, or DP noise that swamps them
+    (`MIN_SIGNAL_TO_NOISE`)."""
+    usable, skipped = [], []
+    for path in config.calibration_paths():
+        snr = stats.signal_to_noise(path)
+        noisy = "" if math.isinf(snr) else f" (DP-noised statistics, signal-to-noise {snr:.3g})"
+        if snr < MIN_SIGNAL_TO_NOISE:
+            skipped.append(f"{path}-only: DP noise swamps the class statistics{noisy}")
+        else:
+            usable.append((path, noisy))
     model = model_to_load(config)
     model.load_shareable_state_dict(global_state)
-    if not calibrate_image_only(model, stats, seed=seed):
-        return None, "fewer than two classes have statistics; left uncalibrated"
-    return model.shareable_state_dict(), f"image-only last layers fitted{noisy}"
+    fitted = calibrate_last_layers(model, stats, tuple(p for p, _ in usable), seed=seed)
+    skipped += [
+        f"{p}-only: fewer than two classes have statistics" for p, _ in usable if p not in fitted
+    ]
+    done = [f"{p}-only last layers fitted{noisy}" for p, noisy in usable if p in fitted]
+    if not done:
+        return None, "; ".join(skipped) + "; left uncalibrated"
+    return model.shareable_state_dict(), "; ".join(done + skipped)

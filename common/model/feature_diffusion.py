@@ -108,15 +108,23 @@ class FeatureDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, f_t: torch.Tensor, steps: int | None = None, generator: torch.Generator | None = None
+        self,
+        f_t: torch.Tensor,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """f^_i for text-only rows (eq. 6): DDIM sampling from noise conditioned on f_t."""
+        """f^_i for text-only rows (eq. 6): DDIM sampling from noise conditioned on f_t (drawn
+        from ``generator``, or ``noise`` [n, image_dim] when given)."""
         n = f_t.shape[0]
         dim = self.image_dim
         if n == 0:
             return f_t.new_zeros((0, dim))
         self.ddim.set_timesteps(steps or self.sample_steps)
-        x = torch.randn((n, dim), generator=generator, dtype=f_t.dtype)
+        if noise is not None:
+            x = noise.to(f_t.dtype).clone()
+        else:
+            x = torch.randn((n, dim), generator=generator, dtype=f_t.dtype)
         for t in self.ddim.timesteps:
             tt = torch.full((n,), int(t), dtype=torch.long)
             pred = self.denoiser(x, tt, f_t)

@@ -172,6 +172,14 @@ class ModelConfig(BaseModel):
         "(common/privacy/calibration_dp.py), which keeps about 40% of the gain (headline "
         "image-only 0.752 at sigma 1) and none on small clients",
     )
+    calibrate_text_classifier: bool = Field(
+        False,
+        description="Table I text-only path, the twin of calibrate_image_classifier: the "
+        "server refits the last layers of the text classifier and of the fusion head on the "
+        "text-only view (f_t, f^_i) from the clients' per-class statistics; text-only rows use "
+        "those copies (`text_calibration`, `text_head_calibration`). Same calibration round, "
+        "same privacy (BENCHMARKS.md, strategies section, for the measured effect)",
+    )
     fixed_classifier: bool = Field(
         False,
         description="FedETF (Li et al., ICCV 2023; not in the paper): the last layers of both "
@@ -180,6 +188,18 @@ class ModelConfig(BaseModel):
         "label skew cannot pull the federated classifiers toward the clients' label mixes",
     )
     sample_seed: int = Field(0, description="seed of diffusion sampling noise at inference")
+
+    def calibration_paths(self) -> tuple[str, ...]:
+        """The inference paths whose last layers the calibration round refits (CCVR)."""
+        return tuple(
+            path
+            for path, on in (
+                ("image", self.calibrate_image_classifier),
+                ("text", self.calibrate_text_classifier),
+            )
+            if on
+        )
+
     memory_tau: float = Field(0.8, ge=0, le=1, description="tau of eq. 8")
     memory_capacity: int = Field(256, gt=0, description="pairs kept per class (eq. 8)")
     memory_top_k: int = Field(8, gt=0, description="K of eq. 10")
@@ -194,10 +214,12 @@ class ModelConfig(BaseModel):
             )
         if self.recovery != "stable-diffusion" and self.stable_diffusion is not None:
             raise ValueError("model.stable_diffusion is set but recovery is not stable-diffusion")
-        if self.fixed_classifier and self.calibrate_image_classifier:
+        if self.fixed_classifier and (
+            self.calibrate_image_classifier or self.calibrate_text_classifier
+        ):
             raise ValueError(
-                "fixed_classifier and calibrate_image_classifier exclude each other: the "
-                "calibration refits a last layer that fixed_classifier keeps fixed"
+                "fixed_classifier and the calibrate_*_classifier flags exclude each other: "
+                "the calibration refits a last layer that fixed_classifier keeps fixed"
             )
         if self.fixed_classifier and self.hidden_dim < self.num_classes - 1:
             raise ValueError(

@@ -27,7 +27,9 @@ Departures from the paper (measured in BENCHMARKS.md, quality section):
   refits after federated training on virtual features from the clients' per-class feature
   statistics (CCVR; see common/model/classifier_calibration.py). Clients never train them
   (buffers only, module weight 0 in FedAvg); until fitted (`ready` False) the federated
-  layers are used. Paired and text-only rows always use the federated layers.
+  layers are used. With `calibrate_text_classifier`, text-only rows do the same through
+  `text_calibration` (the text classifier's last layer) and `text_head_calibration` (the head
+  on the text-only view). Paired rows always use the federated layers.
 """
 
 from __future__ import annotations
@@ -129,6 +131,15 @@ class CalibratedLayer(nn.Module):
         return nn.functional.linear(hidden, self.weight, self.bias)
 
 
+def _through(
+    classifier: nn.Sequential, calibration: CalibratedLayer | None, x: torch.Tensor
+) -> torch.Tensor:
+    """``classifier``'s logits, with its last layer replaced by ``calibration`` once fitted."""
+    if calibration is None or not bool(calibration.ready):
+        return classifier(x)
+    return calibration(classifier[:-1](x))
+
+
 class CrossModalNet(nn.Module):
     """The paper's network; `predict` implements the inference strategies of Table I."""
 
@@ -157,6 +168,10 @@ class CrossModalNet(nn.Module):
         calibrate = cfg.calibrate_image_classifier
         self.image_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate else None
         self.head_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate else None
+        # The same for text-only rows (text_classifier[-1], head; calibrate_text_classifier).
+        calibrate_text = cfg.calibrate_text_classifier
+        self.text_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate_text else None
+        self.text_head_calibration = CalibratedLayer(h, cfg.num_classes) if calibrate_text else None
         # stable-diffusion mode: the fine-tuned SD tensors' deltas from the base checkpoint
         # (zeros, no random numbers; common/model/sd_trainable.py). Buffers: only the SD
         # fine-tuning of a client holding the checkpoint writes them.
@@ -217,24 +232,32 @@ class CrossModalNet(nn.Module):
         generator: torch.Generator | None = None,
         external: torch.Tensor | None = None,
         steps: int | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """f^_i for text-only rows (Table I: diffusion or VLMR), no gradient.
 
         `external` (SD mode: generated images encoded by E_i) wins where given; otherwise the
         configured path; VLMR falls back to diffusion for classes with no memory entries and
-        vice versa when no diffusion exists.
+        vice versa when no diffusion exists. ``noise`` [n, image_dim], when given, is each
+        row's diffusion starting noise (instead of draws from ``generator``), which makes a
+        row's f^_i depend on that row alone.
         """
         with torch.no_grad():
             if external is not None:
                 return external
             use_memory = self.config.text_only_recovery == "memory" or self.diffusion is None
             if not use_memory and self.diffusion is not None:
-                return self.diffusion.sample(f_t, steps=steps, generator=generator)
+                return self.diffusion.sample(f_t, steps=steps, generator=generator, noise=noise)
             classes = self.text_classifier(f_t).argmax(dim=1)  # eq. 9
             out = self.memory.retrieve(f_t, classes)  # eq. 10
             empty = ~self.memory.has_entries(classes)
             if bool(empty.any()) and self.diffusion is not None:
-                out[empty] = self.diffusion.sample(f_t[empty], steps=steps, generator=generator)
+                out[empty] = self.diffusion.sample(
+                    f_t[empty],
+                    steps=steps,
+                    generator=generator,
+                    noise=None if noise is None else noise[empty],
+                )
             return out
 
     @torch.no_grad()
@@ -265,7 +288,8 @@ class CrossModalNet(nn.Module):
         recovery: Recovery | None,
     ) -> torch.Tensor:
         """Eq. 12-13: logits from the four fusion slots (built implicitly, see forward_views);
-        at inference, image-only rows go through ``head_calibration`` once it is fitted."""
+        at inference, image-only rows go through ``head_calibration`` and text-only rows
+        through ``text_head_calibration`` once they are fitted."""
         hidden = self.fusion.forward_views(
             f_t,
             f_i,
@@ -275,11 +299,14 @@ class CrossModalNet(nn.Module):
             None if recovery is None else recovery.image,
         )
         logits = self.head(hidden)
-        cal = self.head_calibration
-        if cal is not None and bool(cal.ready) and not self.training:
-            image_only = has_image & ~has_text
-            if bool(image_only.any()):
-                logits[image_only] = cal(hidden[image_only])
+        if self.training:
+            return logits
+        for cal, rows in (
+            (self.head_calibration, has_image & ~has_text),
+            (self.text_head_calibration, has_text & ~has_image),
+        ):
+            if cal is not None and bool(cal.ready) and bool(rows.any()):
+                logits[rows] = cal(hidden[rows])
         return logits
 
     def forward(
@@ -329,7 +356,7 @@ class CrossModalNet(nn.Module):
             uni_i = log_p(self.image_classifier(f_i[paired]), dim=1)
             out[paired] = log_p(logits[paired], dim=1) + uni_t + uni_i
         if bool(text_only.any()):
-            uni = self.text_classifier(f_t[text_only])
+            uni = self.text_only_logits(f_t[text_only])
             out[text_only] = log_p(logits[text_only], dim=1) + log_p(uni, dim=1)
         if bool(image_only.any()):
             uni = self.image_only_logits(f_i[image_only])
@@ -339,10 +366,12 @@ class CrossModalNet(nn.Module):
     def image_only_logits(self, f_i: torch.Tensor) -> torch.Tensor:
         """The image classifier's logits for image-only rows: through the server-calibrated
         last layer once it is fitted (`calibrate_image_classifier`), else the federated one."""
-        cal = self.image_calibration
-        if cal is None or not bool(cal.ready):
-            return self.image_classifier(f_i)
-        return cal(self.image_classifier[:-1](f_i))
+        return _through(self.image_classifier, self.image_calibration, f_i)
+
+    def text_only_logits(self, f_t: torch.Tensor) -> torch.Tensor:
+        """The text classifier's logits for text-only rows, likewise
+        (`calibrate_text_classifier`)."""
+        return _through(self.text_classifier, self.text_calibration, f_t)
 
     @torch.no_grad()
     def predict(

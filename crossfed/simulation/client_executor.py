@@ -90,8 +90,10 @@ class ClientExecutor(Protocol):
         shards: Sequence[DataRef],
         noise_multiplier: float,
         seeds: Sequence[int],
+        prototypes: Arrays | None = None,
     ) -> Iterator[Arrays | None]:
-        """Every client's CCVR statistics under ``global_state``, in shard order."""
+        """Every client's CCVR statistics under ``global_state`` (and the global
+        prototypes), in shard order."""
         ...
 
     def central(
@@ -163,9 +165,12 @@ class InlineExecutor:
         shards: Sequence[DataRef],
         noise_multiplier: float,
         seeds: Sequence[int],
+        prototypes: Arrays | None = None,
     ) -> Iterator[Arrays | None]:
         for shard, seed in zip(shards, seeds, strict=True):
-            yield client_calibration_stats(config_json, global_state, shard, noise_multiplier, seed)
+            yield client_calibration_stats(
+                config_json, global_state, shard, noise_multiplier, seed, prototypes
+            )
 
     def central(
         self, config_json: str, train: DataRef, test: DataRef, cfg: TrainConfig, seed: int

@@ -263,8 +263,8 @@ def run_federation(
         if on_round is not None:
             on_round(record)
     calibration = None
-    if cfg.calibrate_image_classifier and cfg.missing_fill != "zero":
-        state, calibration = _calibrate(plan, executor, shards, state)
+    if cfg.calibration_paths() and cfg.missing_fill != "zero":
+        state, calibration = _calibrate(plan, executor, shards, state, prototypes)
     final = records[-1].scores
     if calibration is not None or final is None:
         final = evaluate(global_model(cfg, state, prototypes), test)
@@ -284,20 +284,28 @@ def _calibrate(
     executor: ClientExecutor,
     shards: Sequence[DataRef],
     state: dict[str, torch.Tensor],
+    prototypes: ClassPrototypes | None,
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """The calibration round: every image-holding client's statistics under the final model,
+    """The calibration round: every client's statistics under the final model (served with
+    the global prototypes, as it is scored),
     summed and fitted by the server's CCVR step; the state stays as it was when the fit
     declines (too noisy, too few classes)."""
     step = ccvr_calibration_step(plan.model, seed=plan.seed)
     total = StatsSum(step.spec)
     seeds = [plan.seed * 100_003 + 7 + c for c in range(len(shards))]
+    protos = None if prototypes is None else arrays_of(prototypes.to_tensors())
     stats = executor.calibration_stats(
-        plan.model.model_dump_json(), arrays_of(state), shards, plan.calibration_noise, seeds
+        plan.model.model_dump_json(),
+        arrays_of(state),
+        shards,
+        plan.calibration_noise,
+        seeds,
+        protos,
     )
     for part in stats:
         if part is not None:
             total.add(tensors_of(part))
     if total.contributors == 0:
-        return state, "no client holds images; left uncalibrated"
+        return state, "no client holds rows of a calibrated path; left uncalibrated"
     fitted, message = step.fit(state, total.result())
     return (state if fitted is None else fitted), message

@@ -130,6 +130,14 @@ FEDERATED_METHODS: dict[str, FederatedMethod] = {
             True,
         ),
         FederatedMethod(
+            "ours_calibrated_both",
+            "ours + CCVR refit of the last layers of both unimodal paths after the last round "
+            "(opt-in: model.calibrate_image_classifier and calibrate_text_classifier)",
+            _fields(calibrate_image_classifier=True, calibrate_text_classifier=True),
+            "ours",
+            True,
+        ),
+        FederatedMethod(
             "ours_fixed_classifier",
             "ours with FedETF's fixed simplex last layers (opt-in: model.fixed_classifier)",
             _fields(fixed_classifier=True),

@@ -217,11 +217,12 @@ class RayExecutor:
         shards: Sequence[DataRef],
         noise_multiplier: float,
         seeds: Sequence[int],
+        prototypes: Arrays | None = None,
     ) -> Iterator[Arrays | None]:
         ray = self._ray
         global_ref = ray.put(global_state)
         refs = [
-            self._stats.remote(config_json, global_ref, shard, noise_multiplier, seed)
+            self._stats.remote(config_json, global_ref, shard, noise_multiplier, seed, prototypes)
             for shard, seed in zip(shards, seeds, strict=True)
         ]
         for ref in refs:

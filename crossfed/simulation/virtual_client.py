@@ -182,11 +182,16 @@ def client_calibration_stats(
     shard: Mapping[str, np.ndarray],
     noise_multiplier: float,
     seed: int,
+    prototypes: Arrays | None = None,
 ) -> Arrays | None:
-    """A client's CCVR statistics under the final global model (what it uploads in the
+    """A client's CCVR statistics under the final global model (and its global prototypes) (what it uploads in the
     calibration round; server/calibration_round.py), clipped and noised with ``noise_multiplier``
-    > 0 as under projection DP; None for a client without images."""
-    from crossfed.common.model.classifier_calibration import image_only_stats, stats_to_tensors
+    > 0 as under projection DP; None for a client without rows for any calibrated path."""
+    from crossfed.common.model.classifier_calibration import (
+        calibration_stats,
+        covered_rows,
+        stats_to_tensors,
+    )
     from crossfed.common.privacy.calibration_dp import (
         CalibrationDPParams,
         default_clip_norm,
@@ -194,16 +199,17 @@ def client_calibration_stats(
     )
 
     data = shard_of(shard)
-    if not bool(data.has_image.any()):
-        return None
     model = model_for(config_json)
+    if covered_rows(model, data) == 0:
+        return None
     model.load_shareable_state_dict(tensors_of(global_state))
+    protos = None if prototypes is None else ClassPrototypes.from_tensors(tensors_of(prototypes))
     if noise_multiplier > 0:
         params = CalibrationDPParams(default_clip_norm(model.config.hidden_dim), noise_multiplier)
-        stats = image_only_stats(model, data, clip_norm=params.clip_norm)
+        stats = calibration_stats(model, data, clip_norm=params.clip_norm, prototypes=protos)
         stats = privatize_calibration_stats(stats, params, torch.Generator().manual_seed(seed))
     else:
-        stats = image_only_stats(model, data)
+        stats = calibration_stats(model, data, prototypes=protos)
     return arrays_of(stats_to_tensors(stats))
 
 

@@ -251,3 +251,16 @@ def test_a_config_written_with_both_sides_defaults_still_loads(tmp_path: Path) -
     assert not load_config(
         ClientConfig, env={"CROSSFED_PRIVACY__CENTRAL_DP": "false"}
     ).privacy.dp_sgd
+
+
+def test_text_calibration_alone_calibrates_the_text_path_only() -> None:
+    from crossfed.server.server_app import calibration_step_from_config
+
+    config = load_config(
+        ServerConfig, None, overrides={"model.calibrate_text_classifier": True}, env={}
+    )
+    step = calibration_step_from_config(config, "CrossModalNet")
+    assert step is not None and step.paths == ("text",)
+    assert "text_head.outer" in step.spec and "head.outer" not in step.spec
+    assert step.wants(rows_with_image=False, rows_with_text=True)
+    assert not step.wants(rows_with_image=True, rows_with_text=False)

@@ -239,7 +239,9 @@ def _image_only_accuracy(state: dict[str, torch.Tensor], shards: list[Path]) -> 
     from crossfed.common.model.model_config import ModelConfig
     from crossfed.common.model.network import CrossModalNet
 
-    model = CrossModalNet(ModelConfig(calibrate_image_classifier=True))
+    model = CrossModalNet(
+        ModelConfig(calibrate_image_classifier=True, calibrate_text_classifier=True)
+    )
     model.load_shareable_state_dict(state)
     model.eval()
     correct = total = 0
@@ -253,12 +255,13 @@ def _image_only_accuracy(state: dict[str, torch.Tensor], shards: list[Path]) -> 
 
 
 @pytest.mark.long  # over ~20 s on 2 cores: .ci/run's own stage
-def test_calibration_round_after_training_fits_the_image_only_layers(
+def test_calibration_round_after_training_fits_both_unimodal_paths(
     shards: list[Path], tmp_path: Path
 ) -> None:
-    """With model.calibrate_image_classifier the run ends with a calibration round: the two
-    clients holding images send statistics of the final model, the server fits the image-only
-    last layers, and that model is the run's last checkpoint. The clients send exact
+    """With model.calibrate_image_classifier and calibrate_text_classifier the run ends with a
+    calibration round: every client (each holds images or text) sends statistics of the
+    final model, the server fits the image-only and the text-only last layers, and that
+    model is the run's last checkpoint. The clients send exact
     statistics (a server without the projection-DP mandate, clients with --no-projection-dp):
     with DP noise, 240-row shards are too small for the fit and the server leaves the model
     uncalibrated (tests/common/privacy/test_calibration_dp.py)."""
@@ -276,6 +279,7 @@ def test_calibration_round_after_training_fits_the_image_only_layers(
         "90",
         env={
             "CROSSFED_MODEL__CALIBRATE_IMAGE_CLASSIFIER": "true",
+            "CROSSFED_MODEL__CALIBRATE_TEXT_CLASSIFIER": "true",
             "CROSSFED_PRIVACY__PROJECTION_DP": "false",
         },
     )
@@ -286,17 +290,18 @@ def test_calibration_round_after_training_fits_the_image_only_layers(
     codes = _wait({**clients, "server": fed.server}, fed)
     assert codes == {"text_only": 0, "image_only": 0, "both": 0, "server": 0}, fed.diagnostics()
     for modality in MODALITIES:
-        expected = [1, 2] if modality == "text_only" else [1, 2, 3]
+        expected = [1, 2, 3]
         assert [r["round"] for r in fed.rounds_of(modality)] == expected, fed.diagnostics()
         assert all(r["encrypted"] for r in fed.rounds_of(modality))
         assert [r["calibration"] for r in fed.rounds_of(modality)] == [r == 3 for r in expected]
     assert "calibration statistics sent" in fed.log_of("image_only")
+    assert "calibration statistics sent" in fed.log_of("text_only")
     store = CheckpointStore(tmp_path / "server" / CHECKPOINT_DIR, keep_last=10)
     trained, calibrated = store.load(rounds), store.load(rounds + 1)
     assert not bool(trained["image_calibration.ready"])
-    assert bool(calibrated["image_calibration.ready"]) and bool(
-        calibrated["head_calibration.ready"]
-    )
+    assert not bool(trained["text_calibration.ready"])
+    for layer in ("image", "head", "text", "text_head"):
+        assert bool(calibrated[f"{layer}_calibration.ready"]), layer
     shared = [k for k in trained if "_calibration." not in k]
     assert all(torch.equal(trained[k], calibrated[k]) for k in shared)
     before = _image_only_accuracy(trained, shards)

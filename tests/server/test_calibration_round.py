@@ -148,7 +148,7 @@ def test_no_online_image_holder_completes_the_run_uncalibrated(tmp_path: Path) -
     assert engine.heartbeat("t1").action == ACTION_DONE
     run = engine.run
     assert run.state == "completed" and run.last_committed_round == 1
-    assert "calibration skipped" in run.message and "holds images" in run.message
+    assert "calibration skipped" in run.message and "paths (image) need" in run.message
 
 
 def test_failed_calibration_attempts_end_the_run_completed_not_failed(tmp_path: Path) -> None:
@@ -207,3 +207,18 @@ def test_raising_rounds_during_calibration_turns_it_back_into_training(tmp_path:
     _send(engine, "a", 2, small_state(), 10)
     _send(engine, "b", 2, small_state(), 10)
     assert engine.heartbeat("a").action == ACTION_CALIBRATE  # round 3 now calibrates
+
+
+def test_a_text_path_calibration_asks_the_text_only_clients_too(tmp_path: Path) -> None:
+    """Each client holding rows of a calibrated path's modality is asked: with the text path
+    on, text-only clients calibrate; with the image path alone they do not."""
+    both_paths = CalibrationStep(spec=SPEC, check=_check, fit=_fit, paths=("image", "text"))
+    for step, text_client_asked in ((both_paths, True), (STEP, False)):
+        clock = FakeClock()
+        engine = _engine(tmp_path / str(text_client_asked), clock, step)
+        engine.register("t", TEXT_ONLY, 10, num_text_only=10)
+        engine.register("i", IMAGE_ONLY, 10, num_image_only=10)
+        _train_round_one(engine, "t", "i")
+        assert engine.heartbeat("i").action == ACTION_CALIBRATE
+        asked = engine.heartbeat("t").action == ACTION_CALIBRATE
+        assert asked is text_client_asked

@@ -10,11 +10,11 @@ from crossfed.client.local_trainer import TrainConfig, module_samples_of, train_
 from crossfed.common.data.embeddings import EmbeddingSet
 from crossfed.common.model.classifier_calibration import (
     FeatureStats,
-    calibrate_image_only,
+    calibrate_last_layers,
     calibrated_state,
+    calibration_stats,
     check_client_stats,
     image_only_hidden,
-    image_only_stats,
     stats_from_tensors,
     stats_shapes,
     stats_to_tensors,
@@ -52,7 +52,7 @@ def test_summed_client_stats_give_the_pooled_class_moments() -> None:
     torch.manual_seed(0)
     model = CrossModalNet(CFG).eval()
     a, b = clustered(30, 1), clustered(45, 2)
-    summed = image_only_stats(model, a) + image_only_stats(model, b)
+    summed = calibration_stats(model, a) + calibration_stats(model, b)
     pooled = EmbeddingSet(
         text=torch.cat([a.text, b.text]),
         image=torch.cat([a.image, b.image]),
@@ -75,7 +75,7 @@ def test_summed_client_stats_give_the_pooled_class_moments() -> None:
             ),
             atol=1e-5,
         )
-    for part, feats in ((summed.classifier, body), (summed.head, hidden)):
+    for part, feats in ((summed.parts["classifier"], body), (summed.parts["head"], hidden)):
         present, mean, cov = part.gaussians(ridge=0.0)
         assert present.tolist() == [0, 1, 2]
         for c in range(3):
@@ -116,8 +116,10 @@ def test_calibration_undoes_a_skewed_last_layer_for_image_only_rows_only() -> No
     paired_before = model.predict(test.text, test.image)
     text_before = model.predict(test.text, None)
     assert model.image_calibration is not None and not bool(model.image_calibration.ready)
-    stats = image_only_stats(model, clustered(90, 3)) + image_only_stats(model, clustered(90, 4))
-    assert calibrate_image_only(model, stats, samples_per_class=200, steps=100)
+    stats = calibration_stats(model, clustered(90, 3)) + calibration_stats(model, clustered(90, 4))
+    assert calibrate_last_layers(model, stats, ("image",), samples_per_class=200, steps=100) == [
+        "image"
+    ]
     assert model.head_calibration is not None and bool(model.head_calibration.ready)
     assert acc(model.image_only_logits(test.image)) > 0.9
     assert acc(fusion_image_only()) > 0.9
@@ -162,8 +164,8 @@ def test_flag_off_has_no_calibration_layer_and_same_initialisation() -> None:
         for k in ("weight", "bias", "ready")
     }
     assert all(torch.equal(v, on_state[k]) for k, v in off_state.items())
-    with pytest.raises(ModelInputError, match="no calibration layers"):
-        calibrate_image_only(off, image_only_stats(off, clustered(30, 0)))
+    with pytest.raises(ModelInputError, match="no image-path calibration layers"):
+        calibrate_last_layers(off, calibration_stats(off, clustered(30, 0)), ("image",))
 
 
 def test_wire_statistics_roundtrip_match_the_spec_and_are_checked() -> None:
@@ -171,15 +173,17 @@ def test_wire_statistics_roundtrip_match_the_spec_and_are_checked() -> None:
     counts adding up to the rows it declares, and nothing for classes it does not hold."""
     model = CrossModalNet(CFG).eval()
     data = clustered(20, 4, labels=torch.tensor([0, 1] * 10))  # class 2 absent
-    tensors = stats_to_tensors(image_only_stats(model, data))
+    tensors = stats_to_tensors(calibration_stats(model, data))
     assert {k: tuple(v.shape) for k, v in tensors.items()} == stats_shapes(CFG)
     assert float(tensors["noise.outer_var"]) == 0.0  # exact statistics
     assert all(v.dtype == torch.float64 for v in tensors.values())
     back = stats_from_tensors(tensors)
-    assert torch.equal(back.head.outer, tensors["head.outer"])
+    assert torch.equal(back.parts["head"].outer, tensors["head.outer"])
     check_client_stats(tensors, 20)
-    with pytest.raises(ModelInputError, match="adds up to 20"):
+    with pytest.raises(ModelInputError, match="declares num_samples=21 but its paths count 20"):
         check_client_stats(tensors, 21)
+    with pytest.raises(ModelInputError, match="adds up to 20 rows"):
+        check_client_stats(tensors, 19)  # more rows than it declared
     bad = {**tensors, "classifier.count": tensors["classifier.count"] + 0.5}
     with pytest.raises(ModelInputError, match="whole numbers"):
         check_client_stats(bad, 20)
@@ -200,11 +204,11 @@ def test_server_fit_marks_the_layers_ready_and_keeps_the_rest() -> None:
     torch.manual_seed(1)
     model = CrossModalNet(CFG).eval()
     state = model.shareable_state_dict()
-    fitted, what = calibrated_state(CFG, state, image_only_stats(model, clustered(60, 5)))
+    fitted, what = calibrated_state(CFG, state, calibration_stats(model, clustered(60, 5)))
     assert fitted is not None and set(fitted) == set(state) and what.endswith("fitted")
     assert bool(fitted["image_calibration.ready"]) and bool(fitted["head_calibration.ready"])
     assert not torch.equal(fitted["image_calibration.weight"], state["image_calibration.weight"])
     untouched = [k for k in state if not k.split(".")[0].endswith("_calibration")]
     assert all(torch.equal(fitted[k], state[k]) for k in untouched)
     one_class = clustered(10, 6, labels=torch.zeros(10, dtype=torch.long))
-    assert calibrated_state(CFG, state, image_only_stats(model, one_class))[0] is None
+    assert calibrated_state(CFG, state, calibration_stats(model, one_class))[0] is None

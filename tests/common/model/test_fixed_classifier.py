@@ -50,7 +50,7 @@ def test_training_moves_the_scale_and_never_the_frame() -> None:
     both = torch.ones(90, dtype=torch.bool)
     model = CrossModalNet(CONFIG)
     frames = [layer.weight.clone() for layer in _layers(model)]
-    scales = [float(layer.log_scale) for layer in _layers(model)]
+    scales = [layer.log_scale.item() for layer in _layers(model)]
     train_local(model, EmbeddingSet(f_t, f_i, both, both, y), TrainConfig(epochs=3, lr=1e-2))
     for layer, frame, scale in zip(_layers(model), frames, scales, strict=True):
         assert torch.equal(layer.weight, frame)
