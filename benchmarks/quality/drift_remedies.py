@@ -67,14 +67,35 @@ def setups(seeds: Iterable[int], clients: int = 10) -> list[FederationSetup]:
     return out
 
 
-def run(method: str, seeds: list[int], workers: int) -> None:
-    """Run ``method`` on every cell into its records file (runs already there are kept)."""
+def grid_setups(seeds: Iterable[int], results: Path = RESULTS) -> list[FederationSetup]:
+    """Every federation of the main grid where ours ran (quality_records.jsonl), seed by
+    seed: the no-regression check of a remedy over the whole grid."""
+    wanted = set(seeds)
+    found = {
+        _key(r)
+        for r in read_records(results / "quality_records.jsonl")
+        if r["method"] == "ours" and r["setup"]["seed"] in wanted
+    }
+    return [
+        FederationSetup(
+            "per_client" if miss == "per_client" else "per_sample", rate, alpha, 10, seed
+        )
+        for miss, rate, alpha, seed in sorted(found, key=lambda k: (k[3], k[0], k[2], k[1]))
+    ]
+
+
+def run(method: str, seeds: list[int], workers: int, grid: bool = False) -> None:
+    """Run ``method`` on every α 0.1 per-client cell and the headline (``grid``: every cell of
+    the main grid) into its records file (runs already there are kept)."""
     from quality import run_axes
     from quality.sweep import run_jobs
 
     settings = run_axes.parse(["strategies", "--workers", str(workers), "--no-progress"])
     embeddings = run_axes.prepare_dataset(settings)
-    jobs = [Job(setup, method, "drift_remedies") for setup in setups(seeds)]
+    cells = setups(seeds) + (grid_setups(seeds) if grid else [])
+    jobs = list(
+        {job.key(): job for job in (Job(s, method, "drift_remedies") for s in cells)}.values()
+    )
     run_jobs(
         jobs,
         RESULTS / f"quality_{method}.jsonl",
@@ -213,6 +234,43 @@ def plot(summary: dict[tuple[str, float, float], dict[str, Remedy]], path: Path)
     plt.close(fig)
 
 
+def grid_check(method: str, results: Path = RESULTS) -> str | None:
+    """How ``method`` fares against ours over every main-grid cell it ran with all of ours'
+    seeds: the worst per-cell mean Δ per configuration, and the cells more than 0.5 points
+    worse (issue 18: no cell of the grid may lose more than that)."""
+    path = results / f"quality_{method}.jsonl"
+    if not path.exists():
+        return None
+    ours = {
+        _key(r): r for r in read_records(results / "quality_records.jsonl") if r["method"] == "ours"
+    }
+    deltas: dict[tuple[str, float, float], list[list[float]]] = defaultdict(list)
+    for r in read_records(path):
+        base = ours.get(_key(r))
+        if base is not None:
+            cell = _key(r)[:3]
+            deltas[cell].append(
+                [100 * (a - b) for a, b in zip(_accuracy(r), _accuracy(base), strict=True)]
+            )
+    full = {c: d for c, d in deltas.items() if len(d) >= 3}
+    if len(full) < 2:
+        return None
+    means = {c: [_mean(d, i) for i in range(3)] for c, d in full.items()}
+    worst = []
+    for i, config in enumerate(CONFIGS):
+        cell = min(means, key=lambda c: means[c][i])
+        worst.append(
+            f"{config} {means[cell][i]:+.1f} ({cell[0].replace('_', '-')} {cell[1]:g} / α {cell[2]:g})"
+        )
+    losing = sorted({c for c, m in means.items() if min(m) < -0.5})
+    named = ", ".join(f"{c[0].replace('_', '-')} {c[1]:g} / α {c[2]:g}" for c in losing) or "none"
+    return (
+        f"- {LABELS[method]} over the main grid ({len(full)} cells, 3 seeds each): worst "
+        f"per-cell mean Δ vs ours {'; '.join(worst)}; cells more than 0.5 points worse in a "
+        f"configuration: {named}."
+    )
+
+
 def report(benchmarks_md: Path = _REPO / "BENCHMARKS.md") -> None:
     from quality.quality_report import write_section
 
@@ -228,6 +286,8 @@ def report(benchmarks_md: Path = _REPO / "BENCHMARKS.md") -> None:
             f"![drift remedies](benchmarks/results/{png.name})",
             "",
             *table(summary),
+            "",
+            *[line for m in RUN_METHODS if (line := grid_check(m)) is not None],
         ]
     )
     write_section(benchmarks_md, body, START, END, after="<!-- quality-axes:end -->")
@@ -240,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("method", choices=RUN_METHODS)
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--grid", action="store_true", help="also every other cell of the main grid")
     sub.add_parser("report")
     args = p.parse_args(argv)
     if args.command == "run":
-        run(args.method, args.seeds, args.workers)
+        run(args.method, args.seeds, args.workers, args.grid)
     report()
     print(json.dumps({"report": str(_REPO / "BENCHMARKS.md")}))
     return 0
