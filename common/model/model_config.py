@@ -178,7 +178,7 @@ class ModelConfig(BaseModel):
         "server refits the last layers of the text classifier and of the fusion head on the "
         "text-only view (f_t, f^_i) from the clients' per-class statistics; text-only rows use "
         "those copies (`text_calibration`, `text_head_calibration`). Same calibration round, "
-        "same privacy (BENCHMARKS.md, \"Client drift at per-client α 0.1\", for the measured "
+        'same privacy (BENCHMARKS.md, "Client drift at per-client α 0.1", for the measured '
         "effect)",
     )
     fixed_classifier: bool = Field(
