@@ -29,7 +29,8 @@ Departures from the paper (measured in BENCHMARKS.md, quality section):
   (buffers only, module weight 0 in FedAvg); until fitted (`ready` False) the federated
   layers are used. With `calibrate_text_classifier`, text-only rows do the same through
   `text_calibration` (the text classifier's last layer) and `text_head_calibration` (the head
-  on the text-only view). Paired rows always use the federated layers.
+  on the text-only view). Paired rows keep the federated fusion head; the paired ensemble
+  reads the unimodal classifiers through their calibrated last layers once fitted.
 """
 
 from __future__ import annotations
@@ -352,25 +353,26 @@ class CrossModalNet(nn.Module):
         out = logits.clone()
         log_p = nn.functional.log_softmax
         if paired is not None and bool(paired.any()):
-            uni_t = log_p(self.text_classifier(f_t[paired]), dim=1)
-            uni_i = log_p(self.image_classifier(f_i[paired]), dim=1)
+            uni_t = log_p(self.text_logits(f_t[paired]), dim=1)
+            uni_i = log_p(self.image_logits(f_i[paired]), dim=1)
             out[paired] = log_p(logits[paired], dim=1) + uni_t + uni_i
         if bool(text_only.any()):
-            uni = self.text_only_logits(f_t[text_only])
+            uni = self.text_logits(f_t[text_only])
             out[text_only] = log_p(logits[text_only], dim=1) + log_p(uni, dim=1)
         if bool(image_only.any()):
-            uni = self.image_only_logits(f_i[image_only])
+            uni = self.image_logits(f_i[image_only])
             out[image_only] = log_p(logits[image_only], dim=1) + log_p(uni, dim=1)
         return out
 
-    def image_only_logits(self, f_i: torch.Tensor) -> torch.Tensor:
-        """The image classifier's logits for image-only rows: through the server-calibrated
-        last layer once it is fitted (`calibrate_image_classifier`), else the federated one."""
+    def image_logits(self, f_i: torch.Tensor) -> torch.Tensor:
+        """The image classifier's logits at inference (image-only rows, and paired rows in
+        the paired ensemble): through the server-calibrated last layer once it is fitted
+        (`calibrate_image_classifier`), else the federated one. Measured at per-client α 0.1
+        (seed 0-1): the calibrated layers lift paired rows by 0.5-2.8 points, headline +0.05."""
         return _through(self.image_classifier, self.image_calibration, f_i)
 
-    def text_only_logits(self, f_t: torch.Tensor) -> torch.Tensor:
-        """The text classifier's logits for text-only rows, likewise
-        (`calibrate_text_classifier`)."""
+    def text_logits(self, f_t: torch.Tensor) -> torch.Tensor:
+        """The text classifier's logits at inference, likewise (`calibrate_text_classifier`)."""
         return _through(self.text_classifier, self.text_calibration, f_t)
 
     @torch.no_grad()
