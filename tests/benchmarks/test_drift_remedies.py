@@ -57,7 +57,7 @@ def test_closure_is_per_seed_against_ours_and_a_losing_cell_is_named(tmp_path: P
     assert check.endswith("configuration: per-sample 0.5 / α 5.")
 
 
-def test_no_grid_check_without_full_seeds(tmp_path: Path) -> None:
+def test_no_grid_check_from_a_single_cell(tmp_path: Path) -> None:
     _write(
         tmp_path / "quality_records.jsonl",
         [_record("ours", "per_sample", 0.5, 5.0, 0, (0.7, 0.7, 0.9))],
