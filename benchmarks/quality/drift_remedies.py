@@ -270,7 +270,7 @@ def grid_check(method: str, results: Path = RESULTS) -> str | None:
     losing = sorted({c for c, m in means.items() if min(m) < -0.5})
     named = ", ".join(f"{c[0].replace('_', '-')} {c[1]:g} / α {c[2]:g}" for c in losing) or "none"
     return (
-        f"- {LABELS[method]} over the main grid ({len(full)} cells, {seeds} seed(s) each): worst "
+        f"- {LABELS[method]} over {len(full)} cells of the main grid ({seeds} seed(s) each): worst "
         f"per-cell mean Δ vs ours {'; '.join(worst)}; cells more than 0.5 points worse in a "
         f"configuration: {named}."
     )
