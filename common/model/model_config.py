@@ -222,6 +222,11 @@ class ModelConfig(BaseModel):
                 "fixed_classifier and the calibrate_*_classifier flags exclude each other: "
                 "the calibration refits a last layer that fixed_classifier keeps fixed"
             )
+        if self.calibrate_text_classifier and self.recovery == "stable-diffusion":
+            raise ValueError(
+                "calibrate_text_classifier does not work with recovery stable-diffusion: "
+                "text-only rows then read generated images the calibration round does not see"
+            )
         if self.fixed_classifier and self.hidden_dim < self.num_classes - 1:
             raise ValueError(
                 f"fixed_classifier needs hidden_dim >= num_classes - 1, got {self.hidden_dim}"

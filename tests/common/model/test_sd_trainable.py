@@ -93,3 +93,19 @@ def test_spec_checks_and_differences() -> None:
     deltas = TrainableDeltas(spec)
     with pytest.raises(StableDiffusionSetupError, match="do not fit"):
         deltas.load_deltas({"encoder_hid_proj.bias": torch.zeros(24)})
+
+
+def test_text_path_calibration_is_refused_in_stable_diffusion_mode() -> None:
+    """Text-only rows read generated images there, which the calibration round never sees."""
+    block = {"checkpoint_digest": "ab" * 32, "trainable": SPEC}
+    with pytest.raises(ValidationError, match="calibrate_text_classifier does not work"):
+        ModelConfig.model_validate(
+            {
+                **SMALL,
+                "recovery": "stable-diffusion",
+                "stable_diffusion": block,
+                "calibrate_text_classifier": True,
+            }
+        )
+    image_path = sd_config().model_copy(update={"calibrate_image_classifier": True})
+    assert image_path.calibration_paths() == ("image",)
