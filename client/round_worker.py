@@ -289,9 +289,10 @@ class ModelRoundWorker:
     def calibration_stats(self, round_id: int) -> LocalUpdate:
         """Per-class statistics of the calibrated paths' last-layer inputs under the loaded
         final model (CCVR, common/model/classifier_calibration.py), on the training rows
-        holding each path's modality. Under projection DP they are clipped, noised and accounted with the projection
-        releases (common/privacy/calibration_dp.py); a DP-SGD client, a client past its
-        epsilon budget or one that opted out sends empty statistics (num_samples 0)."""
+        holding each path's modality. Under projection DP they are clipped, noised and
+        accounted with the projection releases (common/privacy/calibration_dp.py); a DP-SGD
+        client, a client past its epsilon budget or one that opted out sends empty
+        statistics (num_samples 0)."""
         from crossfed.common.model.classifier_calibration import (
             calibration_stats,
             covered_rows,

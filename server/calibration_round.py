@@ -3,8 +3,9 @@
 common/model/classifier_calibration.py).
 
 The round engine runs it like a training round numbered ``total_rounds + 1``: clients that
-hold rows of a calibrated path's modality get ACTION_CALIBRATE, download the final global model, and upload per-class
-feature statistics through the same encrypted chunked upload path. The server adds them
+hold rows of a calibrated path's modality get ACTION_CALIBRATE, download the final global
+model, and upload per-class feature statistics through the same encrypted chunked upload
+path. The server adds them
 (`StatsSum`), fits each path's last layers once (`CalibrationStep.fit`) and commits the
 calibrated model as the run's last checkpoint. The engine sees only this module's
 `CalibrationStep`; what the statistics mean lives with the model.

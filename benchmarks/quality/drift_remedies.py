@@ -202,10 +202,7 @@ def table(summary: dict[tuple[str, float, float], dict[str, Remedy]]) -> list[st
                 delta = " / ".join(f"{_mean(rem.delta, i):+.1f}" for i in range(3))
                 rest = f"{delta} | " + " / ".join(f"{_mean(rem.closure, i):.2f}" for i in (0, 1))
             label = "ours, FedAvg" if name == "ours" else LABELS[name]
-            lines.append(
-                f"| {cell[0].replace('_', '-')} {cell[1]:g} / α {cell[2]:g} | {label} | "
-                f"{len(rem.accuracy)} | {acc} | {rest} |"
-            )
+            lines.append(f"| {_cell_name(cell)} | {label} | {len(rem.accuracy)} | {acc} | {rest} |")
     return lines
 
 
@@ -238,6 +235,10 @@ def plot(summary: dict[tuple[str, float, float], dict[str, Remedy]], path: Path)
     plt.close(fig)
 
 
+def _cell_name(cell: tuple[str, float, float]) -> str:
+    return f"{cell[0].replace('_', '-')} {cell[1]:g} / α {cell[2]:g}"
+
+
 def grid_check(method: str, results: Path = RESULTS) -> str | None:
     """How ``method`` fares against ours over every main-grid cell it ran: the worst per-cell
     mean Δ (paired per seed) per configuration, and the cells more than 0.5 points worse
@@ -265,11 +266,9 @@ def grid_check(method: str, results: Path = RESULTS) -> str | None:
     worst = []
     for i, config in enumerate(CONFIGS):
         cell = min(means, key=lambda c: means[c][i])
-        worst.append(
-            f"{config} {means[cell][i]:+.1f} ({cell[0].replace('_', '-')} {cell[1]:g} / α {cell[2]:g})"
-        )
+        worst.append(f"{config} {means[cell][i]:+.1f} ({_cell_name(cell)})")
     losing = sorted({c for c, m in means.items() if min(m) < -0.5})
-    named = ", ".join(f"{c[0].replace('_', '-')} {c[1]:g} / α {c[2]:g}" for c in losing) or "none"
+    named = ", ".join(_cell_name(c) for c in losing) or "none"
     return (
         f"- {LABELS[method]} over {len(full)} cells of the main grid ({seeds} seed(s) each): worst "
         f"per-cell mean Δ vs ours {'; '.join(worst)}; cells more than 0.5 points worse in a "

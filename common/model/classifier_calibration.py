@@ -262,16 +262,16 @@ def _path_features(
     return _body_and_last(model.text_classifier)[0](f_t), text_only_hidden(model, f_t)
 
 
-def path_rows(data: EmbeddingSet, path: str) -> torch.Tensor:
-    """The rows a path's statistics cover: those holding its modality."""
-    return (data.has_image if path == "image" else data.has_text).nonzero().squeeze(1)
+def _holds(data: EmbeddingSet, path: str) -> torch.Tensor:
+    """Which rows of ``data`` a path's statistics cover: those holding its modality."""
+    return data.has_image if path == "image" else data.has_text
 
 
 def covered_rows(model: CrossModalNet, data: EmbeddingSet) -> int:
     """Rows of ``data`` some calibrated path counts (what a client declares it sent)."""
     held = torch.zeros(len(data), dtype=torch.bool)
     for path in model.config.calibration_paths():
-        held |= data.has_image if path == "image" else data.has_text
+        held |= _holds(data, path)
     return int(held.sum())
 
 
@@ -305,7 +305,7 @@ def calibration_stats(
     served = served_model(model, prototypes)
     for path in model.config.calibration_paths():
         body_name, head_name = PATH_PARTS[path]
-        rows = path_rows(data, path)
+        rows = _holds(data, path).nonzero().squeeze(1)
         for s in range(0, len(rows), batch_size):
             idx = rows[s : s + batch_size]
             body, hidden = _path_features(served, path, data, idx)

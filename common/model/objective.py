@@ -65,16 +65,13 @@ def label_log_prior(labels: torch.Tensor, num_classes: int, tau: float) -> torch
 
 
 def classification_loss(
-    logits: torch.Tensor,
-    y: torch.Tensor,
-    log_prior: torch.Tensor | None,
-    reduction: str = "mean",
+    logits: torch.Tensor, y: torch.Tensor, log_prior: torch.Tensor | None
 ) -> torch.Tensor:
     """Cross-entropy of eq. 9 / 13, on logits shifted by the client's label prior when the
     round asks for it (balanced softmax: the model's own logits stay prior-free)."""
     if log_prior is not None:
         logits = logits + log_prior.to(logits.dtype)
-    return nn.functional.cross_entropy(logits, y, reduction=reduction)
+    return nn.functional.cross_entropy(logits, y)
 
 
 class ProximalTerm:

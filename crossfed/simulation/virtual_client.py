@@ -184,9 +184,10 @@ def client_calibration_stats(
     seed: int,
     prototypes: Arrays | None = None,
 ) -> Arrays | None:
-    """A client's CCVR statistics under the final global model (and its global prototypes) (what it uploads in the
-    calibration round; server/calibration_round.py), clipped and noised with ``noise_multiplier``
-    > 0 as under projection DP; None for a client without rows for any calibrated path."""
+    """A client's CCVR statistics under the final global model served with its global
+    prototypes (what it uploads in the calibration round; server/calibration_round.py),
+    clipped and noised with ``noise_multiplier`` > 0 as under projection DP; None for a
+    client without rows for any calibrated path."""
     from crossfed.common.model.classifier_calibration import (
         calibration_stats,
         covered_rows,

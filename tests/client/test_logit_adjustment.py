@@ -14,16 +14,14 @@ import torch
 from crossfed.client.local_trainer import TrainConfig, TrainConfigError, train_local
 from crossfed.client.private_training import DPSGDSettings, train_private
 from crossfed.common.data.embeddings import EmbeddingSet
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.model.objective import classification_loss, label_log_prior
 
-CONFIG = ModelConfig(
-    text_dim=12,
-    image_dim=8,
+from tests.support.small_model import tiny_network_config
+
+CONFIG = tiny_network_config(
     hidden_dim=24,
     num_classes=4,
-    diffusion_train_steps=10,
     diffusion_sample_steps=2,
     memory_capacity=8,
     memory_top_k=2,

@@ -19,19 +19,13 @@ from crossfed.common.model.classifier_calibration import (
     stats_shapes,
     stats_to_tensors,
 )
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelInputError
 from crossfed.common.model.network import CrossModalNet, Recovery
 from crossfed.server.aggregation import StreamingFedAvg, module_weights_of
 
-CFG = ModelConfig(
-    text_dim=12,
-    image_dim=8,
-    hidden_dim=16,
-    num_classes=3,
-    diffusion_train_steps=10,
-    calibrate_image_classifier=True,
-)
+from tests.support.small_model import tiny_network_config
+
+CFG = tiny_network_config(calibrate_image_classifier=True)
 
 
 def clustered(n: int, seed: int, labels: torch.Tensor | None = None) -> EmbeddingSet:

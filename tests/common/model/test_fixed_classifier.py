@@ -12,12 +12,10 @@ from crossfed.common.model.network import CrossModalNet, SimplexClassifier
 from pydantic import ValidationError
 from torch import nn
 
-CONFIG = ModelConfig(
-    text_dim=12,
-    image_dim=8,
-    hidden_dim=16,
+from tests.support.small_model import tiny_network_config
+
+CONFIG = tiny_network_config(
     num_classes=5,
-    diffusion_train_steps=10,
     diffusion_sample_steps=2,
     memory_capacity=8,
     memory_top_k=2,

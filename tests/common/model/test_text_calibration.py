@@ -22,7 +22,6 @@ from crossfed.common.model.classifier_calibration import (
     stats_to_tensors,
     text_only_hidden,
 )
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.model_errors import ModelInputError
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.privacy.calibration_dp import (
@@ -31,15 +30,9 @@ from crossfed.common.privacy.calibration_dp import (
     privatize_calibration_stats,
 )
 
-CFG = ModelConfig(
-    text_dim=12,
-    image_dim=8,
-    hidden_dim=16,
-    num_classes=3,
-    diffusion_train_steps=10,
-    calibrate_image_classifier=True,
-    calibrate_text_classifier=True,
-)
+from tests.support.small_model import tiny_network_config
+
+CFG = tiny_network_config(calibrate_image_classifier=True, calibrate_text_classifier=True)
 
 
 def mixed(n: int, seed: int, labels: torch.Tensor | None = None) -> EmbeddingSet:

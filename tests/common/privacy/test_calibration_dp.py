@@ -18,7 +18,6 @@ from crossfed.common.model.classifier_calibration import (
     signal_to_noise,
     stats_to_tensors,
 )
-from crossfed.common.model.model_config import ModelConfig
 from crossfed.common.model.network import CrossModalNet
 from crossfed.common.privacy.calibration_dp import (
     PATH_SENSITIVITY,
@@ -28,14 +27,9 @@ from crossfed.common.privacy.calibration_dp import (
     whole_counts,
 )
 
-CFG = ModelConfig(
-    text_dim=12,
-    image_dim=8,
-    hidden_dim=16,
-    num_classes=3,
-    diffusion_train_steps=10,
-    calibrate_image_classifier=True,
-)
+from tests.support.small_model import tiny_network_config
+
+CFG = tiny_network_config(calibrate_image_classifier=True)
 
 
 def _data(n: int, seed: int, scale: float = 1.0) -> EmbeddingSet:
